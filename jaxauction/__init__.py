@@ -1,0 +1,3 @@
+"""jaxauction: JAX-accelerated, differentiable mechanism design for LLM token auctions."""
+
+__version__ = "0.1.0"
