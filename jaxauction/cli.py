@@ -70,7 +70,8 @@ def command_run(args) -> int:
   result = generate(config.prompts(), config.bids, rule=config.rule, payment=config.payment,
                     decoding=config.decoding, key=jax.random.key(config.seed),
                     max_new_tokens=config.max_new_tokens, model=model,
-                    base_prompt=config.base_messages(), base_bid=config.base_bid, progress=True)
+                    base_prompt=config.base_messages(), base_bid=config.base_bid,
+                    temperature=config.temperature, progress=True)
   print(f"query: {config.query}")
   print(f"rule: {config.rule}   payment: {config.payment}   decoding: {config.decoding}\n")
   print(result.text + "\n")

@@ -6,6 +6,7 @@ A configuration names the query, the advertisers and the mechanism::
     rule = "linear"              # or "log_linear"
     payment = "second_price"     # or "kl", "none"
     decoding = "sample"          # or "greedy", "stable"
+    temperature = 1.0            # the agents' LLM temperature (see jaxauction.generate)
     seed = 0
     max_new_tokens = 48
     system = "You write short ads."          # optional, default system message for every agent
@@ -17,7 +18,8 @@ A configuration names the query, the advertisers and the mechanism::
     bid = 1.0
     prompt = "Write a one-sentence ad for {query} that promotes {name}."
     system = "..."               # optional, overrides the default
-    example = "..."              # optional example ad, shown to the model as a previous answer
+    example = "..."              # optional example ad, shown to the model as its previous answer
+    example_query = "..."        # optional query of that example turn (default: the query itself)
     keywords = ["Alpha"]         # optional, words that count as a mention (default: the name)
 
 ``{query}`` and ``{name}`` are substituted in prompts. Every problem is reported as a
@@ -53,6 +55,7 @@ class Advertiser:
   bid: float
   system: str | None = None
   example: str | None = None
+  example_query: str | None = None
   keywords: tuple[str, ...] = ()
 
   def messages(self, query: str) -> list[dict[str, str]]:
@@ -61,11 +64,11 @@ class Advertiser:
     messages = []
     if self.system:
       messages.append({"role": "system", "content": self.system.format(**fill)})
-    user = self.prompt.format(**fill)
     if self.example:
-      messages += [{"role": "user", "content": user},
+      example_query = self.example_query or query
+      messages += [{"role": "user", "content": self.prompt.format(query=example_query, name=self.name)},
                    {"role": "assistant", "content": self.example.format(**fill)}]
-    messages.append({"role": "user", "content": user})
+    messages.append({"role": "user", "content": self.prompt.format(**fill)})
     return messages
 
   def mentioned_in(self, text: str) -> bool:
@@ -81,6 +84,7 @@ class AuctionConfig:
   rule: str = "linear"
   payment: str | None = "second_price"
   decoding: str = "sample"
+  temperature: float = 1.0
   seed: int = 0
   max_new_tokens: int = 48
   base_prompt: str | None = None
@@ -165,7 +169,8 @@ def parse_config(raw: dict[str, Any], *, path: str = "<config>", text: str = "")
       fail(name, f"expected {kinds}, got {type(value).__name__} {value!r}.", line)
     return value
 
-  known = {"query", "advertisers", "rule", "payment", "decoding", "seed", "max_new_tokens",
+  known = {"query", "advertisers", "rule", "payment", "decoding", "temperature", "seed",
+           "max_new_tokens",
            "system", "base_prompt", "base_bid"}
   for field in raw:
     if field not in known:
@@ -180,6 +185,9 @@ def parse_config(raw: dict[str, Any], *, path: str = "<config>", text: str = "")
   decoding = get(raw, "decoding", str, "sample")
   if decoding not in DECODING_NAMES:
     fail("decoding", f"unknown decoding {decoding!r}; use one of {list(DECODING_NAMES)}.")
+  temperature = get(raw, "temperature", float, 1.0)
+  if not 0 < temperature < float("inf"):
+    fail("temperature", f"must be a finite number > 0, got {temperature}.")
   seed = get(raw, "seed", int, 0)
   max_new_tokens = get(raw, "max_new_tokens", int, 48)
   if max_new_tokens < 1:
@@ -195,7 +203,7 @@ def parse_config(raw: dict[str, Any], *, path: str = "<config>", text: str = "")
     fail("advertisers", "no advertisers; add at least one [[advertisers]] table with name, prompt "
          "and bid.", _line_of(text, "advertisers") or 0)
   advertisers = []
-  adv_known = {"name", "prompt", "bid", "system", "example", "keywords"}
+  adv_known = {"name", "prompt", "bid", "system", "example", "example_query", "keywords"}
   for index, table in enumerate(tables):
     where = f"advertisers[{index}]"
     line = _advertiser_table_line(text, index)
@@ -220,11 +228,14 @@ def parse_config(raw: dict[str, Any], *, path: str = "<config>", text: str = "")
         name=name, prompt=prompt, bid=bid,
         system=get(table, "system", str, default_system, where=where, line=field_line("system")),
         example=get(table, "example", str, None, where=where, line=field_line("example")),
+        example_query=get(table, "example_query", str, None, where=where,
+                          line=field_line("example_query")),
         keywords=tuple(keywords)))
   names = [a.name for a in advertisers]
   if len(set(names)) != len(names):
     fail("advertisers", f"advertiser names must be distinct, got {names}.")
   return AuctionConfig(query=query, advertisers=tuple(advertisers), rule=rule,
-                       payment=None if payment == "none" else payment, decoding=decoding, seed=seed,
+                       payment=None if payment == "none" else payment, decoding=decoding,
+                       temperature=temperature, seed=seed,
                        max_new_tokens=max_new_tokens, base_prompt=base_prompt, base_bid=base_bid,
                        path=path)
