@@ -1,0 +1,215 @@
+"""Boundary checks shared by the public functions.
+
+Shapes are static, so shape checks run always (also under ``jit`` and ``vmap``). Value checks
+(NaN, infinities, negative bids, agents without any allowed token) need concrete numbers: they run
+only when every checked array is concrete, i.e. outside ``jit``/``vmap``/``grad`` tracing. Under
+tracing the functions document what they do with such values instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(*arrays: Any) -> bool:
+    """True when no argument is a tracer (values can be inspected)."""
+    return not any(isinstance(x, jax.core.Tracer) for x in arrays)
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(np.shape(x))
+
+
+def as_array(x: Any) -> Any:
+    """Arrays and tracers unchanged; nested lists and scalars as NumPy arrays."""
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        return x
+    return np.asarray(x)
+
+
+def float_dtype(*arrays: Any) -> jnp.dtype:
+    """The floating dtype shared by the arguments (float32 by default, float64 under x64)."""
+    dtype = jnp.result_type(*arrays)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.result_type(dtype, float)
+    return jnp.dtype(dtype)
+
+
+def check_rule(rule: Any, fn: str) -> None:
+    if not callable(rule):
+        raise ValueError(
+            f"{fn}: rule must be a callable rule(logits [..., n, V], bids [..., n]) -> log q [..., V], "
+            f"e.g. jaxauction.linear; got {type(rule).__name__}."
+        )
+
+
+def _first_index(bad: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(bad)[0])
+
+
+def mechanism_inputs(
+    fn: str, logits: Any, bids: Any, *, n_agents: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Check and convert ``logits: [..., n, V]`` and ``bids: [..., n]``; returns float arrays.
+
+    Leading axes must broadcast against each other. ``n_agents`` demands a fixed ``n``.
+    """
+    logits, bids = as_array(logits), as_array(bids)
+    logits_shape, bids_shape = _shape(logits), _shape(bids)
+    if len(logits_shape) < 2:
+        raise ValueError(
+            f"{fn}: logits must have shape [..., n_agents, vocab] (rank >= 2); got shape {logits_shape}. "
+            f"Fix: for a single agent use logits[None, :] and bids of shape [1]."
+        )
+    if len(bids_shape) < 1:
+        raise ValueError(
+            f"{fn}: bids must have shape [..., n_agents] (rank >= 1); got shape {bids_shape} (a scalar). "
+            f"Fix: pass one bid per agent, e.g. jnp.array([bid])."
+        )
+    n, vocab = logits_shape[-2:]
+    if n == 0:
+        raise ValueError(
+            f"{fn}: logits has shape {logits_shape}, i.e. zero agents; at least one agent is needed."
+        )
+    if vocab == 0:
+        raise ValueError(f"{fn}: logits has shape {logits_shape}, i.e. an empty vocabulary.")
+    if bids_shape[-1] != n:
+        raise ValueError(
+            f"{fn}: logits has shape {logits_shape} ({n} agents) but bids has shape {bids_shape} "
+            f"({bids_shape[-1]} agents); expected bids of shape [..., {n}], one bid per agent row of logits."
+        )
+    if n_agents is not None and n != n_agents:
+        raise ValueError(
+            f"{fn}: expected exactly {n_agents} agents, i.e. logits [..., {n_agents}, V] and bids "
+            f"[..., {n_agents}]; got logits {logits_shape} and bids {bids_shape}."
+        )
+    try:
+        np.broadcast_shapes(logits_shape[:-2], bids_shape[:-1])
+    except ValueError:
+        raise ValueError(
+            f"{fn}: the leading (batch) axes of logits {logits_shape[:-2]} and bids {bids_shape[:-1]} "
+            f"do not broadcast; got logits {logits_shape} and bids {bids_shape}. "
+            f"Fix: give both the same leading axes [...], or drop them from one of the two."
+        ) from None
+    dtype = float_dtype(logits, bids)
+    logits = jnp.asarray(logits, dtype)
+    bids = jnp.asarray(bids, dtype)
+    if is_concrete(logits):
+        check_logit_values(fn, "logits", logits)
+    if is_concrete(bids):
+        check_bid_values(fn, "bids", bids)
+    return logits, bids
+
+
+def check_logit_values(fn: str, name: str, logits: jax.Array) -> None:
+    """No NaN, no +inf, and at least one token that is not -inf in every row (checked with numpy)."""
+    logits = np.asarray(logits)
+    if np.isnan(logits).any():
+        idx = _first_index(np.isnan(logits))
+        raise ValueError(
+            f"{fn}: {name} (shape {tuple(logits.shape)}) contains NaN, first at index {idx}; expected "
+            f"real numbers or -inf (a masked token). Fix: replace NaN by -inf to mask the token."
+        )
+    if (logits == np.inf).any():
+        idx = _first_index(logits == np.inf)
+        raise ValueError(
+            f"{fn}: {name} (shape {tuple(logits.shape)}) contains +inf, first at index {idx}; expected "
+            f"finite values or -inf. Fix: use a large finite logit or a one-hot row of 0 and -inf."
+        )
+    empty = ~(logits > -np.inf).any(axis=-1)
+    if empty.any():
+        idx = _first_index(empty)
+        raise ValueError(
+            f"{fn}: {name} (shape {tuple(logits.shape)}) has a row that is -inf for every token, "
+            f"first at row {idx}; every agent needs at least one allowed token. "
+            f"Fix: drop that agent, or give it a finite logit."
+        )
+
+
+def check_bid_values(fn: str, name: str, bids: jax.Array) -> None:
+    """Finite and non-negative (checked with numpy)."""
+    bids = np.asarray(bids)
+    bad = ~np.isfinite(bids)
+    if bad.any():
+        idx = _first_index(bad)
+        raise ValueError(
+            f"{fn}: {name} (shape {tuple(bids.shape)}) contains a non-finite value "
+            f"{float(bids[idx])} at index {idx}; expected finite bids >= 0."
+        )
+    negative = bids < 0
+    if negative.any():
+        idx = _first_index(negative)
+        raise ValueError(
+            f"{fn}: {name} (shape {tuple(bids.shape)}) contains a negative bid {float(bids[idx])} "
+            f"at index {idx}; expected bids >= 0. Fix: clip at 0 (a zero bid means the agent has no "
+            f"weight)."
+        )
+
+
+def base_inputs(
+    fn: str, logits: jax.Array, base_logits: Any, base_bid: Any
+) -> tuple[jax.Array | None, jax.Array]:
+    """Check the optional base distribution: ``base_logits: [..., V]`` and ``base_bid: [...]``."""
+    dtype = logits.dtype
+    base_bid = as_array(base_bid)
+    base_bid_shape = _shape(base_bid)
+    if base_logits is None:
+        return None, jnp.asarray(base_bid, dtype)
+    base_logits = as_array(base_logits)
+    base_shape = _shape(base_logits)
+    if len(base_shape) < 1 or base_shape[-1] != logits.shape[-1]:
+        raise ValueError(
+            f"{fn}: base_logits must have shape [..., {logits.shape[-1]}] (the vocabulary of logits "
+            f"{tuple(logits.shape)}); got shape {base_shape}."
+        )
+    try:
+        np.broadcast_shapes(base_shape[:-1], tuple(logits.shape[:-2]), base_bid_shape)
+    except ValueError:
+        raise ValueError(
+            f"{fn}: the leading axes of base_logits {base_shape[:-1]}, base_bid {base_bid_shape} and "
+            f"logits {tuple(logits.shape[:-2])} do not broadcast. Fix: give them the same leading axes."
+        ) from None
+    base_logits = jnp.asarray(base_logits, dtype)
+    base_bid = jnp.asarray(base_bid, dtype)
+    if is_concrete(base_logits):
+        check_logit_values(fn, "base_logits", base_logits)
+    if is_concrete(base_bid):
+        check_bid_values(fn, "base_bid", base_bid)
+    return base_logits, base_bid
+
+
+def probabilities(fn: str, name: str, p: Any) -> jax.Array:
+    """Check a probability vector ``[..., V]`` (non-negative, finite); returns a float array."""
+    p = as_array(p)
+    shape = _shape(p)
+    if len(shape) < 1 or shape[-1] == 0:
+        raise ValueError(f"{fn}: {name} must have shape [..., V] with V >= 1; got shape {shape}.")
+    p = jnp.asarray(p, float_dtype(p))
+    if is_concrete(p):
+        values = np.asarray(p)
+        bad = ~np.isfinite(values) | (values < 0)
+        if bad.any():
+            idx = _first_index(bad)
+            raise ValueError(
+                f"{fn}: {name} (shape {shape}) must hold probabilities (finite, >= 0); got "
+                f"{float(values[idx])} at index {idx}. Fix: pass jnp.exp(log_q), not log-probabilities."
+            )
+    return p
+
+
+def choice(fn: str, name: str, value: Any, allowed: tuple[Any, ...], extra: str = "") -> None:
+    if value not in allowed:
+        raise ValueError(f"{fn}: {name} must be one of {allowed}{extra}; got {value!r}.")
+
+
+def callable_or_choice(fn: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if not (callable(value) or value in allowed):
+        raise ValueError(f"{fn}: {name} must be one of {allowed} or a callable; got {value!r}.")
+
+
+RuleFn = Callable[[jax.Array, jax.Array], jax.Array]

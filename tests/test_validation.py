@@ -1,0 +1,93 @@
+"""Bad input at the public boundary raises ValueError naming the argument, its shape and the fix."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_core_reference import ref_linear, ref_log_linear
+
+from jaxauction import TokenAuction, aggregation, payments, preferences, sampling
+
+GOOD_LOGITS = jnp.zeros((2, 4))
+GOOD_BIDS = jnp.ones(2)
+
+FUNCTIONS = {
+    "linear": aggregation.linear,
+    "log_linear": aggregation.log_linear,
+    "second_price": functools.partial(payments.second_price, aggregation.linear),
+    "linear_closed_form": payments.linear_closed_form,
+    "monotonicity_violation": functools.partial(preferences.monotonicity_violation, aggregation.linear),
+    "stable_sample_two": functools.partial(sampling.stable_sample_two, jax.random.key(0)),
+    "TokenAuction": TokenAuction(),
+}
+
+
+def _with(index, value, shape=(2, 4)):
+    x = np.zeros(shape)
+    x[index] = value
+    return jnp.asarray(x)
+
+
+BAD_INPUTS = [
+    ("negative bid", GOOD_LOGITS, jnp.array([1.0, -0.5]), r"bids \(shape \(2,\)\).*negative.*index \(1,\)"),
+    ("NaN bid", GOOD_LOGITS, jnp.array([jnp.nan, 1.0]), r"bids \(shape \(2,\)\).*non-finite"),
+    ("infinite bid", GOOD_LOGITS, jnp.array([1.0, jnp.inf]), r"bids \(shape \(2,\)\).*non-finite"),
+    ("NaN logit", _with((1, 2), np.nan), GOOD_BIDS, r"logits \(shape \(2, 4\)\).*NaN.*\(1, 2\)"),
+    ("+inf logit", _with((0, 0), np.inf), GOOD_BIDS, r"logits \(shape \(2, 4\)\).*\+inf"),
+    ("row of -inf", _with((1, slice(None)), -np.inf), GOOD_BIDS, r"logits \(shape \(2, 4\)\).*row.*-inf"),
+    ("mismatched n", jnp.zeros((3, 4)), GOOD_BIDS, r"logits has shape \(3, 4\) \(3 agents\) but bids has shape \(2,\)"),
+    ("logits rank 1", jnp.zeros(4), GOOD_BIDS, r"logits must have shape \[\.\.\., n_agents, vocab\].*\(4,\)"),
+    ("scalar bids", GOOD_LOGITS, jnp.float32(1.0), r"bids must have shape \[\.\.\., n_agents\].*\(\)"),
+    ("zero agents", jnp.zeros((0, 4)), jnp.zeros(0), r"shape \(0, 4\).*zero agents"),
+    ("batch mismatch", jnp.zeros((3, 2, 4)), jnp.ones((5, 2)), r"leading \(batch\) axes.*\(3,\).*\(5,\)"),
+]
+
+
+@pytest.mark.parametrize("fn_name", FUNCTIONS)
+@pytest.mark.parametrize("case,logits,bids,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_value_error(fn_name, case, logits, bids, message):
+    with pytest.raises(ValueError, match=message):
+        FUNCTIONS[fn_name](logits, bids)
+
+
+def test_messages_name_the_function_and_the_fix():
+    with pytest.raises(ValueError, match=r"^second_price: bids .*Fix: clip at 0"):
+        payments.second_price(aggregation.linear, GOOD_LOGITS, jnp.array([1.0, -1.0]))
+    with pytest.raises(ValueError, match=r"^linear: logits .*Fix: replace NaN by -inf"):
+        aggregation.linear(_with((0, 1), np.nan), GOOD_BIDS)
+
+
+def test_bad_base_distribution():
+    with pytest.raises(ValueError, match=r"base_logits must have shape \[\.\.\., 4\].*\(3,\)"):
+        TokenAuction(base_logits=jnp.zeros(3))(GOOD_LOGITS, GOOD_BIDS)
+    with pytest.raises(ValueError, match=r"base_bid \(shape \(\)\).*negative"):
+        payments.second_price(aggregation.linear, GOOD_LOGITS, GOOD_BIDS, base_logits=jnp.zeros(4), base_bid=-1.0)
+    with pytest.raises(ValueError, match=r"base_logits \(shape \(4,\)\).*-inf for every token"):
+        payments.linear_closed_form(GOOD_LOGITS, GOOD_BIDS, base_logits=jnp.full(4, -jnp.inf), base_bid=1.0)
+
+
+def test_rule_must_be_callable():
+    with pytest.raises(ValueError, match="rule must be a callable"):
+        payments.second_price("linear", GOOD_LOGITS, GOOD_BIDS)
+
+
+@pytest.mark.parametrize("rule,reference", [(aggregation.linear, ref_linear), (aggregation.log_linear, ref_log_linear)])
+def test_under_jit_the_documented_behaviour_replaces_errors(rule, reference):
+    """Values cannot be checked under jit: negative bids count as 0, an all -inf agent bids 0, no NaN."""
+    logits = jnp.array([[0.0, 1.0, 2.0], [2.0, 0.0, -jnp.inf], [-jnp.inf, -jnp.inf, -jnp.inf]])
+    np.testing.assert_allclose(
+        np.exp(jax.jit(rule)(logits, jnp.array([1.0, -3.0, 2.0]))), reference(logits[:2], [1.0, 0.0]), rtol=1e-5
+    )
+    pay = jax.jit(functools.partial(payments.second_price, rule))
+    z = pay(logits, jnp.array([1.0, 2.0, 5.0]))
+    assert z[2] == 0.0
+    # the same as a third agent that bids 0
+    np.testing.assert_allclose(z, pay(logits.at[2].set(0.0), jnp.array([1.0, 2.0, 0.0])), rtol=1e-6)
+
+
+def test_integer_and_list_inputs_are_accepted():
+    expected = aggregation.linear(jnp.array([[0.0, 1.0], [1.0, 0.0]]), jnp.array([1.0, 3.0]))
+    np.testing.assert_allclose(aggregation.linear([[0.0, 1.0], [1.0, 0.0]], [1, 3]), expected)
