@@ -1,0 +1,607 @@
+"""A Llama-family decoder in Flax NNX with a fixed-size KV cache.
+
+Notation: batch ``B``, new tokens ``T``, cache slots ``S`` (``max_length``), layers ``L``, model width
+``D``, query heads ``H``, key/value heads ``K`` (``G = H // K`` query heads share one key/value head),
+head width ``hd``, SwiGLU width ``F``, vocabulary ``V``.
+
+Each layer computes, with ``RMSNorm(x) = w * x / sqrt(mean(x**2) + eps)``::
+
+    h = x + W_o Attention(RoPE(W_q n), RoPE(W_k n), W_v n),   n = RMSNorm_1(x)
+    y = h + W_down (silu(W_gate m) * (W_up m)),                 m = RMSNorm_2(h)
+
+with ``W_q|W_k|W_v`` fused into one ``[D, (H + 2K) hd]`` kernel and ``W_gate|W_up`` into one
+``[D, 2F]`` kernel. Logits are ``RMSNorm(x) @ E.T`` (tied) or ``@ W_head`` (untied).
+
+Padding is on the left. A token's rotary position is the number of real tokens before it in its row,
+so a left-padded row gives the same logits as the unpadded prompt. Padded query positions produce
+finite, meaningless outputs (they attend with a large negative finite mask, never ``-inf``).
+
+The methods never mutate NNX state: the cache is a plain pytree passed in and returned, so
+``nnx.merge(graphdef, state).decode(...)`` works inside ``jax.jit`` and ``lax.while_loop``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxauction.models.config import LlamaConfig
+
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Fixed-size key/value cache, a pytree.
+
+    Attributes:
+      k, v: ``[L, B, S, K, hd]`` keys (after RoPE) and values of every layer.
+      valid: ``[B, S]`` bool, the slot holds a real (non-padding) token.
+      positions: ``[B]`` int32, rotary position of the next token of each row (its count of real tokens).
+      index: int32 scalar, the next slot to write (shared by all rows: padding is on the left).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache: zeros, no valid slot, positions 0, index 0."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}.")
+    if max_length > config.max_position_embeddings:
+        raise ValueError(
+            f"max_length={max_length} exceeds the model's context, max_position_embeddings="
+            f"{config.max_position_embeddings}; use a shorter cache."
+        )
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch_size, max_length), bool),
+        positions=jnp.zeros((batch_size,), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+# ---------------------------------------------------------------------------------------- RoPE
+
+
+@functools.lru_cache(maxsize=32)
+def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+    """``[hd / 2]`` float32 inverse frequencies ``theta ** (-2 i / hd)``, rescaled per ``config.rope_type``.
+
+    Computed in float32 exactly like transformers' ``_compute_default_rope_parameters`` (and its
+    ``linear`` and ``llama3`` variants) so positions far into the context agree bit for bit.
+    """
+    hd = config.head_dim
+    exponents = np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / np.float32(hd)
+    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    if config.rope_type == "linear":
+        inv_freq = (inv_freq / np.float32(config.rope_factor)).astype(np.float32)
+    elif config.rope_type == "llama3":
+        factor = config.rope_factor
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        old_context = config.rope_original_max_position_embeddings
+        low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    inv_freq.setflags(write=False)
+    return inv_freq
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin: [..., hd / 2]`` of ``positions[..., None] * inv_freq`` (float32)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. ``x: [B, T, N, hd]``, ``cos, sin: [B, T, hd / 2]``.
+
+    ``(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)`` with ``x1, x2`` the two halves of the head.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------- layers
+
+
+class DerivedWeight(nnx.Variable):
+    """An array computed from parameters (not a parameter itself: never exported or counted)."""
+
+
+class RMSNorm(nnx.Module):
+    """``w * x / sqrt(mean(x**2, -1) + eps)``, the mean taken in float32."""
+
+    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """``x @ kernel (+ bias)``, ``kernel: [in, out]``."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
+        scale = 1.0 / math.sqrt(in_features)
+        self.kernel = nnx.Param(scale * jax.random.normal(rngs.params(), (in_features, out_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x, self.kernel[...])
+        return y if self.bias is None else y + self.bias[...]
+
+
+def attend(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    new_mask: jax.Array,
+    old: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """Grouped-query softmax attention over cached keys (``old``) and the new tokens' own keys.
+
+    ``softmax(q k^T / sqrt(hd))`` over the union of the allowed cached slots and the allowed new
+    tokens, then the weighted sum of their values; one softmax, as if the keys were concatenated.
+
+    Args:
+      q: ``[B, T, K, G, hd]`` queries of the new tokens. k_new, v_new: ``[B, T, K, hd]``.
+      new_mask: ``[B, T, T]`` bool, query ``t`` may attend to new token ``t'``.
+      old: None, or ``(k_old, v_old, old_mask)`` with ``k_old, v_old: [B, S, K, hd]`` (cache slots)
+        and ``old_mask: [B, T, S]``.
+    Returns:
+      ``[B, T, K * G * hd]``. A query with no allowed key gets the mean of the values (finite).
+    """
+    B, T = q.shape[:2]
+    if T == 1 and old is not None:
+        return _attend_one(q[:, 0], k_new[:, 0], v_new[:, 0], new_mask[:, 0, 0], *old)[:, None]
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_new) * scale
+    scores = jnp.where(new_mask[:, None, None], scores.astype(jnp.float32), _MASK_VALUE)
+    if old is None:
+        weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", weights, v_new)
+        return out.reshape(B, T, -1)
+    k_old, v_old, old_mask = old
+    old_scores = jnp.einsum("btkgd,bskd->bkgts", q, k_old.astype(q.dtype)) * scale
+    old_scores = jnp.where(old_mask[:, None, None], old_scores.astype(jnp.float32), _MASK_VALUE)
+    weights = jax.nn.softmax(jnp.concatenate([old_scores, scores], axis=-1), axis=-1).astype(q.dtype)
+    S = k_old.shape[1]
+    out = jnp.einsum("bkgts,bskd->btkgd", weights[..., :S], v_old.astype(q.dtype))
+    out = out + jnp.einsum("bkgts,bskd->btkgd", weights[..., S:], v_new)
+    return out.reshape(B, T, -1)
+
+
+def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Array:
+    """Decoding: one query per row. ``q: [B, K, G, hd]``, ``k_new, v_new: [B, K, hd]``,
+    ``self_allowed: [B]``, ``k_old, v_old: [B, S, K, hd]``, ``old_mask: [B, 1, S]`` -> ``[B, K * G * hd]``.
+
+    Broadcast-multiply-and-reduce reads the cache once in its stored ``[B, S, K, hd]`` layout
+    (a batched matmul would first transpose it to ``[B, K, S, hd]``).
+    """
+    scale = q.shape[-1] ** -0.5
+    old_scores = jnp.sum(q[:, None] * k_old[:, :, :, None, :].astype(q.dtype), axis=-1) * scale  # [B, S, K, G]
+    old_scores = jnp.where(old_mask[:, 0, :, None, None], old_scores.astype(jnp.float32), _MASK_VALUE)
+    self_scores = jnp.sum(q * k_new[:, :, None, :], axis=-1) * scale  # [B, K, G]
+    self_scores = jnp.where(self_allowed[:, None, None], self_scores.astype(jnp.float32), _MASK_VALUE)
+    peak = jnp.maximum(old_scores.max(axis=1), self_scores)
+    old_weights = jnp.exp(old_scores - peak[:, None])
+    self_weights = jnp.exp(self_scores - peak)
+    total = old_weights.sum(axis=1) + self_weights
+    out = jnp.sum(old_weights.astype(q.dtype)[..., None] * v_old[:, :, :, None, :].astype(q.dtype), axis=1)
+    out = (out + self_weights.astype(q.dtype)[..., None] * v_new[:, :, None, :]) / total.astype(q.dtype)[..., None]
+    return out.reshape(out.shape[0], -1)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with fused q|k|v projection and RoPE."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.qkv_proj = Linear(config.hidden_size, config.qkv_size, use_bias=config.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(
+            config.num_heads * config.head_dim, config.hidden_size, use_bias=config.out_bias, dtype=dtype, rngs=rngs
+        )
+
+    def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``x: [B, T, D]`` -> ``q: [B, T, K, G, hd]``, ``k, v: [B, T, K, hd]`` (q and k rotated)."""
+        B, T, _ = x.shape
+        H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        q = qkv[..., : H * hd].reshape(B, T, H, hd)
+        k = qkv[..., H * hd : (H + K) * hd].reshape(B, T, K, hd)
+        v = qkv[..., (H + K) * hd :].reshape(B, T, K, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.reshape(B, T, K, H // K, hd), k, v
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``W_down (silu(W_gate x) * W_up x)`` with ``W_gate|W_up`` fused as ``[D, 2F]``."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, use_bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, use_bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate_up = self.gate_up_proj(x)
+        gate, up = gate_up[..., : self.intermediate_size], gate_up[..., self.intermediate_size :]
+        return self.down_proj(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm transformer block: attention then SwiGLU, each with a residual connection."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.attention = Attention(config, dtype=dtype, rngs=rngs)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, new_mask, old=None):
+        """One block.
+
+        Args:
+          x: ``[B, T, D]``. cos, sin: ``[B, T, hd / 2]``. new_mask: ``[B, T, T]`` bool.
+          old: None or ``(k_old, v_old, old_mask)``, this layer's cache ``[B, S, K, hd]`` and ``[B, T, S]``.
+        Returns:
+          ``(y [B, T, D], k [B, T, K, hd], v [B, T, K, hd])``: the new tokens' keys/values to cache.
+        """
+        q, k, v = self.attention.project(self.input_norm(x), cos, sin)
+        h = x + self.attention.o_proj(attend(q, k, v, new_mask, old))
+        return h + self.mlp(self.post_attention_norm(h)), k, v
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+def _new_token_mask(mask: jax.Array, positions: jax.Array, window) -> jax.Array:
+    """``[B, T, T]``: new token ``t'`` is real, not after ``t``, and inside the sliding window."""
+    T = mask.shape[1]
+    allowed = jnp.tril(jnp.ones((T, T), bool))[None] & mask[:, None, :]
+    if window is not None:
+        allowed &= (positions[:, :, None] - positions[:, None, :]) < window
+    return allowed
+
+
+def _cached_slot_mask(valid: jax.Array, positions: jax.Array, window) -> jax.Array:
+    """``[B, T, S]``: cached slot ``s`` holds a real token inside the query's sliding window.
+
+    Cached slots all precede the new tokens, so causality holds; a slot's rotary position is the
+    number of real tokens before it, ``cumsum(valid) - 1``.
+    """
+    allowed = jnp.broadcast_to(valid[:, None, :], (valid.shape[0], positions.shape[1], valid.shape[1]))
+    if window is not None:
+        slot_positions = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
+        allowed &= (positions[:, :, None] - slot_positions[:, None, :]) < window
+    return allowed
+
+
+class Llama(nnx.Module):
+    """Llama-family causal language model (Llama, Mistral-style, Qwen2).
+
+    Example::
+
+        model, tokenizer = jaxauction.models.load()           # bundled SmolLM2-135M-Instruct
+        batch = tokenizer(["Hello", "Hi there"], padding=True, return_tensors="np")  # left padding
+        logits = model(batch["input_ids"], batch["attention_mask"])   # [B, T, V]
+
+        cache = model.init_cache(batch_size=2, max_length=64)
+        logits, cache = jaxauction.models.jit_prefill(model, batch["input_ids"], batch["attention_mask"], cache)
+        for _ in range(8):
+            token_ids = logits.argmax(-1)                               # [B]
+            logits, cache = jaxauction.models.jit_decode(model, token_ids, cache)
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
+        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nnx.Param(jax.random.normal(rngs.params(), (config.vocab_size, config.hidden_size), dtype) * 0.02)
+        )
+        self.head_transposed = DerivedWeight(jnp.zeros((config.hidden_size, config.vocab_size), dtype))
+        self.refresh_derived_weights()
+
+    def refresh_derived_weights(self) -> None:
+        """Recompute ``head_transposed`` (``[D, V]``) from the LM head; call after editing the head/embedding."""
+        head = self.embedding if self.lm_head is None else self.lm_head
+        self.head_transposed[...] = jnp.asarray(head[...]).T
+
+    # -------------------------------------------------------------- pieces
+
+    def embed(self, token_ids: jax.Array) -> jax.Array:
+        """``[...]`` int -> ``[..., D]``."""
+        return jnp.take(self.embedding[...], token_ids, axis=0)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``[..., D]`` -> ``[..., V]``: final RMSNorm, then ``hidden @ head.T`` (head: the tied embedding or
+        the LM head, ``[V, D]``).
+
+        Fewer than 8 rows use the ``[D, V]`` copy instead: XLA:CPU's matrix product with a transposed
+        ``[V, D]`` operand is about 10x slower for 2-7 rows and about 1.5x faster from 8 rows on.
+        """
+        hidden = self.final_norm(hidden)
+        if math.prod(hidden.shape[:-1]) < 8:
+            return jnp.dot(hidden, self.head_transposed[...])
+        head = self.embedding if self.lm_head is None else self.lm_head
+        return jnp.einsum("...d,vd->...v", hidden, head[...])
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """An empty ``KVCache`` for ``batch_size`` rows of up to ``max_length`` tokens (model dtype by default)."""
+        return init_cache(self.config, batch_size, max_length, self.dtype if dtype is None else dtype)
+
+    # -------------------------------------------------------------- forward passes
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Logits of every position without a cache.
+
+        Args:
+          input_ids: ``[B, T]`` int, left-padded. attention_mask: ``[B, T]`` (1 = real token); all ones if None.
+        Returns:
+          ``[B, T, V]`` logits (finite but meaningless at padded positions).
+        """
+        input_ids = jnp.asarray(input_ids)
+        _check_tokens(input_ids, 2, "input_ids")
+        T = input_ids.shape[1]
+        if T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has {T} tokens, more than the model's context max_position_embeddings="
+                f"{self.config.max_position_embeddings}; truncate the prompt."
+            )
+        mask = _as_mask(attention_mask, input_ids.shape)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        x, _, _ = self._layers(input_ids, positions, mask, None)
+        return self.logits(x)
+
+    def prefill(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """Run ``T`` new tokens through the model and write them into slots ``index .. index + T - 1``.
+
+        Usually the cache is empty; a non-empty cache is continued (chunked prefill). Rotary positions
+        continue from ``cache.positions`` and count only real tokens.
+
+        Args:
+          input_ids: ``[B, T]`` int, left-padded. attention_mask: ``[B, T]`` (1 = real); all ones if None.
+          cache: a ``KVCache`` with ``index + T <= max_length``.
+        Returns:
+          ``(logits [B, V] of the last position, cache)``.
+        Raises:
+          ValueError if ``T`` exceeds the cache length, or (when the cache index is concrete, outside jit)
+          if ``index + T`` does. Inside jit an overflowing write is clamped by ``dynamic_update_slice``
+          (earlier slots get overwritten), so size the cache beforehand.
+        """
+        input_ids = jnp.asarray(input_ids)
+        _check_tokens(input_ids, 2, "input_ids")
+        B, T = input_ids.shape
+        _check_cache(cache, B, self.config)
+        if T > cache.max_length:
+            raise ValueError(
+                f"input_ids has {T} tokens but the cache holds max_length={cache.max_length}; "
+                "truncate the prompt or allocate a longer cache with init_cache."
+            )
+        if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + T > cache.max_length:
+            raise ValueError(
+                f"cache.index={int(cache.index)} plus {T} new tokens exceeds max_length={cache.max_length}."
+            )
+        mask = _as_mask(attention_mask, input_ids.shape)
+        positions = cache.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        return self._step(input_ids, positions, mask, cache)
+
+    def decode(self, token_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One decoding step for every row: write the token at slot ``index`` with rope position ``positions``.
+
+        Args:
+          token_ids: ``[B]`` int. cache: a ``KVCache`` with ``index < max_length``.
+        Returns:
+          ``(logits [B, V], cache)`` with ``index + 1``, ``positions + 1`` and the slot marked valid.
+          Inside jit a step at ``index == max_length`` is clamped to the last slot (it overwrites it).
+        """
+        token_ids = jnp.asarray(token_ids)
+        _check_tokens(token_ids, 1, "token_ids")
+        _check_cache(cache, token_ids.shape[0], self.config)
+        mask = jnp.ones((token_ids.shape[0], 1), bool)
+        return self._step(token_ids[:, None], cache.positions[:, None], mask, cache)
+
+    def _layers(self, input_ids, positions, mask, cache: KVCache | None):
+        """All blocks. Returns ``(hidden [B, T, D], keys, values)``, keys/values ``[L, B, T, K, hd]``."""
+        window = self.config.sliding_window
+        cos, sin = rope_tables(positions, rope_inverse_frequencies(self.config))
+        new_mask = _new_token_mask(mask, positions, window)
+        old_mask = None if cache is None else _cached_slot_mask(cache.valid, positions, window)
+        x = self.embed(input_ids)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            old = None if cache is None else (cache.k[i], cache.v[i], old_mask)
+            x, k, v = layer(x, cos, sin, new_mask, old)
+            keys.append(k)
+            values.append(v)
+        return x, jnp.stack(keys), jnp.stack(values)
+
+    def _step(self, input_ids, positions, mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Shared body of prefill/decode: attend to the cache and the new tokens, then write them at ``index``.
+
+        The cache is read by every layer first and written once at the end (one in-place
+        ``dynamic_update_slice`` per array when the cache is donated).
+        """
+        x, keys, values = self._layers(input_ids, positions, mask, cache)
+        # The write index gets a data dependency on the last hidden state (``x > inf`` is always false,
+        # NaN included), so XLA orders the write after every layer's read of the cache and updates the
+        # donated buffers in place; without it, copy insertion duplicates the whole cache every step.
+        index = cache.index + (x[0, -1, 0] > jnp.inf).astype(jnp.int32)
+        start = (0, 0, index, 0, 0)
+        new_cache = KVCache(
+            k=jax.lax.dynamic_update_slice(cache.k, keys.astype(cache.k.dtype), start),
+            v=jax.lax.dynamic_update_slice(cache.v, values.astype(cache.v.dtype), start),
+            valid=jax.lax.dynamic_update_slice(cache.valid, mask, (0, index)),
+            positions=cache.positions + mask.sum(axis=1, dtype=jnp.int32),
+            index=cache.index + input_ids.shape[1],
+        )
+        return self.logits(x[:, -1]), new_cache
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def _check_tokens(ids: jax.Array, ndim: int, name: str) -> None:
+    if ids.ndim != ndim:
+        shape = "[B, T]" if ndim == 2 else "[B]"
+        raise ValueError(f"{name} must have shape {shape}, got shape {tuple(ids.shape)}.")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integer token ids, got dtype {ids.dtype}.")
+    if 0 in ids.shape:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(ids.shape)}.")
+
+
+def _as_mask(attention_mask, shape) -> jax.Array:
+    if attention_mask is None:
+        return jnp.ones(shape, bool)
+    mask = jnp.asarray(attention_mask)
+    if mask.shape != tuple(shape):
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(shape)}, got {tuple(mask.shape)}."
+        )
+    return mask.astype(bool)
+
+
+def _check_cache(cache: KVCache, batch_size: int, config: LlamaConfig) -> None:
+    expected = (config.num_layers, batch_size, cache.max_length, config.num_kv_heads, config.head_dim)
+    if tuple(cache.k.shape) != expected:
+        raise ValueError(
+            f"cache.k has shape {tuple(cache.k.shape)}, expected {expected} "
+            f"([num_layers, batch, max_length, num_kv_heads, head_dim]); create it with model.init_cache({batch_size}, ...)."
+        )
+
+
+# ---------------------------------------------------------------------------------------- jit
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_pure(graphdef, state, input_ids, attention_mask):
+    return nnx.merge(graphdef, state)(input_ids, attention_mask)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+def _prefill_pure(graphdef, state, input_ids, attention_mask, cache):
+    return nnx.merge(graphdef, state).prefill(input_ids, attention_mask, cache)
+
+
+def _decode_pure_body(graphdef, state, token_ids, cache):
+    return nnx.merge(graphdef, state).decode(token_ids, cache)
+
+
+_XLA_CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.lru_cache(maxsize=1)
+def decode_compiler_options() -> dict:
+    """XLA compiler options that make decoding faster on CPU: ``jax.jit(..., compiler_options=...)``.
+
+    On XLA:CPU this routes the small decode-step products and reductions to XLA's own kernels
+    instead of YNNPACK fusions (about 1.3x faster per step at batch 22, the same at batch 1; see
+    experiments/bench_model.py). Empty on other backends, or if this jaxlib does not know the option.
+    """
+    if jax.default_backend() != "cpu":
+        return {}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=_XLA_CPU_DECODE_OPTIONS).lower(1.0).compile()
+    except Exception:  # an unknown option is rejected at compile time
+        return {}
+    return dict(_XLA_CPU_DECODE_OPTIONS)
+
+
+@functools.lru_cache(maxsize=1)
+def _decode_pure():
+    return jax.jit(
+        _decode_pure_body, static_argnums=0, donate_argnums=3, compiler_options=decode_compiler_options() or None
+    )
+
+
+class CompiledLlama:
+    """Jit-compiled entry points bound to a snapshot of a model's weights (split once).
+
+    Use this in hot loops: it avoids re-splitting the NNX graph on each call. The cache passed to
+    ``prefill``/``decode`` is donated (its buffers are reused for the returned cache; do not reuse it).
+    Shapes are static: each new ``(B, T)`` or cache length compiles once.
+    """
+
+    def __init__(self, model: Llama):
+        self.config = model.config
+        self.dtype = model.dtype
+        self.graphdef, self.state = nnx.split(model)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        return init_cache(self.config, batch_size, max_length, self.dtype if dtype is None else dtype)
+
+    def __call__(self, input_ids, attention_mask=None) -> jax.Array:
+        input_ids = jnp.asarray(input_ids)
+        _check_tokens(input_ids, 2, "input_ids")
+        return _forward_pure(self.graphdef, self.state, input_ids, _as_mask(attention_mask, input_ids.shape))
+
+    def prefill(self, input_ids, attention_mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        input_ids = jnp.asarray(input_ids)
+        _check_tokens(input_ids, 2, "input_ids")
+        _check_cache(cache, input_ids.shape[0], self.config)
+        if int(cache.index) + input_ids.shape[1] > cache.max_length:
+            raise ValueError(
+                f"cache.index={int(cache.index)} plus {input_ids.shape[1]} new tokens exceeds "
+                f"max_length={cache.max_length}; truncate the prompt or allocate a longer cache."
+            )
+        mask = _as_mask(attention_mask, input_ids.shape)
+        return _prefill_pure(self.graphdef, self.state, input_ids, mask, cache)
+
+    def decode(self, token_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        token_ids = jnp.asarray(token_ids)
+        _check_tokens(token_ids, 1, "token_ids")
+        return _decode_pure()(self.graphdef, self.state, token_ids, cache)
+
+
+def jit_forward(model: Llama, input_ids, attention_mask=None) -> jax.Array:
+    """Jit-compiled ``model(input_ids, attention_mask)``: ``[B, T, V]`` logits."""
+    return CompiledLlama(model)(input_ids, attention_mask)
+
+
+def jit_prefill(model: Llama, input_ids, attention_mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Jit-compiled ``model.prefill`` (the cache is donated)."""
+    return CompiledLlama(model).prefill(input_ids, attention_mask, cache)
+
+
+def jit_decode(model: Llama, token_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Jit-compiled ``model.decode`` (the cache is donated)."""
+    return CompiledLlama(model).decode(token_ids, cache)

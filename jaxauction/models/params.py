@@ -1,0 +1,455 @@
+"""Weights: GGUF and safetensors readers, llama.cpp's q/k permutation, and export to a Hugging Face folder.
+
+Every source is first seen as Hugging Face-named float arrays in torch layout (``[out, in]``), e.g.
+``model.layers.3.self_attn.q_proj.weight``. ``build_model`` turns those, one tensor at a time, into the
+fused NNX parameters (``[in, out]`` kernels, ``q|k|v`` and ``gate|up`` concatenated), so the peak memory
+stays near one copy of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxauction.models.config import LlamaConfig
+from jaxauction.models.modeling import Llama
+
+# ---------------------------------------------------------------------------------------- q/k permutation
+
+
+def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp's ``convert_hf_to_gguf.py`` permutation of q/k projection rows (``[out, ...]``).
+
+    Per head, the rows ``[first half | second half]`` (rotate-half RoPE layout of Hugging Face) are
+    interleaved into ``[r0, r_{hd/2}, r1, r_{hd/2+1}, ...]`` (llama.cpp's adjacent-pair RoPE layout).
+    """
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def llama_cpp_unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Inverse of ``llama_cpp_permute``: GGUF (interleaved) q/k rows back to the rotate-half layout."""
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+# ---------------------------------------------------------------------------------------- GGUF reading
+
+_GGUF_MAGIC = b"GGUF"
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_NUMPY_ARRAY_TYPES = {
+    0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+    6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64,
+}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """Where one tensor lies in a GGUF file. ``shape`` is in numpy order (llama.cpp's dims reversed)."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: gguf.GGMLQuantizationType
+    offset: int
+    num_bytes: int
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file: ``metadata`` (key -> value) and ``tensors`` (name -> ``GGUFTensor``).
+
+    The header is parsed directly (``gguf.GGUFReader`` builds one numpy view per vocabulary string and
+    takes seconds on a 49k-token vocabulary); tensors are decoded with ``gguf.quants.dequantize``.
+    Errors name the file: a missing file raises ``FileNotFoundError``, a malformed or truncated one
+    ``ValueError``.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {self.path}")
+        with open(self.path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 24:
+                raise ValueError(f"{self.path} is not a GGUF file: only {size} bytes.")
+            self._buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        self.size = size
+        try:
+            self.metadata, self.tensors = self._parse_header()
+        except (struct.error, UnicodeDecodeError, IndexError, OverflowError) as error:
+            raise ValueError(f"{self.path} is corrupted: its GGUF header cannot be parsed ({error}).") from None
+
+    def _parse_header(self) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
+        buffer = self._buffer
+        if buffer[:4] != _GGUF_MAGIC:
+            raise ValueError(f"{self.path} is not a GGUF file: magic {bytes(buffer[:4])!r}, expected b'GGUF'.")
+        version, tensor_count, kv_count = struct.unpack_from("<IQQ", buffer, 4)
+        if version not in (2, 3):
+            raise ValueError(f"{self.path}: GGUF version {version} is not supported (expected 2 or 3).")
+        if tensor_count > 1 << 20 or kv_count > 1 << 20:
+            raise ValueError(f"{self.path} is corrupted: {tensor_count} tensors, {kv_count} metadata keys.")
+        position = 24
+        metadata: dict[str, Any] = {}
+        for _ in range(kv_count):
+            key, position = self._read_string(position)
+            (value_type,) = struct.unpack_from("<I", buffer, position)
+            metadata[key], position = self._read_value(value_type, position + 4)
+        infos = []
+        for _ in range(tensor_count):
+            name, position = self._read_string(position)
+            (n_dims,) = struct.unpack_from("<I", buffer, position)
+            dims = struct.unpack_from(f"<{n_dims}Q", buffer, position + 4)
+            ggml_type, offset = struct.unpack_from("<IQ", buffer, position + 4 + 8 * n_dims)
+            position += 4 + 8 * n_dims + 12
+            infos.append((name, tuple(reversed(dims)), ggml_type, offset))
+        alignment = int(metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+        data_start = -(-position // alignment) * alignment
+        tensors = {}
+        for name, shape, ggml_type, offset in infos:
+            try:
+                qtype = gguf.GGMLQuantizationType(ggml_type)
+                block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise ValueError(f"{self.path}: tensor {name!r} has unknown GGML type {ggml_type}.") from None
+            num_bytes = int(np.prod(shape, dtype=np.int64)) * type_size // block_size
+            start = data_start + offset
+            if start + num_bytes > self.size:
+                raise ValueError(
+                    f"{self.path} is truncated: tensor {name!r} needs bytes {start}..{start + num_bytes} "
+                    f"but the file has {self.size} bytes."
+                )
+            tensors[name] = GGUFTensor(name, shape, qtype, start, num_bytes)
+        return metadata, tensors
+
+    def _read_string(self, position: int) -> tuple[str, int]:
+        (length,) = struct.unpack_from("<Q", self._buffer, position)
+        end = position + 8 + length
+        if end > self.size:
+            raise ValueError(f"{self.path} is truncated inside its metadata (string at byte {position}).")
+        return self._buffer[position + 8 : end].decode("utf-8"), end
+
+    def _read_value(self, value_type: int, position: int) -> tuple[Any, int]:
+        if value_type == _STRING:
+            return self._read_string(position)
+        if value_type in _SCALAR_FORMATS:
+            fmt = "<" + _SCALAR_FORMATS[value_type]
+            return struct.unpack_from(fmt, self._buffer, position)[0], position + struct.calcsize(fmt)
+        if value_type == _ARRAY:
+            item_type, count = struct.unpack_from("<IQ", self._buffer, position)
+            position += 12
+            if item_type == _STRING:
+                items = []
+                for _ in range(count):
+                    item, position = self._read_string(position)
+                    items.append(item)
+                return items, position
+            if item_type in _NUMPY_ARRAY_TYPES:
+                dtype = np.dtype(_NUMPY_ARRAY_TYPES[item_type]).newbyteorder("<")
+                end = position + count * dtype.itemsize
+                if end > self.size:
+                    raise ValueError(f"{self.path} is truncated inside its metadata (array at byte {position}).")
+                return np.frombuffer(self._buffer, dtype, count, position).tolist(), end
+            items = []
+            for _ in range(count):
+                item, position = self._read_value(item_type, position)
+                items.append(item)
+            return items, position
+        raise ValueError(f"{self.path} is corrupted: unknown metadata value type {value_type} at byte {position}.")
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's stored bytes, shaped as ``gguf.quants.dequantize`` expects (read-only view)."""
+        info = self.tensors[name]
+        data = np.frombuffer(self._buffer, np.uint8, info.num_bytes, info.offset)
+        block_size, type_size = gguf.GGML_QUANT_SIZES[info.ggml_type]
+        return data.reshape(*info.shape[:-1], info.shape[-1] // block_size * type_size)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """The tensor dequantized to float32, numpy shape (e.g. ``[out, in]`` for a projection)."""
+        if name not in self.tensors:
+            raise KeyError(f"{self.path} has no tensor {name!r}.")
+        values = gguf.quants.dequantize(self.raw(name), self.tensors[name].ggml_type)
+        return np.array(values, np.float32).reshape(self.tensors[name].shape)  # a copy: never alias the map
+
+    def close(self) -> None:
+        """Unmap the file (deferred to garbage collection while a ``raw`` view is alive)."""
+        try:
+            self._buffer.close()
+        except BufferError:
+            pass
+
+
+_GGUF_TO_HF = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (and the global tensors)."""
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    if hf_name in fixed:
+        return fixed[hf_name]
+    _, _, layer, *rest = hf_name.split(".")
+    module, kind = ".".join(rest[:-1]), rest[-1]
+    inverse = {hf: name for name, hf in _GGUF_TO_HF.items()}
+    return f"blk.{layer}.{inverse[module]}.{kind}"
+
+
+def gguf_weight_reader(
+    file: GGUFFile, config: LlamaConfig, *, unpermute: bool = True
+) -> Callable[[str], np.ndarray]:
+    """``hf_name -> float32 [out, in]`` reader over a GGUF file.
+
+    For ``general.architecture == "llama"`` the q and k rows are permuted back per head
+    (``llama_cpp_unpermute``); ``unpermute=False`` skips that (only to show the logits then break).
+    """
+    permuted = unpermute and file.metadata.get("general.architecture") == "llama"
+
+    def read(hf_name: str) -> np.ndarray:
+        name = gguf_tensor_name(hf_name)
+        if name not in file.tensors:
+            raise ValueError(f"{file.path}: tensor {name!r} (for {hf_name}) is missing.")
+        weight = file.tensor(name)
+        if permuted and ".attn_q." in name:
+            weight = llama_cpp_unpermute(weight, config.num_heads)
+        elif permuted and ".attn_k." in name:
+            weight = llama_cpp_unpermute(weight, config.num_kv_heads)
+        return weight
+
+    return read
+
+
+# ---------------------------------------------------------------------------------------- safetensors
+
+
+class SafetensorsFolder:
+    """Tensors of ``model.safetensors`` or the shards listed in ``model.safetensors.index.json``."""
+
+    def __init__(self, folder: Path):
+        import safetensors
+
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{index} is not a valid safetensors index ({error}).") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(path.name for path in folder.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"No *.safetensors weights in {folder}.")
+            weight_map = None
+        self.location: dict[str, str] = {}
+        self._handles = {}
+        for file in files:
+            path = folder / file
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} (listed in {index.name}) is missing.")
+            try:
+                handle = safetensors.safe_open(str(path), framework="numpy")
+            except Exception as error:  # safetensors raises its own SafetensorError
+                raise ValueError(f"{path} is corrupted: {error}") from None
+            self._handles[file] = handle
+            for key in handle.keys():
+                self.location[key] = file
+        if weight_map is not None:
+            missing = sorted(key for key, file in weight_map.items() if self.location.get(key) != file)
+            if missing:
+                raise ValueError(f"{index}: tensors {missing[:3]} are not in the shards the index names.")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.location
+
+    def read(self, hf_name: str) -> np.ndarray:
+        if hf_name not in self.location:
+            raise ValueError(f"{self.folder}: tensor {hf_name!r} is missing from the safetensors files.")
+        try:
+            tensor = self._handles[self.location[hf_name]].get_tensor(hf_name)
+        except Exception as error:
+            raise ValueError(f"{self.folder / self.location[hf_name]}: cannot read {hf_name!r} ({error}).") from None
+        return np.asarray(tensor, np.float32)
+
+
+# ---------------------------------------------------------------------------------------- building
+
+
+def hf_weight_names(config: LlamaConfig) -> Iterator[str]:
+    """Every Hugging Face tensor name the model needs."""
+    yield "model.embed_tokens.weight"
+    for i in range(config.num_layers):
+        prefix = f"model.layers.{i}."
+        yield from (prefix + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight"))
+        for proj in ("q", "k", "v", "o"):
+            yield f"{prefix}self_attn.{proj}_proj.weight"
+            if (proj != "o" and config.qkv_bias) or (proj == "o" and config.out_bias):
+                yield f"{prefix}self_attn.{proj}_proj.bias"
+        yield from (f"{prefix}mlp.{proj}_proj.weight" for proj in ("gate", "up", "down"))
+    yield "model.norm.weight"
+    if not config.tie_word_embeddings:
+        yield "lm_head.weight"
+
+
+def _expect(name: str, array: np.ndarray, shape: tuple[int, ...], source: str) -> np.ndarray:
+    if tuple(array.shape) != shape:
+        raise ValueError(f"{source}: tensor {name} has shape {tuple(array.shape)}, expected {shape} from the config.")
+    return array
+
+
+def build_model(
+    config: LlamaConfig, read: Callable[[str], np.ndarray], *, dtype=jnp.float32, source: str = "weights"
+) -> Llama:
+    """A ``Llama`` whose parameters come from ``read(hf_name) -> [out, in]`` arrays, one tensor at a time."""
+    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    D, F, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    H, K = config.num_heads, config.num_kv_heads
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return _expect(name, read(name), shape, source)
+
+    def put(array: np.ndarray) -> jax.Array:
+        # Wait for each host-to-device copy so a busy machine cannot queue up transient numpy copies
+        # (that roughly doubled the peak memory of a load under load).
+        return jnp.asarray(np.ascontiguousarray(array), dtype).block_until_ready()
+
+    layers = {}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        qkv = np.concatenate(
+            [
+                get(p + "self_attn.q_proj.weight", (H * hd, D)),
+                get(p + "self_attn.k_proj.weight", (K * hd, D)),
+                get(p + "self_attn.v_proj.weight", (K * hd, D)),
+            ]
+        )
+        attention: dict[str, Any] = {
+            "qkv_proj": {"kernel": put(qkv.T)},
+            "o_proj": {"kernel": put(get(p + "self_attn.o_proj.weight", (D, H * hd)).T)},
+        }
+        del qkv
+        if config.qkv_bias:
+            attention["qkv_proj"]["bias"] = put(
+                np.concatenate(
+                    [
+                        get(p + "self_attn.q_proj.bias", (H * hd,)),
+                        get(p + "self_attn.k_proj.bias", (K * hd,)),
+                        get(p + "self_attn.v_proj.bias", (K * hd,)),
+                    ]
+                )
+            )
+        if config.out_bias:
+            attention["o_proj"]["bias"] = put(get(p + "self_attn.o_proj.bias", (D,)))
+        gate_up = np.concatenate([get(p + "mlp.gate_proj.weight", (F, D)), get(p + "mlp.up_proj.weight", (F, D))])
+        layers[i] = {
+            "input_norm": {"weight": put(get(p + "input_layernorm.weight", (D,)))},
+            "post_attention_norm": {"weight": put(get(p + "post_attention_layernorm.weight", (D,)))},
+            "attention": attention,
+            "mlp": {
+                "gate_up_proj": {"kernel": put(gate_up.T)},
+                "down_proj": {"kernel": put(get(p + "mlp.down_proj.weight", (D, F)).T)},
+            },
+        }
+        del gate_up
+    pure: dict[str, Any] = {
+        "embedding": put(get("model.embed_tokens.weight", (config.vocab_size, D))),
+        "layers": layers,
+        "final_norm": {"weight": put(get("model.norm.weight", (D,)))},
+    }
+    if not config.tie_word_embeddings:
+        pure["lm_head"] = put(get("lm_head.weight", (config.vocab_size, D)))
+    head = pure["embedding"] if config.tie_word_embeddings else pure["lm_head"]
+    pure["head_transposed"] = jnp.asarray(head.T).block_until_ready()
+    nnx.replace_by_pure_dict(abstract_state, pure)
+    return nnx.merge(graphdef, abstract_state)
+
+
+def hf_state_dict(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
+    """``(hf_name, float array [out, in])`` pairs of the model, the fused kernels split again."""
+    config = model.config
+    H, K, hd, F = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
+    yield "model.embed_tokens.weight", np.asarray(model.embedding[...])
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", np.asarray(layer.input_norm.weight[...])
+        yield p + "post_attention_layernorm.weight", np.asarray(layer.post_attention_norm.weight[...])
+        qkv = np.asarray(layer.attention.qkv_proj.kernel[...]).T
+        splits = {"q": qkv[: H * hd], "k": qkv[H * hd : (H + K) * hd], "v": qkv[(H + K) * hd :]}
+        for proj, weight in splits.items():
+            yield f"{p}self_attn.{proj}_proj.weight", np.ascontiguousarray(weight)
+        if config.qkv_bias:
+            bias = np.asarray(layer.attention.qkv_proj.bias[...])
+            yield p + "self_attn.q_proj.bias", bias[: H * hd]
+            yield p + "self_attn.k_proj.bias", bias[H * hd : (H + K) * hd]
+            yield p + "self_attn.v_proj.bias", bias[(H + K) * hd :]
+        yield p + "self_attn.o_proj.weight", np.ascontiguousarray(np.asarray(layer.attention.o_proj.kernel[...]).T)
+        if config.out_bias:
+            yield p + "self_attn.o_proj.bias", np.asarray(layer.attention.o_proj.bias[...])
+        gate_up = np.asarray(layer.mlp.gate_up_proj.kernel[...]).T
+        yield p + "mlp.gate_proj.weight", np.ascontiguousarray(gate_up[:F])
+        yield p + "mlp.up_proj.weight", np.ascontiguousarray(gate_up[F:])
+        yield p + "mlp.down_proj.weight", np.ascontiguousarray(np.asarray(layer.mlp.down_proj.kernel[...]).T)
+    yield "model.norm.weight", np.asarray(model.final_norm.weight[...])
+    if model.lm_head is not None:
+        yield "lm_head.weight", np.asarray(model.lm_head[...])
+
+
+def save_safetensors(model: Llama, folder: Path, *, max_shard_bytes: int | None = None) -> list[Path]:
+    """Write the weights as ``model.safetensors``, or as shards with ``model.safetensors.index.json``."""
+    from safetensors.numpy import save_file
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    for name, array in hf_state_dict(model):
+        if max_shard_bytes is not None and sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = np.ascontiguousarray(array)
+        sizes[-1] += array.nbytes
+    if len(shards) == 1:
+        path = folder / "model.safetensors"
+        save_file(shards[0], str(path), metadata={"format": "pt"})
+        return [path]
+    paths, weight_map = [], {}
+    for n, shard in enumerate(shards, start=1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        paths.append(folder / name)
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return paths
+
+
+def read_json(path: Path) -> Mapping[str, Any]:
+    """``json.load`` with errors that name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing.")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}).") from None
