@@ -1,0 +1,58 @@
+"""Gradient-based design of token-auction aggregation rules.
+
+* :mod:`~jaxauction.design.families`: the power-mean family (``rho``, bid transform ``gamma``, base
+  bid, temperature) as a pytree of parameters; :func:`bind` gives a rule ``rule(logits, bids)``.
+* :mod:`~jaxauction.design.objectives`: welfare, revenue, monotonicity violation and distance to a
+  reference rule over a batch of auctions, jit-compiled and differentiable.
+* :mod:`~jaxauction.design.search`: an optax search with a violation budget (augmented Lagrangian),
+  checkpoints that resume, and a progress bar.
+* :mod:`~jaxauction.design.data`: synthetic Dirichlet auctions or the bundled LLM's (cached).
+"""
+
+from jaxauction.design import checkpoint, objectives
+from jaxauction.design.checkpoint import SearchState
+from jaxauction.design.data import (
+  AuctionBatch,
+  dirichlet_auctions,
+  llm_auctions,
+  load_batch,
+  make_batch,
+  save_batch,
+)
+from jaxauction.design.families import (
+  Bounds,
+  PowerMeanParams,
+  bind,
+  log_bid_weights,
+  power_mean,
+  trainable_mask,
+)
+from jaxauction.design.objectives import aggregate, distance, evaluate, kl_divergence, revenue, violation, welfare
+from jaxauction.design.search import Constraint, SearchResult, augmented_lagrangian, search
+
+__all__ = [
+  "AuctionBatch",
+  "Bounds",
+  "Constraint",
+  "PowerMeanParams",
+  "SearchResult",
+  "SearchState",
+  "aggregate",
+  "augmented_lagrangian",
+  "bind",
+  "dirichlet_auctions",
+  "distance",
+  "evaluate",
+  "kl_divergence",
+  "llm_auctions",
+  "load_batch",
+  "log_bid_weights",
+  "make_batch",
+  "power_mean",
+  "revenue",
+  "save_batch",
+  "search",
+  "trainable_mask",
+  "violation",
+  "welfare",
+]

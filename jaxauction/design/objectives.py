@@ -1,0 +1,136 @@
+"""Design objectives over a batch of auctions, jit-compiled and differentiable in the family parameters.
+
+Each objective takes ``(params: PowerMeanParams, batch: AuctionBatch)`` and returns a scalar: a mean
+over the ``A`` auctions of a sum over the ``n`` agents. When the batch has a base distribution it
+takes part in the rule as one more agent with bid ``params.base_bid`` (SPEC §1); it is never charged
+and has no value, so it is left out of the sums.
+
+* :func:`welfare`: bid-weighted welfare ``sum_i b_i v_i(q)`` under KL valuations (SPEC §5):
+  ``v_i = -KL(p_i || q)`` ("forward", the linear rule's) or ``-KL(q || p_i)`` ("reverse", the
+  log-linear rule's). Bids are the agents' values (truthful bidding).
+* :func:`revenue`: ``sum_i z_i``, expected second-price payments computed by the core
+  ``jaxauction.payments.second_price`` (autodiff of the allocation in the own bid, and quadrature).
+* :func:`violation`: ``sum_i`` of the core ``jaxauction.preferences.monotonicity_violation``
+  (SPEC §3), zero for a monotone rule.
+* :func:`distance`: ``KL(q_ref || q)`` ("forward") or ``KL(q || q_ref)`` ("reverse") to a reference
+  rule applied to the agents alone.
+
+Inside jit nothing is validated: a token with ``q = 0`` that some agent (or the reference) gives
+positive probability makes a KL term ``+inf`` (welfare ``-inf``) and its gradient NaN; the power
+mean with ``rho > 0`` never produces such zeros from finite logits.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxauction import aggregation, payments, preferences
+from jaxauction.design.data import AuctionBatch
+from jaxauction.design.families import PowerMeanParams, bind
+
+Rule = Callable[[jax.Array, jax.Array], jax.Array]
+
+VALUATIONS = ("forward", "reverse")
+ALLOCATIONS = ("robust", "forward_kl", "reverse_kl")
+_KL_VALUATIONS = {"forward_kl": payments.forward_kl_value, "reverse_kl": payments.reverse_kl_value}
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def kl_divergence(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+  """``KL(p || q) = sum_t p_t (log p_t - log q_t)`` over the last axis; terms with ``p_t = 0`` are 0."""
+  positive = log_p > -jnp.inf
+  difference = jnp.where(positive, log_p, 0.0) - jnp.where(positive, log_q, 0.0)
+  return jnp.sum(jnp.where(positive, jnp.exp(log_p) * difference, 0.0), axis=-1)
+
+
+def augmented(params: PowerMeanParams, batch: AuctionBatch) -> tuple[jax.Array, jax.Array]:
+  """The batch with its base distribution as the last agent: ``[A, m, V]`` and ``[A, m]``."""
+  return aggregation.append_base(batch.logits, batch.bids, batch.base_logits, params.base_bid)
+
+
+def aggregate(params: PowerMeanParams, batch: AuctionBatch) -> jax.Array:
+  """``log q: [A, V]`` of the bound family rule, base included."""
+  logits, bids = augmented(params, batch)
+  return bind(params)(logits, bids)
+
+
+@functools.partial(jax.jit, static_argnames="valuation")
+def welfare(params: PowerMeanParams, batch: AuctionBatch, valuation: str = "forward") -> jax.Array:
+  """Mean over auctions of ``sum_i b_i v_i(q)`` with ``v_i = -KL(p_i || q)`` or ``-KL(q || p_i)``."""
+  _check_choice("valuation", valuation, VALUATIONS)
+  log_q = aggregate(params, batch)[..., None, :]
+  log_p = jax.nn.log_softmax(batch.logits, axis=-1)
+  if valuation == "forward":
+    divergence = kl_divergence(log_p, log_q)
+  else:
+    divergence = kl_divergence(jnp.broadcast_to(log_q, log_p.shape), log_p)
+  return jnp.mean(jnp.sum(-batch.bids * divergence, axis=-1))
+
+
+@functools.partial(jax.jit, static_argnames="allocation")
+def revenue(params: PowerMeanParams, batch: AuctionBatch, allocation: str = "robust") -> jax.Array:
+  """Mean over auctions of the agents' total expected second-price payment (the base pays nothing).
+
+  ``allocation``: ``"robust"`` (SPEC §4), or Myerson payments for KL valuations (SPEC §5),
+  ``"forward_kl"`` (``-KL(p_i || q)``) or ``"reverse_kl"`` (``-KL(q || p_i)``).
+  """
+  _check_choice("allocation", allocation, ALLOCATIONS)
+  charged = payments.second_price(
+    bind(params),
+    batch.logits,
+    batch.bids,
+    _KL_VALUATIONS.get(allocation, allocation),
+    base_logits=batch.base_logits,
+    base_bid=params.base_bid,
+  )
+  return jnp.mean(jnp.sum(charged, axis=-1))
+
+
+@jax.jit
+def violation(params: PowerMeanParams, batch: AuctionBatch) -> jax.Array:
+  """Mean over auctions of ``sum_i`` monotonicity violation (SPEC §3) of the agents (not the base)."""
+  logits, bids = augmented(params, batch)
+  per_agent = preferences.monotonicity_violation(bind(params), logits, bids)
+  return jnp.mean(jnp.sum(per_agent[..., : batch.num_agents], axis=-1))
+
+
+@functools.partial(jax.jit, static_argnames=("reference", "direction"))
+def distance(
+  params: PowerMeanParams,
+  batch: AuctionBatch,
+  reference: Rule = aggregation.linear,
+  direction: str = "forward",
+) -> jax.Array:
+  """Mean over auctions of ``KL(q_ref || q)`` ("forward") or ``KL(q || q_ref)`` ("reverse").
+
+  ``reference(batch.logits, batch.bids)`` sees the agents alone (no base distribution).
+  """
+  _check_choice("direction", direction, VALUATIONS)
+  log_q = aggregate(params, batch)
+  log_reference = reference(batch.logits, batch.bids)
+  if direction == "forward":
+    return jnp.mean(kl_divergence(log_reference, log_q))
+  return jnp.mean(kl_divergence(log_q, log_reference))
+
+
+@jax.jit
+def _all_objectives(params: PowerMeanParams, batch: AuctionBatch) -> dict[str, jax.Array]:
+  return {
+    "revenue": revenue(params, batch),
+    "welfare_forward": welfare(params, batch),
+    "welfare_reverse": welfare(params, batch, valuation="reverse"),
+    "violation": violation(params, batch),
+  }
+
+
+def evaluate(params: PowerMeanParams, batch: AuctionBatch) -> dict[str, float]:
+  """Revenue (robust), both welfares and the violation at ``params`` as plain floats (one program)."""
+  return {name: float(value) for name, value in _all_objectives(params, batch).items()}
