@@ -23,11 +23,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
   os.close(handle)
   try:
     yield Path(temporary)
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give what open() would
     os.replace(temporary, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.remove(temporary)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def write_json(path: str | Path, data: Any) -> Path:
