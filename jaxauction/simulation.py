@@ -1,0 +1,164 @@
+"""Mechanism-only batch simulation: many bid profiles over cached agent distributions.
+
+Each simulated auction picks one set of agent logits (``[n, V]``, e.g. the agents' next-token
+logits at one position of an ad) and one bid profile, and reports what the mechanism does there:
+every agent's payment and value, the bid-weighted welfare and which agent the outcome favours.
+The batch axis is processed in fixed-size chunks (one compiled program) and each chunk is split
+over the devices of a mesh (:mod:`jaxauction.sharding`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxauction import aggregation, payments, sharding
+from jaxauction.auction import TokenAuction
+
+RULES = {"linear": aggregation.linear, "log_linear": aggregation.log_linear}
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulationResult:
+  """Per-auction results (numpy, host side).
+
+  Attributes:
+    bids: ``[A, n]``.
+    index: ``[A]`` which logits set each auction used.
+    payments: ``[A, n]`` expected payments for the token.
+    values: ``[A, n]`` each agent's value of the outcome: ``-KL(p_i || q)`` under the linear rule,
+      ``-KL(q || p_i)`` under the log-linear rule (the valuation each rule maximises, SPEC §5).
+    welfare: ``[A]`` the bid-weighted welfare ``sum_i b_i v_i``.
+    favoured: ``[A]`` the agent with the highest value (the one the outcome is closest to).
+  """
+
+  bids: np.ndarray
+  index: np.ndarray
+  payments: np.ndarray
+  values: np.ndarray
+  welfare: np.ndarray
+  favoured: np.ndarray
+
+  @property
+  def revenue(self) -> np.ndarray:
+    """``[A]`` total payment of each auction."""
+    return self.payments.sum(axis=-1)
+
+
+def _values(rule_name: str, logits, log_q):
+  log_p = aggregation.agent_log_probs(logits)
+  value = payments.reverse_kl_value if rule_name == "log_linear" else payments.forward_kl_value
+  return value(log_p, log_q[..., None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("rule_name", "payment"))
+def _simulate_chunk(logit_sets, index, bids, *, rule_name, payment):
+  logits = jnp.take(logit_sets, index, axis=0)
+  outcome = TokenAuction(rule=RULES[rule_name], payment=payment)(logits, bids)
+  values = _values(rule_name, logits, outcome.log_q)
+  welfare = jnp.sum(bids * values, axis=-1)
+  return outcome.payments, values, welfare, jnp.argmax(values, axis=-1)
+
+
+def simulate(logits, bids, *, index=None, rule: str = "linear", payment: str | None = "second_price",
+             chunk_size: int = 256, mesh=None, progress: bool = True) -> SimulationResult:
+  """Runs ``A`` token auctions over cached agent distributions.
+
+  Args:
+    logits: ``[n, V]`` one set of agent logits, or ``[K, n, V]`` several sets.
+    bids: ``[A, n]`` bid profiles (non-negative).
+    index: ``[A]`` ints in ``[0, K)``, the logits set of each auction (default: all use set 0).
+    rule: ``"linear"`` or ``"log_linear"``.
+    payment: ``"second_price"``, ``"kl"`` or ``None``.
+    chunk_size: auctions per compiled step (a multiple of the device count is used); bounds memory
+      to about ``chunk_size * n * V`` floats plus the payments' working set.
+    mesh: optional mesh from :func:`jaxauction.sharding.auction_mesh`; each chunk is split over it.
+    progress: show a progress bar over the chunks.
+  """
+  if rule not in RULES:
+    raise ValueError(f"rule: unknown rule {rule!r}; use one of {sorted(RULES)}.")
+  logit_sets = np.asarray(logits)
+  if logit_sets.ndim == 2:
+    logit_sets = logit_sets[None]
+  if logit_sets.ndim != 3:
+    raise ValueError(f"logits: expected shape [n, V] or [K, n, V]; got {np.shape(logits)}.")
+  num_sets, num_agents, _ = logit_sets.shape
+  bids = np.asarray(bids, dtype=np.float64)
+  if bids.ndim != 2 or bids.shape[1] != num_agents:
+    raise ValueError(f"bids: expected shape [A, n] with n = {num_agents} (from logits); got "
+                     f"{bids.shape}.")
+  if not np.all(np.isfinite(bids)) or np.any(bids < 0):
+    raise ValueError("bids: every bid must be finite and >= 0.")
+  index = np.zeros(len(bids), np.int32) if index is None else np.asarray(index, np.int32)
+  if index.shape != (len(bids),) or np.any(index < 0) or np.any(index >= num_sets):
+    raise ValueError(f"index: expected shape [A] = ({len(bids)},) with entries in [0, {num_sets}); "
+                     f"got shape {index.shape}.")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}.")
+
+  dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+  chunk = sharding.padded_size(min(chunk_size, len(bids)), mesh)
+  logit_sets = sharding.replicate(jnp.asarray(logit_sets, dtype), mesh)
+  outputs = []
+  starts = range(0, len(bids), chunk)
+  if progress:
+    from tqdm.auto import tqdm
+
+    starts = tqdm(starts, desc=f"auctions ({rule})", unit="chunk")
+  for start in starts:
+    chunk_bids = jnp.asarray(bids[start:start + chunk], dtype)
+    chunk_index = jnp.asarray(index[start:start + chunk])
+    size = chunk_bids.shape[0]
+    chunk_bids = sharding.shard_batch(sharding.pad_batch(chunk_bids, chunk), mesh)
+    chunk_index = sharding.shard_batch(sharding.pad_batch(chunk_index, chunk), mesh)
+    out = _simulate_chunk(logit_sets, chunk_index, chunk_bids, rule_name=rule, payment=payment)
+    outputs.append(tuple(np.asarray(x)[:size] for x in jax.device_get(out)))
+  paid, values, welfare, favoured = (np.concatenate(parts) for parts in zip(*outputs))
+  return SimulationResult(bids=bids, index=index, payments=paid, values=values, welfare=welfare,
+                          favoured=favoured)
+
+
+def compress_vocabulary(logits, mass: float = 1.0 - 1e-5) -> tuple[np.ndarray, np.ndarray]:
+  """Keeps the tokens that matter and lumps the rest into one extra token.
+
+  For every logits set and agent, the smallest set of most likely tokens holding at least ``mass``
+  of its probability is kept; the union over sets and agents is kept for all (one static shape),
+  and each agent's remaining tokens become one last "rest" token carrying their total probability
+  (its logit is their logsumexp). Every agent's distribution keeps its total mass exactly; the
+  linear rule's ``q`` is unchanged on kept tokens, and any payment or value changes by at most
+  about the lumped mass (``1 - mass`` per agent). Measure it on a subset, as
+  ``experiments/batch_simulation.py`` does.
+
+  Args:
+    logits: ``[..., n, V]``.
+    mass: probability to keep per agent, in ``(0, 1]``.
+
+  Returns:
+    ``(compressed [..., n, V' + 1], kept [V'])``: the kept token ids (ascending) and the logits.
+  """
+  if not 0.0 < mass <= 1.0:
+    raise ValueError(f"mass: expected a number in (0, 1], got {mass}.")
+  logits = np.asarray(logits, np.float64)
+  log_p = logits - _logsumexp(logits)
+  order = np.argsort(-log_p, axis=-1)
+  sorted_p = np.take_along_axis(np.exp(log_p), order, axis=-1)
+  before = np.cumsum(sorted_p, axis=-1) - sorted_p
+  needed = before < mass
+  keep = np.zeros(logits.shape[-1], bool)
+  keep[order[needed]] = True
+  kept = np.flatnonzero(keep)
+  rest = logits[..., ~keep]
+  rest_logit = _logsumexp(rest) if rest.shape[-1] else np.full(logits.shape[:-1] + (1,), -np.inf)
+  compressed = np.concatenate([logits[..., kept], rest_logit], axis=-1)
+  return compressed.astype(np.float32), kept
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+  top = np.max(x, axis=-1, keepdims=True)
+  top = np.where(np.isfinite(top), top, 0.0)
+  with np.errstate(divide="ignore"):
+    return top + np.log(np.sum(np.exp(x - top), axis=-1, keepdims=True))
