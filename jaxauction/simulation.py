@@ -55,17 +55,19 @@ def _values(rule_name: str, logits, log_q):
   return value(log_p, log_q[..., None, :])
 
 
-@functools.partial(jax.jit, static_argnames=("rule_name", "payment"))
-def _simulate_chunk(logit_sets, index, bids, *, rule_name, payment):
+@functools.partial(jax.jit, static_argnames=("rule_name", "payment", "quadrature"))
+def _simulate_chunk(logit_sets, index, bids, *, rule_name, payment,
+                    quadrature=payments.Quadrature()):
   logits = jnp.take(logit_sets, index, axis=0)
-  outcome = TokenAuction(rule=RULES[rule_name], payment=payment)(logits, bids)
+  outcome = TokenAuction(rule=RULES[rule_name], payment=payment, quadrature=quadrature)(logits, bids)
   values = _values(rule_name, logits, outcome.log_q)
   welfare = jnp.sum(bids * values, axis=-1)
   return outcome.payments, values, welfare, jnp.argmax(values, axis=-1)
 
 
 def simulate(logits, bids, *, index=None, rule: str = "linear", payment: str | None = "second_price",
-             chunk_size: int = 256, mesh=None, progress: bool = True) -> SimulationResult:
+             chunk_size: int = 256, mesh=None, progress: bool = True,
+             quadrature: payments.Quadrature = payments.Quadrature()) -> SimulationResult:
   """Runs ``A`` token auctions over cached agent distributions.
 
   Args:
@@ -78,6 +80,7 @@ def simulate(logits, bids, *, index=None, rule: str = "linear", payment: str | N
       to about ``chunk_size * n * V`` floats plus the payments' working set.
     mesh: optional mesh from :func:`jaxauction.sharding.auction_mesh`; each chunk is split over it.
     progress: show a progress bar over the chunks.
+    quadrature: the payments' integration rule (see :class:`jaxauction.payments.Quadrature`).
   """
   if rule not in RULES:
     raise ValueError(f"rule: unknown rule {rule!r}; use one of {sorted(RULES)}.")
@@ -115,46 +118,60 @@ def simulate(logits, bids, *, index=None, rule: str = "linear", payment: str | N
     size = chunk_bids.shape[0]
     chunk_bids = sharding.shard_batch(sharding.pad_batch(chunk_bids, chunk), mesh)
     chunk_index = sharding.shard_batch(sharding.pad_batch(chunk_index, chunk), mesh)
-    out = _simulate_chunk(logit_sets, chunk_index, chunk_bids, rule_name=rule, payment=payment)
+    out = _simulate_chunk(logit_sets, chunk_index, chunk_bids, rule_name=rule, payment=payment,
+                          quadrature=quadrature)
     outputs.append(tuple(np.asarray(x)[:size] for x in jax.device_get(out)))
   paid, values, welfare, favoured = (np.concatenate(parts) for parts in zip(*outputs))
   return SimulationResult(bids=bids, index=index, payments=paid, values=values, welfare=welfare,
                           favoured=favoured)
 
 
-def compress_vocabulary(logits, mass: float = 1.0 - 1e-5) -> tuple[np.ndarray, np.ndarray]:
-  """Keeps the tokens that matter and lumps the rest into one extra token.
+def compress_vocabulary(logits, mass: float = 0.999) -> tuple[np.ndarray, np.ndarray]:
+  """Keeps the tokens that matter in each logits set and lumps the rest into one extra token.
 
-  For every logits set and agent, the smallest set of most likely tokens holding at least ``mass``
-  of its probability is kept; the union over sets and agents is kept for all (one static shape),
-  and each agent's remaining tokens become one last "rest" token carrying their total probability
-  (its logit is their logsumexp). Every agent's distribution keeps its total mass exactly; the
-  linear rule's ``q`` is unchanged on kept tokens, and any payment or value changes by at most
-  about the lumped mass (``1 - mass`` per agent). Measure it on a subset, as
-  ``experiments/batch_simulation.py`` does.
+  Within a set (``[n, V]``: the agents' distributions over the same tokens), every agent's smallest
+  set of most likely tokens holding at least ``mass`` of its probability is kept; the union over the
+  agents is kept for all of them, topped up with the next most likely tokens so that every set keeps
+  the same number ``V'`` (one static shape). Each agent's remaining tokens become one last "rest"
+  token carrying their total probability (its logit is their logsumexp). Token identities do not
+  matter to the mechanism, only that the agents of a set stay aligned, so sets may keep different
+  tokens. Every agent keeps its total mass exactly; the linear rule's ``q`` is unchanged on kept
+  tokens, and a payment or value changes by at most about the lumped mass ``1 - mass`` per agent
+  (measure it on a subset, as ``experiments/batch_simulation.py`` does).
 
   Args:
-    logits: ``[..., n, V]``.
+    logits: ``[K, n, V]`` (or ``[n, V]``).
     mass: probability to keep per agent, in ``(0, 1]``.
 
   Returns:
-    ``(compressed [..., n, V' + 1], kept [V'])``: the kept token ids (ascending) and the logits.
+    ``(compressed [K, n, V' + 1], kept [K, V'])``: the logits and the kept token ids of every set.
   """
   if not 0.0 < mass <= 1.0:
     raise ValueError(f"mass: expected a number in (0, 1], got {mass}.")
   logits = np.asarray(logits, np.float64)
+  single = logits.ndim == 2
+  if single:
+    logits = logits[None]
+  if logits.ndim != 3:
+    raise ValueError(f"logits: expected shape [K, n, V] or [n, V]; got {logits.shape}.")
   log_p = logits - _logsumexp(logits)
-  order = np.argsort(-log_p, axis=-1)
-  sorted_p = np.take_along_axis(np.exp(log_p), order, axis=-1)
-  before = np.cumsum(sorted_p, axis=-1) - sorted_p
-  needed = before < mass
-  keep = np.zeros(logits.shape[-1], bool)
-  keep[order[needed]] = True
-  kept = np.flatnonzero(keep)
-  rest = logits[..., ~keep]
-  rest_logit = _logsumexp(rest) if rest.shape[-1] else np.full(logits.shape[:-1] + (1,), -np.inf)
-  compressed = np.concatenate([logits[..., kept], rest_logit], axis=-1)
-  return compressed.astype(np.float32), kept
+  p = np.exp(log_p)
+  order = np.argsort(-p, axis=-1)
+  sorted_p = np.take_along_axis(p, order, axis=-1)
+  needed = (np.cumsum(sorted_p, axis=-1) - sorted_p) < mass  # [K, n, V] in sorted order
+  keep = np.zeros(p.shape[0::2], bool)  # [K, V]
+  for s in range(p.shape[0]):
+    keep[s, order[s][needed[s]]] = True
+  width = int(keep.sum(axis=-1).max())
+  # Top up every set to the same width with its most likely remaining tokens.
+  priority = np.where(keep, np.inf, p.max(axis=1))
+  kept = np.sort(np.argsort(-priority, axis=-1, kind="stable")[:, :width], axis=-1)
+  kept_logits = np.take_along_axis(logits, kept[:, None, :], axis=-1)
+  rest_mask = np.ones(keep.shape, bool)
+  np.put_along_axis(rest_mask, kept, False, axis=-1)
+  rest = np.where(rest_mask[:, None, :], logits, -np.inf)
+  compressed = np.concatenate([kept_logits, _logsumexp(rest)], axis=-1).astype(np.float32)
+  return (compressed[0], kept[0]) if single else (compressed, kept)
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:

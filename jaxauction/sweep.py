@@ -105,7 +105,7 @@ def run_sweep(config: AuctionConfig, *, points: int = 11, samples: int = 1,
                      mentions=mentions, payments=paid)
 
 
-def format_table(result: SweepResult, *, width: int = 100) -> str:
+def format_table(result: SweepResult, *, width: int = 140) -> str:
   """A plain-text table: rule, bid share, mentions, payments, and the ad (wrapped)."""
   short = [name.split()[0] for name in result.names]
   header = (f"{'rule':<10} {'share ' + short[0]:>12}  {'mentions':<16}"
@@ -142,7 +142,7 @@ def plot_sweep(result: SweepResult, path) -> None:
                 marker="o", ms=3, label=f"{name} ({rule})")
       right.plot(result.shares, result.mentions[rule][..., i].mean(axis=1), style, color=color,
                  marker="o", ms=3, label=f"{name} ({rule})")
-  share_label = f"{result.names[0]}'s share of the bids"
+  share_label = f"bid share of {result.names[0]}"
   left.set(xlabel=share_label, ylabel="total second-price payment", title="Payments")
   right.set(xlabel=share_label, ylabel="share of ads that mention it", title="Mentions",
             ylim=(-0.05, 1.05))

@@ -124,3 +124,23 @@ def test_simulation_matches_core_mechanism_and_validates():
     simulation.simulate(logits, bids, index=np.full(7, 5), progress=False)
   with pytest.raises(ValueError, match="rule: unknown rule"):
     simulation.simulate(logits, bids, rule="cubic", progress=False)
+
+
+def test_compress_vocabulary_keeps_mass_and_linear_q():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(3, 2, 400)) * 3
+  compressed, kept = simulation.compress_vocabulary(logits, mass=0.95)
+  assert compressed.shape == (3, 2, kept.shape[1] + 1) and kept.shape[1] < 400
+  p = np.exp(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))
+  p_small = np.exp(compressed - np.log(np.exp(compressed.astype(np.float64)).sum(-1, keepdims=True)))
+  for s in range(3):
+    np.testing.assert_allclose(p_small[s, :, :-1], p[s][:, kept[s]], rtol=1e-5)  # kept tokens exact
+    assert np.all(p[s][:, kept[s]].sum(-1) >= 0.95 - 1e-9)  # each agent keeps at least `mass`
+  bids = rng.exponential(size=(3, 2))
+  from jaxauction import payments
+
+  full = np.asarray(payments.linear_closed_form(logits, bids))
+  small = np.asarray(payments.linear_closed_form(compressed, bids))
+  assert np.max(np.abs(full - small)) <= 0.05 * np.max(bids)  # bounded by the lumped mass
+  with pytest.raises(ValueError, match="mass"):
+    simulation.compress_vocabulary(logits, mass=0.0)
