@@ -63,11 +63,11 @@ def mechanism_case(n: int, batch: int, vocab: int, seed: int = 0) -> dict:
   run = jax.jit(lambda l, b: auction(l, b))
   seconds = best_time(lambda: jax.block_until_ready(run(logits, bids)))
   # Rule evaluations: one for q, n for q(0, b_-i) and n * Q forward-mode ones (value and tangent)
-  # for the payments, each at least ~4 floating-point operations per agent and token.
+  # for the payments, each at least one floating-point operation per agent and token.
   evaluations = 1 + n + 2 * n * Quadrature().size
   return {"n": n, "batch": batch, "vocab": vocab, "seconds": seconds,
           "auctions_per_second": batch / seconds,
-          "input_bytes": batch * n * vocab * 4, "flops": 4 * evaluations * n * vocab * batch}
+          "input_bytes": batch * n * vocab * 4, "flops": evaluations * n * vocab * batch}
 
 
 def generation_case(model, n: int, auctions: int, tokens: int) -> dict:
