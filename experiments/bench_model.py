@@ -10,14 +10,17 @@ Measured per batch size (default 1, 4, 22):
   prefill   tokens/s for a batch of ``--prompt-tokens``-token prompts (KV cache filled),
   decode    ms per greedy step with the KV cache, averaged over ``--steps`` steps.
 
-PyTorch runs in a worker process (one process with both runtimes lets their thread pools fight over
-the cores); the two are measured alternately, one idle while the other runs, and the median of the
-repetitions is reported, so load from other processes hits both alike.
+PyTorch runs in a worker process (one process with both runtimes lets their thread pools fight
+over the cores) with ``OMP_WAIT_POLICY=PASSIVE`` (its best setting on a shared machine; override by
+setting the variable). The two are measured alternately, one idle while the other runs, and the
+median of the repetitions is reported, so load from other processes hits both alike.
 
 The memory-bandwidth floor of a decode step is the float32 weight bytes divided by the copy
 bandwidth of a large numpy copy (bytes read + written per second): no decode step can stream all
-weights faster. Also reported: load time and peak memory of ``jaxauction.models.load()`` in a fresh
-subprocess, first-call (compile) time. Speed claims of the project come from this script only.
+weights faster. At larger batches a step is bound by arithmetic instead: the compute floor is the
+step's 2 * parameters * batch FLOPs divided by the FLOP/s of a 1024^3 float32 matmul. Also reported:
+load time and peak memory of ``jaxauction.models.load()`` in a fresh subprocess, and the first-call
+(compile) time. Speed claims of the project come from this script only.
 """
 
 from __future__ import annotations
@@ -46,6 +49,22 @@ def copy_bandwidth(num_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
         np.copyto(target, source)
         best = min(best, time.perf_counter() - start)
     return 2 * source.nbytes / best
+
+
+def matmul_throughput(size: int = 1024, repeats: int = 7) -> float:
+    """FLOP/s of a large float32 matrix product under ``jax.jit`` (best of ``repeats``): the compute roof."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((size, size), jnp.float32)
+    product = jax.jit(lambda a, b: a @ b)
+    product(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
 
 LOAD_SNIPPET = """
@@ -80,7 +99,9 @@ def torch_worker(folder: str, threads: int) -> None:
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+    info = {"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    print(json.dumps(info), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         prompt = torch.tensor(request["prompt"], dtype=torch.long)
@@ -104,9 +125,12 @@ def torch_worker(folder: str, threads: int) -> None:
 
 class TorchWorker:
     def __init__(self, folder: str, threads: int):
+        # Passive OpenMP waiting: with the default spin-waiting, PyTorch steps on a machine whose cores
+        # are shared with other processes were up to 8x slower here (threads spin while their peers are descheduled).
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--torch-worker", folder, "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
         )
         self.info = self._read()
 
@@ -163,8 +187,10 @@ def main() -> None:
     weight_bytes = config.num_parameters() * 4
     bandwidth = copy_bandwidth()
     floor_ms = weight_bytes / bandwidth * 1e3
+    flops_roof = matmul_throughput()
     print(f"weights {weight_bytes / 1e6:.0f} MB float32; copy bandwidth {bandwidth / 1e9:.2f} GB/s "
-          f"(read + write); decode floor {floor_ms:.1f} ms/step", flush=True)
+          f"(read + write); decode floor {floor_ms:.1f} ms/step; 1024^3 matmul {flops_roof / 1e9:.1f} GFLOP/s",
+          flush=True)
 
     rng = np.random.default_rng(0)
     results = []
@@ -197,7 +223,8 @@ def main() -> None:
         for _ in range(args.repeats):
             jax_times.append(jax_run())
             torch_times.append(worker.run(prompt, args.steps))
-        agree = float(np.abs(np.array(jax_times[-1]["last_logits_head"]) - np.array(torch_times[-1]["last_logits_head"])).max())
+        jax_head, torch_head = (np.array(t[-1]["last_logits_head"]) for t in (jax_times, torch_times))
+        agree = float(np.abs(jax_head - torch_head).max())
         same_tokens = jax_times[-1]["last_argmax"] == torch_times[-1]["last_argmax"]
         jax_prefill = statistics.median(t["prefill"] for t in jax_times)
         torch_prefill = statistics.median(t["prefill"] for t in torch_times)
@@ -219,6 +246,8 @@ def main() -> None:
             "jax_decode_over_floor": jax_decode * 1e3 / floor_ms,
             "torch_decode_over_floor": torch_decode * 1e3 / floor_ms,
             "jax_decode_gflops": 2 * config.num_parameters() * batch / jax_decode / 1e9,
+            "decode_compute_floor_ms": 2 * config.num_parameters() * batch / flops_roof * 1e3,
+            "jax_decode_over_compute_floor": jax_decode / (2 * config.num_parameters() * batch / flops_roof),
             "jax_decode_ms_all": [t["decode"] * 1e3 for t in jax_times],
             "torch_decode_ms_all": [t["decode"] * 1e3 for t in torch_times],
             "same_greedy_tokens_last_step": same_tokens,
@@ -229,8 +258,10 @@ def main() -> None:
             f"B={batch:2d}  prefill JAX {row['jax_prefill_tokens_per_s']:6.0f} tok/s  torch "
             f"{row['torch_prefill_tokens_per_s']:6.0f} tok/s  (JAX x{row['prefill_speedup_vs_torch']:.2f})  |  "
             f"decode JAX {row['jax_decode_ms']:6.1f} ms  torch {row['torch_decode_ms']:6.1f} ms  "
-            f"(JAX x{row['decode_speedup_vs_torch']:.2f})  floor {floor_ms:.1f} ms: JAX {row['jax_decode_over_floor']:.2f}x"
-            f"  torch {row['torch_decode_over_floor']:.2f}x  |  first call {first_call:.1f} s  "
+            f"(JAX x{row['decode_speedup_vs_torch']:.2f})  floor {floor_ms:.1f} ms: "
+            f"JAX {row['jax_decode_over_floor']:.2f}x"
+            f"  torch {row['torch_decode_over_floor']:.2f}x  compute floor {row['decode_compute_floor_ms']:.1f} ms: "
+            f"JAX {row['jax_decode_over_compute_floor']:.2f}x  |  first call {first_call:.1f} s  "
             f"same tokens {same_tokens}  |dlogits| {agree:.1e}",
             flush=True,
         )
@@ -246,6 +277,7 @@ def main() -> None:
             "jax": jax.__version__,
             "torch": worker.info["torch"],
             "torch_threads": worker.info["threads"],
+            "torch_omp_wait_policy": worker.info["omp_wait_policy"],
         },
         "model": {"name": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
                   "parameters": config.num_parameters()},
@@ -253,6 +285,7 @@ def main() -> None:
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "weight_bytes": weight_bytes,
         "decode_floor_ms": floor_ms,
+        "matmul_gflops": flops_roof / 1e9,
         "results": results,
     }
     print(f"load average at the end: {os.getloadavg()}")

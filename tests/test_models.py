@@ -6,6 +6,7 @@ transformers' own GGUF loader. The model is loaded once per session (models_conf
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def test_cached_generation_in_jit_while_loop(smollm, teacher_forced):
     steps = forced.shape[1]
     graphdef, state = nnx.split(model)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=jm.compiler_options())
     def generate(state, prompts, mask, forced):
         B, N = forced.shape
         cache = nnx.merge(graphdef, state).init_cache(B, prompts.shape[1] + N)

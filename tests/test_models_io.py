@@ -240,7 +240,8 @@ def test_gguf_header_parser_agrees_with_gguf_reader(tiny_gguf):
     for tensor in reader.tensors:
         info = ours.tensors[tensor.name]
         assert info.ggml_type == tensor.tensor_type and info.offset == tensor.data_offset
-        np.testing.assert_array_equal(ours.raw(tensor.name).reshape(-1), np.asarray(tensor.data).view(np.uint8).reshape(-1))
+        stored = np.asarray(tensor.data).view(np.uint8).reshape(-1)
+        np.testing.assert_array_equal(ours.raw(tensor.name).reshape(-1), stored)
         np.testing.assert_array_equal(
             ours.tensor(tensor.name), gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(info.shape)
         )
@@ -251,7 +252,8 @@ def test_gguf_model_unpermutes_qk(tiny_gguf):
     model, _ = jm.load(path)
     assert model.config.num_kv_heads == 2 and model.config.tie_word_embeddings
     ids = np.array([[5, 17, 100, 3, 250, 42, 7]], np.int32)
-    np.testing.assert_allclose(np.asarray(jm.jit_forward(model, ids)), np.asarray(jm.jit_forward(expected, ids)), atol=1e-5, rtol=1e-5)
+    reference = np.asarray(jm.jit_forward(expected, ids))
+    np.testing.assert_allclose(np.asarray(jm.jit_forward(model, ids)), reference, atol=1e-5, rtol=1e-5)
     skipped, _ = jm.load_gguf(path, unpermute=False)
     assert np.abs(np.asarray(jm.jit_forward(skipped, ids)) - np.asarray(jm.jit_forward(expected, ids))).max() > 1e-2
 
@@ -290,7 +292,8 @@ def test_gguf_errors_name_the_file(tiny_gguf, tmp_path):
     not_gguf.write_bytes(b"PK\x03\x04" + data[4:])
     with pytest.raises(ValueError, match="not a GGUF file"):
         jm.load(not_gguf)
-    for arch, model_kind, message in [("gpt2", "gpt2", "general.architecture='gpt2'"), ("llama", "llama", "tokenizer.ggml.model='llama'")]:
+    cases = [("gpt2", "gpt2", "general.architecture='gpt2'"), ("llama", "llama", "tokenizer.ggml.model='llama'")]
+    for arch, model_kind, message in cases:
         other = tmp_path / f"{arch}_{model_kind}.gguf"
         _tiny_gguf(other, arch=arch, tokenizer_model=model_kind)
         with pytest.raises(ValueError, match=message):

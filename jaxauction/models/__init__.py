@@ -14,7 +14,7 @@ Example::
 
 Inside your own ``jax.jit``/``lax.while_loop``: ``graphdef, state = nnx.split(model)`` once, then
 ``nnx.merge(graphdef, state).decode(token_ids, cache)``; the methods never mutate NNX state. Pass
-``compiler_options=decode_compiler_options()`` to that ``jax.jit`` for faster decoding on CPU.
+``compiler_options=compiler_options()`` to that ``jax.jit`` for faster decoding on CPU.
 """
 
 from jaxauction.models.config import LlamaConfig
@@ -23,7 +23,7 @@ from jaxauction.models.modeling import (
     CompiledLlama,
     KVCache,
     Llama,
-    decode_compiler_options,
+    compiler_options,
     init_cache,
     jit_decode,
     jit_forward,
@@ -40,7 +40,7 @@ __all__ = [
     "LlamaConfig",
     "bundled_gguf_path",
     "check_vocabulary",
-    "decode_compiler_options",
+    "compiler_options",
     "export_hf",
     "init_cache",
     "jit_decode",

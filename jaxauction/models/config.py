@@ -268,7 +268,7 @@ class LlamaConfig:
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
             rope_theta=float(metadata.get(f"{arch}.rope.freq_base", 10_000.0)),
             rope_type="linear" if rope_scaling_type == "linear" else "default",
-            rope_factor=float(metadata.get(f"{arch}.rope.scaling.factor", 1.0)) if rope_scaling_type == "linear" else 1.0,
+            rope_factor=float(metadata.get(f"{arch}.rope.scaling.factor", 1.0) if rope_scaling_type == "linear" else 1.0),
             tie_word_embeddings="output.weight" not in tensor_names,
             qkv_bias=arch == "qwen2",
             architecture=arch,

@@ -10,7 +10,11 @@ Each layer computes, with ``RMSNorm(x) = w * x / sqrt(mean(x**2) + eps)``::
     y = h + W_down (silu(W_gate m) * (W_up m)),                 m = RMSNorm_2(h)
 
 with ``W_q|W_k|W_v`` fused into one ``[D, (H + 2K) hd]`` kernel and ``W_gate|W_up`` into one
-``[D, 2F]`` kernel. Logits are ``RMSNorm(x) @ E.T`` (tied) or ``@ W_head`` (untied).
+``[D, 2F]`` kernel. Logits are ``RMSNorm(x) @ E.T`` with ``E`` the tied embedding or the LM head.
+
+With a cache, every layer attends to its cached slots and to the new tokens (one softmax over both);
+the new keys/values are written into the cache once, after the last layer, so a donated cache is
+updated in place.
 
 Padding is on the left. A token's rotary position is the number of real tokens before it in its row,
 so a left-padded row gives the same logits as the unpadded prompt. Padded query positions produce
@@ -207,19 +211,19 @@ def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Ar
     """Decoding: one query per row. ``q: [B, K, G, hd]``, ``k_new, v_new: [B, K, hd]``,
     ``self_allowed: [B]``, ``k_old, v_old: [B, S, K, hd]``, ``old_mask: [B, 1, S]`` -> ``[B, K * G * hd]``.
 
-    Broadcast-multiply-and-reduce reads the cache once in its stored ``[B, S, K, hd]`` layout
-    (a batched matmul would first transpose it to ``[B, K, S, hd]``).
+    The new token's own key enters the softmax separately (so the cache is only read here and
+    written once after all layers).
     """
     scale = q.shape[-1] ** -0.5
-    old_scores = jnp.sum(q[:, None] * k_old[:, :, :, None, :].astype(q.dtype), axis=-1) * scale  # [B, S, K, G]
-    old_scores = jnp.where(old_mask[:, 0, :, None, None], old_scores.astype(jnp.float32), _MASK_VALUE)
+    old_scores = jnp.einsum("bkgd,bskd->bkgs", q, k_old.astype(q.dtype)) * scale
+    old_scores = jnp.where(old_mask[:, 0, None, None, :], old_scores.astype(jnp.float32), _MASK_VALUE)
     self_scores = jnp.sum(q * k_new[:, :, None, :], axis=-1) * scale  # [B, K, G]
     self_scores = jnp.where(self_allowed[:, None, None], self_scores.astype(jnp.float32), _MASK_VALUE)
-    peak = jnp.maximum(old_scores.max(axis=1), self_scores)
-    old_weights = jnp.exp(old_scores - peak[:, None])
+    peak = jnp.maximum(old_scores.max(axis=-1), self_scores)
+    old_weights = jnp.exp(old_scores - peak[..., None])
     self_weights = jnp.exp(self_scores - peak)
-    total = old_weights.sum(axis=1) + self_weights
-    out = jnp.sum(old_weights.astype(q.dtype)[..., None] * v_old[:, :, :, None, :].astype(q.dtype), axis=1)
+    total = old_weights.sum(axis=-1) + self_weights
+    out = jnp.einsum("bkgs,bskd->bkgd", old_weights.astype(q.dtype), v_old.astype(q.dtype))
     out = (out + self_weights.astype(q.dtype)[..., None] * v_new[:, :, None, :]) / total.astype(q.dtype)[..., None]
     return out.reshape(out.shape[0], -1)
 
@@ -251,7 +255,9 @@ class MLP(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, use_bias=False, dtype=dtype, rngs=rngs)
+        self.gate_up_proj = Linear(
+            config.hidden_size, 2 * config.intermediate_size, use_bias=False, dtype=dtype, rngs=rngs
+        )
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, use_bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -311,6 +317,9 @@ def _cached_slot_mask(valid: jax.Array, positions: jax.Array, window) -> jax.Arr
 class Llama(nnx.Module):
     """Llama-family causal language model (Llama, Mistral-style, Qwen2).
 
+    Called outside a JAX transformation, ``__call__``/``prefill``/``decode`` run jit-compiled (one
+    compilation per shape; the cache is not donated). Inside ``jax.jit`` they are traced inline.
+
     Example::
 
         model, tokenizer = jaxauction.models.load()           # bundled SmolLM2-135M-Instruct
@@ -318,10 +327,12 @@ class Llama(nnx.Module):
         logits = model(batch["input_ids"], batch["attention_mask"])   # [B, T, V]
 
         cache = model.init_cache(batch_size=2, max_length=64)
-        logits, cache = jaxauction.models.jit_prefill(model, batch["input_ids"], batch["attention_mask"], cache)
+        logits, cache = model.prefill(batch["input_ids"], batch["attention_mask"], cache)  # [B, V]
         for _ in range(8):
-            token_ids = logits.argmax(-1)                               # [B]
-            logits, cache = jaxauction.models.jit_decode(model, token_ids, cache)
+            logits, cache = model.decode(logits.argmax(-1), cache)    # [B, V]
+
+    For hot loops use ``CompiledLlama(model)`` (weights split once, the cache donated) or your own
+    ``jax.jit`` over ``nnx.merge(graphdef, state).decode``.
     """
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -385,6 +396,8 @@ class Llama(nnx.Module):
                 f"{self.config.max_position_embeddings}; truncate the prompt."
             )
         mask = _as_mask(attention_mask, input_ids.shape)
+        if not self._traced(input_ids, mask):
+            return _compiled("forward", False)(*nnx.split(self), input_ids, mask)
         positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
         x, _, _ = self._layers(input_ids, positions, mask, None)
         return self.logits(x)
@@ -421,6 +434,8 @@ class Llama(nnx.Module):
                 f"cache.index={int(cache.index)} plus {T} new tokens exceeds max_length={cache.max_length}."
             )
         mask = _as_mask(attention_mask, input_ids.shape)
+        if not self._traced(input_ids, mask, cache):
+            return _compiled("prefill", False)(*nnx.split(self), input_ids, mask, cache)
         positions = cache.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
         return self._step(input_ids, positions, mask, cache)
 
@@ -436,8 +451,16 @@ class Llama(nnx.Module):
         token_ids = jnp.asarray(token_ids)
         _check_tokens(token_ids, 1, "token_ids")
         _check_cache(cache, token_ids.shape[0], self.config)
+        if not self._traced(token_ids, cache):
+            return _compiled("decode", False)(*nnx.split(self), token_ids, cache)
         mask = jnp.ones((token_ids.shape[0], 1), bool)
         return self._step(token_ids[:, None], cache.positions[:, None], mask, cache)
+
+    def _traced(self, *arrays) -> bool:
+        """True inside a JAX transformation. Called eagerly, the methods run jit-compiled (without
+        donating the cache) instead of dispatching every operation one by one."""
+        leaves = jax.tree.leaves((arrays, self.embedding[...]))
+        return any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
 
     def _layers(self, input_ids, positions, mask, cache: KVCache | None):
         """All blocks. Returns ``(hidden [B, T, D], keys, values)``, keys/values ``[L, B, T, K, hd]``."""
@@ -505,52 +528,65 @@ def _check_cache(cache: KVCache, batch_size: int, config: LlamaConfig) -> None:
     if tuple(cache.k.shape) != expected:
         raise ValueError(
             f"cache.k has shape {tuple(cache.k.shape)}, expected {expected} "
-            f"([num_layers, batch, max_length, num_kv_heads, head_dim]); create it with model.init_cache({batch_size}, ...)."
+            f"([num_layers, batch, max_length, num_kv_heads, head_dim]); create it with "
+            f"model.init_cache({batch_size}, ...)."
         )
 
 
 # ---------------------------------------------------------------------------------------- jit
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_pure(graphdef, state, input_ids, attention_mask):
-    return nnx.merge(graphdef, state)(input_ids, attention_mask)
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def _prefill_pure(graphdef, state, input_ids, attention_mask, cache):
-    return nnx.merge(graphdef, state).prefill(input_ids, attention_mask, cache)
-
-
-def _decode_pure_body(graphdef, state, token_ids, cache):
-    return nnx.merge(graphdef, state).decode(token_ids, cache)
-
-
-_XLA_CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_XLA_CPU_OPTIONS = {
+    # Small decode-step products and reductions run faster in XLA's own kernels than as YNNPACK fusions.
+    "xla_cpu_experimental_ynn_fusion_type": "",
+    # LLVM -O1 instead of -O2 for the elementwise fusions: ~40% less compile time, same step time
+    # (the matrix products are library calls).
+    "xla_backend_optimization_level": 1,
+}
 
 
 @functools.lru_cache(maxsize=1)
-def decode_compiler_options() -> dict:
-    """XLA compiler options that make decoding faster on CPU: ``jax.jit(..., compiler_options=...)``.
+def compiler_options() -> dict:
+    """XLA compiler options for this model on CPU; pass them to your own ``jax.jit(..., compiler_options=...)``.
 
-    On XLA:CPU this routes the small decode-step products and reductions to XLA's own kernels
-    instead of YNNPACK fusions (about 1.3x faster per step at batch 22, the same at batch 1; see
-    experiments/bench_model.py). Empty on other backends, or if this jaxlib does not know the option.
+    Measured with experiments/bench_model.py on a 2-core x86 machine: decode steps about 1.3x faster
+    at batch 22 (the same at batch 1), prefill unchanged, compilation about 1.4x faster. Empty on other
+    backends; options this jaxlib rejects are left out.
     """
     if jax.default_backend() != "cpu":
         return {}
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=_XLA_CPU_DECODE_OPTIONS).lower(1.0).compile()
-    except Exception:  # an unknown option is rejected at compile time
-        return {}
-    return dict(_XLA_CPU_DECODE_OPTIONS)
+    accepted = {}
+    for name, value in _XLA_CPU_OPTIONS.items():
+        try:
+            jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(1.0).compile()
+        except Exception:  # an unknown option is rejected at compile time
+            continue
+        accepted[name] = value
+    return accepted
 
 
-@functools.lru_cache(maxsize=1)
-def _decode_pure():
-    return jax.jit(
-        _decode_pure_body, static_argnums=0, donate_argnums=3, compiler_options=decode_compiler_options() or None
-    )
+def _jit(function, **kwargs):
+    return jax.jit(function, static_argnums=0, compiler_options=compiler_options() or None, **kwargs)
+
+
+def _forward_body(graphdef, state, input_ids, attention_mask):
+    return nnx.merge(graphdef, state)(input_ids, attention_mask)
+
+
+def _prefill_body(graphdef, state, input_ids, attention_mask, cache):
+    return nnx.merge(graphdef, state).prefill(input_ids, attention_mask, cache)
+
+
+def _decode_body(graphdef, state, token_ids, cache):
+    return nnx.merge(graphdef, state).decode(token_ids, cache)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str, donate: bool):
+    """The jitted ``forward``/``prefill``/``decode`` (with or without donating the cache)."""
+    body = {"forward": _forward_body, "prefill": _prefill_body, "decode": _decode_body}[name]
+    donated = {"prefill": 4, "decode": 3}.get(name) if donate else None
+    return _jit(body, donate_argnums=donated)
 
 
 class CompiledLlama:
@@ -572,7 +608,8 @@ class CompiledLlama:
     def __call__(self, input_ids, attention_mask=None) -> jax.Array:
         input_ids = jnp.asarray(input_ids)
         _check_tokens(input_ids, 2, "input_ids")
-        return _forward_pure(self.graphdef, self.state, input_ids, _as_mask(attention_mask, input_ids.shape))
+        mask = _as_mask(attention_mask, input_ids.shape)
+        return _compiled("forward", False)(self.graphdef, self.state, input_ids, mask)
 
     def prefill(self, input_ids, attention_mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
         input_ids = jnp.asarray(input_ids)
@@ -584,12 +621,12 @@ class CompiledLlama:
                 f"max_length={cache.max_length}; truncate the prompt or allocate a longer cache."
             )
         mask = _as_mask(attention_mask, input_ids.shape)
-        return _prefill_pure(self.graphdef, self.state, input_ids, mask, cache)
+        return _compiled("prefill", True)(self.graphdef, self.state, input_ids, mask, cache)
 
     def decode(self, token_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
         token_ids = jnp.asarray(token_ids)
         _check_tokens(token_ids, 1, "token_ids")
-        return _decode_pure()(self.graphdef, self.state, token_ids, cache)
+        return _compiled("decode", True)(self.graphdef, self.state, token_ids, cache)
 
 
 def jit_forward(model: Llama, input_ids, attention_mask=None) -> jax.Array:
