@@ -31,23 +31,20 @@ def agent_logits_along_ad(config_path: str, positions: int, model_source=None) -
 
   from jaxauction import models
   from jaxauction.config import load_config
-  from jaxauction.generation import encode_prompt, generate
+  from jaxauction.generation import _left_pad, encode_prompt, generate
 
   config = load_config(config_path)
   model, tokenizer = models.load(model_source)
   bids = [1.0] * len(config.advertisers)
   ad = generate(config.prompts(), bids, decoding="greedy", payment=None,
                 max_new_tokens=positions, model=(model, tokenizer))
-  continuation = list(ad.tokens[:int(ad.lengths)])
-  prompts = [encode_prompt(tokenizer, p) for p in config.prompts()]
-  width = max(map(len, prompts))
-  ids = np.full((len(prompts), width + len(continuation)), tokenizer.pad_token_id, np.int32)
-  mask = np.zeros_like(ids)
-  for row, prompt in enumerate(prompts):
-    ids[row, width - len(prompt):] = prompt + continuation
-    mask[row, width - len(prompt):] = 1
+  continuation = [int(t) for t in ad.tokens[:int(ad.lengths)]]
+  sequences = [encode_prompt(tokenizer, p) + continuation for p in config.prompts()]
+  ids, mask = _left_pad(sequences, tokenizer.pad_token_id)
   logits = models.jit_forward(model, jnp.asarray(ids), jnp.asarray(mask))
-  along = np.asarray(logits[:, width - 1:width - 1 + len(continuation)])  # [n, K, V]
+  # With left padding every row ends at the same position: the logits predicting continuation
+  # token k sit at position k - len(continuation) - 1 from the end.
+  along = np.asarray(logits[:, -len(continuation) - 1:-1])  # [n, K, V]
   return {"logits": along.transpose(1, 0, 2), "text": ad.text, "names": np.array(config.names)}
 
 
@@ -93,7 +90,7 @@ def main(argv=None) -> int:
   panels = {16: dict(zero_panels=0, body_panels=1, tail_panels=1),
             32: dict(zero_panels=1, body_panels=2, tail_panels=1), 64: {}}[args.nodes]
   quadrature = Quadrature(**panels)
-  from jaxauction._io import atomic_path, save_figure, write_json
+  from jaxauction._io import atomic_path, write_json
 
   cache = Path(args.cache)
   if cache.exists():

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -99,7 +98,7 @@ def main(argv=None) -> int:
 
   import jax
 
-  from jaxauction._io import save_figure, write_json
+  from jaxauction._io import write_json
 
   floors = machine_floors()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; copy bandwidth "
