@@ -61,359 +61,486 @@ DEFAULT_CONFIG = REPO / "experiments" / "configs" / "hawaii.toml"
 
 
 def torch_linear_second_price(logits, bids, num_charged: int):
-  """One greedy token auction per row of ``A``, linear rule, closed-form second-price payments.
+    """One greedy token auction per row of ``A``, linear rule, closed-form second-price payments.
 
-  ``logits: [A, m, V]``, ``bids: [A, m]`` (the first ``num_charged = n`` rows are the agents, an
-  optional base row last) -> ``(token [A], payments [A, n])``. ``B_i = sum_{j != i} b_j`` and
-  ``q_-i = sum_{j != i} b_j p_j / B_i``; ``z_i = 0`` when ``B_i = 0``.
-  """
-  import torch
+    ``logits: [A, m, V]``, ``bids: [A, m]`` (the first ``num_charged = n`` rows are the agents, an
+    optional base row last) -> ``(token [A], payments [A, n])``. ``B_i = sum_{j != i} b_j`` and
+    ``q_-i = sum_{j != i} b_j p_j / B_i``; ``z_i = 0`` when ``B_i = 0``.
+    """
+    import torch
 
-  num_rows = logits.shape[1]
-  probs = torch.softmax(logits, dim=-1)
-  total = bids.sum(-1, keepdim=True)
-  weights = torch.where(total > 0, bids / torch.where(total > 0, total, 1.0), 1.0 / num_rows)
-  q = torch.einsum("am,amv->av", weights, probs)
-  token = q.argmax(-1)
-  not_self = 1.0 - torch.eye(num_charged, num_rows, dtype=bids.dtype)
-  others = bids[:, None, :] * not_self  # [A, n, m]
-  competing = others.sum(-1)  # [A, n]
-  positive = competing > 0
-  safe = torch.where(positive, competing, 1.0)
-  q_others = torch.einsum("anm,amv->anv", others, probs) / safe[..., None]
-  tv = 0.5 * (probs[:, :num_charged] - q_others).abs().sum(-1)
-  own = bids[:, :num_charged]
-  z = safe * tv * (torch.log1p(own / safe) - own / (own + safe))
-  return token, torch.where(positive, z, 0.0)
+    num_rows = logits.shape[1]
+    probs = torch.softmax(logits, dim=-1)
+    total = bids.sum(-1, keepdim=True)
+    weights = torch.where(total > 0, bids / torch.where(total > 0, total, 1.0), 1.0 / num_rows)
+    q = torch.einsum("am,amv->av", weights, probs)
+    token = q.argmax(-1)
+    not_self = 1.0 - torch.eye(num_charged, num_rows, dtype=bids.dtype)
+    others = bids[:, None, :] * not_self  # [A, n, m]
+    competing = others.sum(-1)  # [A, n]
+    positive = competing > 0
+    safe = torch.where(positive, competing, 1.0)
+    q_others = torch.einsum("anm,amv->anv", others, probs) / safe[..., None]
+    tv = 0.5 * (probs[:, :num_charged] - q_others).abs().sum(-1)
+    own = bids[:, :num_charged]
+    z = safe * tv * (torch.log1p(own / safe) - own / (own + safe))
+    return token, torch.where(positive, z, 0.0)
 
 
-def torch_generate(model, sequences, bids, *, num_charged: int, max_new_tokens: int, pad_id: int,
-                   eos_ids, temperature: float, prefill: str) -> dict:
-  """The straightforward PyTorch token auction; returns numpy ``tokens [A, T]``, ``lengths [A]``,
-  ``token_payments [A, T, n]`` and the prefill time."""
-  import torch
+def torch_generate(
+    model,
+    sequences,
+    bids,
+    *,
+    num_charged: int,
+    max_new_tokens: int,
+    pad_id: int,
+    eos_ids,
+    temperature: float,
+    prefill: str,
+) -> dict:
+    """The straightforward PyTorch token auction; returns numpy ``tokens [A, T]``, ``lengths [A]``,
+    ``token_payments [A, T, n]`` and the prefill time."""
+    import torch
 
-  num_auctions, rows_per_auction = bids.shape
-  width = max(len(s) for s in sequences)
-  ids = torch.full((rows_per_auction, width), pad_id, dtype=torch.long)
-  mask = torch.zeros((rows_per_auction, width), dtype=torch.long)
-  for row, seq in enumerate(sequences):
-    ids[row, width - len(seq):] = torch.tensor(seq)
-    mask[row, width - len(seq):] = 1
-  auction_major = torch.arange(rows_per_auction).repeat(num_auctions)  # row a * m + j <- prompt j
-  if prefill == "rows":
-    ids, mask = ids[auction_major], mask[auction_major]
-  start = time.perf_counter()
-  out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-              use_cache=True, logits_to_keep=1)
-  cache, logits = out.cache, out.logits[:, -1]
-  if prefill == "shared":
-    cache.reorder_cache(auction_major)
-    logits, mask = logits[auction_major], mask[auction_major]
-  prefill_seconds = time.perf_counter() - start
-  positions = mask.sum(-1, keepdim=True)
-  bids_t = torch.tensor(bids, dtype=torch.float32)
-  eos = torch.tensor(list(eos_ids), dtype=torch.long)
-  tokens = torch.full((num_auctions, max_new_tokens), pad_id, dtype=torch.long)
-  token_payments = torch.zeros((num_auctions, max_new_tokens, num_charged))
-  done = torch.zeros(num_auctions, dtype=torch.bool)
-  lengths = torch.zeros(num_auctions, dtype=torch.long)
-  for step in range(max_new_tokens):
-    vocab = logits.shape[-1]
-    token, charged = torch_linear_second_price(
-        (logits / temperature).view(num_auctions, rows_per_auction, vocab), bids_t, num_charged)
-    token = torch.where(done, pad_id, token)
-    tokens[:, step] = token
-    token_payments[:, step] = torch.where(done[:, None], 0.0, charged)
-    lengths += (~done).long()
-    done |= torch.isin(token, eos)
-    if bool(done.all()) or step == max_new_tokens - 1:
-      break
-    mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
-    out = model(input_ids=token.repeat_interleave(rows_per_auction)[:, None], attention_mask=mask,
-                position_ids=positions, cache=cache, use_cache=True)
+    num_auctions, rows_per_auction = bids.shape
+    width = max(len(s) for s in sequences)
+    ids = torch.full((rows_per_auction, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows_per_auction, width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+    auction_major = torch.arange(rows_per_auction).repeat(num_auctions)  # row a * m + j <- prompt j
+    if prefill == "rows":
+        ids, mask = ids[auction_major], mask[auction_major]
+    start = time.perf_counter()
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache, logits = out.cache, out.logits[:, -1]
-    positions = positions + 1
-  return {"tokens": tokens.numpy(), "lengths": lengths.numpy(),
-          "token_payments": token_payments.numpy(), "prefill_seconds": prefill_seconds}
+    if prefill == "shared":
+        cache.reorder_cache(auction_major)
+        logits, mask = logits[auction_major], mask[auction_major]
+    prefill_seconds = time.perf_counter() - start
+    positions = mask.sum(-1, keepdim=True)
+    bids_t = torch.tensor(bids, dtype=torch.float32)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long)
+    tokens = torch.full((num_auctions, max_new_tokens), pad_id, dtype=torch.long)
+    token_payments = torch.zeros((num_auctions, max_new_tokens, num_charged))
+    done = torch.zeros(num_auctions, dtype=torch.bool)
+    lengths = torch.zeros(num_auctions, dtype=torch.long)
+    for step in range(max_new_tokens):
+        vocab = logits.shape[-1]
+        token, charged = torch_linear_second_price(
+            (logits / temperature).view(num_auctions, rows_per_auction, vocab), bids_t, num_charged
+        )
+        token = torch.where(done, pad_id, token)
+        tokens[:, step] = token
+        token_payments[:, step] = torch.where(done[:, None], 0.0, charged)
+        lengths += (~done).long()
+        done |= torch.isin(token, eos)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
+        out = model(
+            input_ids=token.repeat_interleave(rows_per_auction)[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        )
+        cache, logits = out.cache, out.logits[:, -1]
+        positions = positions + 1
+    return {
+        "tokens": tokens.numpy(),
+        "lengths": lengths.numpy(),
+        "token_payments": token_payments.numpy(),
+        "prefill_seconds": prefill_seconds,
+    }
 
 
 def torch_worker(gguf: str) -> None:
-  """Serves requests (JSON lines on stdin): runs the PyTorch auction and reports time and results.
+    """Serves requests (JSON lines on stdin): runs the PyTorch auction and reports time and results.
 
-  A request's ``threads`` sets ``torch.set_num_threads`` for it (0: PyTorch's default).
-  """
-  import torch
-  from transformers import AutoModelForCausalLM
+    A request's ``threads`` sets ``torch.set_num_threads`` for it (0: PyTorch's default).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
 
-  default_threads = torch.get_num_threads()
-  path = Path(gguf)
-  model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                               dtype=torch.float32).eval()
-  print(json.dumps({"ready": True, "torch": torch.__version__, "default_threads": default_threads}),
-        flush=True)
-  for line in sys.stdin:
-    request = json.loads(line)
-    torch.set_num_threads(request["threads"] or default_threads)
-    with torch.inference_mode():
-      start = time.perf_counter()
-      result = torch_generate(model, request["sequences"], np.asarray(request["bids"], np.float32),
-                              num_charged=request["num_charged"],
-                              max_new_tokens=request["max_new_tokens"], pad_id=request["pad_id"],
-                              eos_ids=request["eos_ids"], temperature=request["temperature"],
-                              prefill=request["prefill"])
-      seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "threads": torch.get_num_threads(),
-                      **{k: np.asarray(v).tolist() for k, v in result.items()}}), flush=True)
+    default_threads = torch.get_num_threads()
+    path = Path(gguf)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    print(json.dumps({"ready": True, "torch": torch.__version__, "default_threads": default_threads}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        torch.set_num_threads(request["threads"] or default_threads)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            result = torch_generate(
+                model,
+                request["sequences"],
+                np.asarray(request["bids"], np.float32),
+                num_charged=request["num_charged"],
+                max_new_tokens=request["max_new_tokens"],
+                pad_id=request["pad_id"],
+                eos_ids=request["eos_ids"],
+                temperature=request["temperature"],
+                prefill=request["prefill"],
+            )
+            seconds = time.perf_counter() - start
+        print(
+            json.dumps(
+                {
+                    "seconds": seconds,
+                    "threads": torch.get_num_threads(),
+                    **{k: np.asarray(v).tolist() for k, v in result.items()},
+                }
+            ),
+            flush=True,
+        )
 
 
 class TorchWorker:
-  """This script in ``--torch-worker`` mode as a subprocess."""
+    """This script in ``--torch-worker`` mode as a subprocess."""
 
-  def __init__(self, gguf: Path):
-    command = [sys.executable, __file__, "--torch-worker", str(gguf)]
-    environment = {**os.environ, "TQDM_DISABLE": "1"}  # no GGUF conversion progress bar
-    self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                    bufsize=1, env=environment)
-    self.info: dict | None = None
+    def __init__(self, gguf: Path):
+        command = [sys.executable, __file__, "--torch-worker", str(gguf)]
+        environment = {**os.environ, "TQDM_DISABLE": "1"}  # no GGUF conversion progress bar
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=environment
+        )
+        self.info: dict | None = None
 
-  def _read(self) -> dict:
-    while True:
-      line = self.process.stdout.readline()
-      if not line:
-        raise RuntimeError("the PyTorch worker exited (see its error above)")
-      if line.startswith("{"):
-        return json.loads(line)
+    def _read(self) -> dict:
+        while True:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError("the PyTorch worker exited (see its error above)")
+            if line.startswith("{"):
+                return json.loads(line)
 
-  def wait_ready(self) -> dict:
-    if self.info is None:
-      self.info = self._read()
-    return self.info
+    def wait_ready(self) -> dict:
+        if self.info is None:
+            self.info = self._read()
+        return self.info
 
-  def run(self, request: dict) -> dict:
-    self.wait_ready()
-    self.process.stdin.write(json.dumps(request) + "\n")
-    return self._read()
+    def run(self, request: dict) -> dict:
+        self.wait_ready()
+        self.process.stdin.write(json.dumps(request) + "\n")
+        return self._read()
 
-  def close(self) -> None:
-    if self.process.stdin:
-      self.process.stdin.close()
-    self.process.wait(timeout=60)
+    def close(self) -> None:
+        if self.process.stdin:
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
 
 
 # ---------------------------------------------------------------------------------------- main
 
 
 def _stack_single(results) -> dict:
-  return {"tokens": np.stack([r.tokens for r in results]),
-          "lengths": np.stack([r.lengths for r in results]),
-          "token_payments": np.stack([r.token_payments for r in results])}
+    return {
+        "tokens": np.stack([r.tokens for r in results]),
+        "lengths": np.stack([r.lengths for r in results]),
+        "token_payments": np.stack([r.token_payments for r in results]),
+    }
 
 
 def _as_arrays(result) -> dict:
-  return {"tokens": np.asarray(result.tokens), "lengths": np.asarray(result.lengths),
-          "token_payments": np.asarray(result.token_payments)}
+    return {
+        "tokens": np.asarray(result.tokens),
+        "lengths": np.asarray(result.lengths),
+        "token_payments": np.asarray(result.token_payments),
+    }
 
 
 def _compare(reference: dict, other: dict) -> dict:
-  """Token agreement and payment differences of ``other`` against ``reference``."""
-  same_lengths = bool(np.array_equal(reference["lengths"], other["lengths"]))
-  steps = min(reference["tokens"].shape[1], other["tokens"].shape[1])
-  same_tokens = same_lengths and bool(np.array_equal(reference["tokens"][:, :steps],
-                                                     other["tokens"][:, :steps]))
-  differing = [int(a) for a in range(len(reference["lengths"]))
-               if not np.array_equal(reference["tokens"][a, :steps], other["tokens"][a, :steps])]
-  totals = reference["token_payments"].sum(1), other["token_payments"].sum(1)
-  per_token = np.abs(reference["token_payments"][:, :steps] - other["token_payments"][:, :steps])
-  return {"same_tokens": same_tokens, "auctions_with_different_tokens": differing,
-          "max_abs_payment_diff": float(np.abs(totals[0] - totals[1]).max()),
-          "max_rel_payment_diff": float((np.abs(totals[0] - totals[1])
-                                         / np.maximum(np.abs(totals[0]), 1e-12)).max()),
-          "max_abs_token_payment_diff": float(per_token.max())}
+    """Token agreement and payment differences of ``other`` against ``reference``."""
+    same_lengths = bool(np.array_equal(reference["lengths"], other["lengths"]))
+    steps = min(reference["tokens"].shape[1], other["tokens"].shape[1])
+    same_tokens = same_lengths and bool(np.array_equal(reference["tokens"][:, :steps], other["tokens"][:, :steps]))
+    differing = [
+        int(a)
+        for a in range(len(reference["lengths"]))
+        if not np.array_equal(reference["tokens"][a, :steps], other["tokens"][a, :steps])
+    ]
+    totals = reference["token_payments"].sum(1), other["token_payments"].sum(1)
+    per_token = np.abs(reference["token_payments"][:, :steps] - other["token_payments"][:, :steps])
+    return {
+        "same_tokens": same_tokens,
+        "auctions_with_different_tokens": differing,
+        "max_abs_payment_diff": float(np.abs(totals[0] - totals[1]).max()),
+        "max_rel_payment_diff": float((np.abs(totals[0] - totals[1]) / np.maximum(np.abs(totals[0]), 1e-12)).max()),
+        "max_abs_token_payment_diff": float(per_token.max()),
+    }
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  parser.add_argument("--json", help="write the results to this file (atomically)")
-  parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML auction configuration")
-  parser.add_argument("--points", type=int, default=11, help="sweep points = auctions (default 11)")
-  parser.add_argument("--max-new-tokens", type=int, default=48, help="token limit per auction (default 48)")
-  parser.add_argument("--repeats", type=int, default=2, help="timed runs per case; the best is reported")
-  parser.add_argument("--torch-threads", type=int, nargs="+", default=[0, 1],
-                      help="torch.set_num_threads for each PyTorch case, 0 = PyTorch's default "
-                           "(default: 0 1, i.e. the default and one thread; the fastest is the baseline)")
-  parser.add_argument("--torch-prefill", choices=["shared", "rows"], default="shared",
-                      help="PyTorch prefill: the distinct prompts once, cache repeated (shared, as "
-                           "jaxauction does) or every row of the batch (rows)")
-  parser.add_argument("--xla-single-thread", action="store_true",
-                      help="run XLA:CPU on one thread (XLA_FLAGS --xla_cpu_multi_thread_eigen=false "
-                           "intra_op_parallelism_threads=1), to compare with PyTorch on one thread")
-  parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
-  if args.torch_worker:
-    torch_worker(args.torch_worker)
-    return 0
-  if args.points < 2 or args.max_new_tokens < 1 or args.repeats < 1 or min(args.torch_threads) < 0:
-    parser.error("--points must be >= 2, --max-new-tokens and --repeats >= 1, --torch-threads >= 0")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    parser.add_argument("--json", help="write the results to this file (atomically)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML auction configuration")
+    parser.add_argument("--points", type=int, default=11, help="sweep points = auctions (default 11)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="token limit per auction (default 48)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per case; the best is reported")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="torch.set_num_threads for each PyTorch case, 0 = PyTorch's default "
+        "(default: 0 1, i.e. the default and one thread; the fastest is the baseline)",
+    )
+    parser.add_argument(
+        "--torch-prefill",
+        choices=["shared", "rows"],
+        default="shared",
+        help="PyTorch prefill: the distinct prompts once, cache repeated (shared, as "
+        "jaxauction does) or every row of the batch (rows)",
+    )
+    parser.add_argument(
+        "--xla-single-thread",
+        action="store_true",
+        help="run XLA:CPU on one thread (XLA_FLAGS --xla_cpu_multi_thread_eigen=false "
+        "intra_op_parallelism_threads=1), to compare with PyTorch on one thread",
+    )
+    parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.torch_worker:
+        torch_worker(args.torch_worker)
+        return 0
+    if args.points < 2 or args.max_new_tokens < 1 or args.repeats < 1 or min(args.torch_threads) < 0:
+        parser.error("--points must be >= 2, --max-new-tokens and --repeats >= 1, --torch-threads >= 0")
 
-  load_at_start = os.getloadavg()
-  if args.xla_single_thread:  # before JAX starts its backend
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                               "intra_op_parallelism_threads=1").strip()
-  from jaxauction import models
+    load_at_start = os.getloadavg()
+    if args.xla_single_thread:  # before JAX starts its backend
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        ).strip()
+    from jaxauction import models
 
-  worker = TorchWorker(models.bundled_gguf_path())  # loads the GGUF while JAX loads it here
+    worker = TorchWorker(models.bundled_gguf_path())  # loads the GGUF while JAX loads it here
 
-  import jax
+    import jax
 
-  from jaxauction import generate
-  from jaxauction._io import write_json
-  from jaxauction.config import load_config
-  from jaxauction.generation import _eos_ids, encode_prompt
-  from jaxauction.sweep import sweep_bids
+    from jaxauction import generate
+    from jaxauction._io import write_json
+    from jaxauction.config import load_config
+    from jaxauction.prompts import encode_prompt, eos_ids
+    from jaxauction.sweep import sweep_bids
 
-  config = load_config(args.config)
-  model = models.load()
-  llm, tokenizer = model
-  prompts = config.prompts()
-  base_prompt = config.base_messages()
-  shares, bids = sweep_bids(config, args.points)
-  num_agents = len(prompts)
-  sequences = [encode_prompt(tokenizer, p) for p in prompts]
-  torch_bids = bids
-  if base_prompt is not None:
-    sequences.append(encode_prompt(tokenizer, base_prompt))
-    torch_bids = np.concatenate([bids, np.full((len(bids), 1), config.base_bid)], axis=1)
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  options = dict(rule="linear", payment="second_price", decoding="greedy",
-                 key=jax.random.key(config.seed), max_new_tokens=args.max_new_tokens, model=model,
-                 base_prompt=base_prompt, base_bid=config.base_bid, temperature=config.temperature)
-  request = {"sequences": sequences, "bids": torch_bids.tolist(), "num_charged": num_agents,
-             "max_new_tokens": args.max_new_tokens, "pad_id": int(pad_id),
-             "eos_ids": list(_eos_ids(llm, tokenizer)), "temperature": config.temperature,
-             "prefill": args.torch_prefill}
-  torch_warmup_tokens = min(4, args.max_new_tokens)
+    config = load_config(args.config)
+    model = models.load()
+    llm, tokenizer = model
+    prompts = config.prompts()
+    base_prompt = config.base_messages()
+    shares, bids = sweep_bids(config, args.points)
+    num_agents = len(prompts)
+    sequences = [encode_prompt(tokenizer, p) for p in prompts]
+    torch_bids = bids
+    if base_prompt is not None:
+        sequences.append(encode_prompt(tokenizer, base_prompt))
+        torch_bids = np.concatenate([bids, np.full((len(bids), 1), config.base_bid)], axis=1)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    options = dict(
+        rule="linear",
+        payment="second_price",
+        decoding="greedy",
+        key=jax.random.key(config.seed),
+        max_new_tokens=args.max_new_tokens,
+        model=model,
+        base_prompt=base_prompt,
+        base_bid=config.base_bid,
+        temperature=config.temperature,
+    )
+    request = {
+        "sequences": sequences,
+        "bids": torch_bids.tolist(),
+        "num_charged": num_agents,
+        "max_new_tokens": args.max_new_tokens,
+        "pad_id": int(pad_id),
+        "eos_ids": list(eos_ids(llm, tokenizer)),
+        "temperature": config.temperature,
+        "prefill": args.torch_prefill,
+    }
+    torch_warmup_tokens = min(4, args.max_new_tokens)
 
-  def run_batched(warmup: bool = False) -> dict:
-    return _as_arrays(generate(prompts, bids, **options))
+    def run_batched(warmup: bool = False) -> dict:
+        return _as_arrays(generate(prompts, bids, **options))
 
-  def run_separate(warmup: bool = False) -> dict:
-    return _stack_single([generate(prompts, row, **options) for row in bids])
+    def run_separate(warmup: bool = False) -> dict:
+        return _stack_single([generate(prompts, row, **options) for row in bids])
 
-  def torch_case(threads: int):
-    def run(warmup: bool = False) -> dict:
-      reply = worker.run({**request, "threads": threads,
-                          **({"max_new_tokens": torch_warmup_tokens} if warmup else {})})
-      return {"seconds": reply["seconds"], "prefill_seconds": reply["prefill_seconds"],
-              "threads": reply["threads"],
-              **{k: np.asarray(reply[k]) for k in ("tokens", "lengths", "token_payments")}}
-    return run
+    def torch_case(threads: int):
+        def run(warmup: bool = False) -> dict:
+            reply = worker.run(
+                {**request, "threads": threads, **({"max_new_tokens": torch_warmup_tokens} if warmup else {})}
+            )
+            return {
+                "seconds": reply["seconds"],
+                "prefill_seconds": reply["prefill_seconds"],
+                "threads": reply["threads"],
+                **{k: np.asarray(reply[k]) for k in ("tokens", "lengths", "token_payments")},
+            }
 
-  info = worker.wait_ready()
-  rows = len(bids) * len(sequences)
-  print(f"{len(bids)} auctions x {len(sequences)} rows = {rows} sequences, <= {args.max_new_tokens} new "
+        return run
+
+    info = worker.wait_ready()
+    rows = len(bids) * len(sequences)
+    print(
+        f"{len(bids)} auctions x {len(sequences)} rows = {rows} sequences, <= {args.max_new_tokens} new "
         f"tokens each; prompts of {[len(s) for s in sequences]} tokens; linear rule, second-price "
-        f"payments, greedy decoding, float32", flush=True)
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} (XLA_FLAGS "
+        f"payments, greedy decoding, float32",
+        flush=True,
+    )
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform} (XLA_FLAGS "
         f"{os.environ.get('XLA_FLAGS', '')!r}); torch {info['torch']} (default "
         f"{info['default_threads']} threads), torch prefill: {args.torch_prefill}; {os.cpu_count()} CPUs; "
-        f"load average {', '.join(f'{x:.2f}' for x in load_at_start)}", flush=True)
+        f"load average {', '.join(f'{x:.2f}' for x in load_at_start)}",
+        flush=True,
+    )
 
-  main_name = "jaxauction batched"
-  cases = {main_name: (run_batched, f"generate(prompts, bids [{len(bids)}, {num_agents}])")}
-  torch_names = []
-  for threads in dict.fromkeys(args.torch_threads):
-    count = threads or info["default_threads"]
-    name = f"(a) torch {count} thread{'s' if count > 1 else ''}" + (" (default)" if not threads else "")
-    if name in cases or any(n.startswith(f"(a) torch {count} thread") for n in torch_names):
-      continue
-    torch_names.append(name)
-    cases[name] = (torch_case(threads), f"transformers + PyTorch, {rows} rows in one batch, "
-                                        f"torch.set_num_threads({count})")
-  separate_name = "(b) jaxauction separate"
-  cases[separate_name] = (run_separate, f"{len(bids)} x generate(prompts, bids [{num_agents}])")
+    main_name = "jaxauction batched"
+    cases = {main_name: (run_batched, f"generate(prompts, bids [{len(bids)}, {num_agents}])")}
+    torch_names = []
+    for threads in dict.fromkeys(args.torch_threads):
+        count = threads or info["default_threads"]
+        name = f"(a) torch {count} thread{'s' if count > 1 else ''}" + (" (default)" if not threads else "")
+        if name in cases or any(n.startswith(f"(a) torch {count} thread") for n in torch_names):
+            continue
+        torch_names.append(name)
+        cases[name] = (
+            torch_case(threads),
+            f"transformers + PyTorch, {rows} rows in one batch, torch.set_num_threads({count})",
+        )
+    separate_name = "(b) jaxauction separate"
+    cases[separate_name] = (run_separate, f"{len(bids)} x generate(prompts, bids [{num_agents}])")
 
-  warmup, times, outputs = {}, {name: [] for name in cases}, {}
-  for name, (run, _) in cases.items():
-    start = time.perf_counter()
-    run(warmup=True)
-    warmup[name] = time.perf_counter() - start
-    print(f"warm-up {name}: {warmup[name]:.2f} s", flush=True)
-  for repeat in range(args.repeats):
+    warmup, times, outputs = {}, {name: [] for name in cases}, {}
     for name, (run, _) in cases.items():
-      start = time.perf_counter()
-      outputs[name] = run()
-      elapsed = time.perf_counter() - start
-      times[name].append(outputs[name].get("seconds", elapsed))
-      print(f"run {repeat + 1}/{args.repeats} {name}: {times[name][-1]:.3f} s", flush=True)
-  worker.close()
-  load_at_end = os.getloadavg()
+        start = time.perf_counter()
+        run(warmup=True)
+        warmup[name] = time.perf_counter() - start
+        print(f"warm-up {name}: {warmup[name]:.2f} s", flush=True)
+    for repeat in range(args.repeats):
+        for name, (run, _) in cases.items():
+            start = time.perf_counter()
+            outputs[name] = run()
+            elapsed = time.perf_counter() - start
+            times[name].append(outputs[name].get("seconds", elapsed))
+            print(f"run {repeat + 1}/{args.repeats} {name}: {times[name][-1]:.3f} s", flush=True)
+    worker.close()
+    load_at_end = os.getloadavg()
 
-  results = []
-  for name, (_, description) in cases.items():
-    out = outputs[name]
-    tokens = int(out["lengths"].sum())
-    best = min(times[name])
-    results.append({
-        "name": name, "description": description, "seconds_best": best, "seconds_all": times[name],
-        "warmup_seconds": warmup[name], "generated_tokens": tokens, "tokens_per_second": tokens / best,
-        "steps": int(out["lengths"].max()), "rows_x_steps": rows * int(out["lengths"].max()),
-        **({"torch_threads": out["threads"], "prefill_seconds_last_run": out["prefill_seconds"]}
-           if "threads" in out else {}),
-    })
-  by_name = {r["name"]: r for r in results}
-  main_rate = by_name[main_name]["tokens_per_second"]
-  fastest_torch = max(torch_names, key=lambda n: by_name[n]["tokens_per_second"])
-  ratio_vs_torch = main_rate / by_name[fastest_torch]["tokens_per_second"]
-  ratio_vs_torch_cases = {n: main_rate / by_name[n]["tokens_per_second"] for n in torch_names}
-  ratio_vs_separate = main_rate / by_name[separate_name]["tokens_per_second"]
-  agreement = {name: _compare(outputs[main_name], outputs[name]) for name in cases if name != main_name}
+    results = []
+    for name, (_, description) in cases.items():
+        out = outputs[name]
+        tokens = int(out["lengths"].sum())
+        best = min(times[name])
+        results.append(
+            {
+                "name": name,
+                "description": description,
+                "seconds_best": best,
+                "seconds_all": times[name],
+                "warmup_seconds": warmup[name],
+                "generated_tokens": tokens,
+                "tokens_per_second": tokens / best,
+                "steps": int(out["lengths"].max()),
+                "rows_x_steps": rows * int(out["lengths"].max()),
+                **(
+                    {"torch_threads": out["threads"], "prefill_seconds_last_run": out["prefill_seconds"]}
+                    if "threads" in out
+                    else {}
+                ),
+            }
+        )
+    by_name = {r["name"]: r for r in results}
+    main_rate = by_name[main_name]["tokens_per_second"]
+    fastest_torch = max(torch_names, key=lambda n: by_name[n]["tokens_per_second"])
+    ratio_vs_torch = main_rate / by_name[fastest_torch]["tokens_per_second"]
+    ratio_vs_torch_cases = {n: main_rate / by_name[n]["tokens_per_second"] for n in torch_names}
+    ratio_vs_separate = main_rate / by_name[separate_name]["tokens_per_second"]
+    agreement = {name: _compare(outputs[main_name], outputs[name]) for name in cases if name != main_name}
 
-  header = f"{'case':<34}{'best s':>9}{'tokens':>8}{'tokens/s':>10}{'batched x':>11}  runs (s)"
-  print("\n" + header + "\n" + "-" * len(header))
-  for r in results:
-    print(f"{r['name']:<34}{r['seconds_best']:>9.3f}{r['generated_tokens']:>8d}"
-          f"{r['tokens_per_second']:>10.1f}{main_rate / r['tokens_per_second']:>11.2f}  "
-          + ", ".join(f"{t:.3f}" for t in r["seconds_all"]))
-  print(f"\ntokens counted: sum over auctions of the tokens each generated (EOS included); "
-        f"steps of the longest auction: {by_name[main_name]['steps']}")
-  print(f"ratio jaxauction batched / (a) fastest torch [{fastest_torch}]: {ratio_vs_torch:.2f}x "
-        f"(goal >= 2x)")
-  for name in torch_names:
-    print(f"ratio jaxauction batched / {name}: {ratio_vs_torch_cases[name]:.2f}x")
-  print(f"ratio jaxauction batched / {separate_name}: {ratio_vs_separate:.2f}x")
-  for name, check in agreement.items():
-    print(f"agreement with {name}: same tokens {check['same_tokens']}"
-          + (f" (auctions differing: {check['auctions_with_different_tokens']})"
-             if not check["same_tokens"] else "")
-          + f"; max |payment diff| {check['max_abs_payment_diff']:.2e} (relative "
-          f"{check['max_rel_payment_diff']:.2e}), per token {check['max_abs_token_payment_diff']:.2e}")
-  print(f"load average at start {', '.join(f'{x:.2f}' for x in load_at_start)}; at end "
-        f"{', '.join(f'{x:.2f}' for x in load_at_end)} ({os.cpu_count()} CPUs)")
+    header = f"{'case':<34}{'best s':>9}{'tokens':>8}{'tokens/s':>10}{'batched x':>11}  runs (s)"
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in results:
+        print(
+            f"{r['name']:<34}{r['seconds_best']:>9.3f}{r['generated_tokens']:>8d}"
+            f"{r['tokens_per_second']:>10.1f}{main_rate / r['tokens_per_second']:>11.2f}  "
+            + ", ".join(f"{t:.3f}" for t in r["seconds_all"])
+        )
+    print(
+        f"\ntokens counted: sum over auctions of the tokens each generated (EOS included); "
+        f"steps of the longest auction: {by_name[main_name]['steps']}"
+    )
+    print(f"ratio jaxauction batched / (a) fastest torch [{fastest_torch}]: {ratio_vs_torch:.2f}x (goal >= 2x)")
+    for name in torch_names:
+        print(f"ratio jaxauction batched / {name}: {ratio_vs_torch_cases[name]:.2f}x")
+    print(f"ratio jaxauction batched / {separate_name}: {ratio_vs_separate:.2f}x")
+    for name, check in agreement.items():
+        print(
+            f"agreement with {name}: same tokens {check['same_tokens']}"
+            + (f" (auctions differing: {check['auctions_with_different_tokens']})" if not check["same_tokens"] else "")
+            + f"; max |payment diff| {check['max_abs_payment_diff']:.2e} (relative "
+            f"{check['max_rel_payment_diff']:.2e}), per token {check['max_abs_token_payment_diff']:.2e}"
+        )
+    print(
+        f"load average at start {', '.join(f'{x:.2f}' for x in load_at_start)}; at end "
+        f"{', '.join(f'{x:.2f}' for x in load_at_end)} ({os.cpu_count()} CPUs)"
+    )
 
-  if args.json:
-    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-             for row, n in zip(outputs[main_name]["tokens"], outputs[main_name]["lengths"])]
-    write_json(args.json, {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "config": str(args.config), "points": args.points, "max_new_tokens": args.max_new_tokens,
-        "repeats": args.repeats, "sequences": rows, "rule": "linear", "payment": "second_price",
-        "decoding": "greedy", "token_count": "sum over auctions of generated tokens (EOS included)",
-        "cases": results, "ratio_vs_torch": ratio_vs_torch, "ratio_vs_torch_case": fastest_torch,
-        "ratio_vs_torch_cases": ratio_vs_torch_cases, "ratio_vs_separate": ratio_vs_separate,
-        "agreement": agreement,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "load_average_start": load_at_start, "load_average_end": load_at_end,
-                    "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    if args.json:
+        texts = [
+            tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+            for row, n in zip(outputs[main_name]["tokens"], outputs[main_name]["lengths"])
+        ]
+        write_json(
+            args.json,
+            {
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "config": str(args.config),
+                "points": args.points,
+                "max_new_tokens": args.max_new_tokens,
+                "repeats": args.repeats,
+                "sequences": rows,
+                "rule": "linear",
+                "payment": "second_price",
+                "decoding": "greedy",
+                "token_count": "sum over auctions of generated tokens (EOS included)",
+                "cases": results,
+                "ratio_vs_torch": ratio_vs_torch,
+                "ratio_vs_torch_case": fastest_torch,
+                "ratio_vs_torch_cases": ratio_vs_torch_cases,
+                "ratio_vs_separate": ratio_vs_separate,
+                "agreement": agreement,
+                "machine": {
+                    "platform": platform.platform(),
+                    "cpu_count": os.cpu_count(),
+                    "load_average_start": load_at_start,
+                    "load_average_end": load_at_end,
+                    "jax": jax.__version__,
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""),
                     "torch": info["torch"],
-                    "torch_default_threads": info["default_threads"], "torch_prefill": args.torch_prefill},
-        "shares": shares, "bids": bids, "texts": texts,
-        "payments": outputs[main_name]["token_payments"].sum(1),
-    })
-    print(f"wrote {args.json}")
-  return 0
+                    "torch_default_threads": info["default_threads"],
+                    "torch_prefill": args.torch_prefill,
+                },
+                "shares": shares,
+                "bids": bids,
+                "texts": texts,
+                "payments": outputs[main_name]["token_payments"].sum(1),
+            },
+        )
+        print(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -99,8 +99,12 @@ def torch_worker(folder: str, threads: int) -> None:
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    info = {"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    info = {
+        "ready": True,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
     print(json.dumps(info), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
@@ -119,8 +123,12 @@ def torch_worker(folder: str, threads: int) -> None:
                 cache, logits = out.past_key_values, out.logits[:, -1]
             decode = (time.perf_counter() - start) / steps
         top = logits.argmax(-1).tolist()
-        print(json.dumps({"prefill": prefill, "decode": decode, "last_argmax": top,
-                          "last_logits_head": logits[:, :64].tolist()}), flush=True)
+        print(
+            json.dumps(
+                {"prefill": prefill, "decode": decode, "last_argmax": top, "last_logits_head": logits[:, :64].tolist()}
+            ),
+            flush=True,
+        )
 
 
 class TorchWorker:
@@ -130,7 +138,11 @@ class TorchWorker:
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--torch-worker", folder, "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=env,
         )
         self.info = self._read()
 
@@ -169,8 +181,11 @@ def main() -> None:
         return
 
     load_stats = measure_load()
-    print(f"load(): {load_stats['load_s']:.2f} s (+ import {load_stats['import_s']:.2f} s), "
-          f"peak memory {load_stats['peak_rss_mb']:.0f} MB", flush=True)
+    print(
+        f"load(): {load_stats['load_s']:.2f} s (+ import {load_stats['import_s']:.2f} s), "
+        f"peak memory {load_stats['peak_rss_mb']:.0f} MB",
+        flush=True,
+    )
 
     import jax
     import jax.numpy as jnp
@@ -188,9 +203,11 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     floor_ms = weight_bytes / bandwidth * 1e3
     flops_roof = matmul_throughput()
-    print(f"weights {weight_bytes / 1e6:.0f} MB float32; copy bandwidth {bandwidth / 1e9:.2f} GB/s "
-          f"(read + write); decode floor {floor_ms:.1f} ms/step; 1024^3 matmul {flops_roof / 1e9:.1f} GFLOP/s",
-          flush=True)
+    print(
+        f"weights {weight_bytes / 1e6:.0f} MB float32; copy bandwidth {bandwidth / 1e9:.2f} GB/s "
+        f"(read + write); decode floor {floor_ms:.1f} ms/step; 1024^3 matmul {flops_roof / 1e9:.1f} GFLOP/s",
+        flush=True,
+    )
 
     rng = np.random.default_rng(0)
     results = []
@@ -211,9 +228,12 @@ def main() -> None:
             for _ in range(args.steps):
                 logits, cache = compiled.decode(jnp.argmax(logits, -1), cache)
             logits.block_until_ready()
-            return {"prefill": prefill, "decode": (time.perf_counter() - start) / args.steps,
-                    "last_argmax": np.asarray(logits.argmax(-1)).tolist(),
-                    "last_logits_head": np.asarray(logits[:, :64]).tolist()}
+            return {
+                "prefill": prefill,
+                "decode": (time.perf_counter() - start) / args.steps,
+                "last_argmax": np.asarray(logits.argmax(-1)).tolist(),
+                "last_logits_head": np.asarray(logits[:, :64]).tolist(),
+            }
 
         start = time.perf_counter()
         jax_run()  # compiles prefill and decode for this shape
@@ -279,8 +299,10 @@ def main() -> None:
             "torch_threads": worker.info["threads"],
             "torch_omp_wait_policy": worker.info["omp_wait_policy"],
         },
-        "model": {"name": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
-                  "parameters": config.num_parameters()},
+        "model": {
+            "name": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
+            "parameters": config.num_parameters(),
+        },
         "load": load_stats,
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "weight_bytes": weight_bytes,

@@ -23,53 +23,56 @@ DEFAULT_CONFIG = REPO / "experiments" / "configs" / "hawaii.toml"
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML auction configuration")
-  parser.add_argument("--points", type=int, default=11)
-  parser.add_argument("--samples", type=int, default=1, help="ads drawn per point")
-  parser.add_argument("--max-new-tokens", type=int, default=None,
-                      help="override the configuration's max_new_tokens")
-  parser.add_argument("--decoding", choices=["sample", "greedy"], default=None,
-                      help="override the configuration's decoding")
-  parser.add_argument("--out", default="outputs", help="folder for the plot and the JSON")
-  parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: bundled)")
-  args = parser.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML auction configuration")
+    parser.add_argument("--points", type=int, default=11)
+    parser.add_argument("--samples", type=int, default=1, help="ads drawn per point")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="override the configuration's max_new_tokens")
+    parser.add_argument(
+        "--decoding", choices=["sample", "greedy"], default=None, help="override the configuration's decoding"
+    )
+    parser.add_argument("--out", default="outputs", help="folder for the plot and the JSON")
+    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: bundled)")
+    args = parser.parse_args(argv)
 
-  from jaxauction import models
-  from jaxauction._io import write_json
-  from jaxauction.config import ConfigError, load_config
-  from jaxauction.sweep import format_table, plot_sweep, run_sweep
+    from jaxauction import models
+    from jaxauction._io import write_json
+    from jaxauction.config import ConfigError, load_config
+    from jaxauction.sweep import format_table, plot_sweep, run_sweep
 
-  try:
-    config = load_config(args.config)
-  except ConfigError as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  overrides = {}
-  if args.max_new_tokens is not None:
-    overrides["max_new_tokens"] = args.max_new_tokens
-  if args.decoding is not None:
-    overrides["decoding"] = args.decoding
-  config = dataclasses.replace(config, **overrides)
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    overrides = {}
+    if args.max_new_tokens is not None:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    if args.decoding is not None:
+        overrides["decoding"] = args.decoding
+    config = dataclasses.replace(config, **overrides)
 
-  start = time.perf_counter()
-  model = models.load(args.model)
-  loaded = time.perf_counter()
-  print(f"model loaded in {loaded - start:.1f} s")
-  result = run_sweep(config, points=args.points, samples=args.samples, model=model)
-  swept = time.perf_counter()
-  print(f"\nquery: {config.query!r}; advertisers: {', '.join(config.names)}; payment: "
-        f"{config.payment}; decoding: {config.decoding}, temperature {config.temperature}\n")
-  print(format_table(result))
-  out = Path(args.out)
-  plot_sweep(result, out / "hawaii_sweep.png")
-  write_json(out / "hawaii_sweep.json", {"config": str(args.config), "query": config.query,
-                                         **result.to_json()})
-  print(f"\nsweep: {len(result.rules)} rules x {args.points} points x {args.samples} samples in "
-        f"{swept - loaded:.1f} s (compilation included)")
-  print(f"saved {out / 'hawaii_sweep.png'} and {out / 'hawaii_sweep.json'}")
-  return 0
+    start = time.perf_counter()
+    model = models.load(args.model)
+    loaded = time.perf_counter()
+    print(f"model loaded in {loaded - start:.1f} s")
+    result = run_sweep(config, points=args.points, samples=args.samples, model=model)
+    swept = time.perf_counter()
+    print(
+        f"\nquery: {config.query!r}; advertisers: {', '.join(config.names)}; payment: "
+        f"{config.payment}; decoding: {config.decoding}, temperature {config.temperature}\n"
+    )
+    print(format_table(result))
+    out = Path(args.out)
+    plot_sweep(result, out / "hawaii_sweep.png")
+    write_json(out / "hawaii_sweep.json", {"config": str(args.config), "query": config.query, **result.to_json()})
+    print(
+        f"\nsweep: {len(result.rules)} rules x {args.points} points x {args.samples} samples in "
+        f"{swept - loaded:.1f} s (compilation included)"
+    )
+    print(f"saved {out / 'hawaii_sweep.png'} and {out / 'hawaii_sweep.json'}")
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

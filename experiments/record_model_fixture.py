@@ -89,9 +89,13 @@ def record_bundled() -> None:
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0].double().numpy()
             generated = model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id,
-            )[0, len(ids):].numpy()
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, len(ids) :].numpy()
         top = np.argsort(-logits, axis=-1)[:, :TOP_K]
         arrays[f"prompt{n}_ids"] = np.asarray(ids, np.int32)
         arrays[f"prompt{n}_top_ids"] = top.astype(np.int32)
@@ -108,9 +112,18 @@ def record_bundled() -> None:
 
 TINY_VOCAB = 272
 TINY_COMMON = dict(
-    vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=None,
-    eos_token_id=256, pad_token_id=256,
+    vocab_size=TINY_VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    bos_token_id=None,
+    eos_token_id=256,
+    pad_token_id=256,
 )
 TINY_VARIANTS = {
     # Qwen2: bias on q/k/v, untied head, large rope base.
@@ -119,9 +132,17 @@ TINY_VARIANTS = {
     "mistral": dict(model_type="mistral", tie_word_embeddings=False, rope_theta=10_000.0, sliding_window=4),
     # Llama 3.1-style rope scaling (all three frequency bands), attention bias, tied embeddings.
     "llama3": dict(
-        model_type="llama", tie_word_embeddings=True, attention_bias=True,
-        rope_scaling=dict(rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0,
-                          high_freq_factor=4.0, original_max_position_embeddings=32),
+        model_type="llama",
+        tie_word_embeddings=True,
+        attention_bias=True,
+        rope_scaling=dict(
+            rope_type="llama3",
+            rope_theta=500.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=32,
+        ),
         rope_theta=500.0,
     ),
 }
@@ -137,7 +158,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        tokenizer_object=backend,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
         chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
     )
 

@@ -2,8 +2,40 @@
 
 __version__ = "0.1.0"
 
-from jaxauction import aggregation, payments, preferences, sampling
-from jaxauction.aggregation import linear, log_linear
+from jaxauction import aggregation, base, design, payments, preferences, rules, sampling, sharding, simulation
 from jaxauction.auction import AuctionOutcome, TokenAuction
-from jaxauction import design, sharding, simulation
+from jaxauction.base import Rule, as_rule, register, rule_names
 from jaxauction.generation import GenerationResult, generate
+from jaxauction.rules import linear, log_linear
+
+__all__ = [
+    "AuctionOutcome",
+    "GenerationResult",
+    "Rule",
+    "TokenAuction",
+    "aggregation",
+    "as_rule",
+    "base",
+    "design",
+    "generate",
+    "linear",
+    "log_linear",
+    "models",
+    "payments",
+    "preferences",
+    "register",
+    "rule_names",
+    "rules",
+    "sampling",
+    "sharding",
+    "simulation",
+]
+
+
+def __getattr__(name):
+    # The model backend imports transformers (seconds): load it on first use, not on `import jaxauction`.
+    if name == "models":
+        import importlib
+
+        return importlib.import_module("jaxauction.models")
+    raise AttributeError(f"module 'jaxauction' has no attribute {name!r}")

@@ -52,9 +52,7 @@ def _first_index(bad: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.argwhere(bad)[0])
 
 
-def mechanism_inputs(
-    fn: str, logits: Any, bids: Any, *, n_agents: int | None = None
-) -> tuple[jax.Array, jax.Array]:
+def mechanism_inputs(fn: str, logits: Any, bids: Any, *, n_agents: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Check and convert ``logits: [..., n, V]`` and ``bids: [..., n]``; returns float arrays.
 
     Leading axes must broadcast against each other. ``n_agents`` demands a fixed ``n``.
@@ -73,9 +71,7 @@ def mechanism_inputs(
         )
     n, vocab = logits_shape[-2:]
     if n == 0:
-        raise ValueError(
-            f"{fn}: logits has shape {logits_shape}, i.e. zero agents; at least one agent is needed."
-        )
+        raise ValueError(f"{fn}: logits has shape {logits_shape}, i.e. zero agents; at least one agent is needed.")
     if vocab == 0:
         raise ValueError(f"{fn}: logits has shape {logits_shape}, i.e. an empty vocabulary.")
     if bids_shape[-1] != n:
@@ -151,9 +147,7 @@ def check_bid_values(fn: str, name: str, bids: jax.Array) -> None:
         )
 
 
-def base_inputs(
-    fn: str, logits: jax.Array, base_logits: Any, base_bid: Any
-) -> tuple[jax.Array | None, jax.Array]:
+def base_inputs(fn: str, logits: jax.Array, base_logits: Any, base_bid: Any) -> tuple[jax.Array | None, jax.Array]:
     """Check the optional base distribution: ``base_logits: [..., V]`` and ``base_bid: [...]``."""
     dtype = logits.dtype
     base_bid = as_array(base_bid)

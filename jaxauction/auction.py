@@ -68,8 +68,7 @@ class TokenAuction:
             z = jnp.zeros(lead + (n,), logits.dtype)
         else:
             allocation = "robust" if self.payment == "second_price" else "kl"
-            valuation = payments._resolve_allocation(fn, self.rule, allocation)
-            z = payments._payments(
-                self.rule, valuation, all_logits, all_bids, n, self.quadrature, payments.DEFAULT_CHUNK_ELEMENTS
+            z = payments.charged_payments(
+                self.rule, all_logits, all_bids, num_charged=n, allocation=allocation, quadrature=self.quadrature
             )
         return AuctionOutcome(log_q=log_q, payments=z)

@@ -14,122 +14,147 @@ from jaxauction.config import RULE_NAMES, AuctionConfig, ConfigError, load_confi
 
 
 def _load_model(source: str | None):
-  from jaxauction import models
+    from jaxauction import models
 
-  return models.load(source)
+    return models.load(source)
 
 
 def _model_argument(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--model", metavar="PATH_OR_HUB_ID", default=None,
-                      help="a Llama-family checkpoint folder (config.json, *.safetensors, "
-                      "tokenizer.json) or a hub id; default: the bundled SmolLM2-135M-Instruct")
+    parser.add_argument(
+        "--model",
+        metavar="PATH_OR_HUB_ID",
+        default=None,
+        help="a Llama-family checkpoint folder (config.json, *.safetensors, "
+        "tokenizer.json) or a hub id; default: the bundled SmolLM2-135M-Instruct",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="jaxauction", description="Token auctions among LLM advertisers (Duetting et al. 2024).")
-  commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="jaxauction", description="Token auctions among LLM advertisers (Duetting et al. 2024)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
 
-  run = commands.add_parser("run", help="run one auction and print the ad and the payments")
-  run.add_argument("config", help="TOML configuration (see experiments/configs/hawaii.toml)")
-  run.add_argument("--json", metavar="PATH", help="write everything machine-readable to PATH")
-  _model_argument(run)
+    run = commands.add_parser("run", help="run one auction and print the ad and the payments")
+    run.add_argument("config", help="TOML configuration (see experiments/configs/hawaii.toml)")
+    run.add_argument("--json", metavar="PATH", help="write everything machine-readable to PATH")
+    _model_argument(run)
 
-  sweep = commands.add_parser("sweep", help="sweep the bid ratio between the first two "
-                              "advertisers, for the linear and log-linear rules")
-  sweep.add_argument("config", help="TOML configuration")
-  sweep.add_argument("--points", type=int, default=11, help="points of the sweep (default 11)")
-  sweep.add_argument("--samples", type=int, default=1,
-                     help="ads drawn per point (mention shares average over them; default 1)")
-  sweep.add_argument("--rules", default="linear,log_linear",
-                     help="comma-separated rules to sweep (default linear,log_linear)")
-  sweep.add_argument("--plot", metavar="PNG", default="outputs/sweep.png",
-                     help="where to save the plot (default outputs/sweep.png)")
-  sweep.add_argument("--json", metavar="PATH", help="write everything machine-readable to PATH")
-  _model_argument(sweep)
-  return parser
+    sweep = commands.add_parser(
+        "sweep", help="sweep the bid ratio between the first two advertisers, for the linear and log-linear rules"
+    )
+    sweep.add_argument("config", help="TOML configuration")
+    sweep.add_argument("--points", type=int, default=11, help="points of the sweep (default 11)")
+    sweep.add_argument(
+        "--samples", type=int, default=1, help="ads drawn per point (mention shares average over them; default 1)"
+    )
+    sweep.add_argument(
+        "--rules", default="linear,log_linear", help="comma-separated rules to sweep (default linear,log_linear)"
+    )
+    sweep.add_argument(
+        "--plot", metavar="PNG", default="outputs/sweep.png", help="where to save the plot (default outputs/sweep.png)"
+    )
+    sweep.add_argument("--json", metavar="PATH", help="write everything machine-readable to PATH")
+    _model_argument(sweep)
+    return parser
 
 
 def _payment_table(config: AuctionConfig, result) -> str:
-  lines = [f"{'advertiser':<24}{'bid':>10}{'payment':>12}{'mentioned':>11}",
-           "-" * 57]
-  for advertiser, paid in zip(config.advertisers, result.payments):
-    mentioned = "yes" if advertiser.mentioned_in(result.text) else "no"
-    lines.append(f"{advertiser.name:<24}{advertiser.bid:>10.4g}{float(paid):>12.5f}{mentioned:>11}")
-  return "\n".join(lines)
+    lines = [f"{'advertiser':<24}{'bid':>10}{'payment':>12}{'mentioned':>11}", "-" * 57]
+    for advertiser, paid in zip(config.advertisers, result.payments):
+        mentioned = "yes" if advertiser.mentioned_in(result.text) else "no"
+        lines.append(f"{advertiser.name:<24}{advertiser.bid:>10.4g}{float(paid):>12.5f}{mentioned:>11}")
+    return "\n".join(lines)
 
 
 def command_run(args) -> int:
-  config = load_config(args.config)
-  import jax
+    config = load_config(args.config)
+    import jax
 
-  from jaxauction._io import write_json
-  from jaxauction.generation import generate
+    from jaxauction._io import write_json
+    from jaxauction.generation import generate
 
-  model = _load_model(args.model)
-  result = generate(config.prompts(), config.bids, rule=config.rule, payment=config.payment,
-                    decoding=config.decoding, key=jax.random.key(config.seed),
-                    max_new_tokens=config.max_new_tokens, model=model,
-                    base_prompt=config.base_messages(), base_bid=config.base_bid,
-                    temperature=config.temperature, progress=True)
-  print(f"query: {config.query}")
-  print(f"rule: {config.rule}   payment: {config.payment}   decoding: {config.decoding}\n")
-  print(result.text + "\n")
-  print(_payment_table(config, result))
-  if args.json:
-    write_json(args.json, {
-        "config": args.config, "query": config.query, "rule": config.rule,
-        "payment": config.payment, "decoding": config.decoding, "seed": config.seed,
-        "advertisers": [{"name": a.name, "bid": a.bid, "payment": float(p),
-                         "mentioned": a.mentioned_in(result.text)}
-                        for a, p in zip(config.advertisers, result.payments)],
-        "text": result.text, "tokens": result.tokens[:int(result.lengths)],
-        "token_payments": result.token_payments[:int(result.lengths)],
-    })
-    print(f"\nwrote {args.json}")
-  return 0
+    model = _load_model(args.model)
+    result = generate(
+        config.prompts(),
+        config.bids,
+        rule=config.rule,
+        payment=config.payment,
+        decoding=config.decoding,
+        key=jax.random.key(config.seed),
+        max_new_tokens=config.max_new_tokens,
+        model=model,
+        base_prompt=config.base_messages(),
+        base_bid=config.base_bid,
+        temperature=config.temperature,
+        progress=True,
+    )
+    print(f"query: {config.query}")
+    print(f"rule: {config.rule}   payment: {config.payment}   decoding: {config.decoding}\n")
+    print(result.text + "\n")
+    print(_payment_table(config, result))
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "config": args.config,
+                "query": config.query,
+                "rule": config.rule,
+                "payment": config.payment,
+                "decoding": config.decoding,
+                "seed": config.seed,
+                "advertisers": [
+                    {"name": a.name, "bid": a.bid, "payment": float(p), "mentioned": a.mentioned_in(result.text)}
+                    for a, p in zip(config.advertisers, result.payments)
+                ],
+                "text": result.text,
+                "tokens": result.tokens[: int(result.lengths)],
+                "token_payments": result.token_payments[: int(result.lengths)],
+            },
+        )
+        print(f"\nwrote {args.json}")
+    return 0
 
 
 def command_sweep(args) -> int:
-  config = load_config(args.config)
-  rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-  unknown = [r for r in rules if r not in RULE_NAMES]
-  if unknown or not rules:
-    raise ValueError(f"--rules: unknown rule(s) {unknown}; use a comma-separated subset of "
-                     f"{list(RULE_NAMES)}.")
-  if args.points < 2:
-    raise ValueError(f"--points: a sweep needs at least 2 points, got {args.points}.")
-  if args.samples < 1:
-    raise ValueError(f"--samples: expected a positive integer, got {args.samples}.")
-  from jaxauction._io import write_json
-  from jaxauction.sweep import format_table, plot_sweep, run_sweep
+    config = load_config(args.config)
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    unknown = [r for r in rules if r not in RULE_NAMES]
+    if unknown or not rules:
+        raise ValueError(f"--rules: unknown rule(s) {unknown}; use a comma-separated subset of {list(RULE_NAMES)}.")
+    if args.points < 2:
+        raise ValueError(f"--points: a sweep needs at least 2 points, got {args.points}.")
+    if args.samples < 1:
+        raise ValueError(f"--samples: expected a positive integer, got {args.samples}.")
+    from jaxauction._io import write_json
+    from jaxauction.sweep import format_table, plot_sweep, run_sweep
 
-  model = _load_model(args.model)
-  result = run_sweep(config, points=args.points, samples=args.samples, rules=rules, model=model)
-  print(f"query: {config.query}\n")
-  print(format_table(result))
-  plot_sweep(result, args.plot)
-  print(f"\nsaved plot {args.plot}")
-  if args.json:
-    write_json(args.json, {"config": args.config, "query": config.query, **result.to_json()})
-    print(f"wrote {args.json}")
-  return 0
+    model = _load_model(args.model)
+    result = run_sweep(config, points=args.points, samples=args.samples, rules=rules, model=model)
+    print(f"query: {config.query}\n")
+    print(format_table(result))
+    plot_sweep(result, args.plot)
+    print(f"\nsaved plot {args.plot}")
+    if args.json:
+        write_json(args.json, {"config": args.config, "query": config.query, **result.to_json()})
+        print(f"wrote {args.json}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  try:
-    if args.command == "run":
-      return command_run(args)
-    return command_sweep(args)
-  except (ConfigError, ValueError, FileNotFoundError, OSError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("interrupted; no half-written output file is left behind", file=sys.stderr)
-    return 130
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return command_run(args)
+        return command_sweep(args)
+    except (ConfigError, ValueError, FileNotFoundError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no half-written output file is left behind", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

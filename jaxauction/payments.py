@@ -39,10 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxauction import _validation, aggregation
+from jaxauction import _validation, aggregation, base
 
 __all__ = [
     "Quadrature",
+    "charged_payments",
     "second_price",
     "linear_closed_form",
     "forward_kl_value",
@@ -147,7 +148,7 @@ def reverse_kl_value(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
 
 def _probabilities(rule) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The rule in probability space: its ``probabilities`` attribute, else ``exp(rule(...))``."""
-    form = getattr(rule, "probabilities", None)
+    form = base.as_rule(rule).probabilities
     return form if callable(form) else (lambda logits, bids: jnp.exp(rule(logits, bids)))
 
 
@@ -156,13 +157,12 @@ def _resolve_allocation(fn: str, rule, allocation) -> Valuation | None:
     if allocation == "robust":
         return None
     if allocation == "kl":
-        if rule is aggregation.linear:
-            return forward_kl_value
-        if rule is aggregation.log_linear:
-            return reverse_kl_value
+        valuation = base.as_rule(rule).valuation
+        if valuation is not None:
+            return valuation
         raise ValueError(
-            f"{fn}: allocation='kl' knows the KL valuation of jaxauction.linear (-KL(p_i || q)) and "
-            f"jaxauction.log_linear (-KL(q || p_i)) only; got rule {rule!r}. Fix: pass the valuation, "
+            f"{fn}: allocation='kl' needs the rule's valuation (jaxauction.linear: -KL(p_i || q), "
+            f"jaxauction.log_linear: -KL(q || p_i)); rule {rule!r} has none. Fix: pass the valuation, "
             f"e.g. allocation=jaxauction.payments.forward_kl_value or reverse_kl_value, or any "
             f"valuation(log_p, log_q) -> [...] that the rule makes non-decreasing in the own bid."
         )
@@ -196,7 +196,7 @@ class _Chunks:
     nodes: int
 
     @classmethod
-    def plan(cls, n_auctions: int, n_agents: int, n_nodes: int, vocab: int, chunk_elements: int) -> "_Chunks":
+    def plan(cls, n_auctions: int, n_agents: int, n_nodes: int, vocab: int, chunk_elements: int) -> _Chunks:
         nodes = _largest_divisor_at_most(n_nodes, chunk_elements // vocab)
         agents = 1
         if nodes == n_nodes:
@@ -278,6 +278,31 @@ def _payments(
         flat_logits = jnp.broadcast_to(logits, lead + (m, vocab)).reshape(-1, m, vocab)
         out = _chunked_map(lambda lb: one(*lb), (flat_logits, flat_bids), chunks.auctions)
     return out.reshape(lead + (n_charged,))
+
+
+def charged_payments(
+    rule,
+    logits: jax.Array,
+    bids: jax.Array,
+    *,
+    num_charged: int,
+    allocation: str | Valuation = "robust",
+    quadrature: Quadrature = Quadrature(),
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> jax.Array:
+    """The payments core: ``logits [..., m, V]``, ``bids [..., m]`` -> payments ``[..., num_charged]``.
+
+    The first ``num_charged`` rows are the charged agents; rows after them (a base distribution)
+    take part in the rule and count in every agent's competing bid but are never charged. Nothing is
+    validated (call it inside ``jit``; :func:`second_price` is the checked public entry point). For
+    the robust allocation of a rule with a closed-form payment (``rule.closed_form_payment``, e.g.
+    the linear rule) that closed form is used; otherwise the generic autodiff + quadrature path.
+    """
+    rule = base.as_rule(rule)
+    valuation = _resolve_allocation("charged_payments", rule, allocation)
+    if valuation is None and rule.closed_form_payment is not None:
+        return rule.closed_form_payment(logits, bids, num_charged)
+    return _payments(rule, valuation, logits, bids, num_charged, quadrature, chunk_elements)
 
 
 def second_price(

@@ -31,8 +31,7 @@ def prefers(p: jax.Array, q_new: jax.Array, q_old: jax.Array, *, atol: float | N
     q_old = _validation.probabilities(fn, "q_old", q_old)
     if not (p.shape[-1] == q_new.shape[-1] == q_old.shape[-1]):
         raise ValueError(
-            f"{fn}: p, q_new, q_old must share the vocabulary axis; got shapes {p.shape}, "
-            f"{q_new.shape}, {q_old.shape}."
+            f"{fn}: p, q_new, q_old must share the vocabulary axis; got shapes {p.shape}, {q_new.shape}, {q_old.shape}."
         )
     if atol is None:
         atol = 16 * float(jnp.finfo(jnp.result_type(p, q_new, q_old)).eps)

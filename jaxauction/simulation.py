@@ -16,166 +16,172 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxauction import aggregation, payments, sharding
+from jaxauction import aggregation, base, payments, sharding
 from jaxauction.auction import TokenAuction
-
-RULES = {"linear": aggregation.linear, "log_linear": aggregation.log_linear}
 
 
 @dataclasses.dataclass(frozen=True)
 class SimulationResult:
-  """Per-auction results (numpy, host side).
+    """Per-auction results (numpy, host side).
 
-  Attributes:
-    bids: ``[A, n]``.
-    index: ``[A]`` which logits set each auction used.
-    payments: ``[A, n]`` expected payments for the token.
-    values: ``[A, n]`` each agent's value of the outcome: ``-KL(p_i || q)`` under the linear rule,
-      ``-KL(q || p_i)`` under the log-linear rule (the valuation each rule maximises, SPEC §5).
-    welfare: ``[A]`` the bid-weighted welfare ``sum_i b_i v_i``.
-    favoured: ``[A]`` the agent with the highest value (the one the outcome is closest to).
-  """
+    Attributes:
+      bids: ``[A, n]``.
+      index: ``[A]`` which logits set each auction used.
+      payments: ``[A, n]`` expected payments for the token.
+      values: ``[A, n]`` each agent's value of the outcome: ``-KL(p_i || q)`` under the linear rule,
+        ``-KL(q || p_i)`` under the log-linear rule (the valuation each rule maximises, SPEC §5).
+      welfare: ``[A]`` the bid-weighted welfare ``sum_i b_i v_i``.
+      favoured: ``[A]`` the agent with the highest value (the one the outcome is closest to).
+    """
 
-  bids: np.ndarray
-  index: np.ndarray
-  payments: np.ndarray
-  values: np.ndarray
-  welfare: np.ndarray
-  favoured: np.ndarray
+    bids: np.ndarray
+    index: np.ndarray
+    payments: np.ndarray
+    values: np.ndarray
+    welfare: np.ndarray
+    favoured: np.ndarray
 
-  @property
-  def revenue(self) -> np.ndarray:
-    """``[A]`` total payment of each auction."""
-    return self.payments.sum(axis=-1)
+    @property
+    def revenue(self) -> np.ndarray:
+        """``[A]`` total payment of each auction."""
+        return self.payments.sum(axis=-1)
 
 
 def _values(rule_name: str, logits, log_q):
-  log_p = aggregation.agent_log_probs(logits)
-  value = payments.reverse_kl_value if rule_name == "log_linear" else payments.forward_kl_value
-  return value(log_p, log_q[..., None, :])
+    log_p = aggregation.agent_log_probs(logits)
+    value = payments.reverse_kl_value if rule_name == "log_linear" else payments.forward_kl_value
+    return value(log_p, log_q[..., None, :])
 
 
 @functools.partial(jax.jit, static_argnames=("rule_name", "payment", "quadrature"))
-def _simulate_chunk(logit_sets, index, bids, *, rule_name, payment,
-                    quadrature=payments.Quadrature()):
-  logits = jnp.take(logit_sets, index, axis=0)
-  outcome = TokenAuction(rule=RULES[rule_name], payment=payment, quadrature=quadrature)(logits, bids)
-  values = _values(rule_name, logits, outcome.log_q)
-  welfare = jnp.sum(bids * values, axis=-1)
-  return outcome.payments, values, welfare, jnp.argmax(values, axis=-1)
+def _simulate_chunk(logit_sets, index, bids, *, rule_name, payment, quadrature=payments.Quadrature()):
+    logits = jnp.take(logit_sets, index, axis=0)
+    outcome = TokenAuction(rule=base.as_rule(rule_name), payment=payment, quadrature=quadrature)(logits, bids)
+    values = _values(rule_name, logits, outcome.log_q)
+    welfare = jnp.sum(bids * values, axis=-1)
+    return outcome.payments, values, welfare, jnp.argmax(values, axis=-1)
 
 
-def simulate(logits, bids, *, index=None, rule: str = "linear", payment: str | None = "second_price",
-             chunk_size: int = 256, mesh=None, progress: bool = True,
-             quadrature: payments.Quadrature = payments.Quadrature()) -> SimulationResult:
-  """Runs ``A`` token auctions over cached agent distributions.
+def simulate(
+    logits,
+    bids,
+    *,
+    index=None,
+    rule: str = "linear",
+    payment: str | None = "second_price",
+    chunk_size: int = 256,
+    mesh=None,
+    progress: bool = True,
+    quadrature: payments.Quadrature = payments.Quadrature(),
+) -> SimulationResult:
+    """Runs ``A`` token auctions over cached agent distributions.
 
-  Args:
-    logits: ``[n, V]`` one set of agent logits, or ``[K, n, V]`` several sets.
-    bids: ``[A, n]`` bid profiles (non-negative).
-    index: ``[A]`` ints in ``[0, K)``, the logits set of each auction (default: all use set 0).
-    rule: ``"linear"`` or ``"log_linear"``.
-    payment: ``"second_price"``, ``"kl"`` or ``None``.
-    chunk_size: auctions per compiled step (a multiple of the device count is used); bounds memory
-      to about ``chunk_size * n * V`` floats plus the payments' working set.
-    mesh: optional mesh from :func:`jaxauction.sharding.auction_mesh`; each chunk is split over it.
-    progress: show a progress bar over the chunks.
-    quadrature: the payments' integration rule (see :class:`jaxauction.payments.Quadrature`).
-  """
-  if rule not in RULES:
-    raise ValueError(f"rule: unknown rule {rule!r}; use one of {sorted(RULES)}.")
-  logit_sets = np.asarray(logits)
-  if logit_sets.ndim == 2:
-    logit_sets = logit_sets[None]
-  if logit_sets.ndim != 3:
-    raise ValueError(f"logits: expected shape [n, V] or [K, n, V]; got {np.shape(logits)}.")
-  num_sets, num_agents, _ = logit_sets.shape
-  bids = np.asarray(bids, dtype=np.float64)
-  if bids.ndim != 2 or bids.shape[1] != num_agents:
-    raise ValueError(f"bids: expected shape [A, n] with n = {num_agents} (from logits); got "
-                     f"{bids.shape}.")
-  if not np.all(np.isfinite(bids)) or np.any(bids < 0):
-    raise ValueError("bids: every bid must be finite and >= 0.")
-  index = np.zeros(len(bids), np.int32) if index is None else np.asarray(index, np.int32)
-  if index.shape != (len(bids),) or np.any(index < 0) or np.any(index >= num_sets):
-    raise ValueError(f"index: expected shape [A] = ({len(bids)},) with entries in [0, {num_sets}); "
-                     f"got shape {index.shape}.")
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}.")
+    Args:
+      logits: ``[n, V]`` one set of agent logits, or ``[K, n, V]`` several sets.
+      bids: ``[A, n]`` bid profiles (non-negative).
+      index: ``[A]`` ints in ``[0, K)``, the logits set of each auction (default: all use set 0).
+      rule: ``"linear"`` or ``"log_linear"``.
+      payment: ``"second_price"``, ``"kl"`` or ``None``.
+      chunk_size: auctions per compiled step (a multiple of the device count is used); bounds memory
+        to about ``chunk_size * n * V`` floats plus the payments' working set.
+      mesh: optional mesh from :func:`jaxauction.sharding.auction_mesh`; each chunk is split over it.
+      progress: show a progress bar over the chunks.
+      quadrature: the payments' integration rule (see :class:`jaxauction.payments.Quadrature`).
+    """
+    if base.as_rule(rule).name not in ("linear", "log_linear"):
+        raise ValueError(f"rule: simulate knows the values of 'linear' and 'log_linear' only; got {rule!r}.")
+    logit_sets = np.asarray(logits)
+    if logit_sets.ndim == 2:
+        logit_sets = logit_sets[None]
+    if logit_sets.ndim != 3:
+        raise ValueError(f"logits: expected shape [n, V] or [K, n, V]; got {np.shape(logits)}.")
+    num_sets, num_agents, _ = logit_sets.shape
+    bids = np.asarray(bids, dtype=np.float64)
+    if bids.ndim != 2 or bids.shape[1] != num_agents:
+        raise ValueError(f"bids: expected shape [A, n] with n = {num_agents} (from logits); got {bids.shape}.")
+    if not np.all(np.isfinite(bids)) or np.any(bids < 0):
+        raise ValueError("bids: every bid must be finite and >= 0.")
+    index = np.zeros(len(bids), np.int32) if index is None else np.asarray(index, np.int32)
+    if index.shape != (len(bids),) or np.any(index < 0) or np.any(index >= num_sets):
+        raise ValueError(
+            f"index: expected shape [A] = ({len(bids)},) with entries in [0, {num_sets}); got shape {index.shape}."
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}.")
 
-  dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-  chunk = sharding.padded_size(min(chunk_size, len(bids)), mesh)
-  logit_sets = sharding.replicate(jnp.asarray(logit_sets, dtype), mesh)
-  outputs = []
-  starts = range(0, len(bids), chunk)
-  if progress:
-    from tqdm.auto import tqdm
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    chunk = sharding.padded_size(min(chunk_size, len(bids)), mesh)
+    logit_sets = sharding.replicate(jnp.asarray(logit_sets, dtype), mesh)
+    outputs = []
+    starts = range(0, len(bids), chunk)
+    if progress:
+        from tqdm.auto import tqdm
 
-    starts = tqdm(starts, desc=f"auctions ({rule})", unit="chunk")
-  for start in starts:
-    chunk_bids = jnp.asarray(bids[start:start + chunk], dtype)
-    chunk_index = jnp.asarray(index[start:start + chunk])
-    size = chunk_bids.shape[0]
-    chunk_bids = sharding.shard_batch(sharding.pad_batch(chunk_bids, chunk), mesh)
-    chunk_index = sharding.shard_batch(sharding.pad_batch(chunk_index, chunk), mesh)
-    out = _simulate_chunk(logit_sets, chunk_index, chunk_bids, rule_name=rule, payment=payment,
-                          quadrature=quadrature)
-    outputs.append(tuple(np.asarray(x)[:size] for x in jax.device_get(out)))
-  paid, values, welfare, favoured = (np.concatenate(parts) for parts in zip(*outputs))
-  return SimulationResult(bids=bids, index=index, payments=paid, values=values, welfare=welfare,
-                          favoured=favoured)
+        starts = tqdm(starts, desc=f"auctions ({rule})", unit="chunk")
+    for start in starts:
+        chunk_bids = jnp.asarray(bids[start : start + chunk], dtype)
+        chunk_index = jnp.asarray(index[start : start + chunk])
+        size = chunk_bids.shape[0]
+        chunk_bids = sharding.shard_batch(sharding.pad_batch(chunk_bids, chunk), mesh)
+        chunk_index = sharding.shard_batch(sharding.pad_batch(chunk_index, chunk), mesh)
+        out = _simulate_chunk(
+            logit_sets, chunk_index, chunk_bids, rule_name=rule, payment=payment, quadrature=quadrature
+        )
+        outputs.append(tuple(np.asarray(x)[:size] for x in jax.device_get(out)))
+    paid, values, welfare, favoured = (np.concatenate(parts) for parts in zip(*outputs))
+    return SimulationResult(bids=bids, index=index, payments=paid, values=values, welfare=welfare, favoured=favoured)
 
 
 def compress_vocabulary(logits, mass: float = 0.999) -> tuple[np.ndarray, np.ndarray]:
-  """Keeps the tokens that matter in each logits set and lumps the rest into one extra token.
+    """Keeps the tokens that matter in each logits set and lumps the rest into one extra token.
 
-  Within a set (``[n, V]``: the agents' distributions over the same tokens), every agent's smallest
-  set of most likely tokens holding at least ``mass`` of its probability is kept; the union over the
-  agents is kept for all of them, topped up with the next most likely tokens so that every set keeps
-  the same number ``V'`` (one static shape). Each agent's remaining tokens become one last "rest"
-  token carrying their total probability (its logit is their logsumexp). Token identities do not
-  matter to the mechanism, only that the agents of a set stay aligned, so sets may keep different
-  tokens. Every agent keeps its total mass exactly; the linear rule's ``q`` is unchanged on kept
-  tokens, and a payment or value changes by at most about the lumped mass ``1 - mass`` per agent
-  (measure it on a subset, as ``experiments/batch_simulation.py`` does).
+    Within a set (``[n, V]``: the agents' distributions over the same tokens), every agent's smallest
+    set of most likely tokens holding at least ``mass`` of its probability is kept; the union over the
+    agents is kept for all of them, topped up with the next most likely tokens so that every set keeps
+    the same number ``V'`` (one static shape). Each agent's remaining tokens become one last "rest"
+    token carrying their total probability (its logit is their logsumexp). Token identities do not
+    matter to the mechanism, only that the agents of a set stay aligned, so sets may keep different
+    tokens. Every agent keeps its total mass exactly; the linear rule's ``q`` is unchanged on kept
+    tokens, and a payment or value changes by at most about the lumped mass ``1 - mass`` per agent
+    (measure it on a subset, as ``experiments/batch_simulation.py`` does).
 
-  Args:
-    logits: ``[K, n, V]`` (or ``[n, V]``).
-    mass: probability to keep per agent, in ``(0, 1]``.
+    Args:
+      logits: ``[K, n, V]`` (or ``[n, V]``).
+      mass: probability to keep per agent, in ``(0, 1]``.
 
-  Returns:
-    ``(compressed [K, n, V' + 1], kept [K, V'])``: the logits and the kept token ids of every set.
-  """
-  if not 0.0 < mass <= 1.0:
-    raise ValueError(f"mass: expected a number in (0, 1], got {mass}.")
-  logits = np.asarray(logits, np.float64)
-  single = logits.ndim == 2
-  if single:
-    logits = logits[None]
-  if logits.ndim != 3:
-    raise ValueError(f"logits: expected shape [K, n, V] or [n, V]; got {logits.shape}.")
-  log_p = logits - _logsumexp(logits)
-  p = np.exp(log_p)
-  order = np.argsort(-p, axis=-1)
-  sorted_p = np.take_along_axis(p, order, axis=-1)
-  needed = (np.cumsum(sorted_p, axis=-1) - sorted_p) < mass  # [K, n, V] in sorted order
-  keep = np.zeros(p.shape[0::2], bool)  # [K, V]
-  for s in range(p.shape[0]):
-    keep[s, order[s][needed[s]]] = True
-  width = int(keep.sum(axis=-1).max())
-  # Top up every set to the same width with its most likely remaining tokens.
-  priority = np.where(keep, np.inf, p.max(axis=1))
-  kept = np.sort(np.argsort(-priority, axis=-1, kind="stable")[:, :width], axis=-1)
-  kept_logits = np.take_along_axis(logits, kept[:, None, :], axis=-1)
-  rest_mask = np.ones(keep.shape, bool)
-  np.put_along_axis(rest_mask, kept, False, axis=-1)
-  rest = np.where(rest_mask[:, None, :], logits, -np.inf)
-  compressed = np.concatenate([kept_logits, _logsumexp(rest)], axis=-1).astype(np.float32)
-  return (compressed[0], kept[0]) if single else (compressed, kept)
+    Returns:
+      ``(compressed [K, n, V' + 1], kept [K, V'])``: the logits and the kept token ids of every set.
+    """
+    if not 0.0 < mass <= 1.0:
+        raise ValueError(f"mass: expected a number in (0, 1], got {mass}.")
+    logits = np.asarray(logits, np.float64)
+    single = logits.ndim == 2
+    if single:
+        logits = logits[None]
+    if logits.ndim != 3:
+        raise ValueError(f"logits: expected shape [K, n, V] or [n, V]; got {logits.shape}.")
+    log_p = logits - _logsumexp(logits)
+    p = np.exp(log_p)
+    order = np.argsort(-p, axis=-1)
+    sorted_p = np.take_along_axis(p, order, axis=-1)
+    needed = (np.cumsum(sorted_p, axis=-1) - sorted_p) < mass  # [K, n, V] in sorted order
+    keep = np.zeros(p.shape[0::2], bool)  # [K, V]
+    for s in range(p.shape[0]):
+        keep[s, order[s][needed[s]]] = True
+    width = int(keep.sum(axis=-1).max())
+    # Top up every set to the same width with its most likely remaining tokens.
+    priority = np.where(keep, np.inf, p.max(axis=1))
+    kept = np.sort(np.argsort(-priority, axis=-1, kind="stable")[:, :width], axis=-1)
+    kept_logits = np.take_along_axis(logits, kept[:, None, :], axis=-1)
+    rest_mask = np.ones(keep.shape, bool)
+    np.put_along_axis(rest_mask, kept, False, axis=-1)
+    rest = np.where(rest_mask[:, None, :], logits, -np.inf)
+    compressed = np.concatenate([kept_logits, _logsumexp(rest)], axis=-1).astype(np.float32)
+    return (compressed[0], kept[0]) if single else (compressed, kept)
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
-  top = np.max(x, axis=-1, keepdims=True)
-  top = np.where(np.isfinite(top), top, 0.0)
-  with np.errstate(divide="ignore"):
-    return top + np.log(np.sum(np.exp(x - top), axis=-1, keepdims=True))
+    top = np.max(x, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return top + np.log(np.sum(np.exp(x - top), axis=-1, keepdims=True))

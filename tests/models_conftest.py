@@ -48,6 +48,6 @@ def left_pad(rows: list, pad_id: int, length: int | None = None) -> tuple[np.nda
     ids = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), bool)
     for i, row in enumerate(rows):
-        ids[i, length - len(row):] = row
-        mask[i, length - len(row):] = True
+        ids[i, length - len(row) :] = row
+        mask[i, length - len(row) :] = True
     return ids, mask

@@ -73,9 +73,7 @@ def _log_linear_objective(p, bids, q):
     return float(np.sum(bids[:, None] * terms))
 
 
-@pytest.mark.parametrize(
-    "name,objective", [("linear", _linear_objective), ("log_linear", _log_linear_objective)]
-)
+@pytest.mark.parametrize("name,objective", [("linear", _linear_objective), ("log_linear", _log_linear_objective)])
 def test_rule_is_the_minimiser_of_its_weighted_kl(name, objective, x64):
     rule = RULES[name][0]
     rng = np.random.default_rng(3)
@@ -214,4 +212,9 @@ def test_gradients(name, x64):
 
 
 def test_reexports():
-    assert jaxauction.linear is aggregation.linear and jaxauction.log_linear is aggregation.log_linear
+    assert jaxauction.linear.log_aggregate is aggregation.linear
+    assert jaxauction.log_linear.log_aggregate is aggregation.log_linear
+    # A plain built-in function, a jit of a Rule and a name all resolve to the registered rule.
+    assert jaxauction.as_rule(aggregation.linear) is jaxauction.linear
+    assert jaxauction.as_rule(jax.jit(jaxauction.log_linear)) is jaxauction.log_linear
+    assert jaxauction.as_rule("linear") is jaxauction.linear

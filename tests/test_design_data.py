@@ -4,153 +4,167 @@ coarsening, and the LLM path with its cache (a stand-in model, and the bundled L
 import numpy as np
 import pytest
 
+from jaxauction import prompts
 from jaxauction.design import data
 
 
 def test_dirichlet_auctions_are_reproducible_and_have_dirichlet_moments():
-  alpha, vocab = 0.5, 8
-  batch = data.dirichlet_auctions(3, 500, 4, vocab, concentration=alpha, bid_sigma=0.5, with_base=True)
-  again = data.dirichlet_auctions(3, 500, 4, vocab, concentration=alpha, bid_sigma=0.5, with_base=True)
-  other = data.dirichlet_auctions(4, 500, 4, vocab, concentration=alpha, bid_sigma=0.5, with_base=True)
-  np.testing.assert_array_equal(batch.logits, again.logits)
-  np.testing.assert_array_equal(batch.bids, again.bids)
-  assert not np.array_equal(batch.logits, other.logits)
-  assert batch.logits.shape == (500, 4, vocab) and batch.bids.shape == (500, 4) and batch.base_logits.shape == (500, vocab)
+    alpha, vocab = 0.5, 8
+    batch = data.dirichlet_auctions(3, 500, 4, vocab, concentration=alpha, bid_sigma=0.5, with_base=True)
+    again = data.dirichlet_auctions(3, 500, 4, vocab, concentration=alpha, bid_sigma=0.5, with_base=True)
+    other = data.dirichlet_auctions(4, 500, 4, vocab, concentration=alpha, bid_sigma=0.5, with_base=True)
+    np.testing.assert_array_equal(batch.logits, again.logits)
+    np.testing.assert_array_equal(batch.bids, again.bids)
+    assert not np.array_equal(batch.logits, other.logits)
+    assert (
+        batch.logits.shape == (500, 4, vocab)
+        and batch.bids.shape == (500, 4)
+        and batch.base_logits.shape == (500, vocab)
+    )
 
-  p = np.exp(np.asarray(batch.logits, np.float64)).reshape(-1, vocab)
-  np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
-  count = p.shape[0]
-  mean, variance = 1 / vocab, (1 / vocab) * (1 - 1 / vocab) / (vocab * alpha + 1)
-  assert np.all(np.abs(p.mean(0) - mean) < 5 * np.sqrt(variance / count))
-  # The sample variance of each component: its standard error from the 4th central moment.
-  fourth = np.mean((p - p.mean(0)) ** 4, axis=0)
-  assert np.all(np.abs(p.var(0) - variance) < 5 * np.sqrt((fourth - variance**2) / count))
+    p = np.exp(np.asarray(batch.logits, np.float64)).reshape(-1, vocab)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+    count = p.shape[0]
+    mean, variance = 1 / vocab, (1 / vocab) * (1 - 1 / vocab) / (vocab * alpha + 1)
+    assert np.all(np.abs(p.mean(0) - mean) < 5 * np.sqrt(variance / count))
+    # The sample variance of each component: its standard error from the 4th central moment.
+    fourth = np.mean((p - p.mean(0)) ** 4, axis=0)
+    assert np.all(np.abs(p.var(0) - variance) < 5 * np.sqrt((fourth - variance**2) / count))
 
-  log_bids = np.log(np.asarray(batch.bids, np.float64)).ravel()
-  assert abs(log_bids.mean()) < 5 * 0.5 / np.sqrt(log_bids.size)
-  assert abs(log_bids.std() - 0.5) < 5 * 0.5 / np.sqrt(2 * log_bids.size)
+    log_bids = np.log(np.asarray(batch.bids, np.float64)).ravel()
+    assert abs(log_bids.mean()) < 5 * 0.5 / np.sqrt(log_bids.size)
+    assert abs(log_bids.std() - 0.5) < 5 * 0.5 / np.sqrt(2 * log_bids.size)
 
 
 def test_make_batch_validates_with_named_arguments():
-  logits, bids = np.zeros((2, 3, 4)), np.ones((2, 3))
-  assert data.make_batch(logits, bids).num_agents == 3
-  with pytest.raises(ValueError, match=r"logits must have shape \[A, n, V\]"):
-    data.make_batch(np.zeros((3, 4)), bids)
-  with pytest.raises(ValueError, match=r"bids must have shape \[A, n\] = \(2, 3\)"):
-    data.make_batch(logits, np.ones((2, 2)))
-  with pytest.raises(ValueError, match="bids"):
-    data.make_batch(logits, -bids)
-  with pytest.raises(ValueError, match="NaN"):
-    data.make_batch(np.full((2, 3, 4), np.nan), bids)
-  with pytest.raises(ValueError, match="all -inf"):
-    data.make_batch(np.full((2, 3, 4), -np.inf), bids)
-  with pytest.raises(ValueError, match="base_logits"):
-    data.make_batch(logits, bids, np.zeros((2, 5)))
-  with pytest.raises(ValueError, match="num_agents"):
-    data.dirichlet_auctions(0, 3, 0, 4)
+    logits, bids = np.zeros((2, 3, 4)), np.ones((2, 3))
+    assert data.make_batch(logits, bids).num_agents == 3
+    with pytest.raises(ValueError, match=r"logits must have shape \[A, n, V\]"):
+        data.make_batch(np.zeros((3, 4)), bids)
+    with pytest.raises(ValueError, match=r"bids must have shape \[A, n\] = \(2, 3\)"):
+        data.make_batch(logits, np.ones((2, 2)))
+    with pytest.raises(ValueError, match="bids"):
+        data.make_batch(logits, -bids)
+    with pytest.raises(ValueError, match="NaN"):
+        data.make_batch(np.full((2, 3, 4), np.nan), bids)
+    with pytest.raises(ValueError, match="all -inf"):
+        data.make_batch(np.full((2, 3, 4), -np.inf), bids)
+    with pytest.raises(ValueError, match="base_logits"):
+        data.make_batch(logits, bids, np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="num_agents"):
+        data.dirichlet_auctions(0, 3, 0, 4)
 
 
 def test_save_and_load_round_trip(tmp_path):
-  batch = data.dirichlet_auctions(0, 5, 2, 3, with_base=True)
-  path = data.save_batch(tmp_path / "batch.npz", batch, {"note": "x"})
-  loaded, metadata = data.load_batch(path)
-  for name in ("logits", "bids", "base_logits"):
-    np.testing.assert_array_equal(getattr(loaded, name), getattr(batch, name))
-  assert metadata == {"note": "x"}
-  assert [p.name for p in tmp_path.iterdir()] == ["batch.npz"]  # no temporary file left behind
-  without_base = data.save_batch(tmp_path / "plain.npz", data.dirichlet_auctions(0, 5, 2, 3))
-  assert data.load_batch(without_base)[0].base_logits is None
+    batch = data.dirichlet_auctions(0, 5, 2, 3, with_base=True)
+    path = data.save_batch(tmp_path / "batch.npz", batch, {"note": "x"})
+    loaded, metadata = data.load_batch(path)
+    for name in ("logits", "bids", "base_logits"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(batch, name))
+    assert metadata == {"note": "x"}
+    assert [p.name for p in tmp_path.iterdir()] == ["batch.npz"]  # no temporary file left behind
+    without_base = data.save_batch(tmp_path / "plain.npz", data.dirichlet_auctions(0, 5, 2, 3))
+    assert data.load_batch(without_base)[0].base_logits is None
 
 
 def test_coarsen_keeps_the_top_tokens_and_lumps_the_rest():
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(3, 50)) * 2
-  log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-  coarse = data.coarsen(log_probs, 5)
-  top = np.argsort(-log_probs.max(0))[:5]
-  np.testing.assert_array_equal(coarse[:, :5], log_probs[:, top])
-  rest = np.ones(50, bool)
-  rest[top] = False
-  np.testing.assert_allclose(np.exp(coarse[:, 5]), np.exp(log_probs[:, rest]).sum(-1), rtol=1e-12)
-  np.testing.assert_allclose(np.exp(coarse).sum(-1), 1.0, rtol=1e-12)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 50)) * 2
+    log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    coarse = data.coarsen(log_probs, 5)
+    top = np.argsort(-log_probs.max(0))[:5]
+    np.testing.assert_array_equal(coarse[:, :5], log_probs[:, top])
+    rest = np.ones(50, bool)
+    rest[top] = False
+    np.testing.assert_allclose(np.exp(coarse[:, 5]), np.exp(log_probs[:, rest]).sum(-1), rtol=1e-12)
+    np.testing.assert_allclose(np.exp(coarse).sum(-1), 1.0, rtol=1e-12)
 
 
 class StandInTokenizer:
-  """Chat template = the characters' codes; just what llm_auctions needs."""
+    """Chat template = the characters' codes; just what llm_auctions needs."""
 
-  pad_token_id = 0
-  eos_token_id = 1
+    pad_token_id = 0
+    eos_token_id = 1
 
-  def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
-    text = "|".join(f"{m['role']}:{m['content']}" for m in messages)
-    return [2 + ord(c) % 20 for c in text]
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        text = "|".join(f"{m['role']}:{m['content']}" for m in messages)
+        return [2 + ord(c) % 20 for c in text]
 
 
 class StandInModel:
-  """``model(input_ids, attention_mask) -> [B, T, V]`` from token counts: deterministic, cheap."""
+    """``model(input_ids, attention_mask) -> [B, T, V]`` from token counts: deterministic, cheap."""
 
-  vocab = 24
+    vocab = 24
 
-  def __init__(self):
-    self.calls = []
+    def __init__(self):
+        self.calls = []
 
-  def __call__(self, input_ids, attention_mask):
-    ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
-    self.calls.append(ids.shape)
-    counts = np.stack([np.bincount(row[m > 0], minlength=self.vocab) for row, m in zip(ids, mask)])
-    logits = np.log1p(counts) * 1.5 + np.sin(np.arange(self.vocab) * (1 + mask.sum(-1, keepdims=True)))
-    return np.broadcast_to(logits[:, None, :], ids.shape + (self.vocab,))
+    def __call__(self, input_ids, attention_mask):
+        ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
+        self.calls.append(ids.shape)
+        counts = np.stack([np.bincount(row[m > 0], minlength=self.vocab) for row, m in zip(ids, mask)])
+        logits = np.log1p(counts) * 1.5 + np.sin(np.arange(self.vocab) * (1 + mask.sum(-1, keepdims=True)))
+        return np.broadcast_to(logits[:, None, :], ids.shape + (self.vocab,))
 
 
 class Refuses:
-  def __call__(self, *args):
-    raise AssertionError("the cache should have been used")
+    def __call__(self, *args):
+        raise AssertionError("the cache should have been used")
 
 
 def test_llm_auctions_with_a_stand_in_model_and_the_cache(tmp_path):
-  model = StandInModel()
-  settings = dict(advertisers=("ad one", "ad two", "ad three"), query="q", steps=3, top_k=6, num_bid_profiles=2)
-  batch = data.llm_auctions(tmp_path / "cache.npz", model=(model, StandInTokenizer()), model_id="stand-in", **settings)
-  # 3 groups x 3 steps auctions, each with 2 bid profiles; 2 agents; top 6 tokens + "other".
-  assert batch.logits.shape == (18, 2, 7) and batch.bids.shape == (18, 2) and batch.base_logits.shape == (18, 7)
-  np.testing.assert_allclose(np.exp(np.asarray(batch.logits, np.float64)).sum(-1), 1.0, atol=1e-5)
-  np.testing.assert_array_equal(batch.logits[0], batch.logits[1])  # same auction, two bid profiles
-  assert not np.array_equal(batch.bids[0], batch.bids[1])
-  widths = [shape[1] for shape in model.calls]
-  assert widths == [widths[0], widths[0] + 1, widths[0] + 2]  # the shared continuation grows
-  assert not np.array_equal(batch.logits[0], batch.logits[2])  # the next step's distributions differ
+    model = StandInModel()
+    settings = dict(advertisers=("ad one", "ad two", "ad three"), query="q", steps=3, top_k=6, num_bid_profiles=2)
+    batch = data.llm_auctions(
+        tmp_path / "cache.npz", model=(model, StandInTokenizer()), model_id="stand-in", **settings
+    )
+    # 3 groups x 3 steps auctions, each with 2 bid profiles; 2 agents; top 6 tokens + "other".
+    assert batch.logits.shape == (18, 2, 7) and batch.bids.shape == (18, 2) and batch.base_logits.shape == (18, 7)
+    np.testing.assert_allclose(np.exp(np.asarray(batch.logits, np.float64)).sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(batch.logits[0], batch.logits[1])  # same auction, two bid profiles
+    assert not np.array_equal(batch.bids[0], batch.bids[1])
+    widths = [shape[1] for shape in model.calls]
+    assert widths == [widths[0], widths[0] + 1, widths[0] + 2]  # the shared continuation grows
+    assert not np.array_equal(batch.logits[0], batch.logits[2])  # the next step's distributions differ
 
-  cached = data.llm_auctions(tmp_path / "cache.npz", model=(Refuses(), StandInTokenizer()), model_id="stand-in", **settings)
-  np.testing.assert_array_equal(cached.logits, batch.logits)
-  np.testing.assert_array_equal(cached.bids, batch.bids)
-  rebuilt = data.llm_auctions(tmp_path / "cache.npz", model=(StandInModel(), StandInTokenizer()), model_id="stand-in", **{**settings, "seed": 1})
-  assert not np.array_equal(rebuilt.bids, batch.bids)
-  with pytest.raises(ValueError, match="agents_per_auction"):
-    data.llm_auctions(tmp_path / "x.npz", agents_per_auction=4, **settings)
+    cached = data.llm_auctions(
+        tmp_path / "cache.npz", model=(Refuses(), StandInTokenizer()), model_id="stand-in", **settings
+    )
+    np.testing.assert_array_equal(cached.logits, batch.logits)
+    np.testing.assert_array_equal(cached.bids, batch.bids)
+    rebuilt = data.llm_auctions(
+        tmp_path / "cache.npz",
+        model=(StandInModel(), StandInTokenizer()),
+        model_id="stand-in",
+        **{**settings, "seed": 1},
+    )
+    assert not np.array_equal(rebuilt.bids, batch.bids)
+    with pytest.raises(ValueError, match="agents_per_auction"):
+        data.llm_auctions(tmp_path / "x.npz", agents_per_auction=4, **settings)
 
 
 @pytest.mark.slow
 def test_llm_auctions_from_the_bundled_model(tmp_path, monkeypatch):
-  """The default model is loaded lazily; the first step equals a direct forward pass on the prompts."""
-  from jaxauction import models
+    """The default model is loaded lazily; the first step equals a direct forward pass on the prompts."""
+    from jaxauction import models
 
-  model, tokenizer = models.load()
-  sources = []
-  monkeypatch.setattr(models, "load", lambda *args: sources.append(args) or (model, tokenizer))  # load once
-  settings = dict(advertisers=data.DEFAULT_ADVERTISERS[:2], steps=2, top_k=8, num_bid_profiles=1)
-  batch = data.llm_auctions(tmp_path / "kv.npz", **settings)
-  assert sources == [()]  # llm_auctions asked for the bundled default
-  assert batch.logits.shape == (4, 2, 9) and batch.base_logits.shape == (4, 9)
-  probabilities = np.exp(np.asarray(batch.logits, np.float64))
-  np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
-  assert np.abs(probabilities[0, 0] - probabilities[0, 1]).max() > 0.05  # the two ads differ
-  assert not np.allclose(probabilities[0], probabilities[1], atol=1e-3)  # the next step differs
+    model, tokenizer = models.load()
+    sources = []
+    monkeypatch.setattr(models, "load", lambda *args: sources.append(args) or (model, tokenizer))  # load once
+    settings = dict(advertisers=data.DEFAULT_ADVERTISERS[:2], steps=2, top_k=8, num_bid_profiles=1)
+    batch = data.llm_auctions(tmp_path / "kv.npz", **settings)
+    assert sources == [()]  # llm_auctions asked for the bundled default
+    assert batch.logits.shape == (4, 2, 9) and batch.base_logits.shape == (4, 9)
+    probabilities = np.exp(np.asarray(batch.logits, np.float64))
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
+    assert np.abs(probabilities[0, 0] - probabilities[0, 1]).max() > 0.05  # the two ads differ
+    assert not np.allclose(probabilities[0], probabilities[1], atol=1e-3)  # the next step differs
 
-  system = f"You are a copywriter. {data.DEFAULT_QUERY}"
-  rows = [data._chat_ids(tokenizer, system, text) for text in settings["advertisers"]]
-  rows.append(data._chat_ids(tokenizer, None, data.DEFAULT_QUERY))
-  input_ids, attention_mask = data._left_pad(rows, tokenizer.pad_token_id)
-  logits = np.asarray(models.CompiledLlama(model)(input_ids, attention_mask)[:, -1], np.float64)
-  direct = data.coarsen(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True), 8)
-  np.testing.assert_allclose(probabilities[0], np.exp(direct[:2]), atol=1e-4)
-  np.testing.assert_allclose(np.exp(np.asarray(batch.base_logits[0], np.float64)), np.exp(direct[2]), atol=1e-4)
+    system = f"You are a copywriter. {data.DEFAULT_QUERY}"
+    rows = [data._chat_ids(tokenizer, system, text) for text in settings["advertisers"]]
+    rows.append(data._chat_ids(tokenizer, None, data.DEFAULT_QUERY))
+    input_ids, attention_mask = prompts.left_pad(rows, tokenizer.pad_token_id, bucket=1)
+    logits = np.asarray(models.CompiledLlama(model)(input_ids, attention_mask)[:, -1], np.float64)
+    direct = data.coarsen(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True), 8)
+    np.testing.assert_allclose(probabilities[0], np.exp(direct[:2]), atol=1e-4)
+    np.testing.assert_allclose(np.exp(np.asarray(batch.base_logits[0], np.float64)), np.exp(direct[2]), atol=1e-4)

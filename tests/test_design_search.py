@@ -10,195 +10,195 @@ import optax
 import pytest
 
 from jaxauction.design import (
-  Bounds,
-  Constraint,
-  PowerMeanParams,
-  augmented_lagrangian,
-  bind,
-  checkpoint,
-  dirichlet_auctions,
-  objectives,
-  search,
-  trainable_mask,
+    Bounds,
+    Constraint,
+    PowerMeanParams,
+    augmented_lagrangian,
+    bind,
+    checkpoint,
+    dirichlet_auctions,
+    objectives,
+    search,
+    trainable_mask,
 )
 
 TARGET = {"a": jnp.asarray(1.5), "b": jnp.asarray([-0.5, 2.0])}
 
 
 def quadratic(params, data):
-  """Maximised at TARGET (value 0)."""
-  return -((params["a"] - TARGET["a"]) ** 2) - jnp.sum((params["b"] - TARGET["b"]) ** 2)
+    """Maximised at TARGET (value 0)."""
+    return -((params["a"] - TARGET["a"]) ** 2) - jnp.sum((params["b"] - TARGET["b"]) ** 2)
 
 
 def cap_a(params, data):
-  return params["a"]
+    return params["a"]
 
 
 START = {"a": jnp.asarray(0.0), "b": jnp.zeros(2)}
 
 
 def test_search_recovers_the_optimum_of_a_quadratic():
-  result = search(quadratic, START, steps=300, learning_rate=0.05, progress=False)
-  np.testing.assert_allclose(result.params["a"], 1.5, atol=1e-3)
-  np.testing.assert_allclose(result.params["b"], [-0.5, 2.0], atol=1e-3)
-  assert result.step == 300
-  assert set(result.history) == {"step", "loss", "objective", "constraint", "multiplier", "param['a']"}
-  assert all(len(values) == 300 for values in result.history.values())
-  np.testing.assert_array_equal(result.history["step"], np.arange(300))
-  assert result.history["objective"][-1] > result.history["objective"][0]
-  np.testing.assert_allclose(result.history["objective"], -result.history["loss"])
+    result = search(quadratic, START, steps=300, learning_rate=0.05, progress=False)
+    np.testing.assert_allclose(result.params["a"], 1.5, atol=1e-3)
+    np.testing.assert_allclose(result.params["b"], [-0.5, 2.0], atol=1e-3)
+    assert result.step == 300
+    assert set(result.history) == {"step", "loss", "objective", "constraint", "multiplier", "param['a']"}
+    assert all(len(values) == 300 for values in result.history.values())
+    np.testing.assert_array_equal(result.history["step"], np.arange(300))
+    assert result.history["objective"][-1] > result.history["objective"][0]
+    np.testing.assert_allclose(result.history["objective"], -result.history["loss"])
 
 
 def test_constrained_search_stops_at_the_budget_with_the_kkt_multiplier():
-  """max -(a - 1.5)^2 s.t. a <= 1: optimum a = 1, multiplier = d/da of the objective there = 1."""
-  constraint = Constraint(cap_a, budget=1.0, penalty=10.0, multiplier_every=20)
-  result = search(quadratic, START, steps=500, learning_rate=0.05, constraint=constraint, progress=False)
-  np.testing.assert_allclose(result.params["a"], 1.0, atol=1e-3)
-  np.testing.assert_allclose(result.params["b"], [-0.5, 2.0], atol=1e-3)
-  np.testing.assert_allclose(result.multiplier, 1.0, atol=1e-2)
-  np.testing.assert_allclose(result.history["constraint"][-1], float(result.history["param['a']"][-1]))
+    """max -(a - 1.5)^2 s.t. a <= 1: optimum a = 1, multiplier = d/da of the objective there = 1."""
+    constraint = Constraint(cap_a, budget=1.0, penalty=10.0, multiplier_every=20)
+    result = search(quadratic, START, steps=500, learning_rate=0.05, constraint=constraint, progress=False)
+    np.testing.assert_allclose(result.params["a"], 1.0, atol=1e-3)
+    np.testing.assert_allclose(result.params["b"], [-0.5, 2.0], atol=1e-3)
+    np.testing.assert_allclose(result.multiplier, 1.0, atol=1e-2)
+    np.testing.assert_allclose(result.history["constraint"][-1], float(result.history["param['a']"][-1]))
 
 
 def test_augmented_lagrangian_matches_its_definition():
-  for slack, multiplier, penalty in [(-1.0, 0.0, 2.0), (0.5, 0.3, 4.0), (-0.05, 1.0, 10.0)]:
-    want = (max(0.0, multiplier + penalty * slack) ** 2 - multiplier**2) / (2 * penalty)
-    np.testing.assert_allclose(augmented_lagrangian(jnp.asarray(slack), jnp.asarray(multiplier), penalty), want)
+    for slack, multiplier, penalty in [(-1.0, 0.0, 2.0), (0.5, 0.3, 4.0), (-0.05, 1.0, 10.0)]:
+        want = (max(0.0, multiplier + penalty * slack) ** 2 - multiplier**2) / (2 * penalty)
+        np.testing.assert_allclose(augmented_lagrangian(jnp.asarray(slack), jnp.asarray(multiplier), penalty), want)
 
 
 def test_frozen_parameters_and_bounds():
-  result = search(
-    quadratic,
-    START,
-    steps=200,
-    learning_rate=0.1,
-    trainable={"a": True, "b": False},
-    bounds=({"a": jnp.asarray(-1.0), "b": jnp.full(2, -1.0)}, {"a": jnp.asarray(1.2), "b": jnp.full(2, 1.0)}),
-    progress=False,
-  )
-  np.testing.assert_array_equal(result.params["b"], [0.0, 0.0])
-  np.testing.assert_allclose(result.params["a"], 1.2)
+    result = search(
+        quadratic,
+        START,
+        steps=200,
+        learning_rate=0.1,
+        trainable={"a": True, "b": False},
+        bounds=({"a": jnp.asarray(-1.0), "b": jnp.full(2, -1.0)}, {"a": jnp.asarray(1.2), "b": jnp.full(2, 1.0)}),
+        progress=False,
+    )
+    np.testing.assert_array_equal(result.params["b"], [0.0, 0.0])
+    np.testing.assert_allclose(result.params["a"], 1.2)
 
 
 def test_search_recovers_a_power_mean_from_its_outputs():
-  """Minimising the KL to a rule of the family, from the linear rule, finds that rule's parameters."""
-  batch = dirichlet_auctions(0, 32, 3, 8)
-  truth = PowerMeanParams.create(rho=0.4, gamma=1.5, temperature=0.8)
-  reference = bind(truth)
-  result = search(
-    lambda params, data: objectives.distance(params, data, reference=reference),
-    PowerMeanParams.linear(),
-    batch,
-    steps=400,
-    maximize=False,
-    optimizer=optax.adam(0.03),
-    trainable=trainable_mask(("rho", "gamma", "temperature")),
-    bounds=Bounds.create(),
-    progress=False,
-  )
-  found = result.params.to_dict()
-  for name in ("rho", "gamma", "temperature"):
-    np.testing.assert_allclose(found[name], truth.to_dict()[name], atol=0.02, err_msg=name)
-  assert found["base_bid"] == 0.0
-  assert result.history["objective"][-1] < 1e-5
+    """Minimising the KL to a rule of the family, from the linear rule, finds that rule's parameters."""
+    batch = dirichlet_auctions(0, 32, 3, 8)
+    truth = PowerMeanParams.create(rho=0.4, gamma=1.5, temperature=0.8)
+    reference = bind(truth)
+    result = search(
+        lambda params, data: objectives.distance(params, data, reference=reference),
+        PowerMeanParams.linear(),
+        batch,
+        steps=400,
+        maximize=False,
+        optimizer=optax.adam(0.03),
+        trainable=trainable_mask(("rho", "gamma", "temperature")),
+        bounds=Bounds.create(),
+        progress=False,
+    )
+    found = result.params.to_dict()
+    for name in ("rho", "gamma", "temperature"):
+        np.testing.assert_allclose(found[name], truth.to_dict()[name], atol=0.02, err_msg=name)
+    assert found["base_bid"] == 0.0
+    assert result.history["objective"][-1] < 1e-5
 
 
 class Interrupt(Exception):
-  pass
+    pass
 
 
 def reverse_welfare(params, batch):
-  return objectives.welfare(params, batch, valuation="reverse")
+    return objectives.welfare(params, batch, valuation="reverse")
 
 
 ADAM = optax.adam(0.02)  # one object: repeated searches reuse one compiled step
 
 
 def constrained_design_search(batch, path=None, callback=None, steps=30):
-  """Log-linear's welfare (maximised at rho = 0, which is not monotone) under a violation budget,
-  with minibatches, bounds and frozen parameters: every part of the search state."""
-  return search(
-    reverse_welfare,
-    PowerMeanParams.create(rho=0.5, base_bid=0.2),
-    batch,
-    steps=steps,
-    constraint=Constraint(objectives.violation, budget=1e-6, penalty=1e3, multiplier_every=4),
-    optimizer=ADAM,
-    trainable=trainable_mask(("rho", "gamma", "base_bid")),
-    bounds=Bounds.create(),
-    batch_size=6,
-    seed=7,
-    checkpoint=path,
-    checkpoint_every=10,
-    progress=False,
-    callback=callback,
-  )
+    """Log-linear's welfare (maximised at rho = 0, which is not monotone) under a violation budget,
+    with minibatches, bounds and frozen parameters: every part of the search state."""
+    return search(
+        reverse_welfare,
+        PowerMeanParams.create(rho=0.5, base_bid=0.2),
+        batch,
+        steps=steps,
+        constraint=Constraint(objectives.violation, budget=1e-6, penalty=1e3, multiplier_every=4),
+        optimizer=ADAM,
+        trainable=trainable_mask(("rho", "gamma", "base_bid")),
+        bounds=Bounds.create(),
+        batch_size=6,
+        seed=7,
+        checkpoint=path,
+        checkpoint_every=10,
+        progress=False,
+        callback=callback,
+    )
 
 
 def test_resuming_an_interrupted_search_gives_the_same_final_parameters(tmp_path):
-  batch = dirichlet_auctions(1, 12, 2, 6, with_base=True)
-  uninterrupted = constrained_design_search(batch)
+    batch = dirichlet_auctions(1, 12, 2, 6, with_base=True)
+    uninterrupted = constrained_design_search(batch)
 
-  path, killed = tmp_path / "search.npz", tmp_path / "killed.npz"
+    path, killed = tmp_path / "search.npz", tmp_path / "killed.npz"
 
-  def stop_at_23(step, record):
-    if step == 23:
-      shutil.copy(path, killed)  # what a hard kill would leave: the periodic checkpoint of step 20
-      raise Interrupt
+    def stop_at_23(step, record):
+        if step == 23:
+            shutil.copy(path, killed)  # what a hard kill would leave: the periodic checkpoint of step 20
+            raise Interrupt
 
-  with pytest.raises(Interrupt):
-    constrained_design_search(batch, path, stop_at_23)
-  assert checkpoint.load(path, *template(batch)).step == 23  # written on the way out
-  assert checkpoint.load(killed, *template(batch)).step == 20
+    with pytest.raises(Interrupt):
+        constrained_design_search(batch, path, stop_at_23)
+    assert checkpoint.load(path, *template(batch)).step == 23  # written on the way out
+    assert checkpoint.load(killed, *template(batch)).step == 20
 
-  for resumed in (constrained_design_search(batch, path), constrained_design_search(batch, killed)):
-    assert resumed.step == 30
-    for name, value in uninterrupted.params.to_dict().items():
-      assert resumed.params.to_dict()[name] == value, name
-    for name, values in uninterrupted.history.items():
-      np.testing.assert_array_equal(resumed.history[name], values, err_msg=name)
-    assert resumed.multiplier == uninterrupted.multiplier
-  assert uninterrupted.multiplier > 0  # the budget binds: the multiplier path is exercised
-  saved = checkpoint.load(path, *template(batch))
-  assert saved.step == 30 and len(saved.history["loss"]) == 30
+    for resumed in (constrained_design_search(batch, path), constrained_design_search(batch, killed)):
+        assert resumed.step == 30
+        for name, value in uninterrupted.params.to_dict().items():
+            assert resumed.params.to_dict()[name] == value, name
+        for name, values in uninterrupted.history.items():
+            np.testing.assert_array_equal(resumed.history[name], values, err_msg=name)
+        assert resumed.multiplier == uninterrupted.multiplier
+    assert uninterrupted.multiplier > 0  # the budget binds: the multiplier path is exercised
+    saved = checkpoint.load(path, *template(batch))
+    assert saved.step == 30 and len(saved.history["loss"]) == 30
 
-  # A finished search resumes to itself; asking for more steps continues it.
-  again = constrained_design_search(batch, path)
-  assert again.params.to_dict() == uninterrupted.params.to_dict()
-  longer = constrained_design_search(batch, path, steps=32)
-  assert longer.step == 32 and len(longer.history["step"]) == 32
+    # A finished search resumes to itself; asking for more steps continues it.
+    again = constrained_design_search(batch, path)
+    assert again.params.to_dict() == uninterrupted.params.to_dict()
+    longer = constrained_design_search(batch, path, steps=32)
+    assert longer.step == 32 and len(longer.history["step"]) == 32
 
 
 def template(batch):
-  """Parameters and optimiser state with the structure of constrained_design_search's."""
-  params = PowerMeanParams.create(rho=0.5, base_bid=0.2)
-  labels = jax.tree.map(lambda flag: "train" if flag else "frozen", trainable_mask(("rho", "gamma", "base_bid")))
-  optimizer = optax.multi_transform({"train": ADAM, "frozen": optax.set_to_zero()}, labels)
-  return params, optimizer.init(params)
+    """Parameters and optimiser state with the structure of constrained_design_search's."""
+    params = PowerMeanParams.create(rho=0.5, base_bid=0.2)
+    labels = jax.tree.map(lambda flag: "train" if flag else "frozen", trainable_mask(("rho", "gamma", "base_bid")))
+    optimizer = optax.multi_transform({"train": ADAM, "frozen": optax.set_to_zero()}, labels)
+    return params, optimizer.init(params)
 
 
 def test_checkpoint_of_another_search_is_refused(tmp_path):
-  path = tmp_path / "quadratic.npz"
-  search(quadratic, START, steps=3, checkpoint=path, progress=False)
-  with pytest.raises(ValueError, match="settings"):
-    search(quadratic, START, steps=5, checkpoint=path, seed=1, progress=False)
-  with pytest.raises(ValueError, match="structure"):
-    search(lambda p, d: -jnp.sum(p["b"] ** 2), {"b": jnp.zeros(2)}, steps=5, checkpoint=path, progress=False)
-  (tmp_path / "garbage.npz").write_bytes(b"not a checkpoint")
-  with pytest.raises(ValueError, match="garbage.npz"):
-    search(quadratic, START, steps=5, checkpoint=tmp_path / "garbage.npz", progress=False)
+    path = tmp_path / "quadratic.npz"
+    search(quadratic, START, steps=3, checkpoint=path, progress=False)
+    with pytest.raises(ValueError, match="settings"):
+        search(quadratic, START, steps=5, checkpoint=path, seed=1, progress=False)
+    with pytest.raises(ValueError, match="structure"):
+        search(lambda p, d: -jnp.sum(p["b"] ** 2), {"b": jnp.zeros(2)}, steps=5, checkpoint=path, progress=False)
+    (tmp_path / "garbage.npz").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.npz"):
+        search(quadratic, START, steps=5, checkpoint=tmp_path / "garbage.npz", progress=False)
 
 
 def test_invalid_settings_raise():
-  with pytest.raises(ValueError, match="steps"):
-    search(quadratic, START, steps=-1)
-  with pytest.raises(ValueError, match="batch_size"):
-    search(quadratic, START, {"x": jnp.zeros((4, 2))}, steps=1, batch_size=5)
-  with pytest.raises(ValueError, match="penalty"):
-    Constraint(cap_a, budget=1.0, penalty=0.0)
-  with pytest.raises(ValueError, match="budget"):
-    Constraint(cap_a, budget=float("nan"))
+    with pytest.raises(ValueError, match="steps"):
+        search(quadratic, START, steps=-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        search(quadratic, START, {"x": jnp.zeros((4, 2))}, steps=1, batch_size=5)
+    with pytest.raises(ValueError, match="penalty"):
+        Constraint(cap_a, budget=1.0, penalty=0.0)
+    with pytest.raises(ValueError, match="budget"):
+        Constraint(cap_a, budget=float("nan"))
 
 
 def test_progress_bar_reports_to_stderr(capsys):
-  search(quadratic, START, steps=5, progress=True, description="quadratic")
-  assert "quadratic" in capsys.readouterr().err
+    search(quadratic, START, steps=5, progress=True, description="quadratic")
+    assert "quadratic" in capsys.readouterr().err

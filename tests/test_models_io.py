@@ -145,9 +145,14 @@ def _random_weight(name: str, config: jm.LlamaConfig, rng: np.random.Generator) 
     """A random float32 tensor of the shape Hugging Face uses for ``name`` (``[out, in]``)."""
     D, F, hd = config.hidden_size, config.intermediate_size, config.head_dim
     shapes = {
-        "embed_tokens": (config.vocab_size, D), "q_proj": (config.num_heads * hd, D),
-        "k_proj": (config.num_kv_heads * hd, D), "v_proj": (config.num_kv_heads * hd, D),
-        "o_proj": (D, config.num_heads * hd), "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F),
+        "embed_tokens": (config.vocab_size, D),
+        "q_proj": (config.num_heads * hd, D),
+        "k_proj": (config.num_kv_heads * hd, D),
+        "v_proj": (config.num_kv_heads * hd, D),
+        "o_proj": (D, config.num_heads * hd),
+        "gate_proj": (F, D),
+        "up_proj": (F, D),
+        "down_proj": (D, F),
     }
     if "norm" in name:
         return (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32)
@@ -167,9 +172,20 @@ def _tiny_gguf(path: Path, *, arch: str = "llama", tokenizer_model: str = "gpt2"
     merges = ["Ġ t", "h e", "Ġt he", "l l"]
     tokens = specials + alphabet + [m.replace(" ", "") for m in merges]
     config = jm.LlamaConfig(
-        vocab_size=len(tokens) + 5, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10_000.0,
-        tie_word_embeddings=True, eos_token_ids=(2,), bos_token_id=1, pad_token_id=0,
+        vocab_size=len(tokens) + 5,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10_000.0,
+        tie_word_embeddings=True,
+        eos_token_ids=(2,),
+        bos_token_id=1,
+        pad_token_id=0,
     )
     rng = np.random.default_rng(0)
     hf = {name: _random_weight(name, config, rng) for name in jm.params.hf_weight_names(config)}
@@ -403,8 +419,16 @@ def test_unsupported_sources(tmp_path, monkeypatch):
 
 
 def test_config_validation():
-    base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=4, num_kv_heads=2,
-                head_dim=2, max_position_embeddings=16)
+    base = dict(
+        vocab_size=10,
+        hidden_size=8,
+        intermediate_size=16,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=2,
+        max_position_embeddings=16,
+    )
     jm.LlamaConfig(**base)
     with pytest.raises(ValueError, match="num_heads=4 must be a multiple of num_kv_heads=3"):
         jm.LlamaConfig(**{**base, "num_kv_heads": 3})

@@ -66,81 +66,79 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def four_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  completed = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                             env=env, timeout=600)
-  assert completed.returncode == 0, completed.stderr[-3000:]
-  return json.loads(completed.stdout.strip().splitlines()[-1])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    completed = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def test_sharded_simulation_equals_one_device(four_devices):
-  one, four = four_devices["sim_one"], four_devices["sim_four"]
-  np.testing.assert_allclose(four[0], one[0], rtol=1e-6, atol=1e-9)
-  np.testing.assert_allclose(four[1], one[1], rtol=1e-6, atol=1e-9)
-  assert four[2] == one[2]
-  assert four_devices["sim_devices"] == 4
+    one, four = four_devices["sim_one"], four_devices["sim_four"]
+    np.testing.assert_allclose(four[0], one[0], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(four[1], one[1], rtol=1e-6, atol=1e-9)
+    assert four[2] == one[2]
+    assert four_devices["sim_devices"] == 4
 
 
 def test_sharded_generation_equals_one_device(four_devices):
-  one, four = four_devices["gen_one"], four_devices["gen_four"]
-  assert four[0] == one[0] and four[2] == one[2]
-  # Same tokens; payments equal up to float32 rounding (XLA tiles the per-device batch differently).
-  np.testing.assert_allclose(four[1], one[1], rtol=1e-5, atol=1e-8)
+    one, four = four_devices["gen_one"], four_devices["gen_four"]
+    assert four[0] == one[0] and four[2] == one[2]
+    # Same tokens; payments equal up to float32 rounding (XLA tiles the per-device batch differently).
+    np.testing.assert_allclose(four[1], one[1], rtol=1e-5, atol=1e-8)
 
 
 def test_pad_and_shard_helpers_on_one_device():
-  mesh = sharding.auction_mesh(jax.devices()[:1])
-  x = np.arange(6.0).reshape(3, 2)
-  padded = sharding.pad_batch(x, 5)
-  np.testing.assert_array_equal(padded[3:], [[4.0, 5.0], [4.0, 5.0]])
-  assert sharding.padded_size(3, mesh) == 3 and sharding.padded_size(3, None) == 3
-  placed = sharding.shard_batch(padded, mesh)
-  np.testing.assert_array_equal(np.asarray(placed), padded)
-  with pytest.raises(ValueError, match="more than size"):
-    sharding.pad_batch(x, 2)
+    mesh = sharding.auction_mesh(jax.devices()[:1])
+    x = np.arange(6.0).reshape(3, 2)
+    padded = sharding.pad_batch(x, 5)
+    np.testing.assert_array_equal(padded[3:], [[4.0, 5.0], [4.0, 5.0]])
+    assert sharding.padded_size(3, mesh) == 3 and sharding.padded_size(3, None) == 3
+    placed = sharding.shard_batch(padded, mesh)
+    np.testing.assert_array_equal(np.asarray(placed), padded)
+    with pytest.raises(ValueError, match="more than size"):
+        sharding.pad_batch(x, 2)
 
 
 def test_simulation_matches_core_mechanism_and_validates():
-  rng = np.random.default_rng(1)
-  logits = rng.normal(size=(2, 3, 20))
-  bids = rng.exponential(size=(7, 3))
-  index = rng.integers(0, 2, size=7)
-  result = simulation.simulate(logits, bids, index=index, chunk_size=3, progress=False)
-  from jaxauction import payments
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 3, 20))
+    bids = rng.exponential(size=(7, 3))
+    index = rng.integers(0, 2, size=7)
+    result = simulation.simulate(logits, bids, index=index, chunk_size=3, progress=False)
+    from jaxauction import payments
 
-  expected = payments.linear_closed_form(logits[index], bids)
-  np.testing.assert_allclose(result.payments, expected, rtol=1e-3, atol=1e-6)
-  p = np.exp(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))[index]
-  lam = bids / bids.sum(-1, keepdims=True)
-  q = np.einsum("an,anv->av", lam, p)
-  values = -np.sum(p * (np.log(p) - np.log(q[:, None])), axis=-1)
-  np.testing.assert_allclose(result.values, values, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(result.welfare, np.sum(bids * values, -1), rtol=1e-4, atol=1e-6)
-  np.testing.assert_array_equal(result.favoured, values.argmax(-1))
-  with pytest.raises(ValueError, match=r"bids: expected shape \[A, n\] with n = 3"):
-    simulation.simulate(logits, bids[:, :2], progress=False)
-  with pytest.raises(ValueError, match="index: expected shape"):
-    simulation.simulate(logits, bids, index=np.full(7, 5), progress=False)
-  with pytest.raises(ValueError, match="rule: unknown rule"):
-    simulation.simulate(logits, bids, rule="cubic", progress=False)
+    expected = payments.linear_closed_form(logits[index], bids)
+    np.testing.assert_allclose(result.payments, expected, rtol=1e-3, atol=1e-6)
+    p = np.exp(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))[index]
+    lam = bids / bids.sum(-1, keepdims=True)
+    q = np.einsum("an,anv->av", lam, p)
+    values = -np.sum(p * (np.log(p) - np.log(q[:, None])), axis=-1)
+    np.testing.assert_allclose(result.values, values, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(result.welfare, np.sum(bids * values, -1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(result.favoured, values.argmax(-1))
+    with pytest.raises(ValueError, match=r"bids: expected shape \[A, n\] with n = 3"):
+        simulation.simulate(logits, bids[:, :2], progress=False)
+    with pytest.raises(ValueError, match="index: expected shape"):
+        simulation.simulate(logits, bids, index=np.full(7, 5), progress=False)
+    with pytest.raises(ValueError, match="rule: unknown rule"):
+        simulation.simulate(logits, bids, rule="cubic", progress=False)
 
 
 def test_compress_vocabulary_keeps_mass_and_linear_q():
-  rng = np.random.default_rng(2)
-  logits = rng.normal(size=(3, 2, 400)) * 3
-  compressed, kept = simulation.compress_vocabulary(logits, mass=0.95)
-  assert compressed.shape == (3, 2, kept.shape[1] + 1) and kept.shape[1] < 400
-  p = np.exp(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))
-  p_small = np.exp(compressed - np.log(np.exp(compressed.astype(np.float64)).sum(-1, keepdims=True)))
-  for s in range(3):
-    np.testing.assert_allclose(p_small[s, :, :-1], p[s][:, kept[s]], rtol=1e-5)  # kept tokens exact
-    assert np.all(p[s][:, kept[s]].sum(-1) >= 0.95 - 1e-9)  # each agent keeps at least `mass`
-  bids = rng.exponential(size=(3, 2))
-  from jaxauction import payments
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(3, 2, 400)) * 3
+    compressed, kept = simulation.compress_vocabulary(logits, mass=0.95)
+    assert compressed.shape == (3, 2, kept.shape[1] + 1) and kept.shape[1] < 400
+    p = np.exp(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))
+    p_small = np.exp(compressed - np.log(np.exp(compressed.astype(np.float64)).sum(-1, keepdims=True)))
+    for s in range(3):
+        np.testing.assert_allclose(p_small[s, :, :-1], p[s][:, kept[s]], rtol=1e-5)  # kept tokens exact
+        assert np.all(p[s][:, kept[s]].sum(-1) >= 0.95 - 1e-9)  # each agent keeps at least `mass`
+    bids = rng.exponential(size=(3, 2))
+    from jaxauction import payments
 
-  full = np.asarray(payments.linear_closed_form(logits, bids))
-  small = np.asarray(payments.linear_closed_form(compressed, bids))
-  assert np.max(np.abs(full - small)) <= 0.05 * np.max(bids)  # bounded by the lumped mass
-  with pytest.raises(ValueError, match="mass"):
-    simulation.compress_vocabulary(logits, mass=0.0)
+    full = np.asarray(payments.linear_closed_form(logits, bids))
+    small = np.asarray(payments.linear_closed_form(compressed, bids))
+    assert np.max(np.abs(full - small)) <= 0.05 * np.max(bids)  # bounded by the lumped mass
+    with pytest.raises(ValueError, match="mass"):
+        simulation.compress_vocabulary(logits, mass=0.0)

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from test_core_reference import ref_linear, ref_log_linear
 
 from jaxauction import TokenAuction, aggregation, payments, preferences, sampling

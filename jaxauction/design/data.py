@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxauction import prompts as prompts_lib
 from jaxauction.design.checkpoint import atomic_savez
 
 CACHE_FORMAT = 1
@@ -24,130 +25,130 @@ CACHE_FORMAT = 1
 
 @struct.dataclass
 class AuctionBatch:
-  """``A`` auctions: ``logits [A, n, V]``, ``bids [A, n]``, optional ``base_logits [A, V]``."""
+    """``A`` auctions: ``logits [A, n, V]``, ``bids [A, n]``, optional ``base_logits [A, V]``."""
 
-  logits: jax.Array
-  bids: jax.Array
-  base_logits: jax.Array | None = None
+    logits: jax.Array
+    bids: jax.Array
+    base_logits: jax.Array | None = None
 
-  @property
-  def num_auctions(self) -> int:
-    return self.logits.shape[0]
+    @property
+    def num_auctions(self) -> int:
+        return self.logits.shape[0]
 
-  @property
-  def num_agents(self) -> int:
-    return self.logits.shape[1]
+    @property
+    def num_agents(self) -> int:
+        return self.logits.shape[1]
 
-  @property
-  def vocab_size(self) -> int:
-    return self.logits.shape[2]
+    @property
+    def vocab_size(self) -> int:
+        return self.logits.shape[2]
 
-  def take(self, indices: jax.Array) -> "AuctionBatch":
-    """The auctions at ``indices`` (a minibatch)."""
-    return jax.tree.map(lambda leaf: leaf[indices], self)
+    def take(self, indices: jax.Array) -> AuctionBatch:
+        """The auctions at ``indices`` (a minibatch)."""
+        return jax.tree.map(lambda leaf: leaf[indices], self)
 
 
 def make_batch(logits, bids, base_logits=None, dtype=None) -> AuctionBatch:
-  """Validates arrays (outside jit) and builds an :class:`AuctionBatch`.
+    """Validates arrays (outside jit) and builds an :class:`AuctionBatch`.
 
-  Raises:
-    ValueError: naming the argument, its shape and what is expected.
-  """
-  logits = np.asarray(logits)
-  bids = np.asarray(bids)
-  if logits.ndim != 3 or logits.shape[1] == 0 or logits.shape[2] == 0:
-    raise ValueError(f"logits must have shape [A, n, V] with n, V >= 1, got shape {logits.shape}.")
-  if bids.shape != logits.shape[:2]:
-    raise ValueError(
-      f"bids must have shape [A, n] = {logits.shape[:2]} to match logits {logits.shape}, got {bids.shape}."
+    Raises:
+      ValueError: naming the argument, its shape and what is expected.
+    """
+    logits = np.asarray(logits)
+    bids = np.asarray(bids)
+    if logits.ndim != 3 or logits.shape[1] == 0 or logits.shape[2] == 0:
+        raise ValueError(f"logits must have shape [A, n, V] with n, V >= 1, got shape {logits.shape}.")
+    if bids.shape != logits.shape[:2]:
+        raise ValueError(
+            f"bids must have shape [A, n] = {logits.shape[:2]} to match logits {logits.shape}, got {bids.shape}."
+        )
+    if np.isnan(logits).any() or np.isposinf(logits).any():
+        raise ValueError(f"logits {logits.shape} contain NaN or +inf; only finite values and -inf are allowed.")
+    if np.isneginf(logits).all(axis=-1).any():
+        raise ValueError(f"logits {logits.shape} have a row of all -inf; every agent needs a token it allows.")
+    if not np.isfinite(bids).all() or (bids < 0).any():
+        raise ValueError(f"bids {bids.shape} must be finite and >= 0.")
+    if base_logits is not None:
+        base_logits = np.asarray(base_logits)
+        if base_logits.shape != (logits.shape[0], logits.shape[2]):
+            raise ValueError(
+                f"base_logits must have shape [A, V] = {(logits.shape[0], logits.shape[2])}, got {base_logits.shape}."
+            )
+        if np.isnan(base_logits).any() or np.isposinf(base_logits).any() or np.isneginf(base_logits).all(-1).any():
+            raise ValueError(f"base_logits {base_logits.shape} must be finite or -inf, with a token allowed per row.")
+    dtype = dtype or jnp.result_type(float)
+    return AuctionBatch(
+        logits=jnp.asarray(logits, dtype),
+        bids=jnp.asarray(bids, dtype),
+        base_logits=None if base_logits is None else jnp.asarray(base_logits, dtype),
     )
-  if np.isnan(logits).any() or np.isposinf(logits).any():
-    raise ValueError(f"logits {logits.shape} contain NaN or +inf; only finite values and -inf are allowed.")
-  if np.isneginf(logits).all(axis=-1).any():
-    raise ValueError(f"logits {logits.shape} have a row of all -inf; every agent needs a token it allows.")
-  if not np.isfinite(bids).all() or (bids < 0).any():
-    raise ValueError(f"bids {bids.shape} must be finite and >= 0.")
-  if base_logits is not None:
-    base_logits = np.asarray(base_logits)
-    if base_logits.shape != (logits.shape[0], logits.shape[2]):
-      raise ValueError(
-        f"base_logits must have shape [A, V] = {(logits.shape[0], logits.shape[2])}, got {base_logits.shape}."
-      )
-    if np.isnan(base_logits).any() or np.isposinf(base_logits).any() or np.isneginf(base_logits).all(-1).any():
-      raise ValueError(f"base_logits {base_logits.shape} must be finite or -inf, with a token allowed per row.")
-  dtype = dtype or jnp.result_type(float)
-  return AuctionBatch(
-    logits=jnp.asarray(logits, dtype),
-    bids=jnp.asarray(bids, dtype),
-    base_logits=None if base_logits is None else jnp.asarray(base_logits, dtype),
-  )
 
 
 def dirichlet_auctions(
-  seed: int,
-  num_auctions: int,
-  num_agents: int,
-  vocab_size: int,
-  *,
-  concentration: float = 1.0,
-  bid_sigma: float = 1.0,
-  with_base: bool = False,
-  dtype=None,
+    seed: int,
+    num_auctions: int,
+    num_agents: int,
+    vocab_size: int,
+    *,
+    concentration: float = 1.0,
+    bid_sigma: float = 1.0,
+    with_base: bool = False,
+    dtype=None,
 ) -> AuctionBatch:
-  """Synthetic auctions: each agent's distribution ~ Dirichlet(concentration), log-normal bids.
+    """Synthetic auctions: each agent's distribution ~ Dirichlet(concentration), log-normal bids.
 
-  Bids are ``exp(bid_sigma * N(0, 1))`` (median 1). The base distribution (``with_base``) is another
-  Dirichlet draw. Drawn with NumPy's ``default_rng(seed)``: same seed, same batch.
-  """
-  for name, value in dict(num_auctions=num_auctions, num_agents=num_agents, vocab_size=vocab_size).items():
-    if int(value) < 1:
-      raise ValueError(f"{name} must be >= 1, got {value}.")
-  if concentration <= 0 or bid_sigma < 0:
-    raise ValueError(f"need concentration > 0 and bid_sigma >= 0, got {concentration}, {bid_sigma}.")
-  rng = np.random.default_rng(seed)
-  logits = _log_dirichlet(rng, concentration, (num_auctions, num_agents, vocab_size))
-  bids = np.exp(bid_sigma * rng.standard_normal((num_auctions, num_agents)))
-  base = _log_dirichlet(rng, concentration, (num_auctions, vocab_size)) if with_base else None
-  dtype = dtype or jnp.result_type(float)
-  return AuctionBatch(
-    logits=jnp.asarray(logits, dtype),
-    bids=jnp.asarray(bids, dtype),
-    base_logits=None if base is None else jnp.asarray(base, dtype),
-  )
+    Bids are ``exp(bid_sigma * N(0, 1))`` (median 1). The base distribution (``with_base``) is another
+    Dirichlet draw. Drawn with NumPy's ``default_rng(seed)``: same seed, same batch.
+    """
+    for name, value in dict(num_auctions=num_auctions, num_agents=num_agents, vocab_size=vocab_size).items():
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}.")
+    if concentration <= 0 or bid_sigma < 0:
+        raise ValueError(f"need concentration > 0 and bid_sigma >= 0, got {concentration}, {bid_sigma}.")
+    rng = np.random.default_rng(seed)
+    logits = _log_dirichlet(rng, concentration, (num_auctions, num_agents, vocab_size))
+    bids = np.exp(bid_sigma * rng.standard_normal((num_auctions, num_agents)))
+    base = _log_dirichlet(rng, concentration, (num_auctions, vocab_size)) if with_base else None
+    dtype = dtype or jnp.result_type(float)
+    return AuctionBatch(
+        logits=jnp.asarray(logits, dtype),
+        bids=jnp.asarray(bids, dtype),
+        base_logits=None if base is None else jnp.asarray(base, dtype),
+    )
 
 
 def _log_dirichlet(rng: np.random.Generator, alpha: float, shape: tuple[int, ...]) -> np.ndarray:
-  """Log of Dirichlet(alpha) draws over the last axis, from log-Gamma variates.
+    """Log of Dirichlet(alpha) draws over the last axis, from log-Gamma variates.
 
-  ``log G_alpha = log G_(alpha+1) + log(U) / alpha`` (``U ~ U(0, 1)``) never underflows to ``-inf``,
-  even for small ``alpha``.
-  """
-  log_gamma = np.log(rng.standard_gamma(alpha + 1.0, shape)) + np.log(rng.uniform(size=shape)) / alpha
-  return log_gamma - np.logaddexp.reduce(log_gamma, axis=-1, keepdims=True)
+    ``log G_alpha = log G_(alpha+1) + log(U) / alpha`` (``U ~ U(0, 1)``) never underflows to ``-inf``,
+    even for small ``alpha``.
+    """
+    log_gamma = np.log(rng.standard_gamma(alpha + 1.0, shape)) + np.log(rng.uniform(size=shape)) / alpha
+    return log_gamma - np.logaddexp.reduce(log_gamma, axis=-1, keepdims=True)
 
 
 def save_batch(path: str | Path, batch: AuctionBatch, metadata: dict | None = None) -> Path:
-  """Writes the batch (and JSON-able ``metadata``) to ``path`` (``.npz``) atomically."""
-  arrays = {"logits": np.asarray(batch.logits), "bids": np.asarray(batch.bids)}
-  if batch.base_logits is not None:
-    arrays["base_logits"] = np.asarray(batch.base_logits)
-  arrays["metadata"] = np.asarray(json.dumps(metadata or {}, sort_keys=True))
-  return atomic_savez(path, arrays)
+    """Writes the batch (and JSON-able ``metadata``) to ``path`` (``.npz``) atomically."""
+    arrays = {"logits": np.asarray(batch.logits), "bids": np.asarray(batch.bids)}
+    if batch.base_logits is not None:
+        arrays["base_logits"] = np.asarray(batch.base_logits)
+    arrays["metadata"] = np.asarray(json.dumps(metadata or {}, sort_keys=True))
+    return atomic_savez(path, arrays)
 
 
 def load_batch(path: str | Path) -> tuple[AuctionBatch, dict]:
-  """Reads a batch written by :func:`save_batch`: ``(batch, metadata)``."""
-  with np.load(Path(path), allow_pickle=False) as data:
-    missing = {"logits", "bids", "metadata"} - set(data.files)
-    if missing:
-      raise ValueError(f"{path} is not an auction batch file: missing {sorted(missing)}.")
-    batch = AuctionBatch(
-      logits=jnp.asarray(data["logits"]),
-      bids=jnp.asarray(data["bids"]),
-      base_logits=jnp.asarray(data["base_logits"]) if "base_logits" in data.files else None,
-    )
-    metadata = json.loads(str(data["metadata"]))
-  return batch, metadata
+    """Reads a batch written by :func:`save_batch`: ``(batch, metadata)``."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        missing = {"logits", "bids", "metadata"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path} is not an auction batch file: missing {sorted(missing)}.")
+        batch = AuctionBatch(
+            logits=jnp.asarray(data["logits"]),
+            bids=jnp.asarray(data["bids"]),
+            base_logits=jnp.asarray(data["base_logits"]) if "base_logits" in data.files else None,
+        )
+        metadata = json.loads(str(data["metadata"]))
+    return batch, metadata
 
 
 # --- The bundled LLM ---------------------------------------------------------------------------------
@@ -155,168 +156,157 @@ def load_batch(path: str | Path) -> tuple[AuctionBatch, dict]:
 DEFAULT_QUERY = "Vacations in Hawaii"
 
 DEFAULT_ADVERTISERS = (
-  "Write a one-sentence ad for flights to Hawaii with Alpha Airlines.",
-  "Write a one-sentence ad for a stay at Beta Resort in Hawaii.",
-  "Write a one-sentence ad for snorkeling tours in Maui with Gamma Adventures.",
-  "Write a one-sentence ad for rental cars in Honolulu with Delta Cars.",
+    "Write a one-sentence ad for flights to Hawaii with Alpha Airlines.",
+    "Write a one-sentence ad for a stay at Beta Resort in Hawaii.",
+    "Write a one-sentence ad for snorkeling tours in Maui with Gamma Adventures.",
+    "Write a one-sentence ad for rental cars in Honolulu with Delta Cars.",
 )
 
 
 def _chat_ids(tokenizer, system: str | None, user: str) -> list[int]:
-  messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-  ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-  if isinstance(ids, dict) or hasattr(ids, "keys"):
-    ids = ids["input_ids"]
-  return [int(token) for token in ids]
-
-
-def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  width = max(len(sequence) for sequence in sequences)
-  input_ids = np.full((len(sequences), width), pad_id, np.int32)
-  attention_mask = np.zeros((len(sequences), width), np.int32)
-  for row, sequence in enumerate(sequences):
-    input_ids[row, width - len(sequence) :] = sequence
-    attention_mask[row, width - len(sequence) :] = 1
-  return input_ids, attention_mask
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return prompts_lib.encode_prompt(tokenizer, messages)
 
 
 def coarsen(log_probs: np.ndarray, top_k: int) -> np.ndarray:
-  """Keeps the ``top_k`` tokens most likely for any row (of one auction) and lumps the rest.
+    """Keeps the ``top_k`` tokens most likely for any row (of one auction) and lumps the rest.
 
-  ``log_probs: [m, V]`` normalised rows of one auction -> ``[m, top_k + 1]`` normalised rows whose last
-  column is the total probability of every other token (an "other" outcome).
-  """
-  keep = np.argsort(-log_probs.max(axis=0), kind="stable")[:top_k]
-  kept = log_probs[:, keep]
-  with np.errstate(divide="ignore"):
-    rest = np.log(np.clip(-np.expm1(np.logaddexp.reduce(kept, axis=1)), 0.0, None))
-  return np.concatenate([kept, rest[:, None]], axis=1)
+    ``log_probs: [m, V]`` normalised rows of one auction -> ``[m, top_k + 1]`` normalised rows whose last
+    column is the total probability of every other token (an "other" outcome).
+    """
+    keep = np.argsort(-log_probs.max(axis=0), kind="stable")[:top_k]
+    kept = log_probs[:, keep]
+    with np.errstate(divide="ignore"):
+        rest = np.log(np.clip(-np.expm1(np.logaddexp.reduce(kept, axis=1)), 0.0, None))
+    return np.concatenate([kept, rest[:, None]], axis=1)
 
 
 def llm_auctions(
-  cache: str | Path,
-  *,
-  advertisers: Sequence[str] = DEFAULT_ADVERTISERS,
-  query: str = DEFAULT_QUERY,
-  agents_per_auction: int = 2,
-  steps: int = 8,
-  top_k: int = 32,
-  num_bid_profiles: int = 4,
-  bid_sigma: float = 1.0,
-  seed: int = 0,
-  model=None,
-  model_id: str = "bundled",
+    cache: str | Path,
+    *,
+    advertisers: Sequence[str] = DEFAULT_ADVERTISERS,
+    query: str = DEFAULT_QUERY,
+    agents_per_auction: int = 2,
+    steps: int = 8,
+    top_k: int = 32,
+    num_bid_profiles: int = 4,
+    bid_sigma: float = 1.0,
+    seed: int = 0,
+    model=None,
+    model_id: str = "bundled",
 ) -> AuctionBatch:
-  """Auctions among the bundled LLM's advertiser distributions, cached to ``cache`` (``.npz``).
+    """Auctions among the bundled LLM's advertiser distributions, cached to ``cache`` (``.npz``).
 
-  For every group of ``agents_per_auction`` consecutive advertisers (cyclically), the shared
-  continuation is decoded greedily under the linear rule with equal bids for ``steps`` tokens; the
-  agents' next-token distributions at each step form one auction, and the base distribution is the
-  LLM's distribution for the bare ``query``. Each auction's outcomes are coarsened to the ``top_k``
-  most likely tokens plus one "other" outcome (:func:`coarsen`). Every auction is paired with
-  ``num_bid_profiles`` log-normal bid profiles drawn with ``seed``.
+    For every group of ``agents_per_auction`` consecutive advertisers (cyclically), the shared
+    continuation is decoded greedily under the linear rule with equal bids for ``steps`` tokens; the
+    agents' next-token distributions at each step form one auction, and the base distribution is the
+    LLM's distribution for the bare ``query``. Each auction's outcomes are coarsened to the ``top_k``
+    most likely tokens plus one "other" outcome (:func:`coarsen`). Every auction is paired with
+    ``num_bid_profiles`` log-normal bid profiles drawn with ``seed``.
 
-  The cache is keyed by every argument above and ``model_id``; a matching file is loaded without
-  touching the model. ``jaxauction.models`` is imported only when the cache must be (re)built.
-  ``model`` is an optional ``(model, tokenizer)`` pair (``jaxauction.models.load(...)``, or anything
-  with ``model(input_ids, attention_mask) -> [B, T, V]`` and a chat-template tokenizer); give it a
-  ``model_id`` of its own so that caches of different models are told apart.
-  """
-  if agents_per_auction < 1 or agents_per_auction > len(advertisers):
-    raise ValueError(
-      f"agents_per_auction must be in [1, {len(advertisers)}] (the number of advertisers), got {agents_per_auction}."
+    The cache is keyed by every argument above and ``model_id``; a matching file is loaded without
+    touching the model. ``jaxauction.models`` is imported only when the cache must be (re)built.
+    ``model`` is an optional ``(model, tokenizer)`` pair (``jaxauction.models.load(...)``, or anything
+    with ``model(input_ids, attention_mask) -> [B, T, V]`` and a chat-template tokenizer); give it a
+    ``model_id`` of its own so that caches of different models are told apart.
+    """
+    if agents_per_auction < 1 or agents_per_auction > len(advertisers):
+        raise ValueError(
+            f"agents_per_auction must be in [1, {len(advertisers)}] (the number of advertisers), got {agents_per_auction}."
+        )
+    if steps < 1 or top_k < 1 or num_bid_profiles < 1:
+        raise ValueError(f"steps, top_k and num_bid_profiles must be >= 1, got {steps}, {top_k}, {num_bid_profiles}.")
+    settings = dict(
+        format=CACHE_FORMAT,
+        advertisers=list(advertisers),
+        query=query,
+        agents_per_auction=agents_per_auction,
+        steps=steps,
+        top_k=top_k,
+        num_bid_profiles=num_bid_profiles,
+        bid_sigma=bid_sigma,
+        seed=seed,
+        model_id=model_id,
     )
-  if steps < 1 or top_k < 1 or num_bid_profiles < 1:
-    raise ValueError(f"steps, top_k and num_bid_profiles must be >= 1, got {steps}, {top_k}, {num_bid_profiles}.")
-  settings = dict(
-    format=CACHE_FORMAT,
-    advertisers=list(advertisers),
-    query=query,
-    agents_per_auction=agents_per_auction,
-    steps=steps,
-    top_k=top_k,
-    num_bid_profiles=num_bid_profiles,
-    bid_sigma=bid_sigma,
-    seed=seed,
-    model_id=model_id,
-  )
-  fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-  cache = Path(cache)
-  if cache.exists():
-    batch, metadata = load_batch(cache)
-    if metadata.get("fingerprint") == fingerprint:
-      return batch
-  logits, base = _llm_distributions(model, advertisers, query, agents_per_auction, steps, top_k)
-  logits = np.repeat(logits, num_bid_profiles, axis=0)
-  base = np.repeat(base, num_bid_profiles, axis=0)
-  bids = np.exp(bid_sigma * np.random.default_rng(seed).standard_normal(logits.shape[:2]))
-  batch = make_batch(logits, bids, base, dtype=jnp.float32)
-  save_batch(cache, batch, dict(settings, fingerprint=fingerprint))
-  return batch
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    cache = Path(cache)
+    if cache.exists():
+        batch, metadata = load_batch(cache)
+        if metadata.get("fingerprint") == fingerprint:
+            return batch
+    logits, base = _llm_distributions(model, advertisers, query, agents_per_auction, steps, top_k)
+    logits = np.repeat(logits, num_bid_profiles, axis=0)
+    base = np.repeat(base, num_bid_profiles, axis=0)
+    bids = np.exp(bid_sigma * np.random.default_rng(seed).standard_normal(logits.shape[:2]))
+    batch = make_batch(logits, bids, base, dtype=jnp.float32)
+    save_batch(cache, batch, dict(settings, fingerprint=fingerprint))
+    return batch
 
 
 def _llm_distributions(model, advertisers, query, agents_per_auction, steps, top_k):
-  """Runs the LLM: ``(logits [G * steps, m, top_k + 1], base [G * steps, top_k + 1])``, coarsened."""
-  if model is None:
-    from jaxauction import models  # lazy: only needed to build a cache
+    """Runs the LLM: ``(logits [G * steps, m, top_k + 1], base [G * steps, top_k + 1])``, coarsened."""
+    if model is None:
+        from jaxauction import models  # lazy: only needed to build a cache
 
-    model = models.load()
-  network, tokenizer = model
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  count = len(advertisers)
-  groups = [[(start + offset) % count for offset in range(agents_per_auction)] for start in range(count)]
-  prompts = [_chat_ids(tokenizer, f"You are a copywriter. {query}", text) for text in advertisers]
-  base_prompt = _chat_ids(tokenizer, None, query)
-  rows = []
-  for group in groups:
-    rows += [prompts[agent] for agent in group] + [base_prompt]
-  input_ids, attention_mask = _left_pad(rows, pad_id)
+        model = models.load()
+    network, tokenizer = model
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    count = len(advertisers)
+    groups = [[(start + offset) % count for offset in range(agents_per_auction)] for start in range(count)]
+    prompts = [_chat_ids(tokenizer, f"You are a copywriter. {query}", text) for text in advertisers]
+    base_prompt = _chat_ids(tokenizer, None, query)
+    rows = []
+    for group in groups:
+        rows += [prompts[agent] for agent in group] + [base_prompt]
+    input_ids, attention_mask = prompts_lib.left_pad(rows, pad_id, bucket=1)
 
-  auctions, bases = [], []
-  for logits in _next_token_logits(network, input_ids, attention_mask, steps, tokenizer.eos_token_id, agents_per_auction):
-    log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-    for group_rows in log_probs.reshape(len(groups), agents_per_auction + 1, -1):
-      coarse = coarsen(group_rows, top_k)
-      auctions.append(coarse[:-1])
-      bases.append(coarse[-1])
-  return np.stack(auctions).astype(np.float32), np.stack(bases).astype(np.float32)
+    auctions, bases = [], []
+    for logits in _next_token_logits(
+        network, input_ids, attention_mask, steps, tokenizer.eos_token_id, agents_per_auction
+    ):
+        log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        for group_rows in log_probs.reshape(len(groups), agents_per_auction + 1, -1):
+            coarse = coarsen(group_rows, top_k)
+            auctions.append(coarse[:-1])
+            bases.append(coarse[-1])
+    return np.stack(auctions).astype(np.float32), np.stack(bases).astype(np.float32)
 
 
 def _greedy_linear_tokens(logits: np.ndarray, eos_id: int | None, agents_per_auction: int) -> np.ndarray:
-  """The next shared token of every group: argmax of the equal-bid linear mixture, EOS excluded.
+    """The next shared token of every group: argmax of the equal-bid linear mixture, EOS excluded.
 
-  ``logits: [G * (m + 1), V]`` (each group's agents, then its base row) -> tokens for every row.
-  """
-  log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-  grouped = log_probs.reshape(-1, agents_per_auction + 1, log_probs.shape[-1])[:, :-1]
-  mixture = np.logaddexp.reduce(grouped, axis=1)
-  if eos_id is not None:
-    mixture[:, eos_id] = -np.inf
-  return np.repeat(np.argmax(mixture, axis=-1), agents_per_auction + 1).astype(np.int32)
+    ``logits: [G * (m + 1), V]`` (each group's agents, then its base row) -> tokens for every row.
+    """
+    log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    grouped = log_probs.reshape(-1, agents_per_auction + 1, log_probs.shape[-1])[:, :-1]
+    mixture = np.logaddexp.reduce(grouped, axis=1)
+    if eos_id is not None:
+        mixture[:, eos_id] = -np.inf
+    return np.repeat(np.argmax(mixture, axis=-1), agents_per_auction + 1).astype(np.int32)
 
 
 def _next_token_logits(network, input_ids, attention_mask, steps, eos_id, agents_per_auction):
-  """Yields ``[B, V]`` next-token logits (float64) for ``steps`` steps of the shared continuation.
+    """Yields ``[B, V]`` next-token logits (float64) for ``steps`` steps of the shared continuation.
 
-  Uses the backend's compiled KV cache when it has one (``jaxauction.models.CompiledLlama``), else
-  the minimal contract ``network(input_ids, attention_mask) -> [B, T, V]`` on the growing sequences.
-  """
-  if hasattr(network, "prefill") and hasattr(network, "decode"):
-    from jaxauction import models
+    Uses the backend's compiled KV cache when it has one (``jaxauction.models.CompiledLlama``), else
+    the minimal contract ``network(input_ids, attention_mask) -> [B, T, V]`` on the growing sequences.
+    """
+    if hasattr(network, "prefill") and hasattr(network, "decode"):
+        from jaxauction import models
 
-    compiled = models.CompiledLlama(network)
-    cache = compiled.init_cache(input_ids.shape[0], input_ids.shape[1] + steps)
-    logits, cache = compiled.prefill(jnp.asarray(input_ids), jnp.asarray(attention_mask), cache)
-    for step in range(steps):
-      logits = np.asarray(logits, np.float64)
-      yield logits
-      if step + 1 < steps:
+        compiled = models.CompiledLlama(network)
+        cache = compiled.init_cache(input_ids.shape[0], input_ids.shape[1] + steps)
+        logits, cache = compiled.prefill(jnp.asarray(input_ids), jnp.asarray(attention_mask), cache)
+        for step in range(steps):
+            logits = np.asarray(logits, np.float64)
+            yield logits
+            if step + 1 < steps:
+                tokens = _greedy_linear_tokens(logits, eos_id, agents_per_auction)
+                logits, cache = compiled.decode(jnp.asarray(tokens), cache)
+        return
+    for _ in range(steps):
+        logits = np.asarray(network(jnp.asarray(input_ids), jnp.asarray(attention_mask))[:, -1, :], np.float64)
+        yield logits
         tokens = _greedy_linear_tokens(logits, eos_id, agents_per_auction)
-        logits, cache = compiled.decode(jnp.asarray(tokens), cache)
-    return
-  for step in range(steps):
-    logits = np.asarray(network(jnp.asarray(input_ids), jnp.asarray(attention_mask))[:, -1, :], np.float64)
-    yield logits
-    tokens = _greedy_linear_tokens(logits, eos_id, agents_per_auction)
-    input_ids = np.concatenate([input_ids, tokens[:, None]], axis=1)
-    attention_mask = np.concatenate([attention_mask, np.ones_like(attention_mask[:, :1])], axis=1)
+        input_ids = np.concatenate([input_ids, tokens[:, None]], axis=1)
+        attention_mask = np.concatenate([attention_mask, np.ones_like(attention_mask[:, :1])], axis=1)

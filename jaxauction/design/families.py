@@ -46,216 +46,216 @@ FIELDS = ("rho", "gamma", "base_bid", "temperature")
 
 @struct.dataclass
 class PowerMeanParams:
-  """Parameters of the power-mean family (a pytree of scalars).
+    """Parameters of the power-mean family (a pytree of scalars).
 
-  Attributes:
-    rho: power-mean exponent; 1 linear, 0 log-linear (geometric mean), any real value allowed.
-    gamma: bid transform ``lambda_i ∝ b_i ** gamma``; >= 0 (0 gives equal weights to positive bids).
-    base_bid: fixed bid ``b_0 >= 0`` of the base distribution (no effect without one).
-    temperature: output temperature ``tau > 0``: ``q ∝ r ** (1 / tau)``.
-  """
+    Attributes:
+      rho: power-mean exponent; 1 linear, 0 log-linear (geometric mean), any real value allowed.
+      gamma: bid transform ``lambda_i ∝ b_i ** gamma``; >= 0 (0 gives equal weights to positive bids).
+      base_bid: fixed bid ``b_0 >= 0`` of the base distribution (no effect without one).
+      temperature: output temperature ``tau > 0``: ``q ∝ r ** (1 / tau)``.
+    """
 
-  rho: jax.Array
-  gamma: jax.Array
-  base_bid: jax.Array
-  temperature: jax.Array
+    rho: jax.Array
+    gamma: jax.Array
+    base_bid: jax.Array
+    temperature: jax.Array
 
-  @classmethod
-  def create(cls, rho=1.0, gamma=1.0, base_bid=0.0, temperature=1.0, dtype=None) -> "PowerMeanParams":
-    """Builds parameters as scalar arrays (``dtype`` defaults to JAX's default float)."""
-    values = dict(rho=rho, gamma=gamma, base_bid=base_bid, temperature=temperature)
-    for name, value in values.items():
-      if np.ndim(value) != 0 or not np.isfinite(value):
-        raise ValueError(f"{name} must be a finite scalar, got {value!r}.")
-    if gamma < 0:
-      raise ValueError(f"gamma must be >= 0, got {gamma!r}.")
-    if base_bid < 0:
-      raise ValueError(f"base_bid must be >= 0, got {base_bid!r}.")
-    if temperature <= 0:
-      raise ValueError(f"temperature must be > 0, got {temperature!r}.")
-    dtype = dtype or jnp.result_type(float)
-    return cls(**{name: jnp.asarray(value, dtype) for name, value in values.items()})
+    @classmethod
+    def create(cls, rho=1.0, gamma=1.0, base_bid=0.0, temperature=1.0, dtype=None) -> PowerMeanParams:
+        """Builds parameters as scalar arrays (``dtype`` defaults to JAX's default float)."""
+        values = dict(rho=rho, gamma=gamma, base_bid=base_bid, temperature=temperature)
+        for name, value in values.items():
+            if np.ndim(value) != 0 or not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite scalar, got {value!r}.")
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma!r}.")
+        if base_bid < 0:
+            raise ValueError(f"base_bid must be >= 0, got {base_bid!r}.")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+        dtype = dtype or jnp.result_type(float)
+        return cls(**{name: jnp.asarray(value, dtype) for name, value in values.items()})
 
-  @classmethod
-  def linear(cls, dtype=None) -> "PowerMeanParams":
-    """The linear rule: ``rho = 1``."""
-    return cls.create(rho=1.0, dtype=dtype)
+    @classmethod
+    def linear(cls, dtype=None) -> PowerMeanParams:
+        """The linear rule: ``rho = 1``."""
+        return cls.create(rho=1.0, dtype=dtype)
 
-  @classmethod
-  def log_linear(cls, dtype=None) -> "PowerMeanParams":
-    """The log-linear rule: ``rho = 0``."""
-    return cls.create(rho=0.0, dtype=dtype)
+    @classmethod
+    def log_linear(cls, dtype=None) -> PowerMeanParams:
+        """The log-linear rule: ``rho = 0``."""
+        return cls.create(rho=0.0, dtype=dtype)
 
-  def to_dict(self) -> dict[str, float]:
-    """The parameters as plain floats (for JSON and tables)."""
-    return {name: float(getattr(self, name)) for name in FIELDS}
+    def to_dict(self) -> dict[str, float]:
+        """The parameters as plain floats (for JSON and tables)."""
+        return {name: float(getattr(self, name)) for name in FIELDS}
 
 
 @struct.dataclass
 class Bounds:
-  """A box for :class:`PowerMeanParams`, used to project the search's iterates."""
+    """A box for :class:`PowerMeanParams`, used to project the search's iterates."""
 
-  lower: PowerMeanParams
-  upper: PowerMeanParams
+    lower: PowerMeanParams
+    upper: PowerMeanParams
 
-  @classmethod
-  def create(
-    cls,
-    rho=(-1.0, 3.0),
-    gamma=(0.0, 4.0),
-    base_bid=(0.0, 1e6),
-    temperature=(0.2, 5.0),
-    dtype=None,
-  ) -> "Bounds":
-    """A box from ``(low, high)`` pairs; the defaults keep gamma >= 0, base_bid >= 0, temperature > 0."""
-    pairs = dict(rho=rho, gamma=gamma, base_bid=base_bid, temperature=temperature)
-    for name, (low, high) in pairs.items():
-      if not low <= high:
-        raise ValueError(f"bounds for {name} must satisfy low <= high, got ({low}, {high}).")
-    if pairs["gamma"][0] < 0 or pairs["base_bid"][0] < 0 or pairs["temperature"][0] <= 0:
-      raise ValueError("bounds must keep gamma >= 0, base_bid >= 0 and temperature > 0.")
-    dtype = dtype or jnp.result_type(float)
-    lower = PowerMeanParams(**{k: jnp.asarray(v[0], dtype) for k, v in pairs.items()})
-    upper = PowerMeanParams(**{k: jnp.asarray(v[1], dtype) for k, v in pairs.items()})
-    return cls(lower=lower, upper=upper)
+    @classmethod
+    def create(
+        cls,
+        rho=(-1.0, 3.0),
+        gamma=(0.0, 4.0),
+        base_bid=(0.0, 1e6),
+        temperature=(0.2, 5.0),
+        dtype=None,
+    ) -> Bounds:
+        """A box from ``(low, high)`` pairs; the defaults keep gamma >= 0, base_bid >= 0, temperature > 0."""
+        pairs = dict(rho=rho, gamma=gamma, base_bid=base_bid, temperature=temperature)
+        for name, (low, high) in pairs.items():
+            if not low <= high:
+                raise ValueError(f"bounds for {name} must satisfy low <= high, got ({low}, {high}).")
+        if pairs["gamma"][0] < 0 or pairs["base_bid"][0] < 0 or pairs["temperature"][0] <= 0:
+            raise ValueError("bounds must keep gamma >= 0, base_bid >= 0 and temperature > 0.")
+        dtype = dtype or jnp.result_type(float)
+        lower = PowerMeanParams(**{k: jnp.asarray(v[0], dtype) for k, v in pairs.items()})
+        upper = PowerMeanParams(**{k: jnp.asarray(v[1], dtype) for k, v in pairs.items()})
+        return cls(lower=lower, upper=upper)
 
-  def project(self, params: PowerMeanParams) -> PowerMeanParams:
-    """Clips every parameter into the box."""
-    return jax.tree.map(jnp.clip, params, self.lower, self.upper)
+    def project(self, params: PowerMeanParams) -> PowerMeanParams:
+        """Clips every parameter into the box."""
+        return jax.tree.map(jnp.clip, params, self.lower, self.upper)
 
 
 def trainable_mask(trainable: Sequence[str] = FIELDS) -> PowerMeanParams:
-  """A boolean pytree for the search: ``True`` for the fields named in ``trainable``."""
-  unknown = set(trainable) - set(FIELDS)
-  if unknown:
-    raise ValueError(f"trainable names unknown fields {sorted(unknown)}; expected a subset of {FIELDS}.")
-  return PowerMeanParams(**{name: name in trainable for name in FIELDS})
+    """A boolean pytree for the search: ``True`` for the fields named in ``trainable``."""
+    unknown = set(trainable) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"trainable names unknown fields {sorted(unknown)}; expected a subset of {FIELDS}.")
+    return PowerMeanParams(**{name: name in trainable for name in FIELDS})
 
 
 @jax.jit
 def log_bid_weights(bids: jax.Array, gamma: jax.Array | float = 1.0, eligible: jax.Array | None = None) -> jax.Array:
-  """``log lambda: [..., n]`` with ``lambda_i = b_i**gamma / sum_j b_j**gamma``.
+    """``log lambda: [..., n]`` with ``lambda_i = b_i**gamma / sum_j b_j**gamma``.
 
-  Zero bids get ``-inf``. If every bid is zero, the ``eligible`` agents (default: all) get equal
-  weights, as in the core rules. Gradients in ``bids`` and ``gamma`` are finite (zero bids
-  contribute none).
-  """
-  eligible = jnp.ones(bids.shape, bool) if eligible is None else jnp.broadcast_to(eligible, bids.shape)
-  positive = bids > 0
-  log_bids = jnp.log(jnp.where(positive, bids, 1.0))
-  scores = jnp.where(positive, gamma * log_bids, -jnp.inf)
-  none_positive = ~positive.any(axis=-1, keepdims=True)
-  scores = jnp.where(none_positive, jnp.where(eligible, 0.0, -jnp.inf), scores)
-  return scores - jax.nn.logsumexp(scores, axis=-1, keepdims=True)
+    Zero bids get ``-inf``. If every bid is zero, the ``eligible`` agents (default: all) get equal
+    weights, as in the core rules. Gradients in ``bids`` and ``gamma`` are finite (zero bids
+    contribute none).
+    """
+    eligible = jnp.ones(bids.shape, bool) if eligible is None else jnp.broadcast_to(eligible, bids.shape)
+    positive = bids > 0
+    log_bids = jnp.log(jnp.where(positive, bids, 1.0))
+    scores = jnp.where(positive, gamma * log_bids, -jnp.inf)
+    none_positive = ~positive.any(axis=-1, keepdims=True)
+    scores = jnp.where(none_positive, jnp.where(eligible, 0.0, -jnp.inf), scores)
+    return scores - jax.nn.logsumexp(scores, axis=-1, keepdims=True)
 
 
 def series_max_rho(dtype) -> float:
-  """Below this ``|rho|`` the cumulant series is used: ``eps**(1/3) / 4`` (1.2e-3 float32, 1.5e-6 float64).
+    """Below this ``|rho|`` the cumulant series is used: ``eps**(1/3) / 4`` (1.2e-3 float32, 1.5e-6 float64).
 
-  It balances the series' truncation error (``~ rho**3``) against the rounding error of the exact
-  branch's derivative in ``rho`` (``~ eps / rho``).
-  """
-  return float(jnp.finfo(dtype).eps) ** (1.0 / 3.0) / 4.0
+    It balances the series' truncation error (``~ rho**3``) against the rounding error of the exact
+    branch's derivative in ``rho`` (``~ eps / rho``).
+    """
+    return float(jnp.finfo(dtype).eps) ** (1.0 / 3.0) / 4.0
 
 
 def log_power_mean(log_p: jax.Array, log_weights: jax.Array, rho: jax.Array | float) -> jax.Array:
-  """``log (sum_i lambda_i p_i(t)**rho) ** (1/rho)``: ``[..., V]``, unnormalised (module docs).
+    """``log (sum_i lambda_i p_i(t)**rho) ** (1/rho)``: ``[..., V]``, unnormalised (module docs).
 
-  Args:
-    log_p: ``[..., n, V]`` normalised log-probabilities, may contain ``-inf``.
-    log_weights: ``[..., n]`` normalised log weights, ``-inf`` for agents without weight.
-    rho: scalar or broadcastable to the batch shape ``[...]``.
-  """
-  rho = jnp.asarray(rho, log_p.dtype)[..., None]  # [..., 1] broadcasts against [..., V]
-  eps = jnp.finfo(log_p.dtype).eps
-  active = (log_weights > -jnp.inf)[..., None]  # [..., n, 1]
-  weights = jnp.where(active, jnp.exp(log_weights)[..., None], 0.0)
-  finite = jnp.isfinite(log_p)
-  allowed = active & finite
-  x = jnp.where(allowed, log_p, 0.0)
+    Args:
+      log_p: ``[..., n, V]`` normalised log-probabilities, may contain ``-inf``.
+      log_weights: ``[..., n]`` normalised log weights, ``-inf`` for agents without weight.
+      rho: scalar or broadcastable to the batch shape ``[...]``.
+    """
+    rho = jnp.asarray(rho, log_p.dtype)[..., None]  # [..., 1] broadcasts against [..., V]
+    eps = jnp.finfo(log_p.dtype).eps
+    active = (log_weights > -jnp.inf)[..., None]  # [..., n, 1]
+    weights = jnp.where(active, jnp.exp(log_weights)[..., None], 0.0)
+    finite = jnp.isfinite(log_p)
+    allowed = active & finite
+    x = jnp.where(allowed, log_p, 0.0)
 
-  masked_by_any = jnp.any(active & ~finite, axis=-2)  # [..., V]
-  masked_by_all = ~jnp.any(allowed, axis=-2)
-  small = jnp.abs(rho) < series_max_rho(log_p.dtype)
-  positive = (rho > 0) & ~small
-  masked = jnp.where(positive, masked_by_all, masked_by_any)
-  # Disjoint supports with rho <= 0: keep the tokens masked by the least weight, as log-linear does.
-  masked_weight = jnp.sum(weights * ~finite, axis=-2)
-  least = jnp.min(masked_weight, axis=-1, keepdims=True)
-  geometric_fallback = ~positive & masked_by_any & (masked_weight <= least * (1 + 8 * eps))
+    masked_by_any = jnp.any(active & ~finite, axis=-2)  # [..., V]
+    masked_by_all = ~jnp.any(allowed, axis=-2)
+    small = jnp.abs(rho) < series_max_rho(log_p.dtype)
+    positive = (rho > 0) & ~small
+    masked = jnp.where(positive, masked_by_all, masked_by_any)
+    # Disjoint supports with rho <= 0: keep the tokens masked by the least weight, as log-linear does.
+    masked_weight = jnp.sum(weights * ~finite, axis=-2)
+    least = jnp.min(masked_weight, axis=-1, keepdims=True)
+    geometric_fallback = ~positive & masked_by_any & (masked_weight <= least * (1 + 8 * eps))
 
-  mean = jnp.sum(weights * x, axis=-2)  # geometric mean over the agents that allow the token
-  centred = x - mean[..., None, :]
-  second = jnp.sum(weights * centred**2, axis=-2)
-  third = jnp.sum(weights * centred**3, axis=-2)
-  series = mean + rho * second / 2.0 + rho**2 * third / 6.0
+    mean = jnp.sum(weights * x, axis=-2)  # geometric mean over the agents that allow the token
+    centred = x - mean[..., None, :]
+    second = jnp.sum(weights * centred**2, axis=-2)
+    third = jnp.sum(weights * centred**3, axis=-2)
+    series = mean + rho * second / 2.0 + rho**2 * third / 6.0
 
-  safe_rho = jnp.where(small, 1.0, rho)
-  scaled = safe_rho[..., None, :] * centred
-  shift = jax.lax.stop_gradient(jnp.max(jnp.where(allowed, scaled, -jnp.inf), axis=-2))
-  shift = jnp.where(masked_by_all, 0.0, shift)
-  direct = jnp.sum(jnp.where(finite, weights * jnp.exp(scaled - shift[..., None, :]), 0.0), axis=-2)
-  near_zero = jnp.sum(weights * jnp.where(finite, jnp.expm1(jnp.minimum(scaled, 1.0)), -1.0), axis=-2)
-  use_expm1 = (jnp.abs(near_zero) < 0.5) & (shift <= 1.0)
-  log_sum = jnp.where(
-    use_expm1,
-    jnp.log1p(jnp.where(use_expm1, near_zero, 0.0)),
-    shift + jnp.log(jnp.where(use_expm1 | masked, 1.0, direct)),
-  )
-  value = jnp.where(small, series, mean + log_sum / safe_rho)
-  value = jnp.where(geometric_fallback, mean, value)
-  return jnp.where(masked & ~geometric_fallback, -jnp.inf, value)
+    safe_rho = jnp.where(small, 1.0, rho)
+    scaled = safe_rho[..., None, :] * centred
+    shift = jax.lax.stop_gradient(jnp.max(jnp.where(allowed, scaled, -jnp.inf), axis=-2))
+    shift = jnp.where(masked_by_all, 0.0, shift)
+    direct = jnp.sum(jnp.where(finite, weights * jnp.exp(scaled - shift[..., None, :]), 0.0), axis=-2)
+    near_zero = jnp.sum(weights * jnp.where(finite, jnp.expm1(jnp.minimum(scaled, 1.0)), -1.0), axis=-2)
+    use_expm1 = (jnp.abs(near_zero) < 0.5) & (shift <= 1.0)
+    log_sum = jnp.where(
+        use_expm1,
+        jnp.log1p(jnp.where(use_expm1, near_zero, 0.0)),
+        shift + jnp.log(jnp.where(use_expm1 | masked, 1.0, direct)),
+    )
+    value = jnp.where(small, series, mean + log_sum / safe_rho)
+    value = jnp.where(geometric_fallback, mean, value)
+    return jnp.where(masked & ~geometric_fallback, -jnp.inf, value)
 
 
 def power_mean(
-  logits: jax.Array,
-  bids: jax.Array,
-  rho: jax.Array | float,
-  gamma: jax.Array | float = 1.0,
-  temperature: jax.Array | float = 1.0,
+    logits: jax.Array,
+    bids: jax.Array,
+    rho: jax.Array | float,
+    gamma: jax.Array | float = 1.0,
+    temperature: jax.Array | float = 1.0,
 ) -> jax.Array:
-  """The power-mean rule: normalised ``log q: [..., V]``.
+    """The power-mean rule: normalised ``log q: [..., V]``.
 
-  Args:
-    logits: ``[..., n, V]`` unnormalised agent logits (``-inf`` allowed).
-    bids: ``[..., n]`` non-negative bids.
-    rho: power-mean exponent (1 linear, 0 log-linear); scalar or broadcastable to ``[...]``.
-    gamma: bid transform ``lambda_i ∝ b_i**gamma``.
-    temperature: output temperature ``tau``: ``q ∝ (power mean)**(1/tau)``.
+    Args:
+      logits: ``[..., n, V]`` unnormalised agent logits (``-inf`` allowed).
+      bids: ``[..., n]`` non-negative bids.
+      rho: power-mean exponent (1 linear, 0 log-linear); scalar or broadcastable to ``[...]``.
+      gamma: bid transform ``lambda_i ∝ b_i**gamma``.
+      temperature: output temperature ``tau``: ``q ∝ (power mean)**(1/tau)``.
 
-  Returns:
-    ``log q: [..., V]``, normalised (module docs for masked tokens and zero bids). Agents whose
-    logits are all ``-inf`` and negative bids count as bidding 0, as in the core rules.
+    Returns:
+      ``log q: [..., V]``, normalised (module docs for masked tokens and zero bids). Agents whose
+      logits are all ``-inf`` and negative bids count as bidding 0, as in the core rules.
 
-  Raises:
-    ValueError: (outside jit) for shapes that do not fit, or NaN/+inf logits, rows of all ``-inf``,
-      negative or non-finite bids, as the core rules.
-  """
-  logits, bids = _validation.mechanism_inputs("power_mean", logits, bids)
-  return _power_mean(logits, bids, rho, gamma, temperature)
+    Raises:
+      ValueError: (outside jit) for shapes that do not fit, or NaN/+inf logits, rows of all ``-inf``,
+        negative or non-finite bids, as the core rules.
+    """
+    logits, bids = _validation.mechanism_inputs("power_mean", logits, bids)
+    return _power_mean(logits, bids, rho, gamma, temperature)
 
 
 @jax.jit
 def _power_mean(logits, bids, rho, gamma, temperature):
-  log_p = aggregation.agent_log_probs(logits)
-  has_mass = jnp.max(logits, axis=-1) > -jnp.inf
-  log_weights = log_bid_weights(aggregation.effective_bids(logits, bids), gamma, has_mass)
-  log_r = log_power_mean(log_p, log_weights, rho)
-  temperature = jnp.asarray(temperature, log_r.dtype)[..., None]
-  finite = jnp.isfinite(log_r)
-  scaled = jnp.where(finite, jnp.where(finite, log_r, 0.0) / temperature, -jnp.inf)
-  return jax.nn.log_softmax(scaled, axis=-1)
+    log_p = aggregation.agent_log_probs(logits)
+    has_mass = jnp.max(logits, axis=-1) > -jnp.inf
+    log_weights = log_bid_weights(aggregation.effective_bids(logits, bids), gamma, has_mass)
+    log_r = log_power_mean(log_p, log_weights, rho)
+    temperature = jnp.asarray(temperature, log_r.dtype)[..., None]
+    finite = jnp.isfinite(log_r)
+    scaled = jnp.where(finite, jnp.where(finite, log_r, 0.0) / temperature, -jnp.inf)
+    return jax.nn.log_softmax(scaled, axis=-1)
 
 
 def bind(params: PowerMeanParams, base_logits: jax.Array | None = None) -> Rule:
-  """Binds parameters into a rule with the core signature ``rule(logits, bids) -> log q``.
+    """Binds parameters into a rule with the core signature ``rule(logits, bids) -> log q``.
 
-  With ``base_logits: [..., V]`` the base distribution takes part with bid ``params.base_bid``
-  (its batch axes must broadcast against those of the calls).
-  """
+    With ``base_logits: [..., V]`` the base distribution takes part with bid ``params.base_bid``
+    (its batch axes must broadcast against those of the calls).
+    """
 
-  def rule(logits: jax.Array, bids: jax.Array) -> jax.Array:
-    logits, bids = aggregation.append_base(logits, bids, base_logits, params.base_bid)
-    return power_mean(logits, bids, params.rho, params.gamma, params.temperature)
+    def rule(logits: jax.Array, bids: jax.Array) -> jax.Array:
+        logits, bids = aggregation.append_base(logits, bids, base_logits, params.base_bid)
+        return power_mean(logits, bids, params.rho, params.gamma, params.temperature)
 
-  return rule
+    return rule

@@ -40,97 +40,97 @@ _KL_VALUATIONS = {"forward_kl": payments.forward_kl_value, "reverse_kl": payment
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
 
 
 def kl_divergence(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
-  """``KL(p || q) = sum_t p_t (log p_t - log q_t)`` over the last axis; terms with ``p_t = 0`` are 0."""
-  positive = log_p > -jnp.inf
-  difference = jnp.where(positive, log_p, 0.0) - jnp.where(positive, log_q, 0.0)
-  return jnp.sum(jnp.where(positive, jnp.exp(log_p) * difference, 0.0), axis=-1)
+    """``KL(p || q) = sum_t p_t (log p_t - log q_t)`` over the last axis; terms with ``p_t = 0`` are 0."""
+    positive = log_p > -jnp.inf
+    difference = jnp.where(positive, log_p, 0.0) - jnp.where(positive, log_q, 0.0)
+    return jnp.sum(jnp.where(positive, jnp.exp(log_p) * difference, 0.0), axis=-1)
 
 
 def augmented(params: PowerMeanParams, batch: AuctionBatch) -> tuple[jax.Array, jax.Array]:
-  """The batch with its base distribution as the last agent: ``[A, m, V]`` and ``[A, m]``."""
-  return aggregation.append_base(batch.logits, batch.bids, batch.base_logits, params.base_bid)
+    """The batch with its base distribution as the last agent: ``[A, m, V]`` and ``[A, m]``."""
+    return aggregation.append_base(batch.logits, batch.bids, batch.base_logits, params.base_bid)
 
 
 def aggregate(params: PowerMeanParams, batch: AuctionBatch) -> jax.Array:
-  """``log q: [A, V]`` of the bound family rule, base included."""
-  logits, bids = augmented(params, batch)
-  return bind(params)(logits, bids)
+    """``log q: [A, V]`` of the bound family rule, base included."""
+    logits, bids = augmented(params, batch)
+    return bind(params)(logits, bids)
 
 
 @functools.partial(jax.jit, static_argnames="valuation")
 def welfare(params: PowerMeanParams, batch: AuctionBatch, valuation: str = "forward") -> jax.Array:
-  """Mean over auctions of ``sum_i b_i v_i(q)`` with ``v_i = -KL(p_i || q)`` or ``-KL(q || p_i)``."""
-  _check_choice("valuation", valuation, VALUATIONS)
-  log_q = aggregate(params, batch)[..., None, :]
-  log_p = jax.nn.log_softmax(batch.logits, axis=-1)
-  if valuation == "forward":
-    divergence = kl_divergence(log_p, log_q)
-  else:
-    divergence = kl_divergence(jnp.broadcast_to(log_q, log_p.shape), log_p)
-  return jnp.mean(jnp.sum(-batch.bids * divergence, axis=-1))
+    """Mean over auctions of ``sum_i b_i v_i(q)`` with ``v_i = -KL(p_i || q)`` or ``-KL(q || p_i)``."""
+    _check_choice("valuation", valuation, VALUATIONS)
+    log_q = aggregate(params, batch)[..., None, :]
+    log_p = jax.nn.log_softmax(batch.logits, axis=-1)
+    if valuation == "forward":
+        divergence = kl_divergence(log_p, log_q)
+    else:
+        divergence = kl_divergence(jnp.broadcast_to(log_q, log_p.shape), log_p)
+    return jnp.mean(jnp.sum(-batch.bids * divergence, axis=-1))
 
 
 @functools.partial(jax.jit, static_argnames="allocation")
 def revenue(params: PowerMeanParams, batch: AuctionBatch, allocation: str = "robust") -> jax.Array:
-  """Mean over auctions of the agents' total expected second-price payment (the base pays nothing).
+    """Mean over auctions of the agents' total expected second-price payment (the base pays nothing).
 
-  ``allocation``: ``"robust"`` (SPEC §4), or Myerson payments for KL valuations (SPEC §5),
-  ``"forward_kl"`` (``-KL(p_i || q)``) or ``"reverse_kl"`` (``-KL(q || p_i)``).
-  """
-  _check_choice("allocation", allocation, ALLOCATIONS)
-  charged = payments.second_price(
-    bind(params),
-    batch.logits,
-    batch.bids,
-    _KL_VALUATIONS.get(allocation, allocation),
-    base_logits=batch.base_logits,
-    base_bid=params.base_bid,
-  )
-  return jnp.mean(jnp.sum(charged, axis=-1))
+    ``allocation``: ``"robust"`` (SPEC §4), or Myerson payments for KL valuations (SPEC §5),
+    ``"forward_kl"`` (``-KL(p_i || q)``) or ``"reverse_kl"`` (``-KL(q || p_i)``).
+    """
+    _check_choice("allocation", allocation, ALLOCATIONS)
+    charged = payments.second_price(
+        bind(params),
+        batch.logits,
+        batch.bids,
+        _KL_VALUATIONS.get(allocation, allocation),
+        base_logits=batch.base_logits,
+        base_bid=params.base_bid,
+    )
+    return jnp.mean(jnp.sum(charged, axis=-1))
 
 
 @jax.jit
 def violation(params: PowerMeanParams, batch: AuctionBatch) -> jax.Array:
-  """Mean over auctions of ``sum_i`` monotonicity violation (SPEC §3) of the agents (not the base)."""
-  logits, bids = augmented(params, batch)
-  per_agent = preferences.monotonicity_violation(bind(params), logits, bids)
-  return jnp.mean(jnp.sum(per_agent[..., : batch.num_agents], axis=-1))
+    """Mean over auctions of ``sum_i`` monotonicity violation (SPEC §3) of the agents (not the base)."""
+    logits, bids = augmented(params, batch)
+    per_agent = preferences.monotonicity_violation(bind(params), logits, bids)
+    return jnp.mean(jnp.sum(per_agent[..., : batch.num_agents], axis=-1))
 
 
 @functools.partial(jax.jit, static_argnames=("reference", "direction"))
 def distance(
-  params: PowerMeanParams,
-  batch: AuctionBatch,
-  reference: Rule = aggregation.linear,
-  direction: str = "forward",
+    params: PowerMeanParams,
+    batch: AuctionBatch,
+    reference: Rule = aggregation.linear,
+    direction: str = "forward",
 ) -> jax.Array:
-  """Mean over auctions of ``KL(q_ref || q)`` ("forward") or ``KL(q || q_ref)`` ("reverse").
+    """Mean over auctions of ``KL(q_ref || q)`` ("forward") or ``KL(q || q_ref)`` ("reverse").
 
-  ``reference(batch.logits, batch.bids)`` sees the agents alone (no base distribution).
-  """
-  _check_choice("direction", direction, VALUATIONS)
-  log_q = aggregate(params, batch)
-  log_reference = reference(batch.logits, batch.bids)
-  if direction == "forward":
-    return jnp.mean(kl_divergence(log_reference, log_q))
-  return jnp.mean(kl_divergence(log_q, log_reference))
+    ``reference(batch.logits, batch.bids)`` sees the agents alone (no base distribution).
+    """
+    _check_choice("direction", direction, VALUATIONS)
+    log_q = aggregate(params, batch)
+    log_reference = reference(batch.logits, batch.bids)
+    if direction == "forward":
+        return jnp.mean(kl_divergence(log_reference, log_q))
+    return jnp.mean(kl_divergence(log_q, log_reference))
 
 
 @jax.jit
 def _all_objectives(params: PowerMeanParams, batch: AuctionBatch) -> dict[str, jax.Array]:
-  return {
-    "revenue": revenue(params, batch),
-    "welfare_forward": welfare(params, batch),
-    "welfare_reverse": welfare(params, batch, valuation="reverse"),
-    "violation": violation(params, batch),
-  }
+    return {
+        "revenue": revenue(params, batch),
+        "welfare_forward": welfare(params, batch),
+        "welfare_reverse": welfare(params, batch, valuation="reverse"),
+        "violation": violation(params, batch),
+    }
 
 
 def evaluate(params: PowerMeanParams, batch: AuctionBatch) -> dict[str, float]:
-  """Revenue (robust), both welfares and the violation at ``params`` as plain floats (one program)."""
-  return {name: float(value) for name, value in _all_objectives(params, batch).items()}
+    """Revenue (robust), both welfares and the violation at ``params`` as plain floats (one program)."""
+    return {name: float(value) for name, value in _all_objectives(params, batch).items()}

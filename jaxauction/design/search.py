@@ -33,238 +33,246 @@ Objective = Callable[[Any, Any], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class Constraint:
-  """``fn(params, data) <= budget``, handled by an augmented Lagrangian.
+    """``fn(params, data) <= budget``, handled by an augmented Lagrangian.
 
-  Attributes:
-    fn: scalar constraint function, differentiable in ``params``.
-    budget: the allowed value.
-    penalty: the augmented Lagrangian's ``mu`` (> 0): larger enforces harder, but stiffens the loss.
-    multiplier_every: steps between dual updates of the multiplier.
-  """
+    Attributes:
+      fn: scalar constraint function, differentiable in ``params``.
+      budget: the allowed value.
+      penalty: the augmented Lagrangian's ``mu`` (> 0): larger enforces harder, but stiffens the loss.
+      multiplier_every: steps between dual updates of the multiplier.
+    """
 
-  fn: Objective
-  budget: float
-  penalty: float = 100.0
-  multiplier_every: int = 10
+    fn: Objective
+    budget: float
+    penalty: float = 100.0
+    multiplier_every: int = 10
 
-  def __post_init__(self):
-    if not np.isfinite(self.budget):
-      raise ValueError(f"Constraint.budget must be finite, got {self.budget}.")
-    if not self.penalty > 0:
-      raise ValueError(f"Constraint.penalty must be > 0, got {self.penalty}.")
-    if self.multiplier_every < 1:
-      raise ValueError(f"Constraint.multiplier_every must be >= 1, got {self.multiplier_every}.")
+    def __post_init__(self):
+        if not np.isfinite(self.budget):
+            raise ValueError(f"Constraint.budget must be finite, got {self.budget}.")
+        if not self.penalty > 0:
+            raise ValueError(f"Constraint.penalty must be > 0, got {self.penalty}.")
+        if self.multiplier_every < 1:
+            raise ValueError(f"Constraint.multiplier_every must be >= 1, got {self.multiplier_every}.")
 
 
 @dataclasses.dataclass
 class SearchResult:
-  """The parameters after ``step`` steps, the optimiser state, the multiplier and the history.
+    """The parameters after ``step`` steps, the optimiser state, the multiplier and the history.
 
-  ``history`` maps names to arrays with one entry per step, evaluated at the parameters *before*
-  that step's update: ``step``, ``loss``, ``objective``, ``constraint`` (NaN without one),
-  ``multiplier``, and ``param<path>`` for every scalar parameter (e.g. ``param.rho``).
-  """
+    ``history`` maps names to arrays with one entry per step, evaluated at the parameters *before*
+    that step's update: ``step``, ``loss``, ``objective``, ``constraint`` (NaN without one),
+    ``multiplier``, and ``param<path>`` for every scalar parameter (e.g. ``param.rho``).
+    """
 
-  params: Any
-  opt_state: Any
-  step: int
-  multiplier: float
-  history: dict[str, np.ndarray]
+    params: Any
+    opt_state: Any
+    step: int
+    multiplier: float
+    history: dict[str, np.ndarray]
 
 
 def augmented_lagrangian(slack: jax.Array, multiplier: jax.Array, penalty: float) -> jax.Array:
-  """``(max(0, lambda + mu s)**2 - lambda**2) / (2 mu)`` for ``g <= budget`` with slack ``s = g - budget``."""
-  return (jnp.maximum(0.0, multiplier + penalty * slack) ** 2 - multiplier**2) / (2.0 * penalty)
+    """``(max(0, lambda + mu s)**2 - lambda**2) / (2 mu)`` for ``g <= budget`` with slack ``s = g - budget``."""
+    return (jnp.maximum(0.0, multiplier + penalty * slack) ** 2 - multiplier**2) / (2.0 * penalty)
 
 
 def _scalar_names(params) -> list[str]:
-  paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  return [f"param{jax.tree_util.keystr(path)}" for path, leaf in paths if np.size(leaf) == 1]
+    paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    return [f"param{jax.tree_util.keystr(path)}" for path, leaf in paths if np.size(leaf) == 1]
 
 
 @functools.lru_cache(maxsize=32)
 def _default_optimizer(learning_rate: float) -> optax.GradientTransformation:
-  return optax.adam(learning_rate)
+    return optax.adam(learning_rate)
 
 
 @functools.lru_cache(maxsize=32)
 def _with_frozen(optimizer, labels_treedef, labels) -> optax.GradientTransformation:
-  param_labels = jax.tree.unflatten(labels_treedef, labels)
-  return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, param_labels)
+    param_labels = jax.tree.unflatten(labels_treedef, labels)
+    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, param_labels)
 
 
 @functools.lru_cache(maxsize=32)
 def _step_function(objective, constraint_fn, optimizer, sign, batch_size):
-  """The jitted search step; cached so that repeated searches (e.g. a budget sweep) compile once."""
+    """The jitted search step; cached so that repeated searches (e.g. a budget sweep) compile once."""
 
-  def minibatch(data, step, seed):
-    if batch_size is None:
-      return data
-    count = jax.tree.leaves(data)[0].shape[0]
-    key = jax.random.fold_in(jax.random.key(seed), step)
-    indices = jax.random.choice(key, count, (batch_size,), replace=False)
-    return jax.tree.map(lambda leaf: leaf[indices], data)
+    def minibatch(data, step, seed):
+        if batch_size is None:
+            return data
+        count = jax.tree.leaves(data)[0].shape[0]
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        indices = jax.random.choice(key, count, (batch_size,), replace=False)
+        return jax.tree.map(lambda leaf: leaf[indices], data)
 
-  def loss_fn(params, data, multiplier, budget, penalty):
-    value = objective(params, data)
-    loss = -sign * value
-    violation = jnp.full((), jnp.nan, loss.dtype)
-    if constraint_fn is not None:
-      violation = constraint_fn(params, data)
-      loss = loss + augmented_lagrangian(violation - budget, multiplier, penalty)
-    return loss, (value, violation)
+    def loss_fn(params, data, multiplier, budget, penalty):
+        value = objective(params, data)
+        loss = -sign * value
+        violation = jnp.full((), jnp.nan, loss.dtype)
+        if constraint_fn is not None:
+            violation = constraint_fn(params, data)
+            loss = loss + augmented_lagrangian(violation - budget, multiplier, penalty)
+        return loss, (value, violation)
 
-  @jax.jit
-  def step_fn(params, opt_state, data, multiplier, step, seed, budget, penalty, bounds):
-    batch = minibatch(data, step, seed)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (value, violation)), grads = grad_fn(params, batch, multiplier, budget, penalty)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    if bounds is not None:
-      new_params = jax.tree.map(jnp.clip, new_params, bounds[0], bounds[1])
-    return new_params, opt_state, loss, value, violation
+    @jax.jit
+    def step_fn(params, opt_state, data, multiplier, step, seed, budget, penalty, bounds):
+        batch = minibatch(data, step, seed)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (value, violation)), grads = grad_fn(params, batch, multiplier, budget, penalty)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if bounds is not None:
+            new_params = jax.tree.map(jnp.clip, new_params, bounds[0], bounds[1])
+        return new_params, opt_state, loss, value, violation
 
-  return step_fn
+    return step_fn
 
 
 def search(
-  objective: Objective,
-  params: Any,
-  data: Any = None,
-  *,
-  steps: int,
-  constraint: Constraint | None = None,
-  maximize: bool = True,
-  optimizer: optax.GradientTransformation | None = None,
-  learning_rate: float = 0.05,
-  trainable: Any = None,
-  bounds: Any = None,
-  batch_size: int | None = None,
-  seed: int = 0,
-  checkpoint: str | Path | None = None,
-  checkpoint_every: int = 50,
-  progress: bool = True,
-  description: str = "design search",
-  tag: str | None = None,
-  callback: Callable[[int, dict[str, float]], None] | None = None,
+    objective: Objective,
+    params: Any,
+    data: Any = None,
+    *,
+    steps: int,
+    constraint: Constraint | None = None,
+    maximize: bool = True,
+    optimizer: optax.GradientTransformation | None = None,
+    learning_rate: float = 0.05,
+    trainable: Any = None,
+    bounds: Any = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+    description: str = "design search",
+    tag: str | None = None,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> SearchResult:
-  """Runs (or resumes) a gradient search for ``steps`` steps in total.
+    """Runs (or resumes) a gradient search for ``steps`` steps in total.
 
-  Args:
-    objective: ``objective(params, data) -> scalar``, differentiable in ``params`` (jit-able).
-    params: initial parameters (any pytree of arrays).
-    data: the objective's second argument, a pytree whose leaves share a leading auction axis when
-      ``batch_size`` is set.
-    steps: total number of optimiser steps (a resumed search counts the steps already done).
-    constraint: optional ``g(params, data) <= budget`` (augmented Lagrangian).
-    maximize: maximise ``objective`` (``True``) or minimise it.
-    optimizer: an optax transformation; default ``optax.adam(learning_rate)``. The compiled step is
-      cached per (objective, constraint function, optimizer) object: pass the same objects to
-      repeated searches (e.g. a budget sweep) to compile once; budgets, penalties, seeds and data of
-      the same shapes do not recompile.
-    trainable: a pytree of bools like ``params``; ``False`` leaves stay fixed. ``None``: all train.
-    bounds: ``(lower, upper)`` pytrees like ``params`` (or an object with ``.lower``/``.upper``, e.g.
-      :class:`~jaxauction.design.Bounds`): the parameters are clipped into the box after every update.
-    batch_size: minibatch size drawn without replacement each step; ``None`` uses all of ``data``.
-    seed: seeds the minibatches.
-    checkpoint: ``.npz`` path. If it exists, the search resumes from it (its settings must match);
-      it is rewritten every ``checkpoint_every`` steps, at the end, and when the search is
-      interrupted by an exception (including ``KeyboardInterrupt``), always atomically.
-    progress: show a tqdm progress bar (labelled ``description``).
-    tag: any JSON-able label stored in the checkpoint and compared on resume (e.g. a fingerprint of
-      the data, which the search cannot check itself).
-    callback: called as ``callback(step, record)`` after every step (``record`` is that step's history
-      entry); an exception it raises interrupts the search (after the checkpoint is written).
+    Args:
+      objective: ``objective(params, data) -> scalar``, differentiable in ``params`` (jit-able).
+      params: initial parameters (any pytree of arrays).
+      data: the objective's second argument, a pytree whose leaves share a leading auction axis when
+        ``batch_size`` is set.
+      steps: total number of optimiser steps (a resumed search counts the steps already done).
+      constraint: optional ``g(params, data) <= budget`` (augmented Lagrangian).
+      maximize: maximise ``objective`` (``True``) or minimise it.
+      optimizer: an optax transformation; default ``optax.adam(learning_rate)``. The compiled step is
+        cached per (objective, constraint function, optimizer) object: pass the same objects to
+        repeated searches (e.g. a budget sweep) to compile once; budgets, penalties, seeds and data of
+        the same shapes do not recompile.
+      trainable: a pytree of bools like ``params``; ``False`` leaves stay fixed. ``None``: all train.
+      bounds: ``(lower, upper)`` pytrees like ``params`` (or an object with ``.lower``/``.upper``, e.g.
+        :class:`~jaxauction.design.Bounds`): the parameters are clipped into the box after every update.
+      batch_size: minibatch size drawn without replacement each step; ``None`` uses all of ``data``.
+      seed: seeds the minibatches.
+      checkpoint: ``.npz`` path. If it exists, the search resumes from it (its settings must match);
+        it is rewritten every ``checkpoint_every`` steps, at the end, and when the search is
+        interrupted by an exception (including ``KeyboardInterrupt``), always atomically.
+      progress: show a tqdm progress bar (labelled ``description``).
+      tag: any JSON-able label stored in the checkpoint and compared on resume (e.g. a fingerprint of
+        the data, which the search cannot check itself).
+      callback: called as ``callback(step, record)`` after every step (``record`` is that step's history
+        entry); an exception it raises interrupts the search (after the checkpoint is written).
 
-  Returns:
-    A :class:`SearchResult`.
+    Returns:
+      A :class:`SearchResult`.
 
-  Raises:
-    ValueError: for invalid settings, or a checkpoint that belongs to another search.
-  """
-  if steps < 0:
-    raise ValueError(f"steps must be >= 0, got {steps}.")
-  if checkpoint_every < 1:
-    raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
-  if batch_size is not None:
-    count = jax.tree.leaves(data)[0].shape[0] if jax.tree.leaves(data) else 0
-    if not 1 <= batch_size <= count:
-      raise ValueError(f"batch_size must be in [1, {count}] (the leading size of data), got {batch_size}.")
+    Raises:
+      ValueError: for invalid settings, or a checkpoint that belongs to another search.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}.")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
+    if batch_size is not None:
+        count = jax.tree.leaves(data)[0].shape[0] if jax.tree.leaves(data) else 0
+        if not 1 <= batch_size <= count:
+            raise ValueError(f"batch_size must be in [1, {count}] (the leading size of data), got {batch_size}.")
 
-  optimizer = optimizer if optimizer is not None else _default_optimizer(float(learning_rate))
-  if trainable is not None:
-    labels, labels_treedef = jax.tree.flatten(jax.tree.map(lambda flag: "train" if flag else "frozen", trainable))
-    optimizer = _with_frozen(optimizer, labels_treedef, tuple(labels))
-  if bounds is not None and not isinstance(bounds, tuple):
-    bounds = (bounds.lower, bounds.upper)
-  sign = 1.0 if maximize else -1.0
-  step_fn = _step_function(objective, None if constraint is None else constraint.fn, optimizer, sign, batch_size)
-  dtype = jnp.result_type(*jax.tree.leaves(params))
-  budget = jnp.asarray(0.0 if constraint is None else constraint.budget, dtype)
-  penalty = jnp.asarray(1.0 if constraint is None else constraint.penalty, dtype)
-  settings = dict(
-    tag=tag,
-    maximize=maximize,
-    seed=seed,
-    batch_size=batch_size,
-    budget=None if constraint is None else float(constraint.budget),
-    penalty=None if constraint is None else float(constraint.penalty),
-    multiplier_every=None if constraint is None else constraint.multiplier_every,
-  )
+    optimizer = optimizer if optimizer is not None else _default_optimizer(float(learning_rate))
+    if trainable is not None:
+        labels, labels_treedef = jax.tree.flatten(jax.tree.map(lambda flag: "train" if flag else "frozen", trainable))
+        optimizer = _with_frozen(optimizer, labels_treedef, tuple(labels))
+    if bounds is not None and not isinstance(bounds, tuple):
+        bounds = (bounds.lower, bounds.upper)
+    sign = 1.0 if maximize else -1.0
+    step_fn = _step_function(objective, None if constraint is None else constraint.fn, optimizer, sign, batch_size)
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    budget = jnp.asarray(0.0 if constraint is None else constraint.budget, dtype)
+    penalty = jnp.asarray(1.0 if constraint is None else constraint.penalty, dtype)
+    settings = dict(
+        tag=tag,
+        maximize=maximize,
+        seed=seed,
+        batch_size=batch_size,
+        budget=None if constraint is None else float(constraint.budget),
+        penalty=None if constraint is None else float(constraint.penalty),
+        multiplier_every=None if constraint is None else constraint.multiplier_every,
+    )
 
-  names = _scalar_names(params)
-  state = checkpoint_lib.SearchState(
-    params=params,
-    opt_state=optimizer.init(params),
-    step=0,
-    multiplier=0.0,
-    history={name: [] for name in ["step", "loss", "objective", "constraint", "multiplier", *names]},
-  )
-  if checkpoint is not None and Path(checkpoint).exists():
-    state = checkpoint_lib.load(checkpoint, state.params, state.opt_state, settings)
+    names = _scalar_names(params)
+    state = checkpoint_lib.SearchState(
+        params=params,
+        opt_state=optimizer.init(params),
+        step=0,
+        multiplier=0.0,
+        history={name: [] for name in ["step", "loss", "objective", "constraint", "multiplier", *names]},
+    )
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = checkpoint_lib.load(checkpoint, state.params, state.opt_state, settings)
 
-  def save():
-    if checkpoint is not None:
-      checkpoint_lib.save(checkpoint, state, settings)
+    def save():
+        if checkpoint is not None:
+            checkpoint_lib.save(checkpoint, state, settings)
 
-  bar = tqdm(total=steps, initial=min(state.step, steps), desc=description, disable=not progress, leave=False)
-  try:
-    while state.step < steps:
-      index = state.step
-      new_params, opt_state, loss, value, violation = step_fn(
-        state.params, state.opt_state, data, jnp.asarray(state.multiplier, dtype), index, seed, budget, penalty, bounds
-      )
-      record = dict(
-        step=float(index),
-        loss=float(loss),
-        objective=float(value),
-        constraint=float(violation),
-        multiplier=state.multiplier,
-      )
-      leaves = [leaf for leaf in jax.tree.leaves(state.params) if np.size(leaf) == 1]
-      record.update({name: float(np.asarray(leaf).reshape(())) for name, leaf in zip(names, leaves)})
-      multiplier = state.multiplier
-      if constraint is not None and (index + 1) % constraint.multiplier_every == 0:
-        multiplier = max(0.0, multiplier + constraint.penalty * (record["constraint"] - constraint.budget))
-      history = {name: [*values, record[name]] for name, values in state.history.items()}
-      state = checkpoint_lib.SearchState(new_params, opt_state, index + 1, multiplier, history)
-      bar.update(1)
-      bar.set_postfix(objective=f"{record['objective']:.4g}", constraint=f"{record['constraint']:.3g}")
-      if state.step % checkpoint_every == 0:
+    bar = tqdm(total=steps, initial=min(state.step, steps), desc=description, disable=not progress, leave=False)
+    try:
+        while state.step < steps:
+            index = state.step
+            new_params, opt_state, loss, value, violation = step_fn(
+                state.params,
+                state.opt_state,
+                data,
+                jnp.asarray(state.multiplier, dtype),
+                index,
+                seed,
+                budget,
+                penalty,
+                bounds,
+            )
+            record = dict(
+                step=float(index),
+                loss=float(loss),
+                objective=float(value),
+                constraint=float(violation),
+                multiplier=state.multiplier,
+            )
+            leaves = [leaf for leaf in jax.tree.leaves(state.params) if np.size(leaf) == 1]
+            record.update({name: float(np.asarray(leaf).reshape(())) for name, leaf in zip(names, leaves)})
+            multiplier = state.multiplier
+            if constraint is not None and (index + 1) % constraint.multiplier_every == 0:
+                multiplier = max(0.0, multiplier + constraint.penalty * (record["constraint"] - constraint.budget))
+            history = {name: [*values, record[name]] for name, values in state.history.items()}
+            state = checkpoint_lib.SearchState(new_params, opt_state, index + 1, multiplier, history)
+            bar.update(1)
+            bar.set_postfix(objective=f"{record['objective']:.4g}", constraint=f"{record['constraint']:.3g}")
+            if state.step % checkpoint_every == 0:
+                save()
+            if callback is not None:
+                callback(state.step, record)
         save()
-      if callback is not None:
-        callback(state.step, record)
-    save()
-  except BaseException:
-    save()
-    raise
-  finally:
-    bar.close()
-  return SearchResult(
-    params=state.params,
-    opt_state=state.opt_state,
-    step=state.step,
-    multiplier=state.multiplier,
-    history={name: np.asarray(values, np.float64) for name, values in state.history.items()},
-  )
+    except BaseException:
+        save()
+        raise
+    finally:
+        bar.close()
+    return SearchResult(
+        params=state.params,
+        opt_state=state.opt_state,
+        step=state.step,
+        multiplier=state.multiplier,
+        history={name: np.asarray(values, np.float64) for name, values in state.history.items()},
+    )

@@ -189,9 +189,9 @@ class LlamaConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "dtype": "float32",
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else (
-                self.eos_token_ids[0] if self.eos_token_ids else None
-            ),
+            "eos_token_id": list(self.eos_token_ids)
+            if len(self.eos_token_ids) > 1
+            else (self.eos_token_ids[0] if self.eos_token_ids else None),
             "pad_token_id": self.pad_token_id,
         }
         if self.rope_type != "default":
@@ -268,7 +268,9 @@ class LlamaConfig:
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
             rope_theta=float(metadata.get(f"{arch}.rope.freq_base", 10_000.0)),
             rope_type="linear" if rope_scaling_type == "linear" else "default",
-            rope_factor=float(metadata.get(f"{arch}.rope.scaling.factor", 1.0) if rope_scaling_type == "linear" else 1.0),
+            rope_factor=float(
+                metadata.get(f"{arch}.rope.scaling.factor", 1.0) if rope_scaling_type == "linear" else 1.0
+            ),
             tie_word_embeddings="output.weight" not in tensor_names,
             qkv_bias=arch == "qwen2",
             architecture=arch,

@@ -517,9 +517,7 @@ def _as_mask(attention_mask, shape) -> jax.Array:
         return jnp.ones(shape, bool)
     mask = jnp.asarray(attention_mask)
     if mask.shape != tuple(shape):
-        raise ValueError(
-            f"attention_mask must have the shape of input_ids {tuple(shape)}, got {tuple(mask.shape)}."
-        )
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(shape)}, got {tuple(mask.shape)}.")
     return mask.astype(bool)
 
 
@@ -581,7 +579,7 @@ def _decode_body(graphdef, state, token_ids, cache):
     return nnx.merge(graphdef, state).decode(token_ids, cache)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(name: str, donate: bool):
     """The jitted ``forward``/``prefill``/``decode`` (with or without donating the cache)."""
     body = {"forward": _forward_body, "prefill": _prefill_body, "decode": _decode_body}[name]

@@ -50,8 +50,17 @@ def llama_cpp_unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
 _GGUF_MAGIC = b"GGUF"
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _NUMPY_ARRAY_TYPES = {
-    0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-    6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64,
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
 }
 _STRING, _ARRAY = 8, 9
 
@@ -218,9 +227,7 @@ def gguf_tensor_name(hf_name: str) -> str:
     return f"blk.{layer}.{inverse[module]}.{kind}"
 
 
-def gguf_weight_reader(
-    file: GGUFFile, config: LlamaConfig, *, unpermute: bool = True
-) -> Callable[[str], np.ndarray]:
+def gguf_weight_reader(file: GGUFFile, config: LlamaConfig, *, unpermute: bool = True) -> Callable[[str], np.ndarray]:
     """``hf_name -> float32 [out, in]`` reader over a GGUF file.
 
     For ``general.architecture == "llama"`` the q and k rows are permuted back per head

@@ -27,8 +27,12 @@ _QWEN2_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _SPLITS = {
-    "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
 }
 
 
@@ -108,8 +112,11 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], *, source: str = "GGUF file
         index = metadata.get(f"tokenizer.ggml.{key}")
         return None if index is None or not 0 <= index < len(tokens) else tokens[index]
 
-    bos, eos, unk, pad = token_of("bos_token_id"), token_of("eos_token_id"), token_of("unknown_token_id"), token_of(
-        "padding_token_id"
+    bos, eos, unk, pad = (
+        token_of("bos_token_id"),
+        token_of("eos_token_id"),
+        token_of("unknown_token_id"),
+        token_of("padding_token_id"),
     )
     byte_level_post = processors.ByteLevel(trim_offsets=False)
     if metadata.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
