@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from jaxauction import cli
-from jaxauction._io import atomic_path, write_json
 from jaxauction.config import ConfigError, load_config
+from jaxauction.outputs import atomic_path, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 HAWAII = REPO / "experiments" / "configs" / "hawaii.toml"
