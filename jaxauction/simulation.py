@@ -184,8 +184,8 @@ def _check_index(index, num_auctions: int, num_sets: int) -> np.ndarray:
     if bad.any():
         where = int(np.argmax(bad))
         raise ValueError(
-            f"index: entries must lie in [0, {num_sets}) (K = {num_sets} logits sets); got {int(array[where])} "
-            f"at position {where}."
+            f"index: expected shape [A] = ({num_auctions},) with entries in [0, {num_sets}) (K = {num_sets} logits "
+            f"sets); got {int(array[where])} at position {where}."
         )
     return array.astype(np.int32)
 
