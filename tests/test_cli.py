@@ -5,7 +5,6 @@ replaced by a stub that records whether it was called."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
