@@ -61,7 +61,7 @@ def check_output_path(
     if path.is_dir():
         raise ValueError(f"{option}: {path} is a folder; give a file path inside it, e.g. {path / 'result.json'}.")
     for source in inputs:
-        if source is not None and _same_file(path, Path(source).expanduser()):
+        if source is not None and str(source) != "" and _same_file(path, Path(source).expanduser()):
             raise ValueError(f"{option}: {path} is also an input or another output ({source}); choose another path.")
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise ValueError(

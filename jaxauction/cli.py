@@ -76,7 +76,7 @@ def _payment_table(config: AuctionConfig, result) -> str:
 
 def command_run(args) -> int:
     config = load_config(args.config)
-    check_output_path("--json", args.json, inputs=[args.config])
+    check_output_path("--json", args.json, inputs=[args.config, args.model])
     import jax
 
     from jaxauction._io import write_json
@@ -144,8 +144,8 @@ def command_sweep(args) -> int:
         raise ValueError(
             f"{config.path}: a sweep needs at least two advertisers; the configuration has {len(config.advertisers)}."
         )
-    check_output_path("--json", args.json, inputs=[args.config])
-    check_output_path("--plot", args.plot, inputs=[args.config, args.json], suffixes=figure_suffixes())
+    check_output_path("--json", args.json, inputs=[args.config, args.model])
+    check_output_path("--plot", args.plot, inputs=[args.config, args.model, args.json], suffixes=figure_suffixes())
     from jaxauction._io import write_json
     from jaxauction.sweep import format_table, plot_sweep, run_sweep
 

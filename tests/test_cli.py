@@ -77,8 +77,11 @@ def test_bad_output_paths_fail_before_the_model_loads(tmp_path, capsys, no_model
     fails([command, config, "--json", config.parent / "." / config.name], capsys, "--json", "also an input")
     fails([command, config, "--json", config / "out.json"], capsys, "--json", "is a file, not a folder")
     fails([command, config, "--json", "/proc/jaxauction-test/out.json"], capsys, "--json", "cannot write")
+    model_file = tmp_path / "model.gguf"
+    model_file.write_bytes(b"GGUF")
+    fails([command, config, "--model", model_file, "--json", model_file], capsys, "--json", "also an input")
     assert no_model == []
-    assert config.read_text() == CONFIG.format(top="")
+    assert config.read_text() == CONFIG.format(top="") and model_file.read_bytes() == b"GGUF"
 
 
 def test_bad_plot_paths_fail_before_the_model_loads(tmp_path, capsys, no_model):
@@ -199,3 +202,16 @@ def test_braces_in_prompts_reach_the_model_literally(tmp_path, monkeypatch):
     expected = 'Reply as JSON like {"headline": "..."} for Vacations in Hawaii; {foo} { {Alpha Airlines}'
     assert alpha == [{"role": "user", "content": expected}]
     assert beta == [{"role": "user", "content": "Ad for Vacations in Hawaii by Beta Resort."}]
+
+
+def test_check_output_path_python_api(tmp_path):
+    from jaxauction.outputs import check_output_path
+
+    assert check_output_path("--out", None) is None
+    target = tmp_path / "missing" / "Plot.SVG"
+    assert check_output_path("--out", str(target), suffixes=(".svg",)) == target
+    assert not target.parent.exists()
+    with pytest.raises(ValueError, match=r"--out: expected a file path \(str or os.PathLike\), got int 3"):
+        check_output_path("--out", 3)
+    with pytest.raises(ValueError, match=r"--out: .* is also an input or another output"):
+        check_output_path("--out", tmp_path / "a.json", inputs=[None, "", tmp_path / "x" / ".." / "a.json"])
