@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         64: {},
     }[args.nodes]
     quadrature = Quadrature(**panels)
-    from jaxauction._io import atomic_path, write_json
+    from jaxauction.outputs import atomic_path, write_json
 
     cache = Path(args.cache)
     if cache.exists():
@@ -210,7 +210,7 @@ def plot(results, names, edges, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jaxauction._io import save_figure
+    from jaxauction.outputs import save_figure
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
     centers = np.linspace(-3, 3, 25)

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from jaxauction._io import write_json
+    from jaxauction.outputs import write_json
 
     floors = machine_floors()
     print(
@@ -192,7 +192,7 @@ def plot(report, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jaxauction._io import save_figure
+    from jaxauction.outputs import save_figure
 
     has_generation = bool(report["generation"]["auctions"])
     columns = 5 if has_generation else 3

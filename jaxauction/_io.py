@@ -1,4 +1,9 @@
-"""Atomic output files: an interrupted run never leaves a half-written JSON or PNG."""
+"""Output files: checked before any work starts, and written atomically (an interrupted run never leaves a
+half-written JSON or PNG).
+
+This is the one home for atomic writes (:func:`atomic_path`) and for the up-front check of an output
+path (:func:`check_output_path`); the public names are re-exported by :mod:`jaxauction.outputs`.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+__all__ = ["atomic_path", "check_output_path", "figure_suffixes", "save_figure", "write_json"]
 
 
 @contextlib.contextmanager
@@ -30,6 +37,65 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+def check_output_path(
+    option: str, path: str | os.PathLike | None, *, inputs: Iterable[str | os.PathLike] = (), suffixes=None
+) -> Path | None:
+    """Checks, before any work starts, that ``path`` can be written; returns it as a ``Path`` (None stays None).
+
+    Refused with a ``ValueError`` naming ``option``: an empty path; a path onto an existing folder; a path
+    equal to one of ``inputs`` (e.g. the configuration being read, or another output); a suffix not in
+    ``suffixes`` (lower-case, with the dot, e.g. ``(".png", ".pdf")``; None accepts any); a folder on the
+    way that is a file; a place where no file can be created (probed with a temporary file that is
+    removed again). Missing parent folders are fine: :func:`atomic_path` creates them when it writes.
+    Nothing is created or changed by the check.
+    """
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{option}: expected a file path (str or os.PathLike), got {type(path).__name__} {path!r}.")
+    if str(path).strip() == "":
+        raise ValueError(f"{option}: the path is empty; give a file path such as outputs/result.json.")
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{option}: {path} is a folder; give a file path inside it, e.g. {path / 'result.json'}.")
+    for source in inputs:
+        if source is not None and str(source) != "" and _same_file(path, Path(source).expanduser()):
+            raise ValueError(f"{option}: {path} is also an input or another output ({source}); choose another path.")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise ValueError(
+            f"{option}: {path} has suffix {path.suffix or '(none)'!r}; expected one of {sorted(suffixes)} "
+            f"(the suffix picks the file format), e.g. {path.with_suffix(sorted(suffixes)[0])}."
+        )
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option}: cannot write {path}: {folder} is a file, not a folder.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".jaxauction-write-check.", dir=folder)
+    except OSError as error:
+        raise ValueError(
+            f"{option}: cannot write {path}: no file can be created in {folder} ({error.strerror or error}); "
+            "choose a writable place."
+        ) from None
+    os.close(handle)
+    os.remove(probe)
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def figure_suffixes() -> tuple[str, ...]:
+    """The suffixes matplotlib can save a figure as (``".png"``, ``".pdf"``, ``".svg"``, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return tuple(sorted("." + kind for kind in FigureCanvasBase.get_supported_filetypes()))
 
 
 def _umask() -> int:

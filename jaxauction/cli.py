@@ -1,8 +1,13 @@
 """The ``jaxauction`` command line: ``run`` one auction or ``sweep`` the bid ratio.
 
-Bad input (an unknown rule, a negative bid, no advertisers, a missing or malformed configuration)
-prints one ``error:`` line naming the file, line and field, and exits with status 2; never a
-traceback.
+Bad input (an unknown rule, a negative bid, no advertisers, a missing, non-UTF-8 or malformed
+configuration, a malformed ``{query}`` placeholder, a decoding the rules cannot use, an output path
+that cannot be written) prints one ``error:`` line naming the file, line and field (or the option),
+and exits with status 2; never a traceback. Everything that can be checked without the model is
+checked before the model loads: the configuration, the options and every output path (``--json``,
+``--plot``: missing parent folders are created when writing; an empty path, a folder, an unwritable
+place, a ``--plot`` suffix matplotlib cannot write, or an output that is one of the inputs is refused).
+The JSON is written before the plot, so a failing plot never loses it.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxauction.config import RULE_NAMES, AuctionConfig, ConfigError, load_config
+from jaxauction import base
+from jaxauction._io import check_output_path, figure_suffixes
+from jaxauction.config import AuctionConfig, ConfigError, check_decoding, load_config
 
 
 def _load_model(source: str | None):
@@ -69,6 +76,7 @@ def _payment_table(config: AuctionConfig, result) -> str:
 
 def command_run(args) -> int:
     config = load_config(args.config)
+    check_output_path("--json", args.json, inputs=[args.config, args.model])
     import jax
 
     from jaxauction._io import write_json
@@ -119,13 +127,25 @@ def command_run(args) -> int:
 def command_sweep(args) -> int:
     config = load_config(args.config)
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-    unknown = [r for r in rules if r not in RULE_NAMES]
+    unknown = [r for r in rules if r not in base.rule_names()]
     if unknown or not rules:
-        raise ValueError(f"--rules: unknown rule(s) {unknown}; use a comma-separated subset of {list(RULE_NAMES)}.")
+        raise ValueError(
+            f"--rules: unknown rule(s) {unknown}; use a comma-separated subset of {list(base.rule_names())}."
+        )
+    for rule in rules:
+        problem = check_decoding(config.decoding, rule, len(config.advertisers), config.base_prompt is not None)
+        if problem:
+            raise ValueError(f"--rules: {config.path}: {problem}")
     if args.points < 2:
         raise ValueError(f"--points: a sweep needs at least 2 points, got {args.points}.")
     if args.samples < 1:
         raise ValueError(f"--samples: expected a positive integer, got {args.samples}.")
+    if len(config.advertisers) < 2:
+        raise ValueError(
+            f"{config.path}: a sweep needs at least two advertisers; the configuration has {len(config.advertisers)}."
+        )
+    check_output_path("--json", args.json, inputs=[args.config, args.model])
+    check_output_path("--plot", args.plot, inputs=[args.config, args.model, args.json], suffixes=figure_suffixes())
     from jaxauction._io import write_json
     from jaxauction.sweep import format_table, plot_sweep, run_sweep
 
@@ -133,11 +153,11 @@ def command_sweep(args) -> int:
     result = run_sweep(config, points=args.points, samples=args.samples, rules=rules, model=model)
     print(f"query: {config.query}\n")
     print(format_table(result))
-    plot_sweep(result, args.plot)
-    print(f"\nsaved plot {args.plot}")
     if args.json:
         write_json(args.json, {"config": args.config, "query": config.query, **result.to_json()})
-        print(f"wrote {args.json}")
+        print(f"\nwrote {args.json}")
+    plot_sweep(result, args.plot)
+    print(f"saved plot {args.plot}")
     return 0
 
 

@@ -22,8 +22,21 @@ A configuration names the query, the advertisers and the mechanism::
     example_query = "..."        # optional query of that example turn (default: the query itself)
     keywords = ["Alpha"]         # optional, words that count as a mention (default: the name)
 
-``{query}`` and ``{name}`` are substituted in prompts. Every problem is reported as a
-:class:`ConfigError` naming the file, the line (where it can be found) and the field.
+Placeholders: exactly ``{query}`` and ``{name}`` are substituted in ``prompt``, ``system``,
+``example``, ``example_query`` and ``base_prompt``; every other brace stays literal (``{"headline":
+"..."}``, ``{foo}``, a lone ``{``, ``{{``). A brace that opens a placeholder name but is not exactly
+the placeholder (``{query``, ``{ name }``, ``{query!r}``, ``{name:>10}``) is reported as a malformed
+placeholder, since it is almost always a typo.
+
+Limits: bids and ``base_bid`` are finite numbers in ``[0, MAX_BID]`` (``1e30``); ``temperature`` lies in
+``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` (``1e-30 .. 1e30``) so that it and its reciprocal are finite in
+float32. Advertiser names are non-empty. An advertiser is *mentioned* in a text when one of its
+keywords (default: its name) occurs as a whole word (or phrase), case-insensitively: "Alpha" matches
+"alpha's deal" but not "Alphabet". ``decoding = "stable"`` needs exactly two advertisers, the linear
+rule and no ``base_prompt`` (SPEC §4's sampler).
+
+Every problem is reported as a :class:`ConfigError` naming the file, the line (where it can be found)
+and the field, when the file is loaded (before any model is loaded).
 """
 
 from __future__ import annotations
@@ -34,7 +47,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-RULE_NAMES = ("linear", "log_linear")
+from jaxauction import base
+
+MAX_BID = 1e30
+"""Largest bid (and ``base_bid``) a configuration accepts."""
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-30, 1e30
+"""Accepted ``temperature`` range: the temperature and its reciprocal stay finite in float32."""
+PLACEHOLDERS = ("query", "name")
+"""The placeholders substituted in prompts, system messages and examples."""
 PAYMENT_NAMES = ("second_price", "kl", "none")
 DECODING_NAMES = ("sample", "greedy", "stable")
 
@@ -59,24 +79,69 @@ class Advertiser:
     keywords: tuple[str, ...] = ()
 
     def messages(self, query: str) -> list[dict[str, str]]:
-        """The chat messages this advertiser's agent is conditioned on."""
-        fill = {"query": query, "name": self.name}
+        """The chat messages this advertiser's agent is conditioned on (``{query}``/``{name}`` filled in)."""
         messages = []
         if self.system:
-            messages.append({"role": "system", "content": self.system.format(**fill)})
+            messages.append({"role": "system", "content": fill_placeholders(self.system, query=query, name=self.name)})
         if self.example:
             example_query = self.example_query or query
             messages += [
-                {"role": "user", "content": self.prompt.format(query=example_query, name=self.name)},
-                {"role": "assistant", "content": self.example.format(**fill)},
+                {"role": "user", "content": fill_placeholders(self.prompt, query=example_query, name=self.name)},
+                {"role": "assistant", "content": fill_placeholders(self.example, query=query, name=self.name)},
             ]
-        messages.append({"role": "user", "content": self.prompt.format(**fill)})
+        messages.append({"role": "user", "content": fill_placeholders(self.prompt, query=query, name=self.name)})
         return messages
 
     def mentioned_in(self, text: str) -> bool:
-        """Whether ``text`` mentions this advertiser (any keyword, case-insensitive)."""
-        lowered = text.lower()
-        return any(word.lower() in lowered for word in (self.keywords or (self.name,)))
+        """Whether ``text`` mentions this advertiser: a keyword (default: the name) as a whole word, any case."""
+        return any(mentions(text, word) for word in (self.keywords or (self.name,)))
+
+
+def mentions(text: str, word: str) -> bool:
+    """Whether ``word`` (a word or phrase) occurs in ``text`` as a whole word, case-insensitively.
+
+    Word boundaries are Unicode word characters: ``mentions("Alpha's deal", "Alpha")`` is True,
+    ``mentions("Alphabet", "Alpha")`` is False. An empty ``word`` is never mentioned.
+    """
+    if not word:
+        return False
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+_PLACEHOLDER_START = re.compile(r"\{\s*(" + "|".join(PLACEHOLDERS) + r")\b")
+
+
+def fill_placeholders(template: str, **values: str) -> str:
+    """``template`` with exactly ``{query}`` and ``{name}`` replaced; every other brace is left as it is."""
+    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+
+
+def malformed_placeholder(template: str) -> str | None:
+    """The first text that opens a placeholder but is not exactly ``{query}``/``{name}`` (None if none)."""
+    for match in _PLACEHOLDER_START.finditer(template):
+        if not _PLACEHOLDER.match(template, match.start()):
+            return template[match.start() : match.end() + 12].split("\n")[0]
+    return None
+
+
+def check_decoding(decoding: str, rule: str, num_agents: int, has_base_prompt: bool) -> str | None:
+    """Why ``decoding`` cannot run with this rule, agent count and base prompt (None when it can)."""
+    if decoding != "stable":
+        return None
+    problems = []
+    if num_agents != 2:
+        problems.append(f"{num_agents} advertisers")
+    if base.as_rule(rule).name != "linear":
+        problems.append(f"rule {rule!r}")
+    if has_base_prompt:
+        problems.append("a base_prompt")
+    if not problems:
+        return None
+    return (
+        "decoding 'stable' is SPEC §4's sampler for exactly two advertisers, the linear rule and no base_prompt; "
+        f"got {', '.join(problems)}. Use decoding 'sample' or 'greedy', or meet those conditions."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +172,7 @@ class AuctionConfig:
     def base_messages(self) -> list[dict[str, str]] | None:
         if self.base_prompt is None:
             return None
-        return [{"role": "user", "content": self.base_prompt.format(query=self.query, name="")}]
+        return [{"role": "user", "content": fill_placeholders(self.base_prompt, query=self.query, name="")}]
 
 
 _TABLE_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*advertisers[ \t]*\]\]", re.MULTILINE)
@@ -140,7 +205,18 @@ def load_config(path: str | Path) -> AuctionConfig:
         raise ConfigError(
             path, "<file>", "no such file; pass the path of a TOML configuration (see experiments/configs/hawaii.toml)."
         )
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise ConfigError(
+            path,
+            "<file>",
+            f"not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); save the file as UTF-8.",
+            line,
+        ) from None
+    except OSError as error:
+        raise ConfigError(path, "<file>", f"cannot read the file ({error.strerror or error}).") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -157,6 +233,16 @@ def parse_config(raw: dict[str, Any], *, path: str = "<config>", text: str = "")
 
     def fail(field, message, line=None):
         raise ConfigError(path, field, message, line if line is not None else _line_of(text, field))
+
+    def check_placeholders(field, value, line=None):
+        bad = malformed_placeholder(value) if value else None
+        if bad is not None:
+            fail(
+                field,
+                f"malformed placeholder {bad!r}; write exactly {{query}} or {{name}} (no spaces, format specs or "
+                "missing '}'); every other brace is kept literally.",
+                line,
+            )
 
     def get(table, field, kind, default=dataclasses.MISSING, *, where=None, line=None):
         name = f"{where}.{field}" if where else field
@@ -190,8 +276,8 @@ def parse_config(raw: dict[str, Any], *, path: str = "<config>", text: str = "")
             fail(field, f"unknown field; known fields are {sorted(known)}.")
     query = get(raw, "query", str)
     rule = get(raw, "rule", str, "linear")
-    if rule not in RULE_NAMES:
-        fail("rule", f"unknown rule {rule!r}; use one of {list(RULE_NAMES)}.")
+    if rule not in base.rule_names():
+        fail("rule", f"unknown rule {rule!r}; use one of {list(base.rule_names())}.")
     payment = get(raw, "payment", str, "second_price")
     if payment not in PAYMENT_NAMES:
         fail("payment", f"unknown payment {payment!r}; use one of {list(PAYMENT_NAMES)}.")
@@ -199,19 +285,26 @@ def parse_config(raw: dict[str, Any], *, path: str = "<config>", text: str = "")
     if decoding not in DECODING_NAMES:
         fail("decoding", f"unknown decoding {decoding!r}; use one of {list(DECODING_NAMES)}.")
     temperature = get(raw, "temperature", float, 1.0)
-    if not 0 < temperature < float("inf"):
-        fail("temperature", f"must be a finite number > 0, got {temperature}.")
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        fail(
+            "temperature",
+            f"must be a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (it and its reciprocal finite in "
+            f"float32), got {temperature}.",
+        )
     seed = get(raw, "seed", int, 0)
     max_new_tokens = get(raw, "max_new_tokens", int, 48)
     if max_new_tokens < 1:
         fail("max_new_tokens", f"must be >= 1, got {max_new_tokens}.")
     default_system = get(raw, "system", str, None)
     base_prompt = get(raw, "base_prompt", str, None)
+    for field, value in (("system", default_system), ("base_prompt", base_prompt)):
+        check_placeholders(field, value)
     base_bid = get(raw, "base_bid", float, 0.0)
-    if not base_bid >= 0 or base_bid == float("inf"):
-        fail("base_bid", f"must be a finite number >= 0, got {base_bid}.")
+    if not 0 <= base_bid <= MAX_BID:
+        fail("base_bid", f"must be a finite number >= 0 and at most {MAX_BID:g}, got {base_bid}.")
 
     tables = raw.get("advertisers")
+
     if not isinstance(tables, list) or not tables:
         fail(
             "advertisers",
@@ -237,27 +330,42 @@ def parse_config(raw: dict[str, Any], *, path: str = "<config>", text: str = "")
             return _line_of(text, field, index) if field in table else line
 
         name = get(table, "name", str, where=where, line=field_line("name"))
+        if not name.strip():
+            fail(f"{where}.name", "the advertiser's name is empty; give it a non-empty name.", field_line("name"))
         prompt = get(table, "prompt", str, where=where, line=field_line("prompt"))
         bid = get(table, "bid", float, where=where, line=field_line("bid"))
-        if not (bid >= 0) or bid == float("inf"):
-            fail(f"{where}.bid", f"bid of {name!r} must be a finite number >= 0, got {bid}.", field_line("bid"))
+        if not 0 <= bid <= MAX_BID:
+            fail(
+                f"{where}.bid",
+                f"bid of {name!r} must be a finite number >= 0 and at most {MAX_BID:g}, got {bid}.",
+                field_line("bid"),
+            )
         keywords = get(table, "keywords", list, [], where=where, line=field_line("keywords"))
         if not all(isinstance(k, str) and k for k in keywords):
             fail(f"{where}.keywords", "expected a list of non-empty strings.", field_line("keywords"))
+        texts = {"prompt": prompt}
+        for field in ("system", "example", "example_query"):
+            texts[field] = get(table, field, str, None, where=where, line=field_line(field))
+        for field, value in texts.items():
+            if field in table:
+                check_placeholders(f"{where}.{field}", value, field_line(field))
         advertisers.append(
             Advertiser(
                 name=name,
                 prompt=prompt,
                 bid=bid,
-                system=get(table, "system", str, default_system, where=where, line=field_line("system")),
-                example=get(table, "example", str, None, where=where, line=field_line("example")),
-                example_query=get(table, "example_query", str, None, where=where, line=field_line("example_query")),
+                system=texts["system"] if texts["system"] is not None else default_system,
+                example=texts["example"],
+                example_query=texts["example_query"],
                 keywords=tuple(keywords),
             )
         )
     names = [a.name for a in advertisers]
     if len(set(names)) != len(names):
         fail("advertisers", f"advertiser names must be distinct, got {names}.")
+    problem = check_decoding(decoding, rule, len(advertisers), base_prompt is not None)
+    if problem:
+        fail("decoding", problem)
     return AuctionConfig(
         query=query,
         advertisers=tuple(advertisers),

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxauction import aggregation, base, payments, sharding
+from jaxauction import _validation, aggregation, base, payments, sharding
 from jaxauction.auction import TokenAuction
 
 
@@ -87,27 +87,39 @@ def simulate(
       mesh: optional mesh from :func:`jaxauction.sharding.auction_mesh`; each chunk is split over it.
       progress: show a progress bar over the chunks.
       quadrature: the payments' integration rule (see :class:`jaxauction.payments.Quadrature`).
+
+    Raises:
+      ValueError naming the argument: logits with NaN or +inf, or a row that is ``-inf`` for every token
+      (an agent with no allowed token); bids of the wrong shape, with no auctions (``A = 0``), or
+      negative/non-finite; an ``index`` that is not integer-typed (floats are refused, not truncated) or
+      out of ``[0, K)``; a ``chunk_size`` that is not a positive int; a ``mesh`` that is not a
+      ``jax.sharding.Mesh``.
     """
     if base.as_rule(rule).name not in ("linear", "log_linear"):
         raise ValueError(f"rule: simulate knows the values of 'linear' and 'log_linear' only; got {rule!r}.")
     logit_sets = np.asarray(logits)
     if logit_sets.ndim == 2:
         logit_sets = logit_sets[None]
-    if logit_sets.ndim != 3:
-        raise ValueError(f"logits: expected shape [n, V] or [K, n, V]; got {np.shape(logits)}.")
-    num_sets, num_agents, _ = logit_sets.shape
-    bids = np.asarray(bids, dtype=np.float64)
-    if bids.ndim != 2 or bids.shape[1] != num_agents:
-        raise ValueError(f"bids: expected shape [A, n] with n = {num_agents} (from logits); got {bids.shape}.")
-    if not np.all(np.isfinite(bids)) or np.any(bids < 0):
-        raise ValueError("bids: every bid must be finite and >= 0.")
-    index = np.zeros(len(bids), np.int32) if index is None else np.asarray(index, np.int32)
-    if index.shape != (len(bids),) or np.any(index < 0) or np.any(index >= num_sets):
+    if logit_sets.ndim != 3 or 0 in logit_sets.shape:
         raise ValueError(
-            f"index: expected shape [A] = ({len(bids)},) with entries in [0, {num_sets}); got shape {index.shape}."
+            f"logits: expected shape [n, V] or [K, n, V] with no empty axis; got {np.shape(logits)}. "
+            "Fix: stack the agents' next-token logits, e.g. jnp.stack([logits_a, logits_b])."
         )
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size}.")
+    if not np.issubdtype(logit_sets.dtype, np.floating):
+        if not np.issubdtype(logit_sets.dtype, np.number) or logit_sets.dtype == np.bool_:
+            raise ValueError(f"logits: expected real numbers, got an array of dtype {logit_sets.dtype}.")
+        logit_sets = logit_sets.astype(np.float64)
+    _validation.check_logit_values("simulate", "logits", logit_sets)
+    num_sets, num_agents, _ = logit_sets.shape
+    bids = _check_bids(bids, num_agents)
+    index = _check_index(index, len(bids), num_sets)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int, got {type(chunk_size).__name__} {chunk_size!r}.")
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(
+            f"mesh: expected None or a jax.sharding.Mesh (e.g. jaxauction.sharding.auction_mesh()), got "
+            f"{type(mesh).__name__} {mesh!r:.60}."
+        )
 
     dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     chunk = sharding.padded_size(min(chunk_size, len(bids)), mesh)
@@ -130,6 +142,52 @@ def simulate(
         outputs.append(tuple(np.asarray(x)[:size] for x in jax.device_get(out)))
     paid, values, welfare, favoured = (np.concatenate(parts) for parts in zip(*outputs))
     return SimulationResult(bids=bids, index=index, payments=paid, values=values, welfare=welfare, favoured=favoured)
+
+
+def _check_bids(bids, num_agents: int) -> np.ndarray:
+    """``bids [A, n]`` as float64, finite and >= 0, with ``A >= 1``.
+
+    Local until the shared host-side bid validator of ``jaxauction._validation`` lands; then call that.
+    """
+    try:
+        array = np.asarray(bids, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"bids: expected a float array of shape [A, {num_agents}], got {type(bids).__name__} {bids!r:.60} "
+            "(ragged or not numbers)."
+        ) from None
+    if array.ndim != 2 or array.shape[1] != num_agents:
+        raise ValueError(f"bids: expected shape [A, n] with n = {num_agents} (from logits); got {array.shape}.")
+    if array.shape[0] == 0:
+        raise ValueError(
+            f"bids: shape {array.shape} holds no auctions; pass at least one bid profile [1, {num_agents}]."
+        )
+    _validation.check_bid_values("simulate", "bids", array)
+    return array
+
+
+def _check_index(index, num_auctions: int, num_sets: int) -> np.ndarray:
+    """``index [A]`` as int32 in ``[0, K)``; floats and out-of-range values are refused, not cast."""
+    if index is None:
+        return np.zeros(num_auctions, np.int32)
+    array = np.asarray(index)
+    if array.dtype.kind not in "iu":
+        raise ValueError(
+            f"index: expected integers (the logits set of each auction), got dtype {array.dtype}; floats are not "
+            "truncated. Fix: pass np.asarray(index, int)."
+        )
+    if array.shape != (num_auctions,):
+        raise ValueError(
+            f"index: expected shape [A] = ({num_auctions},), one entry per bid profile; got {array.shape}."
+        )
+    bad = (array < 0) | (array >= num_sets)
+    if bad.any():
+        where = int(np.argmax(bad))
+        raise ValueError(
+            f"index: expected shape [A] = ({num_auctions},) with entries in [0, {num_sets}) (K = {num_sets} logits "
+            f"sets); got {int(array[where])} at position {where}."
+        )
+    return array.astype(np.int32)
 
 
 def compress_vocabulary(logits, mass: float = 0.999) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +218,7 @@ def compress_vocabulary(logits, mass: float = 0.999) -> tuple[np.ndarray, np.nda
         logits = logits[None]
     if logits.ndim != 3:
         raise ValueError(f"logits: expected shape [K, n, V] or [n, V]; got {logits.shape}.")
+    _validation.check_logit_values("compress_vocabulary", "logits", logits)
     log_p = logits - _logsumexp(logits)
     p = np.exp(log_p)
     order = np.argsort(-p, axis=-1)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jaxauction.config import AuctionConfig
+from jaxauction.config import AuctionConfig, check_decoding
 from jaxauction.generation import GenerationResult, generate
 
 
@@ -92,9 +92,19 @@ def run_sweep(
     model=None,
     progress: bool = True,
 ) -> SweepResult:
-    """Runs the sweep for every rule: ``points * samples`` auctions per rule, one batch each."""
-    if samples < 1:
-        raise ValueError(f"samples: expected a positive integer, got {samples}.")
+    """Runs the sweep for every rule: ``points * samples`` auctions per rule, one batch each.
+
+    Every rule is checked against the configuration's decoding before the first one runs (e.g.
+    ``decoding = "stable"`` needs the linear rule), so a bad combination costs no compute.
+    """
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+        raise ValueError(f"samples: expected a positive integer, got {samples!r}.")
+    if isinstance(rules, str):
+        raise ValueError(f"rules: expected a sequence of rule names such as ['linear'], got the string {rules!r}.")
+    for rule in rules:
+        problem = check_decoding(config.decoding, rule, len(config.advertisers), config.base_prompt is not None)
+        if problem:
+            raise ValueError(f"rules: {config.path}: {problem}")
     shares, bids = sweep_bids(config, points)
     batch_bids = np.repeat(bids, samples, axis=0)
     texts, mentions, paid = {}, {}, {}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from jaxauction import cli
-from jaxauction._io import atomic_path, write_json
 from jaxauction.config import ConfigError, load_config
+from jaxauction.outputs import atomic_path, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 HAWAII = REPO / "experiments" / "configs" / "hawaii.toml"
@@ -133,3 +133,126 @@ def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):
             raise KeyboardInterrupt
     assert json.loads(target.read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["out.json"]
+
+
+# ---------------------------------------------------------------------------------------- placeholders, mentions, limits
+
+
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        ('Reply as JSON like {"headline": "..."} for {query}', 'Reply as JSON like {"headline": "..."} for Q'),
+        ("{foo} and a lone { and }", "{foo} and a lone { and }"),
+        ("{{query}} {{ {name}", "{Q} {{ N"),
+        ("{Query} {names} {queryx}", "{Query} {names} {queryx}"),
+        ("", ""),
+    ],
+)
+def test_only_query_and_name_are_substituted(template, expected):
+    from jaxauction.config import fill_placeholders, malformed_placeholder
+
+    assert malformed_placeholder(template) is None
+    assert fill_placeholders(template, query="Q", name="N") == expected
+
+
+@pytest.mark.parametrize("bad", ["for {query", "{ query}", "{name }", "{query!r}", "{name:>10}", "{query.upper}"])
+@pytest.mark.parametrize("field", ["prompt", "system", "example", "example_query"])
+def test_malformed_placeholders_name_file_line_and_field(tmp_path, bad, field):
+    if field == "prompt":
+        text = GOOD.replace('prompt = "Ad for {query} by {name}."\nexample', f"prompt = {json.dumps(bad)}\nexample")
+    elif field == "example":
+        text = GOOD.replace('example = "Relax at {name}."', f"example = {json.dumps(bad)}")
+    else:
+        text = GOOD + f"{field} = {json.dumps(bad)}\n"
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match="malformed placeholder") as error:
+        load_config(path)
+    line = max(i for i, row in enumerate(text.splitlines(), 1) if row.startswith(f"{field} = ") and bad in row)
+    assert f"{path}:{line}: field 'advertisers[1].{field}'" in str(error.value)
+
+
+@pytest.mark.parametrize("field", ["system", "base_prompt"])
+def test_malformed_top_level_placeholders(tmp_path, field):
+    path = write(tmp_path, GOOD.replace("seed = 3", f'seed = 3\n{field} = "About {{query"'))
+    with pytest.raises(ConfigError, match=rf"auction\.toml:4: field '{field}': malformed placeholder"):
+        load_config(path)
+
+
+def test_base_prompt_braces_are_literal(tmp_path):
+    config = load_config(write(tmp_path, GOOD.replace("seed = 3", 'seed = 3\nbase_prompt = "{query} as {\\"a\\": 1}"')))
+    assert config.base_messages() == [{"role": "user", "content": 'Vacations in Hawaii as {"a": 1}'}]
+
+
+@pytest.mark.parametrize(
+    "text, word, expected",
+    [
+        ("Fly Alpha today", "Alpha", True),
+        ("fly ALPHA's planes", "alpha", True),
+        ("Alphabet soup", "Alpha", False),
+        ("the Betamax", "Beta", False),
+        ("Stay at beta   resort", "Beta Resort", False),
+        ("Stay at BETA RESORT.", "Beta Resort", True),
+        ("Café Ünïcode", "ünïcode", True),
+        ("anything", "", False),
+    ],
+)
+def test_mentions_match_whole_words_case_insensitively(text, word, expected):
+    from jaxauction.config import mentions
+
+    assert mentions(text, word) is expected
+
+
+def test_advertiser_mentioned_in_uses_whole_words(tmp_path):
+    alpha, beta = load_config(write(tmp_path, GOOD)).advertisers
+    assert alpha.mentioned_in("Alpha flies") and not alpha.mentioned_in("Alphabet flies")
+    assert beta.mentioned_in("beta resort!") and not beta.mentioned_in("Beta Resorts")
+
+
+@pytest.mark.parametrize(
+    "edit, field, message",
+    [
+        (lambda t: t.replace('name = "Beta Resort"', 'name = ""'), "advertisers[1].name", "name is empty"),
+        (lambda t: t.replace('name = "Beta Resort"', 'name = "  "'), "advertisers[1].name", "name is empty"),
+        (lambda t: t.replace("bid = 0.5", "bid = 1e300"), "advertisers[1].bid", r"at most 1e\+30"),
+        (lambda t: t.replace("bid = 0.5", "bid = 1e31"), "advertisers[1].bid", r"at most 1e\+30"),
+        (lambda t: t.replace("seed = 3", "seed = 3\nbase_bid = 1e300"), "base_bid", r"at most 1e\+30"),
+        (lambda t: t.replace("seed = 3", "seed = 3\nbase_bid = nan"), "base_bid", "finite number"),
+        (lambda t: t.replace("seed = 3", "seed = 3\ntemperature = 1e-40"), "temperature", "reciprocal"),
+        (lambda t: t.replace("seed = 3", "seed = 3\ntemperature = 1e40"), "temperature", "reciprocal"),
+        (lambda t: t.replace("seed = 3", 'seed = 3\ndecoding = "stable"'), "decoding", "rule 'log_linear'"),
+    ],
+)
+def test_absurd_values_name_file_line_and_field(tmp_path, edit, field, message):
+    text = edit(GOOD)
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(path)
+    assert f"field '{field}'" in str(error.value) and f"{path}:" in str(error.value)
+    key = field.split(".")[-1]
+    if key != "decoding":
+        rows = text.splitlines()
+        line = max(i for i, row in enumerate(rows, 1) if row.startswith(f"{key} = "))
+        assert f"{path}:{line}:" in str(error.value)
+
+
+def test_the_largest_bid_and_extreme_temperatures_are_accepted(tmp_path):
+    text = GOOD.replace("bid = 0.5", "bid = 1e30").replace("seed = 3", "seed = 3\ntemperature = 1e-30")
+    config = load_config(write(tmp_path, text))
+    assert config.bids[1] == 1e30 and config.temperature == 1e-30
+
+
+def test_rule_names_come_from_the_one_registry(tmp_path):
+    from jaxauction import base
+
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, GOOD.replace('rule = "log_linear"', 'rule = "cubic"')))
+    assert str(list(base.rule_names())) in str(error.value)
+    for name in base.rule_names():
+        assert load_config(write(tmp_path, GOOD.replace('rule = "log_linear"', f'rule = "{name}"'))).rule == name
+
+
+def test_non_utf8_config_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(GOOD.replace("Beta Resort", "B\u00eata Resort").encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.toml:12: field '<file>': not UTF-8 text \(byte 0xea"):
+        load_config(path)

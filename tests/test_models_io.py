@@ -442,3 +442,61 @@ def test_config_validation():
         jm.LlamaConfig.from_hf_dict({"model_type": "llama", "vocab_size": 10})
     config = jm.LlamaConfig(**base, rope_type="llama3", rope_factor=8.0, qkv_bias=True, out_bias=True)
     assert jm.LlamaConfig.from_hf_dict(config.to_hf_dict()) == config
+
+
+# ---------------------------------------------------------------------------------------- bad arguments, bad weights
+
+
+def test_load_rejects_a_source_that_is_not_a_path_and_a_non_floating_dtype():
+    with pytest.raises(ValueError, match=r"source must be None .* got int 5"):
+        jm.load(5)
+    with pytest.raises(ValueError, match=r"dtype must be a floating dtype .*int32"):
+        jm.load(FIXTURES / "tiny_llama3", dtype=jnp.int32)
+    with pytest.raises(ValueError, match="dtype must be a floating dtype"):
+        jm.load_folder(FIXTURES / "tiny_llama3", dtype="not-a-dtype")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_safetensors_weights_with_non_finite_values_are_refused(tmp_path, bad):
+    from safetensors.numpy import load_file, save_file
+
+    folder = _copy_fixture("llama3", tmp_path)
+    weights = folder / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "model.layers.1.self_attn.v_proj.weight"
+    tensors[name] = tensors[name].copy()
+    tensors[name][3, 5] = bad
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"model\.safetensors: tensor '{name}' .* non-finite .* \(3, 5\)"):
+        jm.load(folder)
+
+
+def test_gguf_weights_with_non_finite_values_are_refused(tiny_gguf, tmp_path):
+    path, _ = tiny_gguf
+    name = "blk.1.attn_v.weight"
+    info = jm.GGUFFile(path).tensors[name]
+    assert info.ggml_type == gguf.GGMLQuantizationType.F32
+    data = bytearray(path.read_bytes())
+    data[info.offset + 4 * 7 : info.offset + 4 * 8] = np.float32(np.nan).tobytes()
+    broken = tmp_path / "nan.gguf"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"nan\.gguf: tensor '{name}' .* non-finite"):
+        jm.load(broken)
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+    folder = _copy_fixture("llama3", tmp_path)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: expected a JSON object .* got a JSON list"):
+        jm.load(folder)
+
+
+def test_import_prints_no_pytorch_advisory():
+    import subprocess
+    import sys
+
+    code = "import jaxauction, jaxauction.models, transformers; transformers.logging.get_logger('transformers').warning('kept')"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert "PyTorch was not found" not in completed.stderr
+    assert "kept" in completed.stderr  # only that advisory is silenced

@@ -17,6 +17,7 @@ Inside your own ``jax.jit``/``lax.while_loop``: ``graphdef, state = nnx.split(mo
 ``compiler_options=compiler_options()`` to that ``jax.jit`` for faster decoding on CPU.
 """
 
+from jaxauction.models import _quiet  # noqa: F401  (first: silences transformers' "no PyTorch" advisory)
 from jaxauction.models.config import LlamaConfig
 from jaxauction.models.loader import bundled_gguf_path, check_vocabulary, export_hf, load, load_folder, load_gguf
 from jaxauction.models.modeling import (

@@ -69,9 +69,18 @@ def load(source: str | os.PathLike | None = None, *, dtype=jnp.float32) -> tuple
       ``(model, tokenizer)``: a ``Llama`` NNX module and a ``transformers.PreTrainedTokenizerFast``
       with left padding.
     Raises:
-      FileNotFoundError for missing files, ValueError for corrupted files, unsupported architectures or a
-      tokenizer whose vocabulary does not fit the model; each names the file or value.
+      FileNotFoundError for missing files, ValueError for corrupted files (a ``config.json`` that is not a
+      JSON object; weights holding NaN or inf, checked tensor by tensor as they are read and naming the
+      tensor and the file), unsupported architectures, a tokenizer whose vocabulary does not fit the model,
+      a ``source`` that is not None/str/PathLike or a ``dtype`` that is not floating; each names the file
+      or value.
     """
+    dtype = _check_dtype(dtype)
+    if source is not None and not isinstance(source, (str, os.PathLike)):
+        raise ValueError(
+            f"load: source must be None (the bundled model), a path (str or os.PathLike) to a .gguf file or a "
+            f"model folder, or a hub id like 'org/name'; got {type(source).__name__} {source!r:.60}."
+        )
     if source is None:
         return load_gguf(bundled_gguf_path(), dtype=dtype)
     path = Path(source).expanduser()
@@ -85,8 +94,22 @@ def load(source: str | os.PathLike | None = None, *, dtype=jnp.float32) -> tuple
     raise FileNotFoundError(f"load(source={text!r}): no such file or folder, and not a hub id like 'org/name'.")
 
 
+def _check_dtype(dtype):
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(
+            f"load: dtype must be a floating dtype (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64); "
+            f"got {dtype!r}."
+        )
+    return resolved
+
+
 def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, unpermute: bool = True):
     """Model and tokenizer from a GGUF file (see ``load``). ``unpermute=False`` only for tests."""
+    dtype = _check_dtype(dtype)
     file = GGUFFile(path)
     try:
         config = LlamaConfig.from_gguf_metadata(file.metadata, file.tensors.keys(), source=str(file.path))
@@ -104,6 +127,7 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, unpermute: bool = T
 
 def load_folder(folder: str | os.PathLike, *, dtype=jnp.float32):
     """Model and tokenizer from a Hugging Face folder (see ``load``)."""
+    dtype = _check_dtype(dtype)
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():

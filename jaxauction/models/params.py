@@ -239,7 +239,7 @@ def gguf_weight_reader(file: GGUFFile, config: LlamaConfig, *, unpermute: bool =
         name = gguf_tensor_name(hf_name)
         if name not in file.tensors:
             raise ValueError(f"{file.path}: tensor {name!r} (for {hf_name}) is missing.")
-        weight = file.tensor(name)
+        weight = check_finite(file.tensor(name), name, file.path)
         if permuted and ".attn_q." in name:
             weight = llama_cpp_unpermute(weight, config.num_heads)
         elif permuted and ".attn_k." in name:
@@ -299,7 +299,24 @@ class SafetensorsFolder:
             tensor = self._handles[self.location[hf_name]].get_tensor(hf_name)
         except Exception as error:
             raise ValueError(f"{self.folder / self.location[hf_name]}: cannot read {hf_name!r} ({error}).") from None
-        return np.asarray(tensor, np.float32)
+        return check_finite(np.asarray(tensor, np.float32), hf_name, self.folder / self.location[hf_name])
+
+
+def check_finite(array: np.ndarray, name: str, file: str | os.PathLike) -> np.ndarray:
+    """``array`` unchanged if every entry is finite; otherwise a ``ValueError`` naming the tensor and the file.
+
+    A checkpoint with NaN or inf weights would load and generate garbage with zero payments, so every
+    tensor is checked as it is read (one ``np.isfinite(...).all()`` pass, cheap next to the read itself).
+    """
+    if not np.isfinite(array).all():
+        bad = ~np.isfinite(array)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{file}: tensor {name!r} (shape {tuple(array.shape)}) holds {int(bad.sum())} non-finite value(s) "
+            f"(first {float(array[first])} at index {first}); the checkpoint is corrupted. Re-download or "
+            "re-export the model."
+        )
+    return array
 
 
 # ---------------------------------------------------------------------------------------- building
@@ -457,6 +474,9 @@ def read_json(path: Path) -> Mapping[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing.")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object {{...}} at the top level, got a JSON {type(data).__name__}.")
+    return data
