@@ -161,8 +161,11 @@ def test_llm_auctions_from_the_bundled_model(tmp_path, monkeypatch):
     assert not np.allclose(probabilities[0], probabilities[1], atol=1e-3)  # the next step differs
 
     system = f"You are a copywriter. {data.DEFAULT_QUERY}"
-    rows = [data._chat_ids(tokenizer, system, text) for text in settings["advertisers"]]
-    rows.append(data._chat_ids(tokenizer, None, data.DEFAULT_QUERY))
+    rows = [
+        prompts.encode_prompt(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": text}])
+        for text in settings["advertisers"]
+    ]
+    rows.append(prompts.encode_prompt(tokenizer, data.DEFAULT_QUERY))
     input_ids, attention_mask = prompts.left_pad(rows, tokenizer.pad_token_id, bucket=1)
     logits = np.asarray(models.CompiledLlama(model)(input_ids, attention_mask)[:, -1], np.float64)
     direct = data.coarsen(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True), 8)
