@@ -201,7 +201,7 @@ def certify(
     if isinstance(n_checked, bool) or not isinstance(n_checked, (int, np.integer)) or not 1 <= n_checked <= n:
         raise ValueError(f"{fn}: n_checked must be an int in [1, {n}] (the number of agents); got {n_checked!r}.")
     scaled_max = float(jnp.max(bids)) * max(factors) if bids.size else 0.0
-    if not np.isfinite(np.asarray(scaled_max, bids.dtype)):
+    if not scaled_max <= float(jnp.finfo(bids.dtype).max):
         raise ValueError(
             f"{fn}: the largest bid times the largest factor overflows {bids.dtype}; rescale the bids "
             "(only their ratios matter) or use smaller factors."
