@@ -71,9 +71,11 @@ def load(path: str | Path, params_template: Any, opt_state_template: Any, settin
     path = Path(path)
     try:
         return _load(path, params_template, opt_state_template, settings)
-    except ValueError:
-        raise
-    except (OSError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile, json.JSONDecodeError) as error:
+    except ValueError as error:
+        if str(path) in str(error):
+            raise
+        raise ValueError(f"cannot read checkpoint {path}: {error}. Delete it to start afresh.") from error
+    except (OSError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as error:
         raise ValueError(
             f"cannot read checkpoint {path}: {type(error).__name__}: {error}. It is corrupt or not a search "
             "checkpoint; delete it to start afresh."
