@@ -233,7 +233,7 @@ def test_a_nan_outcome_fails_its_pair():
     assert not certificate.passed[0] and np.isnan(certificate.worst)
 
 
-class _CompileCounter:
+class CompileCounter:
     """Counts XLA compilations through ``jax.monitoring`` (a public listener API)."""
 
     def __init__(self):
@@ -260,11 +260,11 @@ def test_eager_calls_with_the_same_shapes_compile_once(rule, vocab):
     bids = jnp.asarray(rng.uniform(0.5, 2, (8, 3)), jnp.float32)
     for function in (preferences.monotonicity_violation, preferences.certify):
         jax.block_until_ready(jax.tree.leaves(function(rule, logits, bids)))  # compiles
-        with _CompileCounter() as counter:
+        with CompileCounter() as counter:
             for _ in range(2):
                 other = jnp.asarray(rng.uniform(0.5, 2, (8, 3)), jnp.float32)
                 jax.block_until_ready(jax.tree.leaves(function(rule, logits, other)))
         assert counter.count == 0, f"{function.__name__} recompiled {counter.count} times"
-    with _CompileCounter() as counter:  # the counter does see compilations: a new shape compiles
+    with CompileCounter() as counter:  # the counter does see compilations: a new shape compiles
         preferences.monotonicity_violation(rule, logits[:, :, : vocab - 1], bids)
     assert counter.count >= 1
