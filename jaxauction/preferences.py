@@ -13,7 +13,6 @@ eager calls with the same rule and shapes compile once. Called inside a trace th
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +70,14 @@ def _is_traced(*arrays) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in arrays)
 
 
+def _hashable(rule) -> bool:
+    try:
+        hash(rule)
+    except TypeError:
+        return False
+    return True
+
+
 def monotonicity_violation(rule, logits: jax.Array, bids: jax.Array) -> jax.Array:
     """Differential monotonicity violation of ``rule`` for each agent (SPEC §3): ``[..., n] >= 0``.
 
@@ -84,13 +91,15 @@ def monotonicity_violation(rule, logits: jax.Array, bids: jax.Array) -> jax.Arra
       rule: a name, a :class:`~jaxauction.base.Rule` or ``rule(logits [..., n, V], bids [..., n]) -> log q [..., V]``.
       logits: ``[..., n, V]``; bids: ``[..., n]``.
 
-    Eager calls are compiled once per (rule, shapes, dtypes); inside ``jit`` nothing is validated and
-    NaN inputs give NaN violations.
+    Eager calls are compiled once per (rule, shapes, dtypes): pass the same rule object (a name, a
+    :class:`~jaxauction.base.Rule` or one function), since a new closure per call compiles anew; an
+    unhashable callable runs op by op. Inside ``jit`` it inlines, nothing is validated and NaN inputs
+    give NaN violations.
     """
     fn = "monotonicity_violation"
     rule = base.as_rule(rule, argument=f"{fn}: rule")
     logits, bids = _validation.mechanism_inputs(fn, logits, bids)
-    if _is_traced(logits, bids):
+    if _is_traced(logits, bids) or not _hashable(rule):
         return _violation(rule, logits, bids)
     return _violation_jit(rule, logits, bids)
 
@@ -210,7 +219,8 @@ def certify(
         atol = _default_atol(bids.dtype)
     if not (np.isfinite(atol) and atol >= 0):
         raise ValueError(f"{fn}: atol must be a finite number >= 0; got {atol!r}.")
-    excess = np.asarray(_certify_excess(rule, logits, bids, factors, int(n_checked)))
+    compute = _certify_excess_jit if _hashable(rule) else _certify_excess
+    excess = np.asarray(compute(rule, logits, bids, factors, int(n_checked)))
     passed = excess <= atol  # NaN fails
     return Certificate(
         passed=passed,
@@ -222,7 +232,6 @@ def certify(
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def _certify_excess(rule, logits, bids, factors, n_checked):
     """``[..., n_checked]``: the largest excess over factors and tokens for each agent."""
     n = bids.shape[-1]
@@ -238,3 +247,6 @@ def _certify_excess(rule, logits, bids, factors, n_checked):
     per = jax.vmap(lambda i: jax.vmap(lambda f: one(f, i))(factor_array))(jnp.arange(n_checked))  # [k, F, ...]
     per = jnp.max(per, axis=1)
     return jnp.moveaxis(per, 0, -1)
+
+
+_certify_excess_jit = jax.jit(_certify_excess, static_argnums=(0, 3, 4))

@@ -268,3 +268,22 @@ def test_eager_calls_with_the_same_shapes_compile_once(rule, vocab):
     with CompileCounter() as counter:  # the counter does see compilations: a new shape compiles
         preferences.monotonicity_violation(rule, logits[:, :, : vocab - 1], bids)
     assert counter.count >= 1
+
+
+def test_an_unhashable_callable_rule_still_works():
+    class Unhashable:  # eq without hash: cannot be a static jit argument
+        def __eq__(self, other):
+            return isinstance(other, Unhashable)
+
+        __hash__ = None
+
+        def __call__(self, logits, bids):
+            return aggregation.linear(logits, bids)
+
+    logits = jnp.log(jnp.asarray(np.stack([SPEC_P1, SPEC_P2])))
+    bids = jnp.array([0.3, 0.7])
+    np.testing.assert_allclose(
+        preferences.monotonicity_violation(Unhashable(), logits, bids),
+        preferences.monotonicity_violation("linear", logits, bids),
+    )
+    assert preferences.certify(Unhashable(), logits, bids).monotone
