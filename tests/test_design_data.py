@@ -161,10 +161,32 @@ def test_llm_auctions_from_the_bundled_model(tmp_path, monkeypatch):
     assert not np.allclose(probabilities[0], probabilities[1], atol=1e-3)  # the next step differs
 
     system = f"You are a copywriter. {data.DEFAULT_QUERY}"
-    rows = [data._chat_ids(tokenizer, system, text) for text in settings["advertisers"]]
-    rows.append(data._chat_ids(tokenizer, None, data.DEFAULT_QUERY))
+    rows = [
+        prompts.encode_prompt(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": text}])
+        for text in settings["advertisers"]
+    ]
+    rows.append(prompts.encode_prompt(tokenizer, data.DEFAULT_QUERY))
     input_ids, attention_mask = prompts.left_pad(rows, tokenizer.pad_token_id, bucket=1)
     logits = np.asarray(models.CompiledLlama(model)(input_ids, attention_mask)[:, -1], np.float64)
     direct = data.coarsen(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True), 8)
     np.testing.assert_allclose(probabilities[0], np.exp(direct[:2]), atol=1e-4)
     np.testing.assert_allclose(np.exp(np.asarray(batch.base_logits[0], np.float64)), np.exp(direct[2]), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "foreign", "bad metadata"])
+def test_corrupt_batch_files_name_the_file(tmp_path, kind):
+    path = data.save_batch(tmp_path / "batch.npz", data.dirichlet_auctions(0, 5, 2, 3))
+    if kind == "garbage":
+        path.write_bytes(b"not an npz")
+    elif kind == "truncated":
+        path.write_bytes(path.read_bytes()[:150])
+    elif kind == "foreign":
+        np.savez(path, weights=np.zeros(2))
+    else:
+        np.savez(path, logits=np.zeros((1, 2, 3)), bids=np.ones((1, 2)), metadata=np.asarray("{oops"))
+    with pytest.raises(ValueError, match="batch.npz"):
+        data.load_batch(path)
+    with pytest.raises(ValueError, match="batch.npz"):  # a corrupt cache is reported, not half-read
+        data.llm_auctions(path, model=object())
+    with pytest.raises(ValueError, match="missing.npz"):
+        data.load_batch(tmp_path / "missing.npz")

@@ -237,3 +237,43 @@ def test_params_validation_bounds_and_mask():
     assert trainable_mask(("rho",)) == PowerMeanParams(rho=True, gamma=False, base_bid=False, temperature=False)
     with pytest.raises(ValueError, match="low <= high"):
         Bounds.create(rho=(1.0, 0.0))
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("rho", float("nan")),
+        ("rho", float("inf")),
+        ("gamma", -1.0),
+        ("gamma", float("nan")),
+        ("temperature", 0.0),
+        ("temperature", -0.5),
+        ("temperature", float("nan")),
+        ("temperature", 1e-320),  # its reciprocal overflows (float64 here)
+        ("rho", "x"),
+    ],
+)
+def test_power_mean_checks_its_parameters_at_the_boundary(name, value):
+    logits, bids = jnp.zeros((2, 3)), jnp.array([1.0, 2.0])
+    arguments = dict(rho=0.5, gamma=1.0, temperature=1.0)
+    arguments[name] = value
+    with pytest.raises(ValueError, match=name):
+        power_mean(logits, bids, **arguments)
+    # inside jit the parameters are not checked (documented): no error is raised
+    if not isinstance(value, str):
+        jax.jit(power_mean)(logits, bids, **{k: jnp.asarray(v) for k, v in arguments.items()})
+
+
+def test_power_mean_accepts_valid_parameter_arrays():
+    logits, bids = jnp.zeros((2, 2, 3)), jnp.ones((2, 2))
+    out = power_mean(logits, bids, jnp.array([0.5, 1.0]), 0.0, jnp.array([0.5, 2.0]))
+    np.testing.assert_allclose(jnp.exp(out), 1 / 3, rtol=1e-6)
+    with pytest.raises(ValueError, match="gamma"):
+        power_mean(logits, bids, 1.0, jnp.array([1.0, -0.1]))
+
+
+def test_domain_bounds_keep_the_family_valid():
+    domain = Bounds.domain()
+    outside = PowerMeanParams(*(jnp.asarray(v) for v in (-7.0, -1.0, -2.0, -3.0)))
+    projected = domain.project(outside).to_dict()
+    assert projected == {"rho": -7.0, "gamma": 0.0, "base_bid": 0.0, "temperature": pytest.approx(0.01)}

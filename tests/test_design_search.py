@@ -202,3 +202,109 @@ def test_invalid_settings_raise():
 def test_progress_bar_reports_to_stderr(capsys):
     search(quadratic, START, steps=5, progress=True, description="quadratic")
     assert "quadratic" in capsys.readouterr().err
+
+
+# --- Robustness: nothing non-finite reaches a checkpoint; bad settings and files fail clearly --------
+
+
+def _no_temporaries(folder):
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["float16 params", "nan learning rate", "nan objective", "bfloat16 params", "nan params"],
+)
+def test_non_finite_searches_stop_with_a_clear_error_and_write_no_nan(tmp_path, case):
+    path = tmp_path / "search.npz"
+    start = START
+    objective = quadratic
+    kwargs = {}
+    if case == "float16 params":
+        start = {"a": jnp.asarray(0.0, jnp.float16), "b": jnp.zeros(2, jnp.float16)}
+    elif case == "bfloat16 params":
+        start = {"a": jnp.asarray(0.0, jnp.bfloat16), "b": jnp.zeros(2, jnp.bfloat16)}
+    elif case == "nan params":
+        start = {"a": jnp.asarray(jnp.nan), "b": jnp.zeros(2)}
+    elif case == "nan learning rate":
+        kwargs["learning_rate"] = float("nan")
+    elif case == "nan objective":
+
+        def objective(params, data):  # finite for 4 steps, then NaN
+            return quadratic(params, data) + jnp.where(params["a"] > 0.15, jnp.nan, 0.0)
+
+    if case == "nan objective":
+        with pytest.raises(FloatingPointError, match=r"step \d+ gave a non-finite"):
+            search(objective, start, steps=50, checkpoint=path, learning_rate=0.05, progress=False, **kwargs)
+        saved = checkpoint.load(path, START, optax.adam(0.05).init(START))  # last finite state
+        assert 0 < saved.step < 50
+        assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(saved.params))
+    else:
+        match = "learning_rate" if case == "nan learning rate" else "parameter"
+        with pytest.raises(ValueError, match=match):
+            search(objective, start, steps=5, checkpoint=path, progress=False, **kwargs)
+        assert not path.exists()
+    assert _no_temporaries(tmp_path) == []
+
+
+def test_checkpoint_save_refuses_non_finite_parameters(tmp_path):
+    state = checkpoint.SearchState({"a": jnp.asarray(jnp.nan)}, (), 3, 0.0, {})
+    with pytest.raises(FloatingPointError, match="step 3"):
+        checkpoint.save(tmp_path / "x.npz", state)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["truncated zip", "foreign npz", "npy file", "bad meta", "json list meta"])
+def test_corrupt_or_foreign_checkpoints_name_the_file(tmp_path, kind):
+    path = tmp_path / "search.npz"
+    search(quadratic, START, steps=2, checkpoint=path, progress=False)
+    if kind == "truncated zip":
+        path.write_bytes(path.read_bytes()[:200])
+    elif kind == "foreign npz":
+        np.savez(path, weights=np.zeros(3))
+    elif kind == "npy file":
+        with open(path, "wb") as file:
+            np.save(file, np.zeros(3))
+    else:
+        meta = "{not json" if kind == "bad meta" else "[1, 2]"
+        with open(path, "wb") as file:
+            np.savez(file, meta=np.asarray(meta))
+    with pytest.raises(ValueError, match="search.npz"):
+        search(quadratic, START, steps=4, checkpoint=path, progress=False)
+
+
+def test_stale_temporary_files_are_removed_on_the_next_save(tmp_path):
+    path = tmp_path / "search.npz"
+    stale = [tmp_path / ".search.npz.abc123.tmp", tmp_path / ".search.npz.k2j3h4.npz"]
+    for file in stale:
+        file.write_bytes(b"left by a SIGKILL")
+    other = tmp_path / ".other.npz.abc.tmp"  # another file's temporary is left alone
+    other.write_bytes(b"x")
+    search(quadratic, START, steps=2, checkpoint=path, progress=False)
+    assert not any(file.exists() for file in stale) and other.exists()
+    assert checkpoint.load(path, START, optax.adam(0.05).init(START)).step == 2
+
+
+def test_steps_must_be_an_int_and_data_none_is_explained():
+    for bad in (2.5, "3", True, None):
+        with pytest.raises(ValueError, match="steps"):
+            search(quadratic, START, steps=bad, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        search(quadratic, START, steps=2, checkpoint_every=1.5, progress=False)
+    with pytest.raises(ValueError, match="data=None"):
+        search(objectives.revenue, PowerMeanParams.create(), None, steps=2, progress=False)
+    assert search(quadratic, START, steps=3, progress=False).step == 3  # objectives without data still work
+
+
+def test_without_bounds_the_search_stays_in_the_family_domain():
+    batch = dirichlet_auctions(2, 6, 2, 5, with_base=True)
+
+    def pull_out(params, data):  # pushes gamma, base_bid and temperature below zero
+        return -((params.gamma + 3.0) ** 2) - (params.base_bid + 3.0) ** 2 - (params.temperature + 3.0) ** 2
+
+    result = search(pull_out, PowerMeanParams.create(base_bid=0.5), batch, steps=60, learning_rate=0.2, progress=False)
+    found = result.params.to_dict()
+    assert found["gamma"] == 0.0 and found["base_bid"] == 0.0
+    assert found["temperature"] == pytest.approx(Bounds.domain().lower.temperature)
+    assert found["temperature"] > 0
+    assert np.isfinite(objectives.revenue(result.params, batch))

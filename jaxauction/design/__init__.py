@@ -3,7 +3,8 @@
 * :mod:`~jaxauction.design.families`: the power-mean family (``rho``, bid transform ``gamma``, base
   bid, temperature) as a pytree of parameters; :func:`bind` gives a rule ``rule(logits, bids)``.
 * :mod:`~jaxauction.design.objectives`: welfare, revenue, monotonicity violation and distance to a
-  reference rule over a batch of auctions, jit-compiled and differentiable.
+  reference rule over a batch of auctions, jit-compiled and differentiable; :func:`certify_rule`, the
+  strict monotonicity certificate (SPEC §3) a design claim must carry on held-out auctions.
 * :mod:`~jaxauction.design.search`: an optax search with a violation budget (augmented Lagrangian),
   checkpoints that resume, and a progress bar.
 * :mod:`~jaxauction.design.data`: synthetic Dirichlet auctions or the bundled LLM's (cached).
@@ -23,11 +24,21 @@ from jaxauction.design.families import (
     Bounds,
     PowerMeanParams,
     bind,
+    fixed_rule,
     log_bid_weights,
     power_mean,
     trainable_mask,
 )
-from jaxauction.design.objectives import aggregate, distance, evaluate, kl_divergence, revenue, violation, welfare
+from jaxauction.design.objectives import (
+    aggregate,
+    certify_rule,
+    distance,
+    evaluate,
+    kl_divergence,
+    revenue,
+    violation,
+    welfare,
+)
 from jaxauction.design.search import Constraint, SearchResult, augmented_lagrangian, search
 
 __all__ = [
@@ -40,9 +51,11 @@ __all__ = [
     "aggregate",
     "augmented_lagrangian",
     "bind",
+    "certify_rule",
     "dirichlet_auctions",
     "distance",
     "evaluate",
+    "fixed_rule",
     "kl_divergence",
     "llm_auctions",
     "load_batch",

@@ -1,23 +1,27 @@
 """Search checkpoints: parameters, optimiser state, step, multiplier and history in one ``.npz``.
 
-Files are written atomically (a temporary file beside the target, then ``os.replace``), so an
-interrupted write leaves the previous checkpoint intact. Pytrees are stored as their flattened leaves
+Files are written atomically through :func:`jaxauction._io.atomic_path` (a temporary file beside the
+target, then ``os.replace``), so an interrupted write leaves the previous checkpoint intact; temporary
+files a killed process left beside the target are removed on the next save. Non-finite parameters are
+never written (:func:`save` refuses them). Pytrees are stored as their flattened leaves
 and rebuilt with the structure of a template (the freshly initialised parameters and optimiser state),
 which must match the stored structure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
-import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxauction import _io
 
 FORMAT = 1
 
@@ -34,7 +38,16 @@ class SearchState:
 
 
 def save(path: str | Path, state: SearchState, settings: dict | None = None) -> Path:
-    """Writes ``state`` (and the JSON-able search ``settings``) to ``path`` atomically."""
+    """Writes ``state`` (and the JSON-able search ``settings``) to ``path`` atomically.
+
+    Raises:
+      FloatingPointError: if a parameter leaf is not finite (nothing is written).
+    """
+    for index, leaf in enumerate(jax.tree.leaves(state.params)):
+        if not np.all(np.isfinite(np.asarray(leaf, np.float64))):
+            raise FloatingPointError(
+                f"checkpoint {path}: parameter leaf {index} is not finite at step {state.step}; not written."
+            )
     arrays: dict[str, np.ndarray] = {}
     for prefix, tree in (("params", state.params), ("opt_state", state.opt_state)):
         leaves, treedef = jax.tree.flatten(tree)
@@ -57,13 +70,31 @@ def load(path: str | Path, params_template: Any, opt_state_template: Any, settin
     """
     path = Path(path)
     try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+        return _load(path, params_template, opt_state_template, settings)
+    except ValueError as error:
+        if str(path) in str(error):
+            raise
         raise ValueError(f"cannot read checkpoint {path}: {error}. Delete it to start afresh.") from error
+    except (OSError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as error:
+        raise ValueError(
+            f"cannot read checkpoint {path}: {type(error).__name__}: {error}. It is corrupt or not a search "
+            "checkpoint; delete it to start afresh."
+        ) from error
+
+
+def _load(path: Path, params_template: Any, opt_state_template: Any, settings: dict | None) -> SearchState:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"cannot read checkpoint {path}: {error}. Delete it to start afresh.") from error
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not a search checkpoint (not an .npz archive). Delete it to start afresh.")
     with data:
         if "meta" not in data.files:
             raise ValueError(f"{path} is not a search checkpoint (no 'meta' entry).")
         meta = json.loads(str(data["meta"]))
+        if not isinstance(meta, dict) or not all(k in meta for k in ("step", "multiplier")):
+            raise ValueError(f"{path} is not a search checkpoint (its 'meta' entry lacks step and multiplier).")
         if meta.get("format") != FORMAT:
             raise ValueError(f"checkpoint {path} has format {meta.get('format')}, expected {FORMAT}.")
         stored = meta.get("settings", {})
@@ -92,25 +123,38 @@ def load(path: str | Path, params_template: Any, opt_state_template: Any, settin
         history = {
             name.removeprefix("history/"): data[name].tolist() for name in data.files if name.startswith("history/")
         }
+    for index, leaf in enumerate(jax.tree.leaves(trees[0])):
+        if not np.all(np.isfinite(np.asarray(leaf, np.float64))):
+            raise ValueError(f"checkpoint {path}: parameter leaf {index} is not finite. Delete it to start afresh.")
     return SearchState(trees[0], trees[1], int(meta["step"]), float(meta["multiplier"]), history)
 
 
 def atomic_savez(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
-    """``np.savez`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+    """``np.savez`` to ``path`` atomically (through :func:`jaxauction._io.atomic_path`).
+
+    Temporary files that an earlier, killed write left beside ``path`` are removed first.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
+    remove_stale_temporaries(path)
+    with _io.atomic_path(path) as temporary:
+        with open(temporary, "wb") as file:  # a file object: np.savez must not append ".npz" to the name
             np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
     return path
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Removes the temporary files of interrupted atomic writes of ``path``; returns what it removed.
+
+    Those are ``.{name}.*`` beside ``path`` (the names :func:`jaxauction._io.atomic_path` and earlier
+    versions of this module give them). Only one search should write a given checkpoint at a time.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for candidate in path.parent.glob(f".{path.name}.*"):
+        if candidate.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+                removed.append(candidate)
+    return removed

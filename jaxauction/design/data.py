@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -137,17 +138,34 @@ def save_batch(path: str | Path, batch: AuctionBatch, metadata: dict | None = No
 
 
 def load_batch(path: str | Path) -> tuple[AuctionBatch, dict]:
-    """Reads a batch written by :func:`save_batch`: ``(batch, metadata)``."""
-    with np.load(Path(path), allow_pickle=False) as data:
-        missing = {"logits", "bids", "metadata"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path} is not an auction batch file: missing {sorted(missing)}.")
-        batch = AuctionBatch(
-            logits=jnp.asarray(data["logits"]),
-            bids=jnp.asarray(data["bids"]),
-            base_logits=jnp.asarray(data["base_logits"]) if "base_logits" in data.files else None,
-        )
-        metadata = json.loads(str(data["metadata"]))
+    """Reads a batch written by :func:`save_batch`: ``(batch, metadata)``.
+
+    Raises:
+      ValueError: naming the file, if it is missing, corrupt or not an auction batch.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = {"logits", "bids", "metadata"} - set(data.files)
+            if missing:
+                raise ValueError(f"{path} is not an auction batch file: missing {sorted(missing)}.")
+            batch = AuctionBatch(
+                logits=jnp.asarray(data["logits"]),
+                bids=jnp.asarray(data["bids"]),
+                base_logits=jnp.asarray(data["base_logits"]) if "base_logits" in data.files else None,
+            )
+            metadata = json.loads(str(data["metadata"]))
+    except ValueError as error:
+        if str(path) in str(error):
+            raise
+        raise ValueError(f"cannot read auction batch {path}: {error}. Delete it to rebuild it.") from error
+    except (OSError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as error:
+        raise ValueError(
+            f"cannot read auction batch {path}: {type(error).__name__}: {error}. It is corrupt or not an auction "
+            "batch; delete it to rebuild it."
+        ) from error
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path} is not an auction batch file: its metadata is not a JSON object.")
     return batch, metadata
 
 

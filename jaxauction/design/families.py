@@ -30,6 +30,7 @@ gives every agent (with an allowed token) the same weight, as in the core rules.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
@@ -37,11 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxauction import _validation, aggregation
+from jaxauction import _validation, aggregation, base
 
 Rule = Callable[[jax.Array, jax.Array], jax.Array]
 
 FIELDS = ("rho", "gamma", "base_bid", "temperature")
+
+MIN_TEMPERATURE = 1e-2
+"""The smallest temperature :meth:`Bounds.domain` (the search's default box) lets an iterate reach."""
 
 
 @struct.dataclass
@@ -118,6 +122,15 @@ class Bounds:
         lower = PowerMeanParams(**{k: jnp.asarray(v[0], dtype) for k, v in pairs.items()})
         upper = PowerMeanParams(**{k: jnp.asarray(v[1], dtype) for k, v in pairs.items()})
         return cls(lower=lower, upper=upper)
+
+    @classmethod
+    def domain(cls, dtype=None) -> Bounds:
+        """The family's own domain, the search's default box: ``gamma >= 0``, ``base_bid >= 0``,
+        ``temperature >= MIN_TEMPERATURE`` (> 0), ``rho`` free."""
+        inf = float("inf")
+        return cls.create(
+            rho=(-inf, inf), gamma=(0.0, inf), base_bid=(0.0, inf), temperature=(MIN_TEMPERATURE, inf), dtype=dtype
+        )
 
     def project(self, params: PowerMeanParams) -> PowerMeanParams:
         """Clips every parameter into the box."""
@@ -229,10 +242,37 @@ def power_mean(
 
     Raises:
       ValueError: (outside jit) for shapes that do not fit, or NaN/+inf logits, rows of all ``-inf``,
-        negative or non-finite bids, as the core rules.
+        negative or non-finite bids, as the core rules; for a non-finite ``rho``, ``gamma < 0`` (or
+        non-finite), or ``temperature <= 0`` (or non-finite, or so small that ``1 / temperature``
+        overflows). Inside jit the parameters are not checked: such values give NaN outputs.
     """
     logits, bids = _validation.mechanism_inputs("power_mean", logits, bids)
+    _check_parameters("power_mean", logits.dtype, rho=rho, gamma=gamma, temperature=temperature)
     return _power_mean(logits, bids, rho, gamma, temperature)
+
+
+def _check_parameters(fn: str, dtype, **values) -> None:
+    """Host-side checks of concrete family parameters (tracers pass through unchecked)."""
+    for name, value in values.items():
+        if isinstance(value, jax.core.Tracer):
+            continue
+        try:
+            array = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{fn}: {name} must be a real number (or an array of them); got {value!r:.60}.") from None
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{fn}: {name} must be finite; got {value!r:.60}.")
+        if name == "gamma" and np.any(array < 0):
+            raise ValueError(f"{fn}: gamma must be >= 0 (lambda_i ∝ b_i**gamma); got {value!r:.60}.")
+        if name == "temperature":
+            tiny = float(jnp.finfo(dtype).tiny) if jnp.issubdtype(dtype, jnp.floating) else 0.0
+            with np.errstate(divide="ignore", over="ignore"):
+                reciprocal = (1.0 / array).astype(dtype) if np.all(array > 0) else None
+            if reciprocal is None or not np.all(np.isfinite(reciprocal)) or np.any(array <= tiny):
+                raise ValueError(
+                    f"{fn}: temperature must be > 0 with a finite reciprocal in {np.dtype(dtype).name} "
+                    f"(q ∝ r**(1/temperature)); got {value!r:.60}. Fix: use e.g. temperature=1.0."
+                )
 
 
 @jax.jit
@@ -245,6 +285,34 @@ def _power_mean(logits, bids, rho, gamma, temperature):
     finite = jnp.isfinite(log_r)
     scaled = jnp.where(finite, jnp.where(finite, log_r, 0.0) / temperature, -jnp.inf)
     return jax.nn.log_softmax(scaled, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FixedPowerMean:
+    """A power-mean aggregate with Python-float parameters: hashable by value (a static jit argument)."""
+
+    rho: float
+    gamma: float
+    temperature: float
+
+    def __call__(self, logits: jax.Array, bids: jax.Array) -> jax.Array:
+        return power_mean(logits, bids, self.rho, self.gamma, self.temperature)
+
+
+def fixed_rule(params: PowerMeanParams) -> base.Rule:
+    """The family member at concrete ``params`` as a hashable :class:`jaxauction.base.Rule` (no base row).
+
+    Two calls with equal parameters give equal rules, so functions that take the rule as a static
+    argument (:func:`jaxauction.preferences.certify`) compile once per member. ``monotone`` is True for
+    ``rho = 1, temperature = 1`` (SPEC §2: monotone by construction for any ``gamma >= 0``).
+    The base distribution, if any, is not part of the rule: append it as the last agent
+    (:func:`jaxauction.aggregation.append_base` with bid ``params.base_bid``).
+    """
+    values = params.to_dict()
+    _check_parameters("fixed_rule", jnp.result_type(float), **{k: values[k] for k in ("rho", "gamma", "temperature")})
+    aggregate = _FixedPowerMean(values["rho"], values["gamma"], values["temperature"])
+    name = f"power_mean(rho={aggregate.rho:g}, gamma={aggregate.gamma:g}, temperature={aggregate.temperature:g})"
+    return base.Rule(name=name, log_aggregate=aggregate, monotone=aggregate.rho == 1.0 and aggregate.temperature == 1.0)
 
 
 def bind(params: PowerMeanParams, base_logits: jax.Array | None = None) -> Rule:

@@ -27,6 +27,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxauction.design import checkpoint as checkpoint_lib
+from jaxauction.design.families import Bounds, PowerMeanParams
 
 Objective = Callable[[Any, Any], jax.Array]
 
@@ -128,6 +129,38 @@ def _step_function(objective, constraint_fn, optimizer, sign, batch_size):
     return step_fn
 
 
+def _check_params(params) -> None:
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        raise ValueError("search: params has no array leaves; pass a pytree of float32/float64 arrays.")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = jnp.asarray(leaf).dtype
+        where = jax.tree_util.keystr(path) or "params"
+        if dtype not in (jnp.float32, jnp.float64):
+            raise ValueError(
+                f"search: parameter {where} has dtype {dtype}; expected float32 or float64 (float16 and "
+                "bfloat16 lose the small steps of the search and overflow). Fix: cast with .astype(jnp.float32)."
+            )
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            raise ValueError(f"search: parameter {where} is not finite: {leaf!r:.60}.")
+
+
+def _check_step(index: int, loss, value, violation, new_params, constrained: bool) -> None:
+    """Raises FloatingPointError naming step ``index`` if anything it produced is not finite."""
+    checks = {"loss": loss, "objective": value}
+    if constrained:
+        checks["constraint"] = violation
+    for path, leaf in jax.tree_util.tree_flatten_with_path(new_params)[0]:
+        checks[f"parameter {jax.tree_util.keystr(path) or 'params'}"] = leaf
+    bad = [name for name, array in checks.items() if not np.all(np.isfinite(np.asarray(array)))]
+    if bad:
+        raise FloatingPointError(
+            f"search: step {index} gave a non-finite {', '.join(bad)} (objective {float(value)!r}, loss "
+            f"{float(loss)!r}); stopped before applying it (the checkpoint, if any, keeps step {index}'s "
+            "parameters). Lower the learning rate, add bounds, or check the objective."
+        )
+
+
 def search(
     objective: Objective,
     params: Any,
@@ -166,6 +199,9 @@ def search(
       trainable: a pytree of bools like ``params``; ``False`` leaves stay fixed. ``None``: all train.
       bounds: ``(lower, upper)`` pytrees like ``params`` (or an object with ``.lower``/``.upper``, e.g.
         :class:`~jaxauction.design.Bounds`): the parameters are clipped into the box after every update.
+        ``None``: for :class:`~jaxauction.design.PowerMeanParams` the family's domain
+        (:meth:`~jaxauction.design.Bounds.domain`: gamma >= 0, base_bid >= 0, temperature >= 0.01),
+        so the search never leaves it; other pytrees are not projected.
       batch_size: minibatch size drawn without replacement each step; ``None`` uses all of ``data``.
       seed: seeds the minibatches.
       checkpoint: ``.npz`` path. If it exists, the search resumes from it (its settings must match);
@@ -181,12 +217,31 @@ def search(
       A :class:`SearchResult`.
 
     Raises:
-      ValueError: for invalid settings, or a checkpoint that belongs to another search.
+      ValueError: for invalid settings (``steps`` not an int, a non-finite learning rate, parameters
+        that are not finite float32/float64 arrays, an objective that cannot take ``data``), or a
+        checkpoint that is corrupt or belongs to another search (the message names the file).
+      FloatingPointError: when a step gives a non-finite loss, objective, constraint or parameter; the
+        message names the step, and the checkpoint keeps the last finite state (NaN is never written).
     """
+    for name, value in (("steps", steps), ("checkpoint_every", checkpoint_every)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"search: {name} must be an int, got {type(value).__name__} {value!r}.")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))):
+        raise ValueError(f"search: batch_size must be an int or None, got {type(batch_size).__name__} {batch_size!r}.")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}.")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
+    if optimizer is None:
+        try:
+            rate = float(learning_rate)
+        except (TypeError, ValueError):
+            rate = float("nan")
+        if not (np.isfinite(rate) and rate > 0):
+            raise ValueError(f"search: learning_rate must be a finite number > 0, got {learning_rate!r}.")
+    _check_params(params)
+    if bounds is None and isinstance(params, PowerMeanParams):
+        bounds = Bounds.domain(jnp.result_type(*jax.tree.leaves(params)))
     if batch_size is not None:
         count = jax.tree.leaves(data)[0].shape[0] if jax.tree.leaves(data) else 0
         if not 1 <= batch_size <= count:
@@ -232,17 +287,26 @@ def search(
     try:
         while state.step < steps:
             index = state.step
-            new_params, opt_state, loss, value, violation = step_fn(
-                state.params,
-                state.opt_state,
-                data,
-                jnp.asarray(state.multiplier, dtype),
-                index,
-                seed,
-                budget,
-                penalty,
-                bounds,
-            )
+            try:
+                new_params, opt_state, loss, value, violation = step_fn(
+                    state.params,
+                    state.opt_state,
+                    data,
+                    jnp.asarray(state.multiplier, dtype),
+                    index,
+                    seed,
+                    budget,
+                    penalty,
+                    bounds,
+                )
+            except (AttributeError, TypeError, IndexError) as error:
+                if data is None:
+                    raise ValueError(
+                        f"search: the objective failed with data=None ({type(error).__name__}: {error}); pass "
+                        "data, the objective's second argument (e.g. a jaxauction.design.AuctionBatch)."
+                    ) from error
+                raise
+            _check_step(index, loss, value, violation, new_params, constraint is not None)
             record = dict(
                 step=float(index),
                 loss=float(loss),
