@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
+from references import random_auction, ref_linear, ref_log_linear, ref_probs
 from scipy import optimize, special
-from test_core_reference import random_auction, ref_linear, ref_log_linear, ref_probs
 
 import jaxauction
 from jaxauction import aggregation

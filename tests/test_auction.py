@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_core_reference import random_auction, ref_linear, ref_linear_closed_form, ref_payment
+from references import random_auction, ref_linear, ref_linear_closed_form, ref_payment
 
 import jaxauction
 from jaxauction import AuctionOutcome, TokenAuction, aggregation

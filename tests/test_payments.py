@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
-from test_core_reference import (
+from references import (
     random_auction,
     ref_linear,
     ref_linear_closed_form,

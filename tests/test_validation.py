@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_core_reference import ref_linear, ref_log_linear
+from references import ref_linear, ref_log_linear
 
 from jaxauction import TokenAuction, _validation, aggregation, payments, preferences, sampling
 
