@@ -68,9 +68,13 @@ def test_bad_base_distribution():
         payments.linear_closed_form(GOOD_LOGITS, GOOD_BIDS, base_logits=jnp.full(4, -jnp.inf), base_bid=1.0)
 
 
-def test_rule_must_be_callable():
-    with pytest.raises(ValueError, match="rule must be a callable"):
-        payments.second_price("linear", GOOD_LOGITS, GOOD_BIDS)
+def test_rule_must_be_a_name_a_rule_or_callable():
+    with pytest.raises(ValueError, match=r"^second_price: rule: expected a rule name \['linear', 'log_linear'\]"):
+        payments.second_price(3, GOOD_LOGITS, GOOD_BIDS)
+    with pytest.raises(ValueError, match=r"^TokenAuction: rule: unknown rule 'cubic'; use one of"):
+        TokenAuction(rule="cubic")(GOOD_LOGITS, GOOD_BIDS)
+    with pytest.raises(ValueError, match=r"^TokenAuction: payment: expected one of \['second_price', 'kl', None\]"):
+        TokenAuction(payment="first_price")(GOOD_LOGITS, GOOD_BIDS)
 
 
 @pytest.mark.parametrize("rule,reference", [(aggregation.linear, ref_linear), (aggregation.log_linear, ref_log_linear)])
