@@ -38,9 +38,9 @@ __all__ = [
 
 
 def safe_log(x: jax.Array) -> jax.Array:
-    """``log x`` for ``x >= 0`` with ``log 0 = -inf`` and zero (not NaN) gradients at 0."""
+    """``log x`` for ``x >= 0`` with ``log 0 = -inf`` and zero (not NaN) gradients at 0; NaN stays NaN."""
     positive = x > 0
-    return jnp.where(positive, jnp.log(jnp.where(positive, x, 1.0)), -jnp.inf)
+    return jnp.where(positive, jnp.log(jnp.where(positive, x, 1.0)), jnp.where(jnp.isnan(x), jnp.nan, -jnp.inf))
 
 
 def _has_mass(logits: jax.Array) -> jax.Array:
