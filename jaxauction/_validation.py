@@ -8,7 +8,6 @@ tracing the functions document what they do with such values instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -292,11 +291,3 @@ def probabilities(fn: str, name: str, p: Any) -> jax.Array:
 def choice(fn: str, name: str, value: Any, allowed: tuple[Any, ...], extra: str = "") -> None:
     if value not in allowed:
         raise ValueError(f"{fn}: {name} must be one of {allowed}{extra}; got {value!r}.")
-
-
-def callable_or_choice(fn: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if not (callable(value) or value in allowed):
-        raise ValueError(f"{fn}: {name} must be one of {allowed} or a callable; got {value!r}.")
-
-
-RuleFn = Callable[[jax.Array, jax.Array], jax.Array]
