@@ -8,12 +8,16 @@ tracing the functions document what they do with such values instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# Headroom between the largest accepted bid and the dtype's largest number: sums over agents, KL
+# (Myerson) payments (at most about 100 times the bid in float32, where KL values are floored near
+# -87 nats per token) and sums of payments over thousands of generated tokens must stay finite.
+_BID_HEADROOM = 1e8
 
 
 def is_concrete(*arrays: Any) -> bool:
@@ -38,6 +42,82 @@ def float_dtype(*arrays: Any) -> jnp.dtype:
     if not jnp.issubdtype(dtype, jnp.floating):
         dtype = jnp.result_type(dtype, float)
     return jnp.dtype(dtype)
+
+
+def default_float_dtype() -> jnp.dtype:
+    """The floating dtype JAX computes in now: float32, or float64 when ``jax_enable_x64`` is on."""
+    return jnp.dtype(jnp.result_type(float))
+
+
+def max_bid(dtype: Any = None) -> float:
+    """The largest accepted bid in ``dtype`` (default: :func:`default_float_dtype`).
+
+    ``finfo(dtype).max / 1e8``: about ``3.4e30`` in float32 and ``1.8e300`` in float64. Payments are
+    computed on bids normalised by their largest one and scaled back (SPEC §4), so every bid up to
+    this bound gives finite payments (KL payments and sums over generated tokens included); larger
+    bids are rejected at the public boundary. Only bid ratios matter to the outcome, so divide all
+    bids by a common unit instead.
+    """
+    dtype = default_float_dtype() if dtype is None else jnp.dtype(dtype)
+    return float(jnp.finfo(dtype).max) / _BID_HEADROOM
+
+
+def host_bids(
+    argument: str,
+    bids: Any,
+    *,
+    num_agents: int | None = None,
+    ndim: int | tuple[int, ...] = (1, 2),
+    dtype: Any = None,
+) -> np.ndarray:
+    """Checks user-given bids on the host (configurations, generation, simulation); returns float64 NumPy.
+
+    ``bids`` must be a numeric (int or float, not bool or str) rectangular array or nested list with
+    ``ndim`` axes (an int or a tuple of allowed ranks), at least one element, finite values in
+    ``[0, max_bid(dtype)]`` and, if ``num_agents`` is given, ``num_agents`` entries along the last
+    axis. Raises ``ValueError`` naming ``argument``, the expected shape and what was given.
+    """
+    ranks = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    shape_text = " or ".join(
+        "[" + ", ".join([*(["batch"] * (r - 1)), str(num_agents or "n_agents")]) + "]" for r in ranks
+    )
+    expected = f"numeric bids >= 0 of shape {shape_text}"
+    if isinstance(bids, (str, bytes)):
+        raise ValueError(
+            f"{argument}: expected {expected}; got the string {bids!r:.60}. Fix: pass numbers, e.g. [1.0, 2.0]."
+        )
+    try:
+        values = np.asarray(bids)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"{argument}: expected {expected}; got a ragged or non-numeric value {bids!r:.80} ({error}). "
+            f"Fix: give every row the same number of bids."
+        ) from None
+    if values.dtype == object:
+        raise ValueError(
+            f"{argument}: expected {expected}; got a ragged or non-numeric value {bids!r:.80}. "
+            f"Fix: give every row the same number of numeric bids."
+        )
+    if values.dtype == bool or not (
+        np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+    ):
+        raise ValueError(
+            f"{argument}: expected {expected}; got dtype {values.dtype} ({bids!r:.60}). "
+            f"Fix: pass int or float numbers (not strings or booleans), e.g. [1.0, 2.0]."
+        )
+    if values.ndim not in ranks:
+        raise ValueError(
+            f"{argument}: expected {expected} ({' or '.join(map(str, ranks))} axes); got shape {values.shape}."
+        )
+    if values.size == 0:
+        raise ValueError(f"{argument}: expected {expected}; got an empty array of shape {values.shape}.")
+    if num_agents is not None and values.shape[-1] != num_agents:
+        raise ValueError(
+            f"{argument}: expected {expected}, one bid per agent ({num_agents}); got shape {values.shape}."
+        )
+    values = values.astype(np.float64)
+    check_bid_values(argument, "bids", values, dtype=default_float_dtype() if dtype is None else dtype)
+    return values
 
 
 def check_rule(rule: Any, fn: str) -> None:
@@ -127,15 +207,27 @@ def check_logit_values(fn: str, name: str, logits: jax.Array) -> None:
         )
 
 
-def check_bid_values(fn: str, name: str, bids: jax.Array) -> None:
-    """Finite and non-negative (checked with numpy)."""
+def check_bid_values(fn: str, name: str, bids: Any, *, dtype: Any = None) -> None:
+    """Finite, non-negative and at most :func:`max_bid` of ``dtype`` (default: the bids' float dtype)."""
+    if dtype is None:
+        dtype = bids.dtype if jnp.issubdtype(bids.dtype, jnp.floating) else default_float_dtype()
     bids = np.asarray(bids)
     bad = ~np.isfinite(bids)
     if bad.any():
         idx = _first_index(bad)
         raise ValueError(
             f"{fn}: {name} (shape {tuple(bids.shape)}) contains a non-finite value "
-            f"{float(bids[idx])} at index {idx}; expected finite bids >= 0."
+            f"{float(bids[idx])} at index {idx}; expected finite bids >= 0 (and at most "
+            f"{max_bid(dtype):.3g} in {jnp.dtype(dtype).name})."
+        )
+    limit = max_bid(dtype)
+    large = bids > limit
+    if large.any():
+        idx = _first_index(large)
+        raise ValueError(
+            f"{fn}: {name} (shape {tuple(bids.shape)}) contains the bid {float(bids[idx]):.6g} at index {idx}, "
+            f"above the largest accepted bid {limit:.3g} in {jnp.dtype(dtype).name} "
+            f"(jaxauction._validation.max_bid). Fix: only bid ratios matter; divide every bid by a common unit."
         )
     negative = bids < 0
     if negative.any():
@@ -199,11 +291,3 @@ def probabilities(fn: str, name: str, p: Any) -> jax.Array:
 def choice(fn: str, name: str, value: Any, allowed: tuple[Any, ...], extra: str = "") -> None:
     if value not in allowed:
         raise ValueError(f"{fn}: {name} must be one of {allowed}{extra}; got {value!r}.")
-
-
-def callable_or_choice(fn: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if not (callable(value) or value in allowed):
-        raise ValueError(f"{fn}: {name} must be one of {allowed} or a callable; got {value!r}.")
-
-
-RuleFn = Callable[[jax.Array, jax.Array], jax.Array]

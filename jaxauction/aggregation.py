@@ -11,7 +11,8 @@ Conventions shared by every rule here (SPEC §2):
   equal bids). The second-price payments are all zero in that case (every agent is a lone bidder).
 * Under ``jit`` values are not checked (outside ``jit`` bad values raise ``ValueError``): a negative
   bid is treated as 0, an agent whose logits are ``-inf`` everywhere is treated as bidding 0, and NaN
-  (or ``+inf``) in the logits and NaN or infinite bids give NaN.
+  (or ``+inf``) in the logits and NaN or infinite bids give NaN for that auction
+  (:func:`invalid_auctions` marks them).
 * Derivatives in a bid at ``b_i = 0`` are the right-hand derivatives (for the log-linear rule without
   the jump at ``b_i = 0`` that removes the tokens agent ``i`` masks).
 * float32 by default; float64 when ``jax_enable_x64`` is on and the inputs are float64.
@@ -32,18 +33,30 @@ __all__ = [
     "effective_bids",
     "bid_weights",
     "append_base",
+    "invalid_auctions",
 ]
 
 
 def safe_log(x: jax.Array) -> jax.Array:
-    """``log x`` for ``x >= 0`` with ``log 0 = -inf`` and zero (not NaN) gradients at 0."""
+    """``log x`` for ``x >= 0`` with ``log 0 = -inf`` and zero (not NaN) gradients at 0; NaN stays NaN."""
     positive = x > 0
-    return jnp.where(positive, jnp.log(jnp.where(positive, x, 1.0)), -jnp.inf)
+    return jnp.where(positive, jnp.log(jnp.where(positive, x, 1.0)), jnp.where(jnp.isnan(x), jnp.nan, -jnp.inf))
 
 
 def _has_mass(logits: jax.Array) -> jax.Array:
-    """``[..., n]``: True where the agent allows at least one token."""
-    return jnp.max(logits, axis=-1) > -jnp.inf
+    """``[..., n]``: True where the agent allows at least one token (or has a NaN logit, which propagates)."""
+    return ~(jnp.max(logits, axis=-1) == -jnp.inf)
+
+
+def invalid_auctions(logits: jax.Array, bids: jax.Array) -> jax.Array:
+    """``[...]``: True for an auction with a NaN or infinite bid, or a NaN or ``+inf`` logit.
+
+    ``logits: [..., n, V]``, ``bids: [..., n]``. Traceable: under ``jit``, where values cannot be
+    rejected, the mechanism's outputs for such an auction are set to NaN (never a silent 0).
+    """
+    bad_logits = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=(-2, -1))
+    bad_bids = jnp.any(~jnp.isfinite(bids), axis=-1)
+    return bad_logits | bad_bids
 
 
 def agent_log_probs(logits: jax.Array) -> jax.Array:
@@ -59,17 +72,17 @@ def agent_log_probs(logits: jax.Array) -> jax.Array:
 def effective_bids(logits: jax.Array, bids: jax.Array) -> jax.Array:
     """Bids as the rules use them: negative bids and agents without any allowed token count as 0.
 
-    ``logits: [..., n, V]``, ``bids: [..., n]`` -> ``[...broadcast, n]``.
+    ``logits: [..., n, V]``, ``bids: [..., n]`` -> ``[...broadcast, n]``. A NaN bid stays NaN.
     """
-    return jnp.where(_has_mass(logits) & (bids >= 0), bids, 0.0)
+    return jnp.where((_has_mass(logits) & (bids >= 0)) | jnp.isnan(bids), bids, 0.0)
 
 
 def bid_weights(logits: jax.Array, bids: jax.Array) -> jax.Array:
     """``lambda = b / sum b``: ``[..., n]``; equal weights (over agents with a token) if all bids are 0."""
     has_mass = _has_mass(logits)
-    bids = jnp.where(has_mass & (bids >= 0), bids, 0.0)
+    bids = effective_bids(logits, bids)
     total = jnp.sum(bids, axis=-1, keepdims=True)
-    positive = total > 0
+    positive = (total > 0) | jnp.isnan(total)  # a NaN or infinite bid gives NaN weights, not equal ones
     count = jnp.maximum(jnp.sum(has_mass, axis=-1, keepdims=True), 1).astype(bids.dtype)
     equal = jnp.broadcast_to(has_mass / count, bids.shape)
     return jnp.where(positive, bids / jnp.where(positive, total, 1.0), equal)
@@ -166,9 +179,6 @@ def linear_probabilities(logits: jax.Array, bids: jax.Array) -> jax.Array:
     """
     logits, bids = _validation.mechanism_inputs("linear_probabilities", logits, bids)
     return _linear_probabilities(logits, bids)
-
-
-linear.probabilities = linear_probabilities
 
 
 def log_linear(logits: jax.Array, bids: jax.Array) -> jax.Array:

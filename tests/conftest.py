@@ -1,6 +1,7 @@
 """Shared test fixtures."""
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 
@@ -9,3 +10,13 @@ def x64():
     """Run the test body with float64 enabled (other tests keep JAX's float32 default)."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request):
+    """The test body runs once in float32 (JAX's default) and once in float64 (x64 enabled)."""
+    if request.param == "float64":
+        with jax.enable_x64(True):
+            yield jnp.float64
+    else:
+        yield jnp.float32

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_core_reference import random_auction, ref_linear, ref_linear_closed_form, ref_payment
+from references import random_auction, ref_linear, ref_linear_closed_form, ref_log_linear, ref_payment
 
 import jaxauction
 from jaxauction import AuctionOutcome, TokenAuction, aggregation
@@ -82,3 +82,25 @@ def test_exports():
     assert jaxauction.__version__ == "0.1.0"
     for module in ("aggregation", "payments", "preferences", "sampling"):
         assert hasattr(jaxauction, module)
+
+
+def test_rule_may_be_a_name_a_rule_or_a_user_function():
+    logits, bids, jl, jb = _case(5)
+    expected = TokenAuction(rule=jaxauction.log_linear, payment="kl")(jl, jb)
+    user = lambda l, b: aggregation.log_linear(l, b)  # a plain function: KL needs the rule's valuation
+    for rule in ("log_linear", aggregation.log_linear, jax.jit(jaxauction.log_linear)):
+        out = TokenAuction(rule=rule, payment="kl")(jl, jb)
+        np.testing.assert_allclose(out.payments, expected.payments, rtol=1e-6)
+    with pytest.raises(ValueError, match="allocation='kl' needs the rule's valuation"):
+        TokenAuction(rule=user, payment="kl")(jl, jb)
+    out = TokenAuction(rule=user)(jl, jb)
+    np.testing.assert_allclose(np.exp(out.log_q), ref_log_linear(logits, bids), rtol=1e-5)
+    expected = [ref_payment(ref_log_linear, logits, bids, i, "robust") for i in range(3)]
+    np.testing.assert_allclose(out.payments, expected, rtol=1e-4)
+
+
+def test_payment_kinds_have_one_home():
+    assert set(jaxauction.auction.PAYMENT_KINDS) == {"second_price", "kl", None}
+    assert jaxauction.auction.payment_allocation("second_price") == "robust"
+    with pytest.raises(ValueError, match=r"^payment: expected one of"):
+        jaxauction.auction.payment_allocation("none")

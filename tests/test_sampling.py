@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_core_reference import ref_linear, ref_linear_closed_form, ref_probs
+from references import ref_linear, ref_linear_closed_form, ref_probs
 
 from jaxauction import sampling
 

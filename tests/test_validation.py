@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_core_reference import ref_linear, ref_log_linear
+from references import ref_linear, ref_log_linear
 
-from jaxauction import TokenAuction, aggregation, payments, preferences, sampling
+from jaxauction import TokenAuction, _validation, aggregation, payments, preferences, sampling
 
 GOOD_LOGITS = jnp.zeros((2, 4))
 GOOD_BIDS = jnp.ones(2)
@@ -68,9 +68,13 @@ def test_bad_base_distribution():
         payments.linear_closed_form(GOOD_LOGITS, GOOD_BIDS, base_logits=jnp.full(4, -jnp.inf), base_bid=1.0)
 
 
-def test_rule_must_be_callable():
-    with pytest.raises(ValueError, match="rule must be a callable"):
-        payments.second_price("linear", GOOD_LOGITS, GOOD_BIDS)
+def test_rule_must_be_a_name_a_rule_or_callable():
+    with pytest.raises(ValueError, match=r"^second_price: rule: expected a rule name \['linear', 'log_linear'\]"):
+        payments.second_price(3, GOOD_LOGITS, GOOD_BIDS)
+    with pytest.raises(ValueError, match=r"^TokenAuction: rule: unknown rule 'cubic'; use one of"):
+        TokenAuction(rule="cubic")(GOOD_LOGITS, GOOD_BIDS)
+    with pytest.raises(ValueError, match=r"^TokenAuction: payment: expected one of \['second_price', 'kl', None\]"):
+        TokenAuction(payment="first_price")(GOOD_LOGITS, GOOD_BIDS)
 
 
 @pytest.mark.parametrize("rule,reference", [(aggregation.linear, ref_linear), (aggregation.log_linear, ref_log_linear)])
@@ -90,3 +94,36 @@ def test_under_jit_the_documented_behaviour_replaces_errors(rule, reference):
 def test_integer_and_list_inputs_are_accepted():
     expected = aggregation.linear(jnp.array([[0.0, 1.0], [1.0, 0.0]]), jnp.array([1.0, 3.0]))
     np.testing.assert_allclose(aggregation.linear([[0.0, 1.0], [1.0, 0.0]], [1, 3]), expected)
+
+
+HOST_BAD = [
+    ("strings", ["1", "2"], r"^config\.bids: .*got dtype <U1.*Fix: pass int or float"),
+    ("a string", "1, 2", r"^config\.bids: .*got the string"),
+    ("booleans", [True, False], r"^config\.bids: .*got dtype bool"),
+    ("ragged", [[1.0, 2.0], [3.0]], r"^config\.bids: .*ragged"),
+    ("empty", [], r"^config\.bids: .*(empty|shape \(0,\))"),
+    ("rank 3", np.ones((1, 1, 2)), r"^config\.bids: .*1 or 2 axes.*\(1, 1, 2\)"),
+    ("wrong agents", [1.0, 2.0, 3.0], r"^config\.bids: .*one bid per agent \(2\).*\(3,\)"),
+    ("negative", [1.0, -2.0], r"^config\.bids: bids .*negative bid -2"),
+    ("NaN", [1.0, np.nan], r"^config\.bids: bids .*non-finite"),
+    ("too large", [1.0, 1e300], r"^config\.bids: bids .*1e\+300.*above the largest accepted bid"),
+]
+
+
+@pytest.mark.parametrize("case,bids,message", HOST_BAD, ids=[c[0] for c in HOST_BAD])
+def test_host_bids_rejects_bad_user_bids(case, bids, message):
+    with pytest.raises(ValueError, match=message):
+        _validation.host_bids("config.bids", bids, num_agents=2)
+
+
+def test_host_bids_accepts_numbers_and_returns_float64():
+    got = _validation.host_bids("bids", [[1, 2], [0.5, 0.0]], num_agents=2)
+    assert got.dtype == np.float64 and got.shape == (2, 2)
+    np.testing.assert_array_equal(got, [[1.0, 2.0], [0.5, 0.0]])
+    np.testing.assert_array_equal(_validation.host_bids("bids", jnp.array([3.0]), ndim=1), [3.0])
+    limit = _validation.max_bid(jnp.float32)
+    assert 1e30 < limit < float(np.finfo(np.float32).max)
+    assert _validation.host_bids("bids", [limit, 1.0], dtype=jnp.float32)[0] == limit
+    with pytest.raises(ValueError, match="above the largest accepted bid"):
+        _validation.host_bids("bids", [2 * limit, 1.0], dtype=jnp.float32)
+    assert _validation.max_bid(jnp.float64) > 1e300
