@@ -50,6 +50,7 @@ __all__ = [
     "auction_step",
     "enable_compilation_cache",
     "generate",
+    "parse_memory_budget",
     "plan_chunks",
 ]
 
@@ -698,7 +699,9 @@ def generate(
     temperature = _real_scalar(temperature, "temperature", "a finite number > 0")
     if not (math.isfinite(temperature) and temperature > 0 and np.isfinite(np.float64(1.0) / temperature)):
         raise ValueError(f"temperature: expected a finite number > 0; got {temperature!r}.")
-    if not np.isfinite(np.asarray(1.0, dtype) / np.asarray(temperature, dtype)) or np.asarray(temperature, dtype) == 0:
+    with np.errstate(over="ignore", divide="ignore"):
+        reciprocal = np.asarray(1.0, dtype) / np.asarray(temperature, dtype)
+    if not np.isfinite(reciprocal):
         raise ValueError(
             f"temperature: 1 / temperature overflows {jnp.dtype(dtype).name} for temperature = {temperature!r}; "
             f"use a temperature of at least {float(1 / np.finfo(dtype).max):.3g} (or greedy decoding)."
