@@ -5,6 +5,12 @@ every step, in Python, and charges the closed-form linear payments: it shares ne
 the batching, the masking nor the autodiff payment path with `jaxauction.generate`.
 """
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -385,3 +391,53 @@ def test_auction_list_errors_name_the_auction(tiny):
         generate(MIXED, [1.0], model=tiny)
     with pytest.raises(ValueError, match=r"decoding='stable'.*got n = \[1, 2, 3\]"):
         generate(MIXED, decoding="stable", model=tiny)
+
+
+# ---------------------------------------------------------------------------------------------- compilation cache
+
+CACHE_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    import jax
+    from flax import nnx
+    from jaxauction.generation import generate
+    from jaxauction.models import Llama, LlamaConfig
+
+    config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, max_position_embeddings=64, eos_token_ids=(1,), pad_token_id=0)
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 1
+        def __len__(self): return 16
+        def decode(self, ids, skip_special_tokens=True): return " ".join(map(str, ids))
+
+    model = (Llama(config, rngs=nnx.Rngs(0)), Tok())
+    start = time.perf_counter()
+    result = generate([[3, 4, 5], [6, 7]], [[1.0, 2.0], [0.5, 0.1]], max_new_tokens=4, model=model)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "dir": jax.config.jax_compilation_cache_dir,
+                      "tokens": result.tokens.tolist()}))
+""")
+
+
+def _run_cache_script(cache_dir: str) -> dict:
+    env = dict(os.environ, JAXAUCTION_CACHE_DIR=cache_dir, JAX_PLATFORMS="cpu")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_reuses_the_compiled_programs(tmp_path):
+    folder = tmp_path / "xla"
+    first = _run_cache_script(str(folder))
+    assert first["dir"] == str(folder) and any(folder.iterdir()), "the first process wrote the cache"
+    second = _run_cache_script(str(folder))
+    assert second["tokens"] == first["tokens"]
+    # A compile-time ratio, not a speed claim: the second process loads the decode loop instead of compiling it.
+    assert second["seconds"] <= 0.5 * first["seconds"], (first["seconds"], second["seconds"])
+    script = "import jax; from jaxauction import generation; print(generation.enable_compilation_cache(), jax.config.jax_compilation_cache_dir)"
+    for setting in ("off", ""):
+        env = dict(os.environ, JAXAUCTION_CACHE_DIR=setting, JAX_PLATFORMS="cpu")
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+        assert done.stdout.split() == ["None", "None"], (done.stdout, done.stderr[-2000:])
