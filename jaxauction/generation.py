@@ -305,10 +305,11 @@ def _compiled_decode():
     return jax.jit(_decode_loop, static_argnames=_STATIC, compiler_options=compiler_options() or None)
 
 
-def _prefill_gather(graphdef, state, input_ids, attention_mask, rows, max_length):
-    """Prefill the unique sequences ``[U, P]`` once, then gather rows ``[R]`` of logits and cache."""
+def _prefill_gather(graphdef, state, input_ids, attention_mask, rows, cache):
+    """Prefill the unique sequences ``[U, P]`` into the empty ``cache`` once, then gather rows ``[R]`` of
+    logits and cache. (The empty cache is an argument: created inside ``jit`` it would be a constant that
+    XLA spends a minute folding on a 135M model.)"""
     model = nnx.merge(graphdef, state)
-    cache = model.init_cache(input_ids.shape[0], max_length)
     logits, cache = model.prefill(input_ids, attention_mask, cache)
     gathered = cache.replace(
         k=jnp.take(cache.k, rows, axis=1),
@@ -324,7 +325,7 @@ def _compiled_prefill():
     from jaxauction.models import compiler_options
 
     return jax.jit(
-        _prefill_gather, static_argnames=("graphdef", "max_length"), compiler_options=compiler_options() or None
+        _prefill_gather, static_argnames=("graphdef",), donate_argnums=(5,), compiler_options=compiler_options() or None
     )
 
 
@@ -878,7 +879,7 @@ def _run_chunk(
         jnp.asarray(input_ids),
         jnp.asarray(attention_mask),
         jnp.asarray(source.reshape(-1)),
-        max_length=max_length,
+        nnx.merge(graphdef, state).init_cache(len(unique), max_length),
     )
     batch_bids, batch_real = jnp.asarray(bids, dtype), jnp.asarray(real)
     if mesh is not None:
