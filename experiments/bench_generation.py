@@ -25,6 +25,16 @@ Needs torch (the project's ``bench`` extra). The workload is the Hawaii demonstr
                         (``--torch-prefill rows`` prefills all 22 rows instead).
   (b) jaxauction separate  ``jaxauction.generate(prompts, bids [2])`` once per auction, ``P`` calls.
 
+A second workload, the mixed batch (``--mixed-config``, default ``experiments/configs/mixed_queries.jsonl``
+in the ``jaxauction batch`` format: 18 different queries with 2 to 4 advertisers each and a base
+prompt): ``jaxauction mixed`` runs all of them as one heterogeneous ``generate(auctions)`` call;
+``(a) torch mixed`` runs them the way a user of transformers would, one batched auction at a time
+(each auction's rows in one batch, the same loop as (a)). JSON key ``ratio_vs_torch_mixed``.
+
+``--no-torch`` runs only the jaxauction cases (no PyTorch needed; ratios are then null), e.g. the quick
+check ``python experiments/bench_generation.py --no-torch --points 3 --max-new-tokens 4 --mixed-limit 4``.
+Peak memory (``ru_maxrss``) of the JAX process and of the PyTorch worker is reported.
+
 Each timed run goes from the prompts (token ids for torch) to tokens and payments on the host, prompt
 prefill included. Every case is warmed up once first (JAX: the full configuration, so compilation is
 excluded; PyTorch, which compiles nothing: ``min(4, max_new_tokens)`` tokens), then the cases are
@@ -55,6 +65,13 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "experiments" / "configs" / "hawaii.toml"
+DEFAULT_MIXED = REPO / "experiments" / "configs" / "mixed_queries.jsonl"
+
+
+def _maxrss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------------------------------- PyTorch side
@@ -197,6 +214,7 @@ def torch_worker(gguf: str) -> None:
                 {
                     "seconds": seconds,
                     "threads": torch.get_num_threads(),
+                    "maxrss_mb": _maxrss_mb(),
                     **{k: np.asarray(v).tolist() for k, v in result.items()},
                 }
             ),
@@ -309,6 +327,9 @@ def main(argv=None) -> int:
         help="run XLA:CPU on one thread (XLA_FLAGS --xla_cpu_multi_thread_eigen=false "
         "intra_op_parallelism_threads=1), to compare with PyTorch on one thread",
     )
+    parser.add_argument("--mixed-config", default=str(DEFAULT_MIXED), help="JSONL auctions of the mixed workload")
+    parser.add_argument("--mixed-limit", type=int, default=0, help="use only the first N mixed auctions (0: all)")
+    parser.add_argument("--no-torch", action="store_true", help="run only the jaxauction cases (no PyTorch needed)")
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.torch_worker:
@@ -324,12 +345,13 @@ def main(argv=None) -> int:
         ).strip()
     from jaxauction import models
 
-    worker = TorchWorker(models.bundled_gguf_path())  # loads the GGUF while JAX loads it here
+    worker = None if args.no_torch else TorchWorker(models.bundled_gguf_path())  # loads while JAX loads here
 
     import jax
 
-    from jaxauction import generate
+    from jaxauction import Auction, generate
     from jaxauction._io import write_json
+    from jaxauction.batch import read_auctions
     from jaxauction.config import load_config
     from jaxauction.prompts import encode_prompt, eos_ids
     from jaxauction.sweep import sweep_bids
@@ -370,6 +392,45 @@ def main(argv=None) -> int:
     }
     torch_warmup_tokens = min(4, args.max_new_tokens)
 
+    mixed_lines = read_auctions(args.mixed_config)
+    if args.mixed_limit > 0:
+        mixed_lines = mixed_lines[: args.mixed_limit]
+    auctions = [Auction(e.prompts, e.bids, base_prompt=e.base_prompt, base_bid=e.base_bid) for e in mixed_lines]
+    mixed_n_max = max(len(e.prompts) for e in mixed_lines)
+    mixed_requests = []
+    for e in mixed_lines:
+        seqs = [encode_prompt(tokenizer, p) for p in e.prompts]
+        row = list(e.bids)
+        if e.base_prompt is not None:
+            seqs.append(encode_prompt(tokenizer, e.base_prompt))
+            row.append(e.base_bid)
+        mixed_requests.append({**request, "sequences": seqs, "bids": [row], "num_charged": len(e.prompts)})
+    mixed_rows = sum(len(r["sequences"]) for r in mixed_requests)
+    mixed_options = {k: v for k, v in options.items() if k not in ("base_prompt", "base_bid")}
+
+    def run_mixed(warmup: bool = False) -> dict:
+        return _as_arrays(generate(auctions, **mixed_options))
+
+    def torch_mixed_case(threads: int):
+        def run(warmup: bool = False) -> dict:
+            replies = [
+                worker.run({**r, "threads": threads, **({"max_new_tokens": torch_warmup_tokens} if warmup else {})})
+                for r in (mixed_requests[:1] if warmup else mixed_requests)
+            ]
+            payments = [np.asarray(r["token_payments"]) for r in replies]
+            payments = [np.pad(p, ((0, 0), (0, 0), (0, mixed_n_max - p.shape[-1]))) for p in payments]
+            return {
+                "seconds": sum(r["seconds"] for r in replies),
+                "prefill_seconds": sum(r["prefill_seconds"] for r in replies),
+                "threads": replies[0]["threads"],
+                "maxrss_mb": max(r["maxrss_mb"] for r in replies),
+                "tokens": np.concatenate([np.asarray(r["tokens"]) for r in replies]),
+                "lengths": np.concatenate([np.asarray(r["lengths"]) for r in replies]),
+                "token_payments": np.concatenate(payments),
+            }
+
+        return run
+
     def run_batched(warmup: bool = False) -> dict:
         return _as_arrays(generate(prompts, bids, **options))
 
@@ -385,12 +446,13 @@ def main(argv=None) -> int:
                 "seconds": reply["seconds"],
                 "prefill_seconds": reply["prefill_seconds"],
                 "threads": reply["threads"],
+                "maxrss_mb": reply["maxrss_mb"],
                 **{k: np.asarray(reply[k]) for k in ("tokens", "lengths", "token_payments")},
             }
 
         return run
 
-    info = worker.wait_ready()
+    info = worker.wait_ready() if worker is not None else {"torch": None, "default_threads": 0}
     rows = len(bids) * len(sequences)
     print(
         f"{len(bids)} auctions x {len(sequences)} rows = {rows} sequences, <= {args.max_new_tokens} new "
@@ -409,7 +471,7 @@ def main(argv=None) -> int:
     main_name = "jaxauction batched"
     cases = {main_name: (run_batched, f"generate(prompts, bids [{len(bids)}, {num_agents}])")}
     torch_names = []
-    for threads in dict.fromkeys(args.torch_threads):
+    for threads in [] if worker is None else dict.fromkeys(args.torch_threads):
         count = threads or info["default_threads"]
         name = f"(a) torch {count} thread{'s' if count > 1 else ''}" + (" (default)" if not threads else "")
         if name in cases or any(n.startswith(f"(a) torch {count} thread") for n in torch_names):
@@ -421,6 +483,19 @@ def main(argv=None) -> int:
         )
     separate_name = "(b) jaxauction separate"
     cases[separate_name] = (run_separate, f"{len(bids)} x generate(prompts, bids [{num_agents}])")
+    mixed_name = "jaxauction mixed"
+    cases[mixed_name] = (run_mixed, f"generate({len(auctions)} Auctions, 2-{mixed_n_max} agents + base), one call")
+    torch_mixed_names = []
+    for name in torch_names:
+        threads = int(name.split()[2])
+        mixed_torch = name.replace("(a) torch", "(a) torch mixed")
+        torch_mixed_names.append(mixed_torch)
+        cases[mixed_torch] = (
+            torch_mixed_case(0 if "(default)" in name else threads),
+            "transformers + PyTorch, one auction at a time",
+        )
+    case_rows = {name: rows for name in cases}
+    case_rows.update({n: mixed_rows for n in (mixed_name, *torch_mixed_names)})
 
     warmup, times, outputs = {}, {name: [] for name in cases}, {}
     for name, (run, _) in cases.items():
@@ -435,7 +510,8 @@ def main(argv=None) -> int:
             elapsed = time.perf_counter() - start
             times[name].append(outputs[name].get("seconds", elapsed))
             print(f"run {repeat + 1}/{args.repeats} {name}: {times[name][-1]:.3f} s", flush=True)
-    worker.close()
+    if worker is not None:
+        worker.close()
     load_at_end = os.getloadavg()
 
     results = []
@@ -453,9 +529,13 @@ def main(argv=None) -> int:
                 "generated_tokens": tokens,
                 "tokens_per_second": tokens / best,
                 "steps": int(out["lengths"].max()),
-                "rows_x_steps": rows * int(out["lengths"].max()),
+                "rows_x_steps": case_rows[name] * int(out["lengths"].max()),
                 **(
-                    {"torch_threads": out["threads"], "prefill_seconds_last_run": out["prefill_seconds"]}
+                    {
+                        "torch_threads": out["threads"],
+                        "prefill_seconds_last_run": out["prefill_seconds"],
+                        "torch_maxrss_mb": out["maxrss_mb"],
+                    }
                     if "threads" in out
                     else {}
                 ),
@@ -463,25 +543,39 @@ def main(argv=None) -> int:
         )
     by_name = {r["name"]: r for r in results}
     main_rate = by_name[main_name]["tokens_per_second"]
-    fastest_torch = max(torch_names, key=lambda n: by_name[n]["tokens_per_second"])
-    ratio_vs_torch = main_rate / by_name[fastest_torch]["tokens_per_second"]
+    fastest_torch = max(torch_names, key=lambda n: by_name[n]["tokens_per_second"]) if torch_names else None
+    ratio_vs_torch = main_rate / by_name[fastest_torch]["tokens_per_second"] if torch_names else None
     ratio_vs_torch_cases = {n: main_rate / by_name[n]["tokens_per_second"] for n in torch_names}
     ratio_vs_separate = main_rate / by_name[separate_name]["tokens_per_second"]
-    agreement = {name: _compare(outputs[main_name], outputs[name]) for name in cases if name != main_name}
+    mixed_rate = by_name[mixed_name]["tokens_per_second"]
+    fastest_mixed = max(torch_mixed_names, key=lambda n: by_name[n]["tokens_per_second"]) if torch_mixed_names else None
+    ratio_vs_torch_mixed = mixed_rate / by_name[fastest_mixed]["tokens_per_second"] if fastest_mixed else None
+    jax_maxrss_mb = _maxrss_mb()
+    agreement = {
+        name: _compare(outputs[mixed_name if name in torch_mixed_names else main_name], outputs[name])
+        for name in cases
+        if name not in (main_name, mixed_name)
+    }
 
     header = f"{'case':<34}{'best s':>9}{'tokens':>8}{'tokens/s':>10}{'batched x':>11}  runs (s)"
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:
         print(
             f"{r['name']:<34}{r['seconds_best']:>9.3f}{r['generated_tokens']:>8d}"
-            f"{r['tokens_per_second']:>10.1f}{main_rate / r['tokens_per_second']:>11.2f}  "
+            f"{r['tokens_per_second']:>10.1f}"
+            f"{(mixed_rate if r['name'] in (mixed_name, *torch_mixed_names) else main_rate) / r['tokens_per_second']:>11.2f}  "
             + ", ".join(f"{t:.3f}" for t in r["seconds_all"])
         )
     print(
         f"\ntokens counted: sum over auctions of the tokens each generated (EOS included); "
         f"steps of the longest auction: {by_name[main_name]['steps']}"
     )
-    print(f"ratio jaxauction batched / (a) fastest torch [{fastest_torch}]: {ratio_vs_torch:.2f}x (goal >= 2x)")
+    if torch_names:
+        print(f"ratio jaxauction batched / (a) fastest torch [{fastest_torch}]: {ratio_vs_torch:.2f}x (goal >= 2x)")
+        print(
+            f"ratio jaxauction mixed / fastest torch mixed [{fastest_mixed}]: {ratio_vs_torch_mixed:.2f}x (goal >= 2x)"
+        )
+    print(f"peak memory (ru_maxrss): JAX process {jax_maxrss_mb:.0f} MB")
     for name in torch_names:
         print(f"ratio jaxauction batched / {name}: {ratio_vs_torch_cases[name]:.2f}x")
     print(f"ratio jaxauction batched / {separate_name}: {ratio_vs_separate:.2f}x")
@@ -520,6 +614,17 @@ def main(argv=None) -> int:
                 "ratio_vs_torch_case": fastest_torch,
                 "ratio_vs_torch_cases": ratio_vs_torch_cases,
                 "ratio_vs_separate": ratio_vs_separate,
+                "ratio_vs_torch_mixed": ratio_vs_torch_mixed,
+                "ratio_vs_torch_mixed_case": fastest_mixed,
+                "mixed_config": str(args.mixed_config),
+                "mixed_auctions": len(auctions),
+                "mixed_sequences": mixed_rows,
+                "memory": {
+                    "jax_maxrss_mb": jax_maxrss_mb,
+                    "torch_maxrss_mb": max(
+                        (r["torch_maxrss_mb"] for r in results if "torch_maxrss_mb" in r), default=None
+                    ),
+                },
                 "agreement": agreement,
                 "machine": {
                     "platform": platform.platform(),

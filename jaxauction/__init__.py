@@ -5,10 +5,11 @@ __version__ = "0.1.0"
 from jaxauction import aggregation, base, design, payments, preferences, rules, sampling, sharding, simulation
 from jaxauction.auction import AuctionOutcome, TokenAuction
 from jaxauction.base import Rule, as_rule, register, rule_names
-from jaxauction.generation import GenerationResult, generate
+from jaxauction.generation import Auction, GenerationResult, generate
 from jaxauction.rules import linear, log_linear
 
 __all__ = [
+    "Auction",
     "AuctionOutcome",
     "GenerationResult",
     "Rule",

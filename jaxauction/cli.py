@@ -63,6 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--json", metavar="PATH", help="write everything machine-readable to PATH")
     _model_argument(sweep)
+
+    batch = commands.add_parser(
+        "batch", help="run many different auctions from a JSONL file (one auction per line) as one batch"
+    )
+    batch.add_argument("auctions", help="JSONL input: one {prompts, bids, names?, base_prompt?, base_bid?} per line")
+    batch.add_argument("--out", required=True, metavar="PATH", help="JSONL output: one result per input line")
+    batch.add_argument("--rule", default="linear", help="aggregation rule (default linear)")
+    batch.add_argument("--payment", default="second_price", help="second_price, kl or none (default second_price)")
+    batch.add_argument("--decoding", default="sample", help="sample, greedy or stable (default sample)")
+    batch.add_argument("--max-new-tokens", type=int, default=48, help="tokens per ad (default 48)")
+    batch.add_argument("--temperature", type=float, default=1.0, help="the agents' temperature (default 1)")
+    batch.add_argument("--seed", type=int, default=0, help="PRNG seed; auction k uses split(key(seed))[k]")
+    batch.add_argument(
+        "--memory-budget",
+        default=None,
+        help="working memory per chunk, e.g. 4GB (default $JAXAUCTION_MEMORY_BUDGET or 4GB)",
+    )
+    _model_argument(batch)
     return parser
 
 
@@ -161,12 +179,53 @@ def command_sweep(args) -> int:
     return 0
 
 
+def command_batch(args) -> int:
+    from pathlib import Path
+
+    from jaxauction import batch, generation
+
+    if Path(args.out).resolve() == Path(args.auctions).resolve():
+        raise ValueError(f"--out: {args.out} is the input file; choose another output path.")
+    if Path(args.out).is_dir() or not args.out.strip():
+        raise ValueError(f"--out: expected a file path for the JSONL results; got {args.out!r}.")
+    payment = None if args.payment == "none" else args.payment
+    if payment not in generation.PAYMENTS:
+        raise ValueError(f"--payment: expected second_price, kl or none; got {args.payment!r}.")
+    if args.decoding not in generation.DECODINGS:
+        raise ValueError(f"--decoding: expected one of {list(generation.DECODINGS)}; got {args.decoding!r}.")
+    if args.rule not in RULE_NAMES:
+        raise ValueError(f"--rule: expected one of {list(RULE_NAMES)}; got {args.rule!r}.")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens: expected a positive integer; got {args.max_new_tokens}.")
+    budget = (
+        None
+        if args.memory_budget is None
+        else generation.parse_memory_budget(args.memory_budget, argument="--memory-budget")
+    )
+    lines = batch.run_batch(
+        args.auctions,
+        args.out,
+        rule=args.rule,
+        payment=payment,
+        decoding=args.decoding,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        model=lambda: _load_model(args.model),
+        memory_budget=budget,
+        temperature=args.temperature,
+    )
+    print(f"wrote {len(lines)} results to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             return command_run(args)
+        if args.command == "batch":
+            return command_batch(args)
         return command_sweep(args)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

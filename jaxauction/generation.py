@@ -1,21 +1,37 @@
-"""Token-by-token auction generation with an LLM.
+"""Token-by-token auction generation with an LLM, for batches of different auctions.
 
-Every auction ``a`` has ``n`` agents (advertisers), each a prompt and a bid, and optionally a base
-prompt (the platform's neutral prompt) that takes part with a fixed bid nobody pays for. All
-``A * m`` sequences (``m = n``, or ``n + 1`` with the base prompt) share one KV cache and are decoded
-together in one compiled ``lax.while_loop``: at each step the model gives every row's next-token
-logits, the aggregation rule forms ``log q: [A, V]``, one token is drawn per auction, every agent is
-charged its payment for that token, and the token is appended to all ``m`` contexts of its auction.
+An auction ``a`` has ``n_a`` agents (advertisers), each a prompt and a bid, and optionally a base
+prompt (the platform's neutral prompt) that takes part with a fixed bid nobody pays for. A batch of
+``A`` auctions is laid out as ``A * m`` rows, ``m = n_max (+ 1 if any auction has a base prompt)``:
+row ``a * m + j`` is agent ``j`` of auction ``a`` (the base row last). An auction with fewer agents
+(or without a base prompt) is padded with absent rows: zero bid and every logit ``-inf``, which the
+built-in rules treat as an agent without any allowed token, i.e. with no effect on ``q`` or on any
+payment (SPEC §2), and which are never charged.
 
-The prompts are the same in every auction of a batch (a batch is a bid sweep or a set of random bid
-profiles), so the prompts are prefilled once and the cache is repeated ``A`` times.
+All rows share one KV cache and are decoded together in one compiled ``lax.while_loop``: at each step
+the model gives every row's next-token logits, the rule forms ``log q: [A, V]``, one token is drawn
+per auction, every agent is charged its payment for that token
+(:func:`jaxauction.payments.charged_payments`: closed form for the linear rule), and the token is
+appended to all ``m`` contexts of its auction.
+
+Prefill is shared: identical token sequences anywhere in a chunk of the batch (a bid sweep repeats
+the same ``n`` prompts ``A`` times) are prefilled once and their cache rows gathered. A batch larger
+than the memory budget runs in equal chunks (see :func:`plan_chunks`); shapes are bucketed (prompt
+length to 32 tokens, batch size to 8 sizes per octave) so a new batch rarely compiles a new program,
+and the compiled programs are kept in a persistent cache across processes
+(:func:`enable_compilation_cache`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
+import os
+import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,14 +39,50 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxauction import base, sampling, sharding
+from jaxauction import base, payments, sampling, sharding
 from jaxauction import prompts as prompts_lib
-from jaxauction.auction import TokenAuction
+
+__all__ = [
+    "Auction",
+    "DEFAULT_MEMORY_BUDGET",
+    "GenerationResult",
+    "MAX_BID",
+    "auction_step",
+    "enable_compilation_cache",
+    "generate",
+    "parse_memory_budget",
+    "plan_chunks",
+]
 
 Rule = Callable[[jax.Array, jax.Array], jax.Array]
 
 PAYMENTS = ("second_price", "kl", None)
 DECODINGS = ("sample", "greedy", "stable")
+
+MAX_BID = float(np.finfo(np.float32).max) / 1e6
+"""The largest accepted bid (about 3.4e32): bid sums and ratios stay finite in float32."""
+
+DEFAULT_MEMORY_BUDGET = 4 * 1024**3
+"""Default working-memory budget of one generation chunk in bytes (4 GiB, model weights excluded);
+override with ``memory_budget=`` or the ``JAXAUCTION_MEMORY_BUDGET`` environment variable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Auction:
+    """One auction of a heterogeneous batch (see :func:`generate`).
+
+    Attributes:
+      prompts: the ``n`` agents' prompts: each a string (the tokenizer's chat template is applied), a
+        list of ``{"role", "content"}`` chat messages, or a list of token ids (used exactly as given).
+      bids: ``[n]`` non-negative bids, one per prompt.
+      base_prompt: optional platform prompt that takes part with ``base_bid`` and is never charged.
+      base_bid: the base prompt's fixed bid (>= 0).
+    """
+
+    prompts: Sequence[Any]
+    bids: Sequence[float]
+    base_prompt: Any = None
+    base_bid: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +94,17 @@ class GenerationResult:
         token included) the row holds the tokenizer's pad id.
       lengths: ``[A]`` number of generated tokens, EOS included.
       texts: ``A`` decoded strings (special tokens removed).
-      payments: ``[A, n]`` each agent's total payment over the tokens of its auction.
-      token_payments: ``[A, T, n]`` the payment for every token (0 after the auction ended).
-      bids: ``[A, n]`` the bids the auctions ran with.
-    For a single auction (``bids: [n]``) the ``A`` axis is dropped from the arrays and ``texts`` is a
-    list holding one string (``text`` gives it directly).
+      payments: ``[A, n]`` each agent's total payment over the tokens of its auction (``n = n_max``,
+        the batch's largest agent count; 0 for the padded agents of smaller auctions; NaN for every
+        agent of an auction that is not ``valid``).
+      token_payments: ``[A, T, n]`` the payment for every token (0 after the auction ended; NaN at the
+        step where an invalid auction broke).
+      bids: ``[A, n]`` the bids the auctions ran with (0 for padded agents).
+      num_agents: ``[A]`` each auction's number of agents ``n_a``.
+      valid: ``[A]`` False for an auction whose distribution ``q`` (or payment) was ever non-finite
+        (NaN/inf logits, a rule returning NaN): it stopped at that step, its text is what came before.
+    For a single auction (``bids: [n]`` or one :class:`Auction`) the ``A`` axis is dropped from the
+    arrays and ``texts`` is a list holding one string (``text`` gives it directly).
     """
 
     tokens: np.ndarray
@@ -55,6 +113,8 @@ class GenerationResult:
     payments: np.ndarray
     token_payments: np.ndarray
     bids: np.ndarray
+    num_agents: np.ndarray
+    valid: np.ndarray
 
     @property
     def text(self) -> str:
@@ -63,7 +123,7 @@ class GenerationResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model handling.
+# Model handling and the persistent compilation cache.
 
 _DEFAULT_MODEL: tuple[Any, Any] | None = None
 
@@ -78,17 +138,46 @@ def default_model() -> tuple[Any, Any]:
     return _DEFAULT_MODEL
 
 
-def _repeat_cache(cache, repeats: int):
-    """Repeats every per-row leaf of a KV cache ``repeats`` times: rows ``[m] -> [repeats * m]``.
+_CACHE_STATE: dict[str, Any] = {}
 
-    Row ``a * m + j`` of the result is row ``j`` of the input (auction-major order).
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/jaxauction/xla`` (default ``~/.cache/jaxauction/xla``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "jaxauction" / "xla"
+
+
+def enable_compilation_cache() -> str | None:
+    """Turns on JAX's persistent compilation cache for this process (once), unless already configured.
+
+    The folder is ``JAXAUCTION_CACHE_DIR`` if set (an empty string or ``"off"`` disables the cache),
+    else :func:`default_cache_dir`. Nothing changes when the user configured a cache already
+    (``jax_compilation_cache_dir`` or ``JAX_COMPILATION_CACHE_DIR``). Every program taking at least
+    0.1 s to compile is stored, so a second process reuses the decode loop instead of compiling it.
+    Called by :func:`generate`; returns the folder in use, or None.
     """
-    return cache.replace(
-        k=jnp.tile(cache.k, (1, repeats) + (1,) * (cache.k.ndim - 2)),
-        v=jnp.tile(cache.v, (1, repeats) + (1,) * (cache.v.ndim - 2)),
-        valid=jnp.tile(cache.valid, (repeats, 1)),
-        positions=jnp.tile(cache.positions, (repeats,)),
-    )
+    if "dir" in _CACHE_STATE:
+        return _CACHE_STATE["dir"]
+    configured = jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    setting = os.environ.get("JAXAUCTION_CACHE_DIR")
+    if configured:
+        folder = str(configured)
+    elif setting is not None and setting.strip().lower() in ("", "off"):
+        folder = None
+    else:
+        folder = str(Path(setting).expanduser()) if setting else str(default_cache_dir())
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            folder = None  # an unwritable cache folder must not stop a generation
+        if folder is not None:
+            from jax.experimental.compilation_cache import compilation_cache
+
+            jax.config.update("jax_compilation_cache_dir", folder)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+            compilation_cache.reset_cache()  # JAX decides once per process whether to use the cache
+    _CACHE_STATE["dir"] = folder
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,54 +189,48 @@ def auction_step(logits, bids, key, *, rule: Rule, payment: str | None, decoding
 
     Args:
       logits: ``[A, m, V]`` next-token logits of every row: the ``n = num_charged`` agents first,
-        then the base row if ``m = n + 1``.
-      bids: ``[A, m]`` bids (the base row's fixed bid last).
+        then the base row if ``m = n + 1``. An absent (padded) row has every logit ``-inf``.
+      bids: ``[A, m]`` bids (the base row's fixed bid last; 0 for absent rows).
       key: ``[A]`` PRNG keys, one per auction.
       rule: aggregation rule ``(logits [..., m, V], bids [..., m]) -> log q [..., V]``.
-      payment: ``"second_price"``, ``"kl"`` or ``None``.
+      payment: ``"second_price"`` (robust allocation), ``"kl"`` or ``None``.
       decoding: ``"sample"``, ``"greedy"`` or ``"stable"`` (two agents, linear rule, no base row).
       num_charged: ``n``, the number of rows that pay (the base row never pays).
 
     Returns:
-      ``(token [A], payments [A, n])``.
+      ``(token [A], payments [A, n], ok [A])``: ``ok`` is False where ``q`` had a NaN or ``+inf``, no
+      token with positive probability, or a payment was not finite (the caller flags the auction;
+      its token and payments are then meaningless).
     """
     if decoding == "stable":
-        return jax.vmap(sampling.stable_sample_two)(key, logits, bids)
-    has_base = logits.shape[-2] > num_charged
-    auction = TokenAuction(
-        rule=rule,
-        payment=payment,
-        base_logits=logits[..., num_charged, :] if has_base else None,
-        base_bid=bids[..., num_charged] if has_base else 0.0,
-    )
-    outcome = auction(logits[..., :num_charged, :], bids[..., :num_charged])
-    if decoding == "greedy":
-        token = jnp.argmax(outcome.log_q, axis=-1)
+        token, charged = jax.vmap(sampling.stable_sample_two)(key, logits, bids)
+        ok = jnp.all(~jnp.isnan(logits) & (logits < jnp.inf), axis=(-2, -1))
+        return token, charged, ok & jnp.all(jnp.isfinite(charged), axis=-1)
+    log_q = rule(logits, bids)
+    ok = jnp.all(~jnp.isnan(log_q) & (log_q < jnp.inf), axis=-1) & jnp.any(log_q > -jnp.inf, axis=-1)
+    if payment is None:
+        charged = jnp.zeros(bids.shape[:-1] + (num_charged,), logits.dtype)
     else:
-        token = jax.vmap(jax.random.categorical)(key, outcome.log_q)
-    return token, outcome.payments
+        allocation = "robust" if payment == "second_price" else "kl"
+        charged = payments.charged_payments(rule, logits, bids, num_charged=num_charged, allocation=allocation)
+        ok &= jnp.all(jnp.isfinite(charged), axis=-1)
+    if decoding == "greedy":
+        token = jnp.argmax(log_q, axis=-1)
+    else:
+        token = jax.vmap(jax.random.categorical)(key, log_q)
+    return token, charged, ok
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "graphdef",
-        "rule",
-        "payment",
-        "decoding",
-        "num_charged",
-        "max_new_tokens",
-        "pad_id",
-        "eos_ids",
-        "progress",
-    ),
-)
-def _decode(
+_STATIC = ("graphdef", "rule", "payment", "decoding", "num_charged", "max_new_tokens", "pad_id", "eos_ids", "progress")
+
+
+def _decode_loop(
     graphdef,
     state,
     cache,
     logits,
     bids,
+    real,
     keys,
     temperature,
     *,
@@ -163,15 +246,22 @@ def _decode(
     """The compiled auction decode loop; see :func:`generate`.
 
     ``logits: [A * m, V]`` are the next-token logits after the prompts, ``bids: [A, m]``,
-    ``keys: [A]``, ``temperature`` a scalar dividing the agents' logits. A finished auction keeps running through the batched model step (shapes are
-    static) but its tokens are replaced by ``pad_id`` and its payments by 0.
+    ``real: [A, m]`` (False for absent rows, whose logits become ``-inf``), ``keys: [A]``,
+    ``temperature`` a scalar dividing the agents' logits. A finished auction keeps running through the
+    batched model step (shapes are static) but its tokens are replaced by ``pad_id`` and its payments
+    by 0. An auction whose step is not ``ok`` (see :func:`auction_step`) stops there: token ``pad_id``,
+    NaN payments for its real agents at that step, and ``valid`` False.
+
+    Returns ``(tokens [A, T], token_payments [A, T, n], lengths [A], valid [A])``.
     """
     num_auctions, rows_per_auction = bids.shape
     vocab = logits.shape[-1]
     eos = jnp.asarray(eos_ids, jnp.int32)
+    charged_real = real[:, :num_charged]
     tokens = jnp.full((num_auctions, max_new_tokens), pad_id, jnp.int32)
     token_payments = jnp.zeros((num_auctions, max_new_tokens, num_charged), logits.dtype)
     done = jnp.zeros((num_auctions,), bool)
+    valid = jnp.ones((num_auctions,), bool)
     lengths = jnp.zeros((num_auctions,), jnp.int32)
 
     def cond(carry):
@@ -179,66 +269,132 @@ def _decode(
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, cache, logits, tokens, token_payments, done, lengths = carry
+        step, cache, logits, tokens, token_payments, done, valid, lengths = carry
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-        token, charged = auction_step(
-            (logits / temperature).reshape(num_auctions, rows_per_auction, vocab),
-            bids,
-            step_keys,
-            rule=rule,
-            payment=payment,
-            decoding=decoding,
-            num_charged=num_charged,
+        rows = (logits / temperature).reshape(num_auctions, rows_per_auction, vocab)
+        rows = jnp.where(real[..., None], rows, -jnp.inf)
+        token, charged, ok = auction_step(
+            rows, bids, step_keys, rule=rule, payment=payment, decoding=decoding, num_charged=num_charged
         )
-        token = jnp.where(done, pad_id, token.astype(jnp.int32))
-        charged = jnp.where(done[:, None], 0.0, charged).astype(token_payments.dtype)
+        broken = ~done & ~ok
+        token = jnp.where(done | broken, pad_id, token.astype(jnp.int32))
+        charged = jnp.where(
+            broken[:, None] & charged_real, jnp.nan, jnp.where(done[:, None] | broken[:, None], 0, charged)
+        )
         tokens = tokens.at[:, step].set(token)
-        token_payments = token_payments.at[:, step].set(charged)
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | jnp.isin(token, eos)
+        token_payments = token_payments.at[:, step].set(charged.astype(token_payments.dtype))
+        lengths = lengths + (~done & ~broken).astype(jnp.int32)
+        valid = valid & ~broken
+        done = done | broken | jnp.isin(token, eos)
         if progress:
             jax.debug.callback(_report_progress, step)
         model = nnx.merge(graphdef, state)
         logits, cache = model.decode(jnp.repeat(token, rows_per_auction), cache)
-        return step + 1, cache, logits, tokens, token_payments, done, lengths
+        return step + 1, cache, logits, tokens, token_payments, done, valid, lengths
 
-    carry = (jnp.int32(0), cache, logits, tokens, token_payments, done, lengths)
-    _, _, _, tokens, token_payments, done, lengths = jax.lax.while_loop(cond, body, carry)
-    return tokens, token_payments, lengths
+    carry = (jnp.int32(0), cache, logits, tokens, token_payments, done, valid, lengths)
+    _, _, _, tokens, token_payments, _, valid, lengths = jax.lax.while_loop(cond, body, carry)
+    return tokens, token_payments, lengths, valid
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prefill(graphdef, state, input_ids, attention_mask, cache):
+@functools.cache
+def _compiled_decode():
+    """The decode loop jitted with the model's CPU compiler options."""
+    from jaxauction.models import compiler_options
+
+    return jax.jit(_decode_loop, static_argnames=_STATIC, compiler_options=compiler_options() or None)
+
+
+def _prefill_gather(graphdef, state, input_ids, attention_mask, rows, cache):
+    """Prefill the unique sequences ``[U, P]`` into the empty ``cache`` once, then gather rows ``[R]`` of
+    logits and cache. (The empty cache is an argument: created inside ``jit`` it would be a constant that
+    XLA spends a minute folding on a 135M model.)"""
     model = nnx.merge(graphdef, state)
-    return model.prefill(input_ids, attention_mask, cache)
+    logits, cache = model.prefill(input_ids, attention_mask, cache)
+    gathered = cache.replace(
+        k=jnp.take(cache.k, rows, axis=1),
+        v=jnp.take(cache.v, rows, axis=1),
+        valid=jnp.take(cache.valid, rows, axis=0),
+        positions=jnp.take(cache.positions, rows, axis=0),
+    )
+    return jnp.take(logits, rows, axis=0), gathered
+
+
+@functools.cache
+def _compiled_prefill():
+    from jaxauction.models import compiler_options
+
+    return jax.jit(
+        _prefill_gather, static_argnames=("graphdef",), donate_argnums=(5,), compiler_options=compiler_options() or None
+    )
 
 
 # ----------------------------------------------------------------------------------------------
-# The public entry point.
+# Validation of the public arguments.
 
 
-def _resolve_rule(rule) -> Rule:
-    return base.as_rule(rule)
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:80]}{'...' if len(text) > 80 else ''}"
+
+
+def _real_scalar(value, argument: str, expected: str):
+    """A Python/NumPy real number (not bool, not a string, not an array), else ValueError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0 and not isinstance(value, np.bool_):
+            if np.issubdtype(np.asarray(value).dtype, np.number) and np.asarray(value).dtype != bool:
+                return float(value)
+        raise ValueError(f"{argument}: expected {expected}; got {_describe(value)}.")
+    return float(value)
+
+
+def _validate_bid_values(array: np.ndarray, argument: str) -> None:
+    if not np.all(np.isfinite(array)) or np.any(array < 0):
+        raise ValueError(f"{argument}: every bid must be finite and >= 0; got {array.tolist()!r:.200}.")
+    if np.any(array > MAX_BID):
+        raise ValueError(
+            f"{argument}: bids must be at most {MAX_BID:.3g} (jaxauction.generation.MAX_BID); got "
+            f"{float(array.max()):.3g}. Rescale the bids (only their ratios matter to the rule)."
+        )
+
+
+def _numeric_array(values, argument: str, expected: str) -> np.ndarray:
+    """``values`` as a float64 array; strings, booleans, ragged lists and objects are a ValueError."""
+    try:
+        raw = np.asarray(values)
+    except ValueError:
+        raw = None
+    if raw is None or raw.dtype == object or raw.dtype.kind not in "iuf":
+        what = "a ragged list" if raw is None or raw.dtype == object else f"dtype {raw.dtype}"
+        raise ValueError(f"{argument}: expected {expected} of numbers; got {what}: {values!r:.120}.")
+    return raw.astype(np.float64)
 
 
 def _validate_bids(bids, num_agents: int) -> np.ndarray:
-    array = np.asarray(bids, dtype=np.float64)
+    expected = f"shape [n] for one auction or [A, n] for a batch with n = {num_agents} (one bid per prompt)"
+    array = _numeric_array(bids, "bids", expected)
     if array.ndim not in (1, 2) or array.shape[-1] != num_agents:
-        raise ValueError(
-            f"bids: expected shape [n] for one auction or [A, n] for a batch with n = {num_agents} "
-            f"(one bid per prompt); got shape {array.shape}."
-        )
+        raise ValueError(f"bids: expected {expected}; got shape {array.shape}.")
     if array.size == 0:
         raise ValueError(f"bids: got an empty array of shape {array.shape}; pass at least one auction.")
-    if not np.all(np.isfinite(array)) or np.any(array < 0):
-        raise ValueError(f"bids: every bid must be finite and >= 0; got {array.tolist()!r:.200}.")
+    _validate_bid_values(array, "bids")
     return array
 
 
 def _validate_keys(key, num_auctions: int):
     if key is None:
         key = jax.random.key(0)
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if isinstance(key, (str, bytes, bool)) or not (
+        isinstance(key, (jax.Array, np.ndarray)) or isinstance(key, (list, tuple))
+    ):
+        raise ValueError(
+            f"key: expected a PRNG key (jax.random.key(seed)) or [A] keys (jax.random.split(key, A)); got "
+            f"{_describe(key)}."
+        )
+    try:
+        key = key if isinstance(key, jax.Array) else jnp.asarray(key)
+    except (TypeError, ValueError):
+        raise ValueError(f"key: expected a PRNG key (jax.random.key(seed)); got {_describe(key)}.") from None
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         typed = key
     elif key.dtype == jnp.uint32 and key.shape[-1:] == (2,):
@@ -257,9 +413,207 @@ def _validate_keys(key, num_auctions: int):
     return typed
 
 
+def _validate_model(model):
+    if model is None:
+        model = default_model()
+    try:
+        llm, tokenizer = model
+    except (TypeError, ValueError):
+        raise ValueError(
+            "model: expected the (model, tokenizer) pair returned by jaxauction.models.load(...); got "
+            f"{_describe(model)}."
+        ) from None
+    if not all(hasattr(llm, name) for name in ("config", "init_cache", "prefill", "decode")):
+        raise ValueError(
+            "model: the first element must be the language model (a jaxauction.models.Llama) and the second "
+            f"its tokenizer, as jaxauction.models.load(...) returns them; got ({_describe(llm)}, "
+            f"{_describe(tokenizer)})."
+        )
+    if not hasattr(tokenizer, "decode") or not (
+        hasattr(tokenizer, "pad_token_id") or hasattr(tokenizer, "eos_token_id")
+    ):
+        raise ValueError(
+            "model: the second element must be the tokenizer (with decode, pad_token_id, eos_token_id), as "
+            f"jaxauction.models.load(...) returns it; got {_describe(tokenizer)}."
+        )
+    return llm, tokenizer
+
+
+def _validate_mesh(mesh):
+    if mesh is None:
+        return None
+    if not isinstance(mesh, jax.sharding.Mesh) or sharding.AXIS not in mesh.axis_names:
+        raise ValueError(
+            f"mesh: expected None or a jax.sharding.Mesh with an {sharding.AXIS!r} axis, e.g. "
+            f"jaxauction.sharding.auction_mesh() or auction_mesh(jax.devices()[:4]); got {_describe(mesh)}."
+        )
+    return mesh
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_memory_budget(value, *, argument: str = "memory_budget") -> int:
+    """Bytes from an int/float or a string like ``"4GB"``, ``"512 MiB"``, ``"2e9"`` (binary units)."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        number = None
+        if match:
+            number = float(match.group(1)) * _UNITS[(match.group(2) or "").lower()[:1]]
+        else:
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        if number is None or not math.isfinite(number) or number <= 0:
+            raise ValueError(f"{argument}: expected a positive size like 4GB, 512MB or 2e9 (bytes); got {value!r}.")
+        return int(number)
+    number = _real_scalar(value, argument, "a positive number of bytes or a size string like '4GB'")
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{argument}: expected a positive number of bytes; got {value!r}.")
+    return int(number)
+
+
+def _memory_budget(value) -> int:
+    if value is not None:
+        return parse_memory_budget(value)
+    env = os.environ.get("JAXAUCTION_MEMORY_BUDGET")
+    if env:
+        return parse_memory_budget(env, argument="JAXAUCTION_MEMORY_BUDGET")
+    return DEFAULT_MEMORY_BUDGET
+
+
+def _validate_rule_output(rule_fn: base.Rule, rows: int, vocab: int, dtype) -> None:
+    """A user rule must map ``[A, m, V], [A, m]`` to ``[A, V]``: checked on shapes, without running it."""
+    try:
+        out = jax.eval_shape(
+            rule_fn, jax.ShapeDtypeStruct((2, rows, vocab), dtype), jax.ShapeDtypeStruct((2, rows), dtype)
+        )
+    except Exception as error:  # noqa: BLE001 - any failure of a user rule is reported by name
+        raise ValueError(
+            f"rule: calling rule(logits [A, m, V], bids [A, m]) with A = 2, m = {rows}, V = {vocab} failed: "
+            f"{type(error).__name__}: {str(error)[:200]}"
+        ) from None
+    if not hasattr(out, "shape") or tuple(out.shape) != (2, vocab):
+        got = tuple(out.shape) if hasattr(out, "shape") else type(out).__name__
+        raise ValueError(
+            f"rule: expected rule(logits [A, m, V], bids [A, m]) to return log q of shape [A, V] = (2, {vocab}) "
+            f"for A = 2, m = {rows}; got {got}. A rule aggregates over the agent axis (-2)."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch layout, memory plan and shape buckets.
+
+
+def _bucket(size: int) -> int:
+    """``size`` rounded up to 8 values per octave above 16 (at most 12.5% padding): 17 -> 18, 100 -> 104."""
+    if size <= 16:
+        return size
+    step = 1 << (size.bit_length() - 4)
+    return -(-size // step) * step
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """One auction as token ids: ``agents`` (n tuples), ``bids [n]``, ``base`` (tuple or None)."""
+
+    agents: tuple[tuple[int, ...], ...]
+    bids: np.ndarray
+    base: tuple[int, ...] | None
+    base_bid: float
+
+
+def _auction_bytes(llm, rows: int, cache_length: int, num_charged: int, max_new_tokens: int) -> int:
+    """Estimated peak working memory of one auction in the decode loop (bytes).
+
+    KV cache ``2 L S K hd`` per row (model dtype); logits and the rule/payment intermediates about
+    ``(8 + 2 n) V`` floats per row (``log p``, ``q``, the closed form's ``[n, m, V]`` leave-one-out
+    weights); the hidden/MLP activations of one row; and the outputs ``T (n + 1)``.
+    """
+    config = llm.config
+    itemsize = jnp.dtype(llm.dtype).itemsize
+    kv = 2 * config.num_layers * cache_length * config.num_kv_heads * config.head_dim * itemsize
+    vocab = config.vocab_size * 4 * (8 + 2 * num_charged)
+    hidden = 4 * (8 * config.hidden_size + 3 * config.intermediate_size + config.num_heads * cache_length)
+    return rows * (kv + vocab + hidden) + 4 * max_new_tokens * (num_charged + 2)
+
+
+def plan_chunks(num_auctions: int, auction_bytes: int, budget: int, devices: int = 1) -> tuple[int, int]:
+    """``(chunk_size, num_chunks)``: equal chunks of at most ``budget // auction_bytes`` auctions.
+
+    The chunk size is bucketed (:func:`_bucket`) and a multiple of ``devices``; the last chunk is
+    padded with copies of the last auction (sliced off), so every chunk runs the same program.
+    """
+    fit = max(1, budget // max(auction_bytes, 1))
+    fit = max(devices, fit // devices * devices)
+    num_chunks = -(-num_auctions // fit)
+    size = _bucket(-(-num_auctions // num_chunks))
+    size = -(-size // devices) * devices
+    if size > fit:  # bucketing overshot the budget: one more chunk
+        num_chunks += 1
+        size = -(-_bucket(-(-num_auctions // num_chunks)) // devices) * devices
+    return size, -(-num_auctions // size)
+
+
+def _chunk_layout(specs: list[_Spec], n_max: int, has_base: bool):
+    """Unique sequences, row -> unique index ``[C, m]``, row is real ``[C, m]``, bids ``[C, m]``."""
+    rows = n_max + int(has_base)
+    index: dict[tuple[int, ...], int] = {}
+    source = np.zeros((len(specs), rows), np.int32)
+    real = np.zeros((len(specs), rows), bool)
+    bids = np.zeros((len(specs), rows), np.float64)
+    for a, spec in enumerate(specs):
+        sequences = list(spec.agents) + ([spec.base] if spec.base is not None else [])
+        slots = list(range(len(spec.agents))) + ([n_max] if spec.base is not None else [])
+        for slot, seq in zip(slots, sequences):
+            source[a, slot] = index.setdefault(seq, len(index))
+            real[a, slot] = True
+        source[a, ~real[a]] = source[a, 0]  # absent rows decode a copy of agent 0 (masked to -inf)
+        bids[a, : len(spec.agents)] = spec.bids
+        if spec.base is not None:
+            bids[a, n_max] = spec.base_bid
+    return list(index), source, real, bids
+
+
+# ----------------------------------------------------------------------------------------------
+# The public entry point.
+
+
+def _auction_specs(auctions, tokenizer) -> list[_Spec]:
+    specs = []
+    for a, auction in enumerate(auctions):
+        name = f"auctions[{a}]"
+        if not isinstance(auction, Auction):
+            raise ValueError(f"auctions: expected a list of jaxauction.Auction; {name} is {_describe(auction)}.")
+        prompts = auction.prompts
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError(
+                f"{name}.prompts: expected a non-empty list with one prompt per agent; got {_describe(prompts)}."
+            )
+        expected = f"shape [n] with n = {len(prompts)} (one bid per prompt)"
+        bids = _numeric_array(auction.bids, f"{name}.bids", expected)
+        if bids.shape != (len(prompts),):
+            raise ValueError(f"{name}.bids: expected {expected}; got shape {bids.shape}.")
+        _validate_bid_values(bids, f"{name}.bids")
+        base_bid = _real_scalar(auction.base_bid, f"{name}.base_bid", "a number >= 0")
+        if not (math.isfinite(base_bid) and 0 <= base_bid <= MAX_BID):
+            raise ValueError(f"{name}.base_bid: expected a finite number in [0, {MAX_BID:.3g}]; got {base_bid!r}.")
+        agents = tuple(
+            tuple(prompts_lib.encode_prompt(tokenizer, p, argument=f"{name}.prompts[{i}]"))
+            for i, p in enumerate(prompts)
+        )
+        base_ids = None
+        if auction.base_prompt is not None:
+            base_ids = tuple(prompts_lib.encode_prompt(tokenizer, auction.base_prompt, argument=f"{name}.base_prompt"))
+        specs.append(_Spec(agents, bids, base_ids, base_bid))
+    return specs
+
+
 def generate(
     prompts,
-    bids,
+    bids=None,
     *,
     rule="linear",
     payment="second_price",
@@ -272,14 +626,28 @@ def generate(
     temperature: float = 1.0,
     progress: bool = False,
     mesh=None,
+    memory_budget=None,
 ) -> GenerationResult:
-    """Runs ``A`` token auctions among ``n`` LLM agents and returns the texts and payments.
+    """Runs ``A`` token auctions among LLM agents and returns the texts and payments.
+
+    Two forms:
+
+    * ``generate(auctions)`` with a list of :class:`Auction` (or one): each auction has its own
+      prompts (any number of agents), bids, base prompt and base bid. Results are padded to the
+      batch's largest agent count ``n_max`` (0 for padded agents) with ``result.num_agents [A]``.
+    * ``generate(prompts, bids)``: one prompt set and ``bids [n]`` (one auction) or ``[A, n]`` (e.g. a
+      bid sweep); ``base_prompt``/``base_bid`` apply to every auction.
+
+    Each auction gives what it gives alone with the same key (tokens identical under greedy decoding,
+    payments equal to float rounding): padded agents have zero bid and no allowed token.
 
     Args:
-      prompts: the ``n`` agents' prompts: each a string (the tokenizer's chat template is applied), a
-        list of chat messages, or a list of token ids (used exactly as given).
-      bids: ``[n]`` for one auction or ``[A, n]`` for a batch (e.g. a bid sweep); non-negative.
-      rule: ``"linear"``, ``"log_linear"`` or a rule ``(logits [..., m, V], bids [..., m]) -> log q``.
+      prompts: the list of :class:`Auction`, or the ``n`` agents' prompts: each a string (the
+        tokenizer's chat template is applied), a list of ``{"role", "content"}`` chat messages, or a
+        list of token ids (used exactly as given).
+      bids: ``[n]`` or ``[A, n]`` non-negative bids (at most :data:`MAX_BID`); None with auctions.
+      rule: ``"linear"``, ``"log_linear"``, a :class:`jaxauction.base.Rule` or a function
+        ``(logits [..., m, V], bids [..., m]) -> log q [..., V]``.
       payment: ``"second_price"`` (robust allocation, SPEC §4), ``"kl"`` (Myerson payments for KL
         valuations, SPEC §5) or ``None``.
       decoding: ``"sample"`` (draw from ``q`` exactly: no temperature or truncation, which would change
@@ -290,88 +658,231 @@ def generate(
       max_new_tokens: length limit; an auction also stops at EOS (which it pays for).
       model: ``(model, tokenizer)`` from :func:`jaxauction.models.load`; ``None`` uses the bundled
         SmolLM2-135M-Instruct, loaded once per process.
-      base_prompt: optional platform prompt that takes part with ``base_bid`` and is never charged.
+      base_prompt: (prompt-list form) optional platform prompt that takes part with ``base_bid`` and
+        is never charged.
       base_bid: the base prompt's fixed bid (>= 0).
-      temperature: the agents' sampling temperature: every agent's logits are divided by it before
-        aggregation, i.e. each agent reports the distribution its LLM samples from at that
-        temperature; the rule, the payments and the draw from ``q`` are then applied unchanged, so the
-        mechanism's properties hold for the tempered distributions. Default 1 (the raw LLM).
-      progress: show a progress bar over the generated tokens.
+      temperature: the agents' sampling temperature: every row's logits are divided by it before
+        aggregation (each agent reports the distribution its LLM samples from at that temperature);
+        the rule, the payments and the draw from ``q`` are applied unchanged. Default 1.
+      progress: show one progress bar over the generated tokens of the whole batch (all chunks).
       mesh: optional ``jax.sharding.Mesh`` from :func:`jaxauction.sharding.auction_mesh`: the auctions
         are split over its devices (the batch is padded to a multiple of the device count and the
         padding sliced off) and the model is replicated; the result equals the unsharded one.
+      memory_budget: bytes (or a string like ``"4GB"``) of working memory per chunk, model weights
+        excluded; default ``JAXAUCTION_MEMORY_BUDGET`` or 4 GiB (:data:`DEFAULT_MEMORY_BUDGET`). A
+        larger batch runs in equal chunks (same results, one compiled program).
 
     Returns:
-      A :class:`GenerationResult`.
+      A :class:`GenerationResult`. Inside the compiled loop, an auction whose ``q`` or payment becomes
+      non-finite stops at that step and is flagged ``valid = False`` with NaN payments; it is never
+      reported as a normal ad.
+
+    Raises:
+      ValueError naming the argument, the expected type or shape and what was given.
     """
-    if model is None:
-        model = default_model()
-    try:
-        llm, tokenizer = model
-    except (TypeError, ValueError):
-        raise ValueError(
-            "model: expected the (model, tokenizer) pair returned by jaxauction.models.load(...)"
-        ) from None
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError(f"prompts: expected a non-empty list with one prompt per agent; got {prompts!r:.80}.")
-    rule_fn = _resolve_rule(rule)
+    llm, tokenizer = _validate_model(model)
+    rule_fn = base.as_rule(rule)
     if payment not in PAYMENTS:
         raise ValueError(f"payment: expected one of {PAYMENTS}; got {payment!r}.")
     if decoding not in DECODINGS:
         raise ValueError(f"decoding: expected one of {DECODINGS}; got {decoding!r}.")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if payment == "kl" and rule_fn.valuation is None:
+        raise ValueError(
+            f"payment: 'kl' needs the rule's valuation; rule {rule_fn.name!r} has none. Use a built-in rule, a "
+            "jaxauction.base.Rule with a valuation, or payment='second_price'."
+        )
+    if isinstance(max_new_tokens, (bool, np.bool_)) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise ValueError(f"max_new_tokens: expected a positive integer; got {_describe(max_new_tokens)}.")
+    if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive integer; got {max_new_tokens!r}.")
     max_new_tokens = int(max_new_tokens)
-    num_agents = len(prompts)
-    bid_array = _validate_bids(bids, num_agents)
-    single = bid_array.ndim == 1
-    bid_array = np.atleast_2d(bid_array)
-    num_auctions = bid_array.shape[0]
-    if not (np.isfinite(temperature) and temperature > 0):
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    temperature = _real_scalar(temperature, "temperature", "a finite number > 0")
+    if not (math.isfinite(temperature) and temperature > 0 and np.isfinite(np.float64(1.0) / temperature)):
         raise ValueError(f"temperature: expected a finite number > 0; got {temperature!r}.")
-    if not np.isfinite(base_bid) or base_bid < 0:
-        raise ValueError(f"base_bid: expected a finite number >= 0; got {base_bid!r}.")
-    if decoding == "stable" and (num_agents != 2 or base_prompt is not None or base.as_rule(rule_fn).name != "linear"):
+    with np.errstate(over="ignore", divide="ignore"):
+        reciprocal = np.asarray(1.0, dtype) / np.asarray(temperature, dtype)
+    if not np.isfinite(reciprocal):
         raise ValueError(
-            "decoding='stable' is SPEC §4's sampler for exactly two agents under the linear "
-            f"rule without a base prompt; got n = {num_agents}, rule = {rule!r}, "
-            f"base_prompt = {'set' if base_prompt is not None else 'None'}."
+            f"temperature: 1 / temperature overflows {jnp.dtype(dtype).name} for temperature = {temperature!r}; "
+            f"use a temperature of at least {float(1 / np.finfo(dtype).max):.3g} (or greedy decoding)."
         )
+    mesh = _validate_mesh(mesh)
+    budget = _memory_budget(memory_budget)
+    if not isinstance(progress, (bool, np.bool_)):
+        raise ValueError(f"progress: expected True or False; got {_describe(progress)}.")
 
-    sequences = [prompts_lib.encode_prompt(tokenizer, p, argument=f"prompts[{i}]") for i, p in enumerate(prompts)]
-    all_bids = bid_array
-    if base_prompt is not None:
-        sequences.append(prompts_lib.encode_prompt(tokenizer, base_prompt, argument="base_prompt"))
-        all_bids = np.concatenate([bid_array, np.full((num_auctions, 1), base_bid)], axis=1)
-    rows_per_auction = len(sequences)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids, attention_mask = prompts_lib.left_pad(sequences, pad_id)
-    max_length = input_ids.shape[1] + max_new_tokens
+    heterogeneous = isinstance(prompts, Auction) or (
+        isinstance(prompts, Sequence) and len(prompts) > 0 and all(isinstance(x, Auction) for x in prompts)
+    )
+    if heterogeneous:
+        single = isinstance(prompts, Auction)
+        auctions = [prompts] if single else list(prompts)
+        if bids is not None or base_prompt is not None:
+            raise ValueError(
+                "bids/base_prompt: with a list of jaxauction.Auction each auction carries its own bids and base "
+                "prompt; pass bids=None and base_prompt=None."
+            )
+        specs = _auction_specs(auctions, tokenizer)
+    else:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError(
+                "prompts: expected a non-empty list with one prompt per agent, or a list of jaxauction.Auction; "
+                f"got {_describe(prompts)}."
+            )
+        if bids is None:
+            raise ValueError("bids: expected [n] or [A, n] bids for the prompts; got None.")
+        bid_array = _validate_bids(bids, len(prompts))
+        single = bid_array.ndim == 1
+        bid_array = np.atleast_2d(bid_array)
+        base_bid = _real_scalar(base_bid, "base_bid", "a number >= 0")
+        if not (math.isfinite(base_bid) and 0 <= base_bid <= MAX_BID):
+            raise ValueError(f"base_bid: expected a finite number in [0, {MAX_BID:.3g}]; got {base_bid!r}.")
+        agents = tuple(
+            tuple(prompts_lib.encode_prompt(tokenizer, p, argument=f"prompts[{i}]")) for i, p in enumerate(prompts)
+        )
+        base_ids = None
+        if base_prompt is not None:
+            base_ids = tuple(prompts_lib.encode_prompt(tokenizer, base_prompt, argument="base_prompt"))
+        specs = [_Spec(agents, row, base_ids, base_bid) for row in bid_array]
+
+    num_auctions = len(specs)
+    counts = np.array([len(s.agents) for s in specs])
+    n_max = int(counts.max())
+    has_base = any(s.base is not None for s in specs)
+    rows_per_auction = n_max + int(has_base)
+    if decoding == "stable" and (n_max != 2 or counts.min() != 2 or has_base or rule_fn.name != "linear"):
+        raise ValueError(
+            "decoding='stable' is SPEC §4's sampler for exactly two agents under the linear rule without a base "
+            f"prompt; got n = {sorted(set(counts.tolist()))}, rule = {rule_fn.name!r}, base prompt "
+            f"{'set' if has_base else 'None'}."
+        )
+    vocab = llm.config.vocab_size
+    if all(rule_fn is not base.as_rule(name) for name in base.rule_names()):
+        _validate_rule_output(rule_fn, rows_per_auction, vocab, dtype)
+
+    # Prompt width: the longest prompt of the batch, bucketed; the cache holds it plus the new tokens.
     context = llm.config.max_position_embeddings
-    longest = int(attention_mask.sum(axis=1).max())
+    longest = max(len(seq) for s in specs for seq in (*s.agents, *([s.base] if s.base else [])))
     if longest + max_new_tokens > context:
         raise ValueError(
             f"prompts: the longest prompt has {longest} tokens; with max_new_tokens = "
             f"{max_new_tokens} that is {longest + max_new_tokens} > the model's context of {context}. Shorten the "
             "prompts or lower max_new_tokens."
         )
-    if max_length > context:
-        input_ids, attention_mask = input_ids[:, max_length - context :], attention_mask[:, max_length - context :]
-        max_length = context
+    width = -(-longest // prompts_lib.PROMPT_BUCKET) * prompts_lib.PROMPT_BUCKET
+    width = min(width, context - max_new_tokens)
+    max_length = width + max_new_tokens
     keys = _validate_keys(key, num_auctions)
     eos_ids = prompts_lib.eos_ids(llm, tokenizer)
+    pad_id = prompts_lib.pad_id(tokenizer)
+
+    devices = 1 if mesh is None else mesh.size
+    per_auction = _auction_bytes(llm, rows_per_auction, max_length, n_max, max_new_tokens)
+    chunk, num_chunks = plan_chunks(num_auctions, per_auction, budget, devices)
+    enable_compilation_cache()
 
     graphdef, state = nnx.split(llm)
-    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-    cache = llm.init_cache(rows_per_auction, max_length)
-    prompt_logits, cache = _prefill(graphdef, state, jnp.asarray(input_ids), jnp.asarray(attention_mask), cache)
-    padded = sharding.padded_size(num_auctions, mesh)
-    batch_bids = sharding.pad_batch(jnp.asarray(all_bids, dtype), padded)
-    keys = sharding.pad_batch(keys, padded)
-    cache = _repeat_cache(cache, padded)
-    logits = jnp.tile(prompt_logits, (padded, 1))
     if mesh is not None:
         state = sharding.replicate(state, mesh)
+    padded_specs = specs + [specs[-1]] * (chunk * num_chunks - num_auctions)
+    padded_keys = sharding.pad_batch(keys, chunk * num_chunks)
+    bar = _open_progress_bar(max_new_tokens * num_chunks) if progress else None
+    outputs = []
+    try:
+        for c in range(num_chunks):
+            if bar is not None:
+                bar.offset = c * max_new_tokens
+            outputs.append(
+                _run_chunk(
+                    graphdef,
+                    state,
+                    padded_specs[c * chunk : (c + 1) * chunk],
+                    padded_keys[c * chunk : (c + 1) * chunk],
+                    n_max=n_max,
+                    has_base=has_base,
+                    width=width,
+                    max_length=max_length,
+                    pad_id=pad_id,
+                    eos_ids=eos_ids,
+                    mesh=mesh,
+                    dtype=dtype,
+                    temperature=temperature,
+                    rule=rule_fn,
+                    payment=payment,
+                    decoding=decoding,
+                    max_new_tokens=max_new_tokens,
+                    progress=bool(progress),
+                )
+            )
+            if bar is not None:
+                bar.n = (c + 1) * max_new_tokens
+                bar.refresh()
+    finally:
+        _close_progress_bar(bar)
+    tokens, token_payments, lengths, valid = (np.concatenate([o[i] for o in outputs])[:num_auctions] for i in range(4))
+    texts = [tokenizer.decode(row[:length], skip_special_tokens=True).strip() for row, length in zip(tokens, lengths)]
+    all_bids = np.zeros((num_auctions, n_max))
+    for a, s in enumerate(specs):
+        all_bids[a, : len(s.agents)] = s.bids
+    result = GenerationResult(
+        tokens=tokens,
+        lengths=lengths,
+        texts=texts,
+        payments=token_payments.sum(axis=1),
+        token_payments=token_payments,
+        bids=all_bids,
+        num_agents=counts,
+        valid=valid,
+    )
+    if single:
+        result = dataclasses.replace(
+            result,
+            **{f: getattr(result, f)[0] for f in ("tokens", "lengths", "payments", "token_payments", "bids")},
+            num_agents=result.num_agents[0],
+            valid=result.valid[0],
+        )
+    return result
+
+
+def _run_chunk(
+    graphdef,
+    state,
+    specs,
+    keys,
+    *,
+    n_max,
+    has_base,
+    width,
+    max_length,
+    pad_id,
+    eos_ids,
+    mesh,
+    dtype,
+    temperature,
+    rule,
+    payment,
+    decoding,
+    max_new_tokens,
+    progress,
+):
+    """Prefill the chunk's unique sequences once, gather every row's cache, run the decode loop."""
+    unique, source, real, bids = _chunk_layout(specs, n_max, has_base)
+    unique = unique + [unique[-1]] * (_bucket(len(unique)) - len(unique))
+    input_ids, attention_mask = prompts_lib.left_pad(unique, pad_id, bucket=1)
+    pad = width - input_ids.shape[1]
+    input_ids = np.pad(input_ids, ((0, 0), (pad, 0)), constant_values=pad_id)
+    attention_mask = np.pad(attention_mask, ((0, 0), (pad, 0)))
+    logits, cache = _compiled_prefill()(
+        graphdef,
+        state,
+        jnp.asarray(input_ids),
+        jnp.asarray(attention_mask),
+        jnp.asarray(source.reshape(-1)),
+        nnx.merge(graphdef, state).init_cache(len(unique), max_length),
+    )
+    batch_bids, batch_real = jnp.asarray(bids, dtype), jnp.asarray(real)
+    if mesh is not None:
         cache = cache.replace(
             k=sharding.shard_batch(cache.k, mesh, 1),
             v=sharding.shard_batch(cache.v, mesh, 1),
@@ -379,50 +890,28 @@ def generate(
             positions=sharding.shard_batch(cache.positions, mesh),
             index=sharding.replicate(cache.index, mesh),
         )
-        logits, batch_bids, keys = (sharding.shard_batch(x, mesh) for x in (logits, batch_bids, keys))
-
-    bar = _open_progress_bar(max_new_tokens) if progress else None
-    try:
-        tokens, token_payments, lengths = _decode(
-            graphdef,
-            state,
-            cache,
-            logits,
-            batch_bids,
-            keys,
-            jnp.asarray(temperature, dtype),
-            rule=rule_fn,
-            payment=payment,
-            decoding=decoding,
-            num_charged=num_agents,
-            max_new_tokens=max_new_tokens,
-            pad_id=int(pad_id),
-            eos_ids=eos_ids,
-            progress=bool(progress),
+        logits, batch_bids, batch_real, keys = (
+            sharding.shard_batch(x, mesh) for x in (logits, batch_bids, batch_real, keys)
         )
-        tokens, token_payments, lengths = jax.device_get((tokens, token_payments, lengths))
-    finally:
-        _close_progress_bar(bar)
-    tokens, token_payments, lengths = (np.asarray(x)[:num_auctions] for x in (tokens, token_payments, lengths))
-    texts = [tokenizer.decode(row[:length], skip_special_tokens=True).strip() for row, length in zip(tokens, lengths)]
-    result = GenerationResult(
-        tokens=np.asarray(tokens),
-        lengths=np.asarray(lengths),
-        texts=texts,
-        payments=np.asarray(token_payments).sum(axis=1),
-        token_payments=np.asarray(token_payments),
-        bids=bid_array,
+    out = _compiled_decode()(
+        graphdef,
+        state,
+        cache,
+        logits,
+        batch_bids,
+        batch_real,
+        keys,
+        jnp.asarray(temperature, dtype),
+        rule=rule,
+        payment=payment,
+        decoding=decoding,
+        num_charged=n_max,
+        max_new_tokens=max_new_tokens,
+        pad_id=int(pad_id),
+        eos_ids=eos_ids,
+        progress=progress,
     )
-    if single:
-        result = dataclasses.replace(
-            result,
-            tokens=result.tokens[0],
-            lengths=result.lengths[0],
-            payments=result.payments[0],
-            token_payments=result.token_payments[0],
-            bids=result.bids[0],
-        )
-    return result
+    return [np.asarray(x) for x in jax.device_get(out)]
 
 
 _ACTIVE_BARS: list = []
@@ -432,6 +921,7 @@ def _open_progress_bar(total: int):
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc="tokens", unit="tok", leave=False)
+    bar.offset = 0
     _ACTIVE_BARS.append(bar)
     return bar
 
@@ -446,5 +936,5 @@ def _report_progress(step) -> None:
     """Host callback from the compiled loop (module level, so it never triggers a recompile)."""
     if _ACTIVE_BARS:
         bar = _ACTIVE_BARS[-1]
-        bar.n = int(step) + 1
+        bar.n = bar.offset + int(step) + 1
         bar.refresh()

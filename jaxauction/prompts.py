@@ -25,6 +25,12 @@ def encode_prompt(tokenizer, prompt, *, argument: str = "prompts") -> list[int]:
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         messages = list(prompt)
+        for j, message in enumerate(messages):
+            if not (isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+                raise ValueError(
+                    f"{argument}[{j}]: a chat message must be a dict with string 'role' and 'content' keys, e.g. "
+                    f"{{'role': 'user', 'content': 'Hi'}}; got {message!r:.80}."
+                )
     elif (
         isinstance(prompt, (list, tuple, np.ndarray))
         and len(prompt) > 0

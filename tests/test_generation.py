@@ -5,6 +5,12 @@ every step, in Python, and charges the closed-form linear payments: it shares ne
 the batching, the masking nor the autodiff payment path with `jaxauction.generate`.
 """
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +18,7 @@ import pytest
 from flax import nnx
 
 from jaxauction import aggregation, payments
-from jaxauction.generation import generate
+from jaxauction.generation import Auction, generate, parse_memory_budget, plan_chunks
 from jaxauction.models import Llama, LlamaConfig, jit_forward
 
 VOCAB, EOS, PAD = 16, 1, 0
@@ -195,3 +201,243 @@ def test_bad_input_is_named(tiny, kwargs, match):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=match):
         generate(arguments.pop("prompts"), arguments.pop("bids"), **arguments)
+
+
+# ---------------------------------------------------------------------------------------------- mixed batches
+
+MIXED = [
+    Auction([[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14]], [1.0, 0.5, 2.0]),
+    Auction([[5, 6], [7, 8, 9, 10, 11, 12]], [0.3, 1.2], base_prompt=[2, 2, 3], base_bid=0.7),
+    Auction([[13, 12, 11]], [2.0]),
+    Auction([[4, 4, 4, 4], [9, 8]], [0.0, 0.0]),
+    Auction([[3, 4, 5, 6, 7], [8, 9, 10]], [0.2, 3.0], base_prompt=[2, 2, 3], base_bid=0.1),
+]
+
+
+def test_mixed_batch_each_auction_equals_alone_and_the_reference(tiny):
+    model, _ = tiny
+    batch = generate(MIXED, decoding="greedy", max_new_tokens=8, model=tiny)
+    assert batch.tokens.shape == (5, 8) and batch.payments.shape == (5, 3) and batch.token_payments.shape == (5, 8, 3)
+    np.testing.assert_array_equal(batch.num_agents, [3, 2, 1, 2, 2])
+    np.testing.assert_array_equal(batch.bids[1], [0.3, 1.2, 0.0])
+    assert batch.valid.all()
+    for a, auction in enumerate(MIXED):
+        n = len(auction.prompts)
+        alone = generate(auction, decoding="greedy", max_new_tokens=8, model=tiny)
+        assert alone.payments.shape == (n,) and alone.num_agents == n and alone.valid
+        np.testing.assert_array_equal(alone.tokens, batch.tokens[a])
+        assert alone.lengths == batch.lengths[a] and alone.text == batch.texts[a]
+        np.testing.assert_allclose(alone.token_payments, batch.token_payments[a, :, :n], rtol=1e-5, atol=1e-7)
+        assert np.all(batch.token_payments[a, :, n:] == 0)  # padded agents are never charged
+        tokens, charged = reference_auction(
+            model, auction.prompts, auction.bids, max_new_tokens=8, base=auction.base_prompt, base_bid=auction.base_bid
+        )
+        length = int(batch.lengths[a])
+        np.testing.assert_array_equal(batch.tokens[a, :length], tokens)
+        np.testing.assert_allclose(batch.token_payments[a, :length, :n], charged, rtol=2e-3, atol=1e-6)
+
+
+def test_mixed_batch_sampled_with_per_auction_keys(tiny):
+    keys = jax.random.split(jax.random.key(11), len(MIXED))
+    batch = generate(MIXED, key=keys, max_new_tokens=6, model=tiny, payment="kl", rule="log_linear")
+    for a in (0, 2, 4):
+        alone = generate(MIXED[a], key=keys[a][None], max_new_tokens=6, model=tiny, payment="kl", rule="log_linear")
+        np.testing.assert_array_equal(alone.tokens, batch.tokens[a])
+        n = len(MIXED[a].prompts)
+        np.testing.assert_allclose(alone.payments, batch.payments[a, :n], rtol=1e-4, atol=1e-6)
+
+
+def test_prompt_form_equals_auction_form(tiny):
+    bids = np.array([[1.0, 0.5, 2.0], [0.2, 3.0, 0.1]])
+    swept = generate(PROMPTS, bids, decoding="greedy", max_new_tokens=6, model=tiny, base_prompt=[2, 3], base_bid=0.4)
+    auctions = [Auction(PROMPTS, row, base_prompt=[2, 3], base_bid=0.4) for row in bids]
+    listed = generate(auctions, decoding="greedy", max_new_tokens=6, model=tiny)
+    np.testing.assert_array_equal(swept.tokens, listed.tokens)
+    np.testing.assert_allclose(swept.token_payments, listed.token_payments, rtol=1e-6, atol=1e-8)
+    np.testing.assert_array_equal(swept.num_agents, [3, 3])
+
+
+# ---------------------------------------------------------------------------------------------- broken auctions
+
+
+def nan_for_marked_auctions(logits, bids):
+    """The linear rule, except NaN for every auction whose first bid is exactly 7 (a broken rule)."""
+    log_q = aggregation.linear(logits, bids)
+    return jnp.where((bids[..., :1] == 7.0), jnp.nan, log_q)
+
+
+def test_a_nan_distribution_is_flagged_not_reported_as_token_zero(tiny):
+    bids = np.array([[1.0, 0.5, 2.0], [7.0, 1.0, 1.0], [0.2, 3.0, 0.0]])
+    result = generate(PROMPTS, bids, rule=nan_for_marked_auctions, decoding="greedy", max_new_tokens=6, model=tiny)
+    np.testing.assert_array_equal(result.valid, [True, False, True])
+    assert np.all(np.isnan(result.payments[1])) and result.lengths[1] == 0 and result.texts[1] == ""
+    assert np.all(result.tokens[1] == PAD)
+    healthy = generate(PROMPTS, bids[[0, 2]], decoding="greedy", max_new_tokens=6, model=tiny)
+    np.testing.assert_array_equal(result.tokens[[0, 2]], healthy.tokens)
+    np.testing.assert_allclose(result.payments[[0, 2]], healthy.payments, rtol=2e-3, atol=1e-6)
+
+
+def test_nan_weights_flag_every_auction(tiny):
+    model, tokenizer = tiny
+    graphdef, state = nnx.split(model)
+    broken = nnx.merge(graphdef, jax.tree.map(lambda x: x * jnp.nan if x.ndim == 2 else x, state))
+    result = generate(PROMPTS, [[1.0, 1.0, 1.0], [2.0, 0.0, 1.0]], max_new_tokens=4, model=(broken, tokenizer))
+    assert not result.valid.any() and np.all(np.isnan(result.payments))
+    assert np.all(result.lengths == 0)
+
+
+# ---------------------------------------------------------------------------------------------- memory budget
+
+
+def test_chunked_batch_equals_one_chunk(tiny):
+    rng = np.random.default_rng(4)
+    bids = rng.exponential(size=(21, 3))
+    whole = generate(PROMPTS, bids, decoding="greedy", max_new_tokens=5, model=tiny)
+    chunked = generate(PROMPTS, bids, decoding="greedy", max_new_tokens=5, model=tiny, memory_budget="300KB")
+    np.testing.assert_array_equal(chunked.tokens, whole.tokens)
+    np.testing.assert_allclose(chunked.token_payments, whole.token_payments, rtol=1e-5, atol=1e-8)
+    mixed = generate(MIXED * 3, decoding="greedy", max_new_tokens=5, model=tiny, memory_budget=120_000)
+    alone = generate(MIXED * 3, decoding="greedy", max_new_tokens=5, model=tiny)
+    np.testing.assert_array_equal(mixed.tokens, alone.tokens)
+    np.testing.assert_allclose(mixed.payments, alone.payments, rtol=1e-5, atol=1e-8)
+
+
+def test_plan_chunks_respects_the_budget():
+    for num, each, budget, devices in [(20_000, 10**6, 4 * 1024**3, 1), (21, 50_000, 300_000, 1), (7, 1, 10**9, 4)]:
+        size, chunks = plan_chunks(num, each, budget, devices)
+        assert size * chunks >= num and size * (chunks - 1) < num
+        assert size % devices == 0
+        assert size * each <= max(budget, devices * each)
+    assert plan_chunks(20_000, 10**6, 4 * 1024**3) == (4096, 5)  # 4294 fit: 5 chunks of 4000 -> bucket 4096
+
+
+def test_memory_budget_strings_and_environment(tiny, monkeypatch):
+    assert parse_memory_budget("4GB") == 4 * 1024**3 and parse_memory_budget("512 MiB") == 512 * 1024**2
+    assert parse_memory_budget(2e9) == 2 * 10**9
+    for bad in ("lots", "-1GB", 0, True):
+        with pytest.raises(ValueError, match="memory_budget"):
+            parse_memory_budget(bad)
+    monkeypatch.setenv("JAXAUCTION_MEMORY_BUDGET", "plenty")
+    with pytest.raises(ValueError, match="JAXAUCTION_MEMORY_BUDGET: expected a positive size"):
+        generate(PROMPTS, [1.0, 1.0, 1.0], max_new_tokens=1, model=tiny)
+
+
+def test_a_20000_point_sweep_of_two_tokens_runs_in_chunks(tiny):
+    bids = np.stack([np.linspace(0.0, 1.0, 20_000), np.linspace(1.0, 0.0, 20_000), np.full(20_000, 0.5)], axis=1)
+    result = generate(PROMPTS, bids, decoding="greedy", max_new_tokens=2, model=tiny, memory_budget="8MB")
+    assert result.tokens.shape == (20_000, 2) and result.valid.all()
+    for a in (0, 9_999, 19_999):
+        alone = generate(PROMPTS, bids[a], decoding="greedy", max_new_tokens=2, model=tiny)
+        np.testing.assert_array_equal(alone.tokens, result.tokens[a])
+        np.testing.assert_allclose(alone.payments, result.payments[a], rtol=1e-5, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def wrong_shape_rule(logits, bids):
+    return logits[..., 0, :3]  # [A, 3] instead of [A, V]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mesh="cpu"), r"mesh: expected None or a jax.sharding.Mesh.*got str 'cpu'"),
+        (dict(mesh=5), r"mesh: expected None or a jax.sharding.Mesh.*got int 5"),
+        (dict(mesh=jax.devices()), r"mesh: expected None or a jax.sharding.Mesh.*got list"),
+        (dict(bids=["1", "2", "3"]), r"bids: expected shape \[n\].*of numbers; got dtype <U1"),
+        (dict(bids=[[1.0, 1.0, 1.0], [1.0, 1.0]]), r"bids: expected .* of numbers; got a ragged list"),
+        (dict(bids=[1e33, 1.0, 1.0]), r"bids: bids must be at most 3.4e\+32"),
+        (dict(max_new_tokens=True), r"max_new_tokens: expected a positive integer; got bool True"),
+        (dict(max_new_tokens=2.0), r"max_new_tokens: expected a positive integer; got float 2.0"),
+        (dict(key="abc"), r"key: expected a PRNG key .*got str 'abc'"),
+        (dict(temperature=None), r"temperature: expected a finite number > 0; got NoneType None"),
+        (dict(temperature="1"), r"temperature: expected a finite number > 0; got str '1'"),
+        (dict(temperature=1e-40), r"temperature: 1 / temperature overflows float32"),
+        (dict(base_bid="x", base_prompt=[2]), r"base_bid: expected a number >= 0; got str 'x'"),
+        (dict(base_bid=np.array([1.0, 2.0]), base_prompt=[2]), r"base_bid: expected a number >= 0; got ndarray"),
+        (dict(rule=wrong_shape_rule), r"rule: expected rule\(logits \[A, m, V\], bids \[A, m\]\) to return .*\(2, 3\)"),
+        (dict(prompts=[[{"text": "hi"}], [2], [3]]), r"prompts\[0\]\[0\]: a chat message must be a dict with string"),
+        (dict(prompts=[[{"role": "user"}], [2], [3]]), r"prompts\[0\]\[0\]: a chat message must be a dict with string"),
+        (dict(progress="yes"), r"progress: expected True or False"),
+        (dict(memory_budget="lots"), r"memory_budget: expected a positive size"),
+    ],
+)
+def test_generate_rejects_bad_arguments_by_name(tiny, kwargs, match):
+    arguments = dict(prompts=PROMPTS, bids=[1.0, 1.0, 1.0], model=tiny, max_new_tokens=2)
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        generate(arguments.pop("prompts"), arguments.pop("bids"), **arguments)
+
+
+def test_generate_rejects_a_swapped_or_wrong_model_pair(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=r"model: the first element must be the language model"):
+        generate(PROMPTS, [1.0, 1.0, 1.0], model=(tokenizer, model))
+    with pytest.raises(ValueError, match=r"model: the second element must be the tokenizer"):
+        generate(PROMPTS, [1.0, 1.0, 1.0], model=(model, "tokenizer"))
+    with pytest.raises(ValueError, match=r"model: expected the \(model, tokenizer\) pair"):
+        generate(PROMPTS, [1.0, 1.0, 1.0], model=(model, tokenizer, 3))
+
+
+def test_auction_list_errors_name_the_auction(tiny):
+    with pytest.raises(ValueError, match=r"auctions\[1\]\.bids: expected shape \[n\] with n = 2"):
+        generate([MIXED[0], Auction([[3], [4]], [1.0])], model=tiny)
+    with pytest.raises(ValueError, match=r"auctions\[0\]\.base_bid: expected a number >= 0; got str"):
+        generate([Auction([[3]], [1.0], base_prompt=[2], base_bid="x")], model=tiny)
+    with pytest.raises(ValueError, match=r"auctions\[0\]\.prompts: expected a non-empty list"):
+        generate([Auction([], [])], model=tiny)
+    with pytest.raises(ValueError, match=r"bids/base_prompt: with a list of jaxauction.Auction"):
+        generate(MIXED, [1.0], model=tiny)
+    with pytest.raises(ValueError, match=r"decoding='stable'.*got n = \[1, 2, 3\]"):
+        generate(MIXED, decoding="stable", model=tiny)
+
+
+# ---------------------------------------------------------------------------------------------- compilation cache
+
+CACHE_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    import jax
+    from flax import nnx
+    from jaxauction.generation import generate
+    from jaxauction.models import Llama, LlamaConfig
+
+    config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, max_position_embeddings=64, eos_token_ids=(1,), pad_token_id=0)
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 1
+        def __len__(self): return 16
+        def decode(self, ids, skip_special_tokens=True): return " ".join(map(str, ids))
+
+    model = (Llama(config, rngs=nnx.Rngs(0)), Tok())
+    start = time.perf_counter()
+    result = generate([[3, 4, 5], [6, 7]], [[1.0, 2.0], [0.5, 0.1]], max_new_tokens=4, model=model)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "dir": jax.config.jax_compilation_cache_dir,
+                      "tokens": result.tokens.tolist()}))
+""")
+
+
+def _run_cache_script(cache_dir: str) -> dict:
+    env = dict(os.environ, JAXAUCTION_CACHE_DIR=cache_dir, JAX_PLATFORMS="cpu")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_reuses_the_compiled_programs(tmp_path):
+    folder = tmp_path / "xla"
+    first = _run_cache_script(str(folder))
+    assert first["dir"] == str(folder) and any(folder.iterdir()), "the first process wrote the cache"
+    second = _run_cache_script(str(folder))
+    assert second["tokens"] == first["tokens"]
+    # A compile-time ratio, not a speed claim: the second process loads the decode loop instead of compiling it.
+    assert second["seconds"] <= 0.5 * first["seconds"], (first["seconds"], second["seconds"])
+    script = "import jax; from jaxauction import generation; print(generation.enable_compilation_cache(), jax.config.jax_compilation_cache_dir)"
+    for setting in ("off", ""):
+        env = dict(os.environ, JAXAUCTION_CACHE_DIR=setting, JAX_PLATFORMS="cpu")
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+        assert done.stdout.split() == ["None", "None"], (done.stdout, done.stderr[-2000:])

@@ -60,6 +60,19 @@ SCRIPT = textwrap.dedent("""
       r = generate([[3, 4, 5], [6, 7]], bids, key=jax.random.key(1), max_new_tokens=8,
                    model=model, mesh=m)
       out[f"gen_{name}"] = [r.tokens.tolist(), r.token_payments.tolist(), r.lengths.tolist()]
+
+    # A heterogeneous batch: 5 auctions with 1-3 agents, some with a base prompt (padded to 8 over 4 devices).
+    from jaxauction import Auction
+    mixed = [Auction([[3, 4, 5], [6, 7]], [1.0, 0.4]),
+             Auction([[8, 9], [10, 11, 12], [5]], [0.2, 0.9, 1.5], base_prompt=[2, 3], base_bid=0.5),
+             Auction([[13]], [2.0]),
+             Auction([[6, 7, 8, 9]], [1.0], base_prompt=[2, 3], base_bid=1.0),
+             Auction([[4, 4], [5, 5]], [0.3, 0.3])]
+    for name, m in (("one", None), ("four", mesh)):
+      r = generate(mixed, key=jax.random.key(2), max_new_tokens=6, model=model, mesh=m, payment="kl",
+                   rule="log_linear")
+      out[f"mixed_{name}"] = [r.tokens.tolist(), r.token_payments.tolist(), r.lengths.tolist(),
+                              r.num_agents.tolist(), r.valid.tolist()]
     json.dump(out, sys.stdout)
 """)
 
@@ -142,3 +155,10 @@ def test_compress_vocabulary_keeps_mass_and_linear_q():
     assert np.max(np.abs(full - small)) <= 0.05 * np.max(bids)  # bounded by the lumped mass
     with pytest.raises(ValueError, match="mass"):
         simulation.compress_vocabulary(logits, mass=0.0)
+
+
+def test_sharded_heterogeneous_batch_equals_one_device(four_devices):
+    one, four = four_devices["mixed_one"], four_devices["mixed_four"]
+    assert four[0] == one[0] and four[2] == one[2] and four[3] == one[3] == [2, 3, 1, 1, 2]
+    assert four[4] == one[4] == [True] * 5
+    np.testing.assert_allclose(four[1], one[1], rtol=1e-5, atol=1e-8)

@@ -1,0 +1,227 @@
+"""The JSONL batch runner behind ``jaxauction batch AUCTIONS.jsonl --out RESULTS.jsonl``.
+
+Input: one auction per line, a JSON object with
+
+* ``prompts`` (required): the advertisers' prompts, each a string, a list of ``{"role", "content"}``
+  chat messages, or a list of token ids;
+* ``bids`` (required): one non-negative number per prompt;
+* ``names`` (optional): one non-empty string per prompt (default ``"agent 0"``, ``"agent 1"``, ...);
+* ``base_prompt`` (optional): the platform's prompt, never charged; ``base_bid`` (optional, default 0).
+
+Blank lines are skipped. Every line is checked before the model loads; the first bad line is
+reported with its line number (``AUCTIONS.jsonl:7: bids: ...``). All auctions then run as one
+heterogeneous batch (:func:`jaxauction.generate`, chunked by the memory budget), and the output gets
+one JSON object per auction, in input order::
+
+    {"line": 1, "names": [...], "bids": [...], "payments": [...], "text": "...", "tokens": [...],
+     "token_payments": [[...], ...], "valid": true}
+
+written atomically (an interrupted run leaves no partial file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import re
+from pathlib import Path
+from typing import Any
+
+from jaxauction._io import atomic_path
+
+__all__ = ["BatchLine", "read_auctions", "run_batch", "write_results"]
+
+_KEYS = {"prompts", "bids", "names", "base_prompt", "base_bid"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLine:
+    """One validated input line: its 1-based ``line`` number, the auction and the advertiser names."""
+
+    line: int
+    prompts: list[Any]
+    bids: list[float]
+    names: list[str]
+    base_prompt: Any = None
+    base_bid: float = 0.0
+
+
+def _number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_prompt(prompt, field: str) -> None:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"{field}: a prompt must be a non-empty string; got {prompt!r}.")
+        return
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        for j, message in enumerate(prompt):
+            if not (isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+                raise ValueError(
+                    f"{field}[{j}]: a chat message needs string 'role' and 'content' keys; got {json.dumps(message)[:80]}."
+                )
+        return
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if min(prompt) < 0:
+            raise ValueError(f"{field}: token ids must be >= 0; got {min(prompt)}.")
+        return
+    raise ValueError(
+        f"{field}: expected a non-empty string, a list of chat messages or a list of token ids; "
+        f"got {json.dumps(prompt)[:80]}."
+    )
+
+
+def _parse_line(text: str, line: int) -> BatchLine:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg} at column {error.colno}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object with 'prompts' and 'bids'; got a JSON {type(data).__name__}.")
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; the fields are {sorted(_KEYS)}.")
+    for required in ("prompts", "bids"):
+        if required not in data:
+            raise ValueError(f"missing field {required!r}.")
+    prompts, bids = data["prompts"], data["bids"]
+    if not isinstance(prompts, list) or not prompts:
+        raise ValueError(
+            f"prompts: expected a non-empty list with one prompt per advertiser; got {json.dumps(prompts)[:80]}."
+        )
+    for i, prompt in enumerate(prompts):
+        _check_prompt(prompt, f"prompts[{i}]")
+    if not isinstance(bids, list) or len(bids) != len(prompts) or not all(_number(b) and b >= 0 for b in bids):
+        raise ValueError(
+            f"bids: expected a list of {len(prompts)} finite numbers >= 0 (one per prompt); got {json.dumps(bids)[:80]}."
+        )
+    names = data.get("names", [f"agent {i}" for i in range(len(prompts))])
+    if (
+        not isinstance(names, list)
+        or len(names) != len(prompts)
+        or not all(isinstance(n, str) and n.strip() for n in names)
+    ):
+        raise ValueError(
+            f"names: expected a list of {len(prompts)} non-empty strings (one per prompt); got {json.dumps(names)[:80]}."
+        )
+    base_prompt = data.get("base_prompt")
+    if base_prompt is not None:
+        _check_prompt(base_prompt, "base_prompt")
+    base_bid = data.get("base_bid", 0.0)
+    if not (_number(base_bid) and base_bid >= 0):
+        raise ValueError(f"base_bid: expected a finite number >= 0; got {json.dumps(base_bid)[:40]}.")
+    return BatchLine(line, prompts, [float(b) for b in bids], names, base_prompt, float(base_bid))
+
+
+def read_auctions(path: str | Path) -> list[BatchLine]:
+    """Reads and validates a JSONL auction file; ``ValueError`` naming ``FILE:LINE`` and the field."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file.") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder; expected a JSONL file with one auction per line.") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}).") from None
+    lines, errors = [], []
+    for number, content in enumerate(text.splitlines(), start=1):
+        if not content.strip():
+            continue
+        try:
+            lines.append(_parse_line(content, number))
+        except ValueError as error:
+            errors.append(f"{path}:{number}: {error}")
+    if errors:
+        more = f" (and {len(errors) - 1} more bad line(s))" if len(errors) > 1 else ""
+        raise ValueError(errors[0] + more)
+    if not lines:
+        raise ValueError(f"{path}: no auctions; expected one JSON object per line.")
+    return lines
+
+
+def write_results(path: str | Path, lines: list[BatchLine], result) -> None:
+    """Writes one JSON object per auction (input order), atomically."""
+    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
+        for a, entry in enumerate(lines):
+            n, length = len(entry.prompts), int(result.lengths[a])
+            valid = bool(result.valid[a])
+            record = {
+                "line": entry.line,
+                "names": entry.names,
+                "bids": entry.bids,
+                "payments": [float(p) if valid else None for p in result.payments[a, :n]],
+                "text": result.texts[a],
+                "tokens": [int(t) for t in result.tokens[a, :length]],
+                "token_payments": [[float(p) for p in row[:n]] for row in result.token_payments[a, :length]],
+                "valid": valid,
+            }
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def run_batch(
+    source: str | Path,
+    out: str | Path,
+    *,
+    rule: str = "linear",
+    payment: str | None = "second_price",
+    decoding: str = "sample",
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    model=None,
+    memory_budget=None,
+    temperature: float = 1.0,
+    progress: bool = True,
+) -> list[BatchLine]:
+    """Reads ``source``, runs every auction in one batch (auction ``k`` uses key ``split(key(seed))[k]``),
+    writes ``out``. ``model`` is a ``(model, tokenizer)`` pair or a loader callable returning one (called
+    only after the input has been validated). Returns the input lines."""
+    lines = read_auctions(source)
+    import jax
+
+    from jaxauction.generation import Auction, generate
+
+    if callable(model):
+        model = model()
+    auctions = [Auction(e.prompts, e.bids, base_prompt=e.base_prompt, base_bid=e.base_bid) for e in lines]
+    try:
+        result = _generate(
+            generate,
+            auctions,
+            rule,
+            payment,
+            decoding,
+            jax.random.key(seed),
+            max_new_tokens,
+            model,
+            temperature,
+            progress,
+            memory_budget,
+        )
+    except ValueError as error:  # name the input line, not the auction's index in the batch
+        message = re.sub(r"auctions\[(\d+)\]", lambda m: f"{source}:{lines[int(m.group(1))].line}", str(error))
+        raise ValueError(message) from None
+    write_results(out, lines, result)
+    return lines
+
+
+def _generate(
+    generate, auctions, rule, payment, decoding, key, max_new_tokens, model, temperature, progress, memory_budget
+):
+    return generate(
+        auctions,
+        rule=rule,
+        payment=payment,
+        decoding=decoding,
+        key=key,
+        max_new_tokens=max_new_tokens,
+        model=model,
+        temperature=temperature,
+        progress=progress,
+        memory_budget=memory_budget,
+    )
