@@ -350,9 +350,9 @@ def main(argv=None) -> int:
     import jax
 
     from jaxauction import Auction, generate
-    from jaxauction._io import write_json
     from jaxauction.batch import read_auctions
     from jaxauction.config import load_config
+    from jaxauction.outputs import write_json
     from jaxauction.prompts import encode_prompt, eos_ids
     from jaxauction.sweep import sweep_bids
 

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxauction import _io, design
+from jaxauction import design, outputs
 from jaxauction.design import objectives
 
 OBJECTIVES = {
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         "backend": jax.default_backend(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    _io.write_json(args.out / "design_search.json", results)
+    outputs.write_json(args.out / "design_search.json", results)
     plot(references, curve, searches, scale, args.out / "design_search.png")
     print(
         f"wrote {args.out / 'design_search.json'} and {args.out / 'design_search.png'} in {time.time() - started:.0f} s"
@@ -321,7 +321,7 @@ def plot(references, curve, searches, scale, path: Path) -> None:
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
     figure.tight_layout()
-    _io.save_figure(figure, path, dpi=130)
+    outputs.save_figure(figure, path, dpi=130)
     plt.close(figure)
 
 

@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from jaxauction import models
-    from jaxauction._io import write_json
     from jaxauction.config import ConfigError, load_config
+    from jaxauction.outputs import write_json
     from jaxauction.sweep import format_table, plot_sweep, run_sweep
 
     try:

@@ -2,7 +2,19 @@
 
 __version__ = "0.1.0"
 
-from jaxauction import aggregation, base, design, payments, preferences, rules, sampling, sharding, simulation
+from jaxauction import (
+    aggregation,
+    base,
+    design,
+    outputs,
+    payments,
+    preferences,
+    prompts,
+    rules,
+    sampling,
+    sharding,
+    simulation,
+)
 from jaxauction.auction import AuctionOutcome, TokenAuction
 from jaxauction.base import Rule, as_rule, register, rule_names
 from jaxauction.generation import Auction, GenerationResult, generate
@@ -22,8 +34,10 @@ __all__ = [
     "linear",
     "log_linear",
     "models",
+    "outputs",
     "payments",
     "preferences",
+    "prompts",
     "register",
     "rule_names",
     "rules",

@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from jaxauction._io import atomic_path
+from jaxauction.outputs import atomic_path
 
 __all__ = ["BatchLine", "read_auctions", "run_batch", "write_results"]
 

@@ -16,8 +16,8 @@ import argparse
 import sys
 
 from jaxauction import base
-from jaxauction._io import check_output_path, figure_suffixes
 from jaxauction.config import AuctionConfig, ConfigError, check_decoding, load_config
+from jaxauction.outputs import check_output_path, figure_suffixes
 
 
 def _load_model(source: str | None):
@@ -97,8 +97,8 @@ def command_run(args) -> int:
     check_output_path("--json", args.json, inputs=[args.config, args.model])
     import jax
 
-    from jaxauction._io import write_json
     from jaxauction.generation import generate
+    from jaxauction.outputs import write_json
 
     model = _load_model(args.model)
     result = generate(
@@ -164,7 +164,7 @@ def command_sweep(args) -> int:
         )
     check_output_path("--json", args.json, inputs=[args.config, args.model])
     check_output_path("--plot", args.plot, inputs=[args.config, args.model, args.json], suffixes=figure_suffixes())
-    from jaxauction._io import write_json
+    from jaxauction.outputs import write_json
     from jaxauction.sweep import format_table, plot_sweep, run_sweep
 
     model = _load_model(args.model)
@@ -180,21 +180,16 @@ def command_sweep(args) -> int:
 
 
 def command_batch(args) -> int:
-    from pathlib import Path
-
     from jaxauction import batch, generation
+    from jaxauction.auction import payment_allocation
 
-    if Path(args.out).resolve() == Path(args.auctions).resolve():
-        raise ValueError(f"--out: {args.out} is the input file; choose another output path.")
-    if Path(args.out).is_dir() or not args.out.strip():
-        raise ValueError(f"--out: expected a file path for the JSONL results; got {args.out!r}.")
+    check_output_path("--out", args.out, inputs=[args.auctions, args.model])
     payment = None if args.payment == "none" else args.payment
-    if payment not in generation.PAYMENTS:
-        raise ValueError(f"--payment: expected second_price, kl or none; got {args.payment!r}.")
+    payment_allocation(payment, "--payment")
     if args.decoding not in generation.DECODINGS:
         raise ValueError(f"--decoding: expected one of {list(generation.DECODINGS)}; got {args.decoding!r}.")
-    if args.rule not in RULE_NAMES:
-        raise ValueError(f"--rule: expected one of {list(RULE_NAMES)}; got {args.rule!r}.")
+    if args.rule not in base.rule_names():
+        raise ValueError(f"--rule: expected one of {list(base.rule_names())}; got {args.rule!r}.")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens: expected a positive integer; got {args.max_new_tokens}.")
     budget = (

@@ -39,14 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxauction import base, payments, sampling, sharding
+from jaxauction import _validation, base, payments, sampling, sharding
 from jaxauction import prompts as prompts_lib
+from jaxauction.auction import payment_allocation
 
 __all__ = [
     "Auction",
     "DEFAULT_MEMORY_BUDGET",
     "GenerationResult",
-    "MAX_BID",
     "auction_step",
     "enable_compilation_cache",
     "generate",
@@ -56,10 +56,8 @@ __all__ = [
 
 Rule = Callable[[jax.Array, jax.Array], jax.Array]
 
-PAYMENTS = ("second_price", "kl", None)
 DECODINGS = ("sample", "greedy", "stable")
 
-MAX_BID = float(np.finfo(np.float32).max) / 1e6
 """The largest accepted bid (about 3.4e32): bid sums and ratios stay finite in float32."""
 
 DEFAULT_MEMORY_BUDGET = 4 * 1024**3
@@ -348,16 +346,6 @@ def _real_scalar(value, argument: str, expected: str):
     return float(value)
 
 
-def _validate_bid_values(array: np.ndarray, argument: str) -> None:
-    if not np.all(np.isfinite(array)) or np.any(array < 0):
-        raise ValueError(f"{argument}: every bid must be finite and >= 0; got {array.tolist()!r:.200}.")
-    if np.any(array > MAX_BID):
-        raise ValueError(
-            f"{argument}: bids must be at most {MAX_BID:.3g} (jaxauction.generation.MAX_BID); got "
-            f"{float(array.max()):.3g}. Rescale the bids (only their ratios matter to the rule)."
-        )
-
-
 def _numeric_array(values, argument: str, expected: str) -> np.ndarray:
     """``values`` as a float64 array; strings, booleans, ragged lists and objects are a ValueError."""
     try:
@@ -368,17 +356,6 @@ def _numeric_array(values, argument: str, expected: str) -> np.ndarray:
         what = "a ragged list" if raw is None or raw.dtype == object else f"dtype {raw.dtype}"
         raise ValueError(f"{argument}: expected {expected} of numbers; got {what}: {values!r:.120}.")
     return raw.astype(np.float64)
-
-
-def _validate_bids(bids, num_agents: int) -> np.ndarray:
-    expected = f"shape [n] for one auction or [A, n] for a batch with n = {num_agents} (one bid per prompt)"
-    array = _numeric_array(bids, "bids", expected)
-    if array.ndim not in (1, 2) or array.shape[-1] != num_agents:
-        raise ValueError(f"bids: expected {expected}; got shape {array.shape}.")
-    if array.size == 0:
-        raise ValueError(f"bids: got an empty array of shape {array.shape}; pass at least one auction.")
-    _validate_bid_values(array, "bids")
-    return array
 
 
 def _validate_keys(key, num_auctions: int):
@@ -592,14 +569,12 @@ def _auction_specs(auctions, tokenizer) -> list[_Spec]:
             raise ValueError(
                 f"{name}.prompts: expected a non-empty list with one prompt per agent; got {_describe(prompts)}."
             )
-        expected = f"shape [n] with n = {len(prompts)} (one bid per prompt)"
-        bids = _numeric_array(auction.bids, f"{name}.bids", expected)
-        if bids.shape != (len(prompts),):
-            raise ValueError(f"{name}.bids: expected {expected}; got shape {bids.shape}.")
-        _validate_bid_values(bids, f"{name}.bids")
+        bids = _validation.host_bids(f"{name}.bids", auction.bids, num_agents=len(prompts), ndim=1)
         base_bid = _real_scalar(auction.base_bid, f"{name}.base_bid", "a number >= 0")
-        if not (math.isfinite(base_bid) and 0 <= base_bid <= MAX_BID):
-            raise ValueError(f"{name}.base_bid: expected a finite number in [0, {MAX_BID:.3g}]; got {base_bid!r}.")
+        if not (math.isfinite(base_bid) and 0 <= base_bid <= _validation.max_bid()):
+            raise ValueError(
+                f"{name}.base_bid: expected a finite number in [0, {_validation.max_bid():.3g}]; got {base_bid!r}."
+            )
         agents = tuple(
             tuple(prompts_lib.encode_prompt(tokenizer, p, argument=f"{name}.prompts[{i}]"))
             for i, p in enumerate(prompts)
@@ -645,7 +620,7 @@ def generate(
       prompts: the list of :class:`Auction`, or the ``n`` agents' prompts: each a string (the
         tokenizer's chat template is applied), a list of ``{"role", "content"}`` chat messages, or a
         list of token ids (used exactly as given).
-      bids: ``[n]`` or ``[A, n]`` non-negative bids (at most :data:`MAX_BID`); None with auctions.
+      bids: ``[n]`` or ``[A, n]`` non-negative bids (at most :func:`jaxauction.payments.max_bid`); None with auctions.
       rule: ``"linear"``, ``"log_linear"``, a :class:`jaxauction.base.Rule` or a function
         ``(logits [..., m, V], bids [..., m]) -> log q [..., V]``.
       payment: ``"second_price"`` (robust allocation, SPEC §4), ``"kl"`` (Myerson payments for KL
@@ -682,8 +657,7 @@ def generate(
     """
     llm, tokenizer = _validate_model(model)
     rule_fn = base.as_rule(rule)
-    if payment not in PAYMENTS:
-        raise ValueError(f"payment: expected one of {PAYMENTS}; got {payment!r}.")
+    payment_allocation(payment)
     if decoding not in DECODINGS:
         raise ValueError(f"decoding: expected one of {DECODINGS}; got {decoding!r}.")
     if payment == "kl" and rule_fn.valuation is None:
@@ -732,12 +706,14 @@ def generate(
             )
         if bids is None:
             raise ValueError("bids: expected [n] or [A, n] bids for the prompts; got None.")
-        bid_array = _validate_bids(bids, len(prompts))
+        bid_array = _validation.host_bids("bids", bids, num_agents=len(prompts))
         single = bid_array.ndim == 1
         bid_array = np.atleast_2d(bid_array)
         base_bid = _real_scalar(base_bid, "base_bid", "a number >= 0")
-        if not (math.isfinite(base_bid) and 0 <= base_bid <= MAX_BID):
-            raise ValueError(f"base_bid: expected a finite number in [0, {MAX_BID:.3g}]; got {base_bid!r}.")
+        if not (math.isfinite(base_bid) and 0 <= base_bid <= _validation.max_bid()):
+            raise ValueError(
+                f"base_bid: expected a finite number in [0, {_validation.max_bid():.3g}]; got {base_bid!r}."
+            )
         agents = tuple(
             tuple(prompts_lib.encode_prompt(tokenizer, p, argument=f"prompts[{i}]")) for i, p in enumerate(prompts)
         )

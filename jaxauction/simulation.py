@@ -111,7 +111,7 @@ def simulate(
         logit_sets = logit_sets.astype(np.float64)
     _validation.check_logit_values("simulate", "logits", logit_sets)
     num_sets, num_agents, _ = logit_sets.shape
-    bids = _check_bids(bids, num_agents)
+    bids = _validation.host_bids("bids", bids, num_agents=num_agents, ndim=2)
     index = _check_index(index, len(bids), num_sets)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {type(chunk_size).__name__} {chunk_size!r}.")
@@ -142,28 +142,6 @@ def simulate(
         outputs.append(tuple(np.asarray(x)[:size] for x in jax.device_get(out)))
     paid, values, welfare, favoured = (np.concatenate(parts) for parts in zip(*outputs))
     return SimulationResult(bids=bids, index=index, payments=paid, values=values, welfare=welfare, favoured=favoured)
-
-
-def _check_bids(bids, num_agents: int) -> np.ndarray:
-    """``bids [A, n]`` as float64, finite and >= 0, with ``A >= 1``.
-
-    Local until the shared host-side bid validator of ``jaxauction._validation`` lands; then call that.
-    """
-    try:
-        array = np.asarray(bids, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"bids: expected a float array of shape [A, {num_agents}], got {type(bids).__name__} {bids!r:.60} "
-            "(ragged or not numbers)."
-        ) from None
-    if array.ndim != 2 or array.shape[1] != num_agents:
-        raise ValueError(f"bids: expected shape [A, n] with n = {num_agents} (from logits); got {array.shape}.")
-    if array.shape[0] == 0:
-        raise ValueError(
-            f"bids: shape {array.shape} holds no auctions; pass at least one bid profile [1, {num_agents}]."
-        )
-    _validation.check_bid_values("simulate", "bids", array)
-    return array
 
 
 def _check_index(index, num_auctions: int, num_sets: int) -> np.ndarray:

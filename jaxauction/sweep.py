@@ -174,7 +174,7 @@ def plot_sweep(result: SweepResult, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jaxauction._io import save_figure
+    from jaxauction.outputs import save_figure
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     styles = {"linear": "-", "log_linear": "--"}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_core_reference import random_auction, ref_linear, ref_log_linear, ref_probs
+from references import random_auction, ref_linear, ref_log_linear, ref_probs
 
 from jaxauction import aggregation, preferences
 

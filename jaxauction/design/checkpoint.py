@@ -1,6 +1,6 @@
 """Search checkpoints: parameters, optimiser state, step, multiplier and history in one ``.npz``.
 
-Files are written atomically through :func:`jaxauction._io.atomic_path` (a temporary file beside the
+Files are written atomically through :func:`jaxauction.outputs.atomic_path` (a temporary file beside the
 target, then ``os.replace``), so an interrupted write leaves the previous checkpoint intact; temporary
 files a killed process left beside the target are removed on the next save. Non-finite parameters are
 never written (:func:`save` refuses them). Pytrees are stored as their flattened leaves
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxauction import _io
+from jaxauction import outputs
 
 FORMAT = 1
 
@@ -130,13 +130,13 @@ def _load(path: Path, params_template: Any, opt_state_template: Any, settings: d
 
 
 def atomic_savez(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
-    """``np.savez`` to ``path`` atomically (through :func:`jaxauction._io.atomic_path`).
+    """``np.savez`` to ``path`` atomically (through :func:`jaxauction.outputs.atomic_path`).
 
     Temporary files that an earlier, killed write left beside ``path`` are removed first.
     """
     path = Path(path)
     remove_stale_temporaries(path)
-    with _io.atomic_path(path) as temporary:
+    with outputs.atomic_path(path) as temporary:
         with open(temporary, "wb") as file:  # a file object: np.savez must not append ".npz" to the name
             np.savez(file, **arrays)
     return path
@@ -145,7 +145,7 @@ def atomic_savez(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
 def remove_stale_temporaries(path: str | Path) -> list[Path]:
     """Removes the temporary files of interrupted atomic writes of ``path``; returns what it removed.
 
-    Those are ``.{name}.*`` beside ``path`` (the names :func:`jaxauction._io.atomic_path` and earlier
+    Those are ``.{name}.*`` beside ``path`` (the names :func:`jaxauction.outputs.atomic_path` and earlier
     versions of this module give them). Only one search should write a given checkpoint at a time.
     """
     path = Path(path)
