@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from jaxauction import aggregation, base, design, payments, preferences, rules, sampling, sharding, simulation
+from jaxauction import reply as reply
 from jaxauction.auction import AuctionOutcome, TokenAuction
 from jaxauction.base import Rule, as_rule, register, rule_names
 from jaxauction.generation import GenerationResult, generate
@@ -24,6 +25,7 @@ __all__ = [
     "payments",
     "preferences",
     "register",
+    "reply",
     "rule_names",
     "rules",
     "sampling",
