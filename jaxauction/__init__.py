@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from jaxauction import aggregation, base, design, payments, preferences, rules, sampling, sharding, simulation
+from jaxauction import compare as compare
 from jaxauction import reply as reply
 from jaxauction.auction import AuctionOutcome, TokenAuction
 from jaxauction.base import Rule, as_rule, register, rule_names
@@ -17,6 +18,7 @@ __all__ = [
     "aggregation",
     "as_rule",
     "base",
+    "compare",
     "design",
     "generate",
     "linear",
