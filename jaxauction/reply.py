@@ -243,7 +243,10 @@ def token_log_probs(model, prompts: Sequence[Any], tokens, lengths=None) -> np.n
             f"model's context of {llm.config.max_position_embeddings}. Shorten the prompts or the replies."
         )
     num_rows = len(sequences)
-    chunk = max(1, min(num_rows, _SCORE_ELEMENTS // (input_ids.shape[1] * vocab)))
+    # Row counts are rounded up to powers of two (and chunks are powers of two), so that batches of
+    # similar sizes share one compiled program; the padding rows are dropped.
+    budget = max(1, _SCORE_ELEMENTS // (input_ids.shape[1] * vocab))
+    chunk = min(1 << (num_rows - 1).bit_length(), 1 << (budget.bit_length() - 1))
     padded = -(-num_rows // chunk) * chunk
     input_ids = np.concatenate([input_ids, np.full((padded - num_rows, input_ids.shape[1]), pad, np.int32)])
     mask = np.concatenate([mask, np.zeros((padded - num_rows, mask.shape[1]), np.int32)])
