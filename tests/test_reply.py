@@ -92,7 +92,7 @@ def test_tau_broadcasts_over_batch_and_jit(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     n=st.sampled_from([1, 3]),
