@@ -267,11 +267,13 @@ def token_log_probs(model, prompts: Sequence[Any], tokens, lengths=None) -> np.n
         ]
     )[:num_rows]
     # Row j * K + k ends with y_k: its t-th token sits at column P - L_k + t of the ids, predicted at P - L_k + t - 1.
-    out = np.zeros((len(encoded), len(rows), width), np.float32)
-    total = input_ids.shape[1]
-    for k, r in enumerate(rows):
-        cols = np.arange(total - len(r), total) - 1
-        out[:, k, : len(r)] = scored[np.arange(len(encoded)) * len(rows) + k][:, cols]
+    lengths_k = np.array([len(r) for r in rows])
+    steps = np.arange(width)
+    valid = steps[None] < lengths_k[:, None]  # [K, width]
+    cols = np.where(valid, input_ids.shape[1] - lengths_k[:, None] + steps[None] - 1, 0)
+    scored = scored.reshape(len(encoded), len(rows), -1)
+    out = np.take_along_axis(scored, np.broadcast_to(cols, scored.shape[:2] + (width,)), axis=-1)
+    return np.where(valid[None], out, 0.0).astype(np.float32)
     return out
 
 
