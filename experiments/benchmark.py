@@ -25,7 +25,7 @@ mechanism across queries, and only roughly across mechanisms.
 
     python experiments/benchmark.py --quick                     # 3 queries, 2 profiles, short ads
     python experiments/benchmark.py --json bench.json --plot bench.png
-    python experiments/benchmark.py --quick --model tests/fixtures/tiny_llama3
+    python experiments/benchmark.py --quick --decoding greedy   # argmax copy: coherent text from a 135M model
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def bid_profiles(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(profiles[:count])
 
 
-def run_token_auction(prompts, bids, *, rule, payment, key, max_new_tokens, model):
+def run_token_auction(prompts, bids, *, rule, payment, key, max_new_tokens, model, decoding="sample"):
     """All bid profiles of one query in one ``generate`` call (one home for the call: switch it to
     heterogeneous batches, one per query set, when ``jaxauction.Auction`` lands).
 
@@ -99,7 +99,7 @@ def run_token_auction(prompts, bids, *, rule, payment, key, max_new_tokens, mode
         bids,
         rule=rule,
         payment=payment,
-        decoding="sample",
+        decoding=decoding,
         key=key,
         max_new_tokens=max_new_tokens,
         model=model,
@@ -118,15 +118,18 @@ def run_mechanism(mechanism, prompts, base, bids, *, key, args, model, certified
             "token_certified": (certified_rule, "second_price"),
         }[mechanism]
         return run_token_auction(
-            prompts, bids, rule=rule, payment=payment, key=key, max_new_tokens=args.max_new_tokens, model=model
-        )
+            prompts, bids, rule=rule, payment=payment, key=key, max_new_tokens=args.max_new_tokens, model=model,
+            decoding=args.decoding,
+        )  # fmt: skip
     if mechanism == "reply":
         out = reply.auction(
             prompts, bids, base_prompt=base, num_candidates=args.candidates, tau=args.tau, key=key,
             max_new_tokens=args.max_new_tokens, model=model,
         )  # fmt: skip
     else:
-        out = compare.single_winner(prompts, bids, key=key, max_new_tokens=args.max_new_tokens, model=model)
+        out = compare.single_winner(
+            prompts, bids, key=key, max_new_tokens=args.max_new_tokens, model=model, decoding=args.decoding
+        )
     ads = [[int(t) for t in row[:length]] for row, length in zip(out.tokens, out.lengths)]
     return ads, out.payments
 
@@ -233,13 +236,20 @@ def _finite(value):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 queries, 2 profiles, 24 tokens, 4 candidates")
+    parser.add_argument("--quick", action="store_true", help="3 queries, 2 profiles, 16 tokens, 4 candidates")
     parser.add_argument("--queries", type=int, default=None, help="use the first N queries")
     parser.add_argument("--profiles", type=int, default=None, help="bid profiles per query (default 3; quick 2)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="ad length limit (default 48; quick 24)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="ad length limit (default 48; quick 16)")
     parser.add_argument("--candidates", type=int, default=None, help="reply auction candidates M (default 16; quick 4)")
     parser.add_argument("--tau", type=float, default=1.0, help="reply auction temperature")
     parser.add_argument("--mechanisms", nargs="+", default=list(MECHANISMS), choices=MECHANISMS)
+    parser.add_argument(
+        "--decoding",
+        default="sample",
+        choices=("sample", "greedy"),
+        help="token auctions and single winner: draw from q (default) or take its argmax (more coherent copy from "
+        "a small model; payments are the expected ones either way). The reply auction always samples its candidates.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="model path or hub id (default: bundled SmolLM2-135M)")
     parser.add_argument("--query-file", default=str(CONFIGS / "benchmark_queries.toml"))
@@ -250,7 +260,7 @@ def parse_args(argv):
     quick = args.quick
     args.queries = args.queries or (3 if quick else None)
     args.profiles = args.profiles or (2 if quick else 3)
-    args.max_new_tokens = args.max_new_tokens or (24 if quick else 48)
+    args.max_new_tokens = args.max_new_tokens or (16 if quick else 48)
     args.candidates = args.candidates or (4 if quick else 16)
     return args
 
@@ -270,6 +280,7 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(args.seed)
     profiles = [bid_profiles(len(q["advertisers"]), args.profiles, rng) for q in queries]
     ads_by_mechanism = {m: [] for m in args.mechanisms}
+    seconds = {m: 0.0 for m in args.mechanisms}
     bar = tqdm(total=len(queries) * len(args.mechanisms), desc="benchmark", unit="run")
     for qi, query in enumerate(queries):
         names = [a["name"] for a in query["advertisers"]]
@@ -278,9 +289,11 @@ def main(argv=None) -> dict:
         for mi, mechanism in enumerate(args.mechanisms):
             bar.set_postfix_str(f"{mechanism} q{qi}")
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(args.seed), qi), mi)
+            tick = time.perf_counter()
             ads, paid = run_mechanism(
                 mechanism, prompts, base, profiles[qi], key=key, args=args, model=model, certified_rule=certified_rule
             )
+            seconds[mechanism] += time.perf_counter() - tick  # generation only (compilation included)
             metrics = compare.ad_metrics(model, prompts, base, profiles[qi], ads, paid, names)
             for pi, record in enumerate(metrics.records()):
                 ads_by_mechanism[mechanism].append(
@@ -293,13 +306,14 @@ def main(argv=None) -> dict:
     print(format_table(summaries))
     print(
         f"{len(queries)} queries x {args.profiles} profiles x {len(args.mechanisms)} mechanisms, "
-        f"max_new_tokens={args.max_new_tokens}, M={args.candidates}: {elapsed:.1f} s"
+        f"max_new_tokens={args.max_new_tokens}, M={args.candidates}, decoding={args.decoding}: {elapsed:.1f} s "
+        "(generation: " + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()) + ")"
     )
     result = dict(
         settings=dict(
             queries=len(queries), profiles=args.profiles, max_new_tokens=args.max_new_tokens,
             candidates=args.candidates, tau=args.tau, seed=args.seed, model=args.model or "bundled SmolLM2-135M",
-            certified_rule=certified_params, time_s=elapsed,
+            decoding=args.decoding, certified_rule=certified_params, time_s=elapsed, generation_s=seconds,
         ),
         summary=summaries,
         ads=ads_by_mechanism,

@@ -55,7 +55,7 @@ def test_quick_run_writes_every_ad_of_every_mechanism(tiny_folder, tmp_path):
     out, plot, queries = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "queries.toml"
     queries.write_text(QUERIES)
     argv = ["--quick", "--query-file", str(queries), "--max-new-tokens", "3", "--candidates", "2"]
-    argv += ["--model", str(tiny_folder)]
+    argv += ["--model", str(tiny_folder), "--decoding", "greedy"]
     result = bench.main(argv + ["--json", str(out), "--plot", str(plot)])
     saved = json.loads(out.read_text())
     assert plot.stat().st_size > 0
