@@ -217,8 +217,10 @@ def test_certify_checks_only_the_first_agents_and_validates_its_inputs():
         preferences.certify("linear", logits, bids, atol=float("nan"))
     with pytest.raises(ValueError, match="logits"):
         preferences.certify("linear", logits.at[0, 0].set(jnp.nan), bids)
-    with pytest.raises(ValueError, match="overflows"):
+    with pytest.raises(ValueError, match="largest accepted bid"):
         preferences.certify("linear", logits, jnp.array([3e38, 1.0]))
+    with pytest.raises(ValueError, match="overflows"):  # an accepted bid, raised by a factor past float32's max
+        preferences.certify("linear", logits, jnp.array([3e30, 1.0]), factors=(1e10,))
     with pytest.raises(ValueError, match="rule"):
         preferences.certify("no_such_rule", logits, bids)
     with pytest.raises(ValueError, match="outside jax.jit"):

@@ -1,0 +1,331 @@
+"""Mechanisms compared on the same ads (issue 13, SPEC §8): token auctions, the reply auction, single winner.
+
+For every query of ``experiments/configs/benchmark_queries.toml`` (2-4 fictional advertisers each) and
+several bid profiles (profile 0: equal bids; the others: Dirichlet(1) shares; bids sum to 1), each
+mechanism writes one ad:
+
+- ``token_linear``: the token auction, linear rule, second-price payments (SPEC §2, §4);
+- ``token_log_linear``: the token auction, log-linear rule, KL (Myerson) payments (SPEC §5; the
+  log-linear rule is not monotone, so the robust second-price payments do not apply to it);
+- ``token_certified``: the power-mean rule of ``experiments/configs/benchmark_certified_rule.toml``
+  (``jaxauction.design.bind``), second-price payments; the parameters there are a PLACEHOLDER
+  (gamma = 2.0) until the design search's certified rule is filled in;
+- ``reply``: the reply-level auction (SPEC §7), ``M`` candidates from the base prompt's LLM, Clarke
+  payments; the profiles of a query share one candidate set;
+- ``single_winner``: the highest bidder's prompt writes the ad alone, charged the second bid per token.
+
+Each ad is scored with :func:`jaxauction.compare.ad_metrics` (values, welfare, revenue, mentions,
+user-side mean log p_0 per token). Per mechanism every metric is averaged over the profiles of a query,
+then the mean and a 95% t-interval over queries are printed. ``--json`` writes every ad of every
+mechanism; ``--plot`` saves revenue vs user-side closeness and mention share vs bid share.
+
+Payments are in each mechanism's own units (token auctions and single winner: bid x probability per
+token, summed over the ad; reply auction: bid x log-likelihood ratio), so revenue is comparable within a
+mechanism across queries, and only roughly across mechanisms.
+
+    python experiments/benchmark.py --quick                     # 3 queries, 2 profiles, short ads
+    python experiments/benchmark.py --json bench.json --plot bench.png
+    python experiments/benchmark.py --quick --decoding greedy   # argmax copy: coherent text from a 135M model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "experiments" / "configs"
+MECHANISMS = ("token_linear", "token_log_linear", "token_certified", "reply", "single_winner")
+METRICS = ("revenue", "welfare", "mean_value", "mention_rate", "user_log_prob", "length")
+ANSWER = "Answer in one or two short sentences."
+
+
+def load_queries(path: Path) -> list[dict]:
+    """The ``[[query]]`` tables: ``text`` and 2-4 ``advertisers`` with ``name`` and ``description``."""
+    queries = tomllib.loads(Path(path).read_text())["query"]
+    for i, q in enumerate(queries):
+        if not 2 <= len(q["advertisers"]) <= 4:
+            raise ValueError(
+                f"{path}: query {i} ({q['text']!r}) needs 2 to 4 advertisers; got {len(q['advertisers'])}."
+            )
+    return queries
+
+
+def load_certified_rule(path: Path):
+    """``(rule, parameters)``: the power-mean rule bound from the TOML parameters."""
+    from jaxauction import design
+
+    params = tomllib.loads(Path(path).read_text())
+    bound = design.bind(
+        design.PowerMeanParams.create(
+            rho=params["rho"], gamma=params["gamma"], base_bid=params["base_bid"], temperature=params["temperature"]
+        )
+    )
+    return bound, params
+
+
+def agent_prompt(query: str, advertiser: dict) -> list[dict]:
+    name, description = advertiser["name"], advertiser["description"]
+    system = f"You are the copywriter of {name}, {description}. {ANSWER} Recommend {name} by name."
+    return [{"role": "system", "content": system}, {"role": "user", "content": query}]
+
+
+def base_prompt(query: str) -> list[dict]:
+    return [{"role": "system", "content": f"You are a helpful assistant. {ANSWER}"}, {"role": "user", "content": query}]
+
+
+def bid_profiles(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``[count, n]`` bid profiles summing to 1: equal bids first, then Dirichlet(1) draws."""
+    profiles = [np.full(n, 1.0 / n)] + [rng.dirichlet(np.ones(n)) for _ in range(count - 1)]
+    return np.asarray(profiles[:count])
+
+
+def run_token_auction(prompts, bids, *, rule, payment, key, max_new_tokens, model, decoding="sample"):
+    """All bid profiles of one query in one ``generate`` call (one home for the call: switch it to
+    heterogeneous batches, one per query set, when ``jaxauction.Auction`` lands).
+
+    Returns ``(ad token lists, payments [A, n])``.
+    """
+    from jaxauction import generate
+
+    out = generate(
+        prompts,
+        bids,
+        rule=rule,
+        payment=payment,
+        decoding=decoding,
+        key=key,
+        max_new_tokens=max_new_tokens,
+        model=model,
+    )
+    ads = [[int(t) for t in row[:length]] for row, length in zip(np.atleast_2d(out.tokens), np.atleast_1d(out.lengths))]
+    return ads, np.atleast_2d(out.payments)
+
+
+def run_mechanism(mechanism, prompts, base, bids, *, key, args, model, certified_rule):
+    from jaxauction import compare, reply
+
+    if mechanism in ("token_linear", "token_log_linear", "token_certified"):
+        rule, payment = {
+            "token_linear": ("linear", "second_price"),
+            "token_log_linear": ("log_linear", "kl"),
+            "token_certified": (certified_rule, "second_price"),
+        }[mechanism]
+        return run_token_auction(
+            prompts, bids, rule=rule, payment=payment, key=key, max_new_tokens=args.max_new_tokens, model=model,
+            decoding=args.decoding,
+        )  # fmt: skip
+    if mechanism == "reply":
+        out = reply.auction(
+            prompts, bids, base_prompt=base, num_candidates=args.candidates, tau=args.tau, key=key,
+            max_new_tokens=args.max_new_tokens, model=model,
+        )  # fmt: skip
+    else:
+        out = compare.single_winner(
+            prompts, bids, key=key, max_new_tokens=args.max_new_tokens, model=model, decoding=args.decoding
+        )
+    ads = [[int(t) for t in row[:length]] for row, length in zip(out.tokens, out.lengths)]
+    return ads, out.payments
+
+
+def t_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95% t-interval over queries (NaN bounds for a single query)."""
+    from scipy import stats
+
+    values = np.asarray(values, np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return mean, mean - half, mean + half
+
+
+def ad_summary(record: dict) -> dict:
+    return dict(
+        revenue=record["revenue"],
+        welfare=record["welfare"],
+        mean_value=float(np.mean(record["values"])),
+        mention_rate=float(np.mean(record["mentioned"])),
+        user_log_prob=record["user_log_prob"],
+        length=record["length"],
+    )
+
+
+def aggregate(ads: list[dict]) -> dict:
+    """Per metric: mean and 95% interval over queries of the per-query mean over profiles."""
+    queries = sorted({a["query"] for a in ads})
+    per_query = {m: [] for m in METRICS}
+    value_per_paid = []
+    for q in queries:
+        rows = [ad_summary(a) for a in ads if a["query"] == q]
+        for m in METRICS:
+            per_query[m].append(np.mean([r[m] for r in rows]))
+        paid = np.mean([r["revenue"] for r in rows])
+        value_per_paid.append(np.mean([r["welfare"] for r in rows]) / paid if paid > 0 else np.nan)
+    summary = {m: dict(zip(("mean", "lo", "hi"), t_interval(per_query[m]))) for m in METRICS}
+    finite = np.asarray(value_per_paid)[np.isfinite(value_per_paid)]
+    summary["welfare_per_revenue"] = (
+        dict(zip(("mean", "lo", "hi"), t_interval(finite))) if len(finite) else dict(mean=np.nan, lo=np.nan, hi=np.nan)
+    )
+    return summary
+
+
+def format_table(summaries: dict) -> str:
+    columns = (*METRICS, "welfare_per_revenue")
+    lines = ["| mechanism | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for mech, summary in summaries.items():
+        cells = []
+        for c in columns:
+            s = summary[c]
+            cells.append(f"{s['mean']:.3g}" + ("" if np.isnan(s["lo"]) else f" [{s['lo']:.3g}, {s['hi']:.3g}]"))
+        lines.append(f"| {mech} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_plot(path: Path, summaries: dict, ads_by_mechanism: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for mech, summary in summaries.items():
+        x, y = summary["user_log_prob"], summary["revenue"]
+        left.errorbar(
+            x["mean"], y["mean"], xerr=[[x["mean"] - x["lo"]], [x["hi"] - x["mean"]]],
+            yerr=[[y["mean"] - y["lo"]], [y["hi"] - y["mean"]]], fmt="o", capsize=3, label=mech,
+        )  # fmt: skip
+    left.set_xlabel("user side: mean log p_0 per token (higher = closer to the organic answer)")
+    left.set_ylabel("revenue per ad")
+    left.legend(fontsize=8)
+    edges = np.linspace(0, 1, 6)
+    centres = (edges[:-1] + edges[1:]) / 2
+    for mech, ads in ads_by_mechanism.items():
+        share = np.concatenate([np.asarray(a["bids"]) / np.sum(a["bids"]) for a in ads])
+        mentioned = np.concatenate([np.asarray(a["mentioned"], float) for a in ads])
+        which = np.clip(np.digitize(share, edges[1:-1]), 0, len(centres) - 1)
+        rate = [mentioned[which == b].mean() if (which == b).any() else np.nan for b in range(len(centres))]
+        right.plot(centres, rate, marker="o", label=mech)
+    right.set_xlabel("advertiser's bid share")
+    right.set_ylabel("share of ads that name the advertiser")
+    right.set_ylim(-0.05, 1.05)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _finite(value):
+    """NaN and inf (a one-query interval, a mechanism that charged nothing) as JSON null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 queries, 2 profiles, 16 tokens, 4 candidates")
+    parser.add_argument("--queries", type=int, default=None, help="use the first N queries")
+    parser.add_argument("--profiles", type=int, default=None, help="bid profiles per query (default 3; quick 2)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="ad length limit (default 48; quick 16)")
+    parser.add_argument("--candidates", type=int, default=None, help="reply auction candidates M (default 16; quick 4)")
+    parser.add_argument("--tau", type=float, default=1.0, help="reply auction temperature")
+    parser.add_argument("--mechanisms", nargs="+", default=list(MECHANISMS), choices=MECHANISMS)
+    parser.add_argument(
+        "--decoding",
+        default="sample",
+        choices=("sample", "greedy"),
+        help="token auctions and single winner: draw from q (default) or take its argmax (more coherent copy from "
+        "a small model; payments are the expected ones either way). The reply auction always samples its candidates.",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None, help="model path or hub id (default: bundled SmolLM2-135M)")
+    parser.add_argument("--query-file", default=str(CONFIGS / "benchmark_queries.toml"))
+    parser.add_argument("--rule-file", default=str(CONFIGS / "benchmark_certified_rule.toml"))
+    parser.add_argument("--json", default=None, help="write every ad of every mechanism here")
+    parser.add_argument("--plot", default=None, help="save the plot here (PNG)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.queries = args.queries or (3 if quick else None)
+    args.profiles = args.profiles or (2 if quick else 3)
+    args.max_new_tokens = args.max_new_tokens or (16 if quick else 48)
+    args.candidates = args.candidates or (4 if quick else 16)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    sys.path.insert(0, str(REPO))
+    import jax
+    from tqdm.auto import tqdm
+
+    from jaxauction import compare, models
+
+    start = time.perf_counter()
+    queries = load_queries(Path(args.query_file))[: args.queries]
+    certified_rule, certified_params = load_certified_rule(Path(args.rule_file))
+    model = models.load(args.model)
+    rng = np.random.default_rng(args.seed)
+    profiles = [bid_profiles(len(q["advertisers"]), args.profiles, rng) for q in queries]
+    ads_by_mechanism = {m: [] for m in args.mechanisms}
+    seconds = {m: 0.0 for m in args.mechanisms}
+    bar = tqdm(total=len(queries) * len(args.mechanisms), desc="benchmark", unit="run")
+    for qi, query in enumerate(queries):
+        names = [a["name"] for a in query["advertisers"]]
+        prompts = [agent_prompt(query["text"], a) for a in query["advertisers"]]
+        base = base_prompt(query["text"])
+        for mi, mechanism in enumerate(args.mechanisms):
+            bar.set_postfix_str(f"{mechanism} q{qi}")
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(args.seed), qi), mi)
+            tick = time.perf_counter()
+            ads, paid = run_mechanism(
+                mechanism, prompts, base, profiles[qi], key=key, args=args, model=model, certified_rule=certified_rule
+            )
+            seconds[mechanism] += time.perf_counter() - tick  # generation only (compilation included)
+            metrics = compare.ad_metrics(model, prompts, base, profiles[qi], ads, paid, names)
+            for pi, record in enumerate(metrics.records()):
+                ads_by_mechanism[mechanism].append(
+                    dict(query=qi, query_text=query["text"], profile=pi, names=names, **record)
+                )
+            bar.update()
+    bar.close()
+    summaries = {m: aggregate(ads) for m, ads in ads_by_mechanism.items()}
+    elapsed = time.perf_counter() - start
+    print(format_table(summaries))
+    print(
+        f"{len(queries)} queries x {args.profiles} profiles x {len(args.mechanisms)} mechanisms, "
+        f"max_new_tokens={args.max_new_tokens}, M={args.candidates}, decoding={args.decoding}: {elapsed:.1f} s "
+        "(generation: " + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()) + ")"
+    )
+    result = dict(
+        settings=dict(
+            queries=len(queries), profiles=args.profiles, max_new_tokens=args.max_new_tokens,
+            candidates=args.candidates, tau=args.tau, seed=args.seed, model=args.model or "bundled SmolLM2-135M",
+            decoding=args.decoding, certified_rule=certified_params, time_s=elapsed, generation_s=seconds,
+        ),
+        summary=summaries,
+        ads=ads_by_mechanism,
+    )  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(_finite(result), indent=1))
+        print(f"wrote {args.json}")
+    if args.plot:
+        save_plot(Path(args.plot), summaries, ads_by_mechanism)
+        print(f"wrote {args.plot}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""experiments/benchmark.py --quick on a tiny random Llama (the tiny_llama3 fixture with a longer context)."""
+
+import dataclasses
+import importlib.util
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxauction.models as jm
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "fixtures" / "tiny_llama3"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "experiments" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """The tiny fixture model with a context long enough for the benchmark's chat prompts."""
+    model, tokenizer = jm.load(FIXTURE)
+    model.config = dataclasses.replace(model.config, max_position_embeddings=1024)
+    return jm.export_hf(model, tokenizer, tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_query_file_has_enough_queries_and_advertisers():
+    queries = tomllib.loads((REPO / "experiments" / "configs" / "benchmark_queries.toml").read_text())["query"]
+    assert len(queries) >= 24
+    assert all(2 <= len(q["advertisers"]) <= 4 for q in queries)
+    names = [a["name"] for q in queries for a in q["advertisers"]]
+    assert len(set(names)) == len(names)
+
+
+QUERIES = """
+[[query]]
+text = "Vacations in Hawaii"
+advertisers = [{ name = "Alpha Airlines", description = "an airline" }, { name = "Beta Resort", description = "a resort" }]
+
+[[query]]
+text = "Running shoes"
+advertisers = [{ name = "Stridewell", description = "a shoe maker" }, { name = "Pace Lab", description = "a store" }]
+"""
+
+
+def test_quick_run_writes_every_ad_of_every_mechanism(tiny_folder, tmp_path):
+    """Two queries with two advertisers each (few shapes to compile), the --quick path otherwise."""
+    bench = load_benchmark()
+    out, plot, queries = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "queries.toml"
+    queries.write_text(QUERIES)
+    argv = ["--quick", "--query-file", str(queries), "--max-new-tokens", "3", "--candidates", "2"]
+    argv += ["--model", str(tiny_folder), "--decoding", "greedy"]
+    result = bench.main(argv + ["--json", str(out), "--plot", str(plot)])
+    saved = json.loads(out.read_text())
+    assert plot.stat().st_size > 0
+    assert set(saved["ads"]) == set(bench.MECHANISMS)
+    for mechanism, ads in saved["ads"].items():
+        assert len(ads) == 2 * 2  # 2 queries x 2 profiles
+        for ad in ads:
+            n = len(ad["names"])
+            assert 2 <= n <= 4 and len(ad["values"]) == n and len(ad["mentioned"]) == n
+            assert 1 <= ad["length"] <= 3 and all(z >= 0 for z in ad["payments"])
+            np.testing.assert_allclose(ad["welfare"], np.dot(ad["bids"], ad["values"]), rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(ad["revenue"], sum(ad["payments"]), rtol=1e-9)
+        assert saved["summary"][mechanism]["revenue"]["mean"] == pytest.approx(
+            np.mean([np.mean([a["revenue"] for a in ads if a["query"] == q]) for q in (0, 1)])
+        )
+    # Single winner: the highest bidder pays the second bid per token; nobody else pays.
+    for ad in saved["ads"]["single_winner"]:
+        order = np.argsort(-np.asarray(ad["bids"]), kind="stable")
+        want = np.zeros(len(ad["bids"]))
+        want[order[0]] = ad["bids"][order[1]] * ad["length"]
+        np.testing.assert_allclose(ad["payments"], want, rtol=1e-9)
+    assert result["settings"]["queries"] == 2
+    table = bench.format_table(result["summary"])
+    assert all(m in table for m in bench.MECHANISMS)
