@@ -4,9 +4,9 @@
     .venv-bench/bin/python experiments/bench_generation.py --points 3 --max-new-tokens 8   # quick
 
 Needs torch (the project's ``bench`` extra). The workload is the Hawaii demonstration
-(``experiments/configs/hawaii.toml``, SPEC §6): the two advertisers' chat prompts, the
+(``experiments/configs/hawaii.toml``, the paper's Hawaii demonstration): the two advertisers' chat prompts, the
 ``--points``-point bid sweep of :func:`jaxauction.sweep.sweep_bids` (default 11 auctions x 2 agents =
-22 sequences), the linear rule, expected second-price payments (SPEC §4) and greedy decoding
+22 sequences), the linear rule, expected second-price payments (docs/maths.md §5) and greedy decoding
 (``argmax q``, deterministic, so the implementations must produce the same tokens), at most
 ``--max-new-tokens`` (default 48) tokens per auction, float32 on the CPU. Three implementations:
 

@@ -6,7 +6,7 @@ space, its derivative in u (JAX: jax.jvp of the rule; NumPy: the forward-mode ch
 out), and the robust allocation's slope sum_{p_i > q(0)} dq/du, integrated as in jaxauction.
 
 Two NumPy baselines, both run auction by auction and agent by agent, vectorised over nodes and tokens:
-* plain: SPEC §2 as written, log q = logsumexp_j(log lambda_j + log p_j) at every node (scipy's
+* plain: docs/maths.md §2 as written, log q = logsumexp_j(log lambda_j + log p_j) at every node (scipy's
   logsumexp), derivative through it. This is the baseline of ``ratio_vs_numpy``.
 * hoisted: NumPy given the same algorithm as jaxauction: p_j = exp(log p_j) is computed once per
   auction and the robust slope is differentiated in probability space (``jaxauction.linear.probabilities``),
@@ -59,7 +59,7 @@ def numpy_nodes(quadrature: payments.Quadrature, upper: float, dtype) -> tuple[n
 
 
 def numpy_plain_auction(logits: np.ndarray, bids: np.ndarray, quadrature: payments.Quadrature):
-    """SPEC §2 literally: log q = logsumexp_j(log lambda_j + log p_j) at every node (float32)."""
+    """docs/maths.md §2 literally: log q = logsumexp_j(log lambda_j + log p_j) at every node (float32)."""
     n = len(bids)
     dtype = logits.dtype
     log_p = numpy_log_probs(logits).astype(dtype)
@@ -213,7 +213,7 @@ def main(argv=None):
         ratio_vs_numpy=min(c["ratio"] for c in cases),
         ratio_vs_numpy_hoisted=min(c["ratio_hoisted"] for c in cases),
         note=(
-            "ratio_vs_numpy: smallest per-case ratio of auctions/s, JAX (jit, CPU) over plain NumPy (SPEC "
+            "ratio_vs_numpy: smallest per-case ratio of auctions/s, JAX (jit, CPU) over plain NumPy (docs/maths.md "
             "formulas at every node); ratio_vs_numpy_hoisted: the same against NumPy with jaxauction's "
             "hoisting and a BLAS mixture"
         ),

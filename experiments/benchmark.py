@@ -1,16 +1,16 @@
-"""Mechanisms compared on the same ads (issue 13, SPEC §8): token auctions, the reply auction, single winner.
+"""Mechanisms compared on the same ads (issue 13, docs/maths.md §9): token auctions, the reply auction, single winner.
 
 For every query of ``experiments/configs/benchmark_queries.toml`` (2-4 fictional advertisers each) and
 several bid profiles (profile 0: equal bids; the others: Dirichlet(1) shares; bids sum to 1), each
 mechanism writes one ad:
 
-- ``token_linear``: the token auction, linear rule, second-price payments (SPEC §2, §4);
-- ``token_log_linear``: the token auction, log-linear rule, KL (Myerson) payments (SPEC §5; the
+- ``token_linear``: the token auction, linear rule, second-price payments (docs/maths.md §2, §4);
+- ``token_log_linear``: the token auction, log-linear rule, KL (Myerson) payments (docs/maths.md §7; the
   log-linear rule is not monotone, so the robust second-price payments do not apply to it);
 - ``token_certified``: the power-mean rule of ``experiments/configs/benchmark_certified_rule.toml``
-  (``jaxauction.design.bind``), second-price payments; the parameters there are a PLACEHOLDER
-  (gamma = 2.0) until the design search's certified rule is filled in;
-- ``reply``: the reply-level auction (SPEC §7), ``M`` candidates from the base prompt's LLM, Clarke
+  (``jaxauction.design.bind``: rho = 1, temperature = 1, gamma = 2.78, the design search's best rule
+  with a held-out strict certificate of 1.000), second-price payments;
+- ``reply``: the reply-level auction (docs/maths.md §8), ``M`` candidates from the base prompt's LLM, Clarke
   payments; the profiles of a query share one candidate set;
 - ``single_winner``: the highest bidder's prompt writes the ad alone, charged the second bid per token.
 

@@ -3,13 +3,13 @@
 Two kinds of search, each maximising (a) expected second-price revenue and (b) the log-linear rule's
 welfare ``sum_i b_i (-KL(q || p_i))``:
 
-* the full family (rho, gamma, base bid, temperature) with the smooth violation penalty (SPEC §3) held
+* the full family (rho, gamma, base bid, temperature) with the smooth violation penalty (docs/maths.md §4) held
   within a budget, a fraction of the log-linear rule's violation, by an augmented Lagrangian;
 * the monotone-by-construction sub-family (rho = 1 and temperature = 1 fixed; gamma and base bid
-  free, SPEC §2).
+  free, docs/maths.md §2).
 
 Every rule in the table (linear, log-linear, each searched rule) carries the strict certificate
-(SPEC §3, :func:`jaxauction.design.certify_rule`) on held-out auctions drawn with another seed, and
+(docs/maths.md §4, :func:`jaxauction.design.certify_rule`) on held-out auctions drawn with another seed, and
 its revenue and welfare there; a rule is called monotone only if its certificate share is 1.0. The
 penalty budget is not a certificate: a small penalty can hide failures on many pairs. The plain
 power-mean curve (rho from -0.5 to 1.5, other parameters at their defaults) goes to the JSON and plot.
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                 description=f"{name} penalty budget {budget:g}",
                 **common,
             )
-        else:  # rho = 1, temperature = 1 frozen: monotone by construction (SPEC §2)
+        else:  # rho = 1, temperature = 1 frozen: monotone by construction (docs/maths.md §2)
             result = design.search(
                 objective=OBJECTIVES[name],
                 params=start,
@@ -190,8 +190,8 @@ def main(argv=None) -> int:
         "data": data_settings,
         "heldout_data": heldout_settings,
         "settings": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
-        "violation_unit": "mean over auctions of sum_i sum_t max(0, -(p_i(t) - q_t) dq_t/db_i) (SPEC §3)",
-        "certificate": "share of held-out (auction, agent) pairs passing the strict check of SPEC §3 "
+        "violation_unit": "mean over auctions of sum_i sum_t max(0, -(p_i(t) - q_t) dq_t/db_i) (docs/maths.md §4)",
+        "certificate": "share of held-out (auction, agent) pairs passing the strict check of docs/maths.md §4 "
         "(bids raised by 1.01, 1.1, 2; every token; float-rounding tolerance); monotone iff share == 1.0",
         "log_linear_violation": scale,
         "references": references,

@@ -1,6 +1,6 @@
 """The paper's demonstration: Alpha Airlines and Beta Resort bid for a joint ad for "Vacations in Hawaii".
 
-Duetting et al. (WWW 2024), SPEC §6. The bid moves from Beta Resort (share 0) to Alpha Airlines
+Duetting et al. (WWW 2024), the paper's Hawaii demonstration. The bid moves from Beta Resort (share 0) to Alpha Airlines
 (share 1) in 11 points; every point is one token auction among the two advertisers' LLM agents
 (the bundled SmolLM2-135M-Instruct, each conditioned on its advertiser's prompt), under the linear
 and the log-linear rule, with second-price payments. All points of a rule run as one batch in one

@@ -53,7 +53,7 @@ def max_bid(dtype: Any = None) -> float:
     """The largest accepted bid in ``dtype`` (default: :func:`default_float_dtype`).
 
     ``finfo(dtype).max / 1e8``: about ``3.4e30`` in float32 and ``1.8e300`` in float64. Payments are
-    computed on bids normalised by their largest one and scaled back (SPEC §4), so every bid up to
+    computed on bids normalised by their largest one and scaled back (docs/maths.md §5), so every bid up to
     this bound gives finite payments (KL payments and sums over generated tokens included); larger
     bids are rejected at the public boundary. Only bid ratios matter to the outcome, so divide all
     bids by a common unit instead.

@@ -4,7 +4,7 @@ Shapes: ``logits: [..., n, V]`` (unnormalised, ``-inf`` marks a masked token), `
 (non-negative); leading axes broadcast. Both rules return normalised log-probabilities
 ``log q: [..., V]`` and depend on the bids only through the weights ``lambda_i = b_i / sum_j b_j``.
 
-Conventions shared by every rule here (SPEC §2):
+Conventions shared by every rule here (docs/maths.md §2):
 
 * An agent with ``lambda_i = 0`` has no effect at all, even on tokens it masks with ``-inf``.
 * All bids zero: every agent gets the same weight ``1/n`` (the outcome is then the rule applied with
@@ -149,7 +149,7 @@ def _log_linear(logits: jax.Array, bids: jax.Array) -> jax.Array:
 
 
 def linear(logits: jax.Array, bids: jax.Array) -> jax.Array:
-    """Linear aggregation ``q = sum_i lambda_i p_i`` (SPEC §2), in log space.
+    """Linear aggregation ``q = sum_i lambda_i p_i`` (docs/maths.md §2), in log space.
 
     The unique minimiser of ``sum_i b_i KL(p_i || q)``; monotone (raising ``b_i`` moves ``q`` along
     the segment towards ``p_i``).
@@ -182,9 +182,9 @@ def linear_probabilities(logits: jax.Array, bids: jax.Array) -> jax.Array:
 
 
 def log_linear(logits: jax.Array, bids: jax.Array) -> jax.Array:
-    """Log-linear aggregation ``q ∝ exp(sum_i lambda_i log p_i)`` (SPEC §2).
+    """Log-linear aggregation ``q ∝ exp(sum_i lambda_i log p_i)`` (docs/maths.md §2).
 
-    The unique minimiser of ``sum_i b_i KL(q || p_i)``; not monotone in general (SPEC §3).
+    The unique minimiser of ``sum_i b_i KL(q || p_i)``; not monotone in general (docs/maths.md §4).
 
     Args:
       logits: ``[..., n, V]`` unnormalised next-token logits of the ``n`` agents (``-inf`` allowed).

@@ -13,7 +13,7 @@ from jaxauction import _validation, aggregation, base, payments, rules
 __all__ = ["PAYMENT_KINDS", "AuctionOutcome", "TokenAuction", "payment_allocation"]
 
 PAYMENT_KINDS = {"second_price": "robust", "kl": "kl", None: None}
-"""The payment kinds of a :class:`TokenAuction` and the allocation each charges for (SPEC §4, §5):
+"""The payment kinds of a :class:`TokenAuction` and the allocation each charges for (docs/maths.md §5, §5):
 ``"second_price"`` the robust allocation, ``"kl"`` Myerson payments for the rule's KL valuation,
 ``None`` no payments."""
 
@@ -44,7 +44,7 @@ class AuctionOutcome:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TokenAuction:
-    """Mechanism = aggregation rule + payment rule + optional base distribution (SPEC §1).
+    """Mechanism = aggregation rule + payment rule + optional base distribution (docs/maths.md §1).
 
     A pytree: ``base_logits`` and ``base_bid`` are leaves (they can be traced, batched with
     ``vmap`` and differentiated); ``rule``, ``payment`` and ``quadrature`` are static.
@@ -53,8 +53,8 @@ class TokenAuction:
       rule: a rule name (``"linear"``), a :class:`jaxauction.base.Rule` or a function
         ``rule(logits [..., m, V], bids [..., m]) -> log q [..., V]`` (resolved with
         :func:`jaxauction.base.as_rule`); default the linear rule.
-      payment: a key of :data:`PAYMENT_KINDS`: ``"second_price"`` (robust allocation, SPEC §4),
-        ``"kl"`` (Myerson payments for the rule's KL valuation, SPEC §5) or ``None`` (all zero).
+      payment: a key of :data:`PAYMENT_KINDS`: ``"second_price"`` (robust allocation, docs/maths.md §5),
+        ``"kl"`` (Myerson payments for the rule's KL valuation, docs/maths.md §7) or ``None`` (all zero).
       base_logits: optional ``[..., V]`` base (platform) distribution; takes part in ``q`` with
         ``base_bid`` and counts in every agent's competing bid ``B``, but is never charged.
       base_bid: ``[...]`` or scalar, non-negative.

@@ -48,9 +48,9 @@ class Rule:
         to differentiate for the robust allocation).
       closed_form_payment: optional exact robust second-price payments (see :data:`ClosedFormPayment`);
         :func:`jaxauction.payments.second_price` uses it instead of the quadrature when present.
-      valuation: the valuation whose bid-weighted welfare the rule maximises (SPEC §5); the KL
+      valuation: the valuation whose bid-weighted welfare the rule maximises (docs/maths.md §7); the KL
         (Myerson) payments need it.
-      monotone: True only if the rule is monotone by construction (SPEC §3).
+      monotone: True only if the rule is monotone by construction (docs/maths.md §4).
     """
 
     name: str

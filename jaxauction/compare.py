@@ -1,4 +1,4 @@
-"""Comparing mechanisms on the same ads (SPEC §8): the single-winner baseline and the per-ad metrics.
+"""Comparing mechanisms on the same ads (docs/maths.md §9): the single-winner baseline and the per-ad metrics.
 
 - :func:`single_winner`: today's ad auction; the highest bidder's own prompt writes the ad alone and
   it is charged the second-highest bid for every token of its ad (ties go to the lower index).
@@ -49,7 +49,7 @@ class SingleWinnerResult:
 def single_winner(
     prompts, bids, *, key=None, max_new_tokens: int = 48, model=None, decoding: str = "sample"
 ) -> SingleWinnerResult:
-    """The single-winner baseline of SPEC §8 for ``A`` bid profiles.
+    """The single-winner baseline of docs/maths.md §9 for ``A`` bid profiles.
 
     Args:
       prompts: the ``n`` advertisers' prompts (as for :func:`jaxauction.generate`).
@@ -123,7 +123,7 @@ def mentions(texts: Sequence[str], names: Sequence[str]) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class AdMetrics:
-    """Per-ad metrics of SPEC §8 for ``A`` ads among ``n`` advertisers (numpy, float64).
+    """Per-ad metrics of docs/maths.md §9 for ``A`` ads among ``n`` advertisers (numpy, float64).
 
     Attributes:
       values: ``[A, n]`` ``v_i = sum_t [log p_i(y_t | y_<t) - log p_0(y_t | y_<t)]``.
@@ -165,7 +165,7 @@ class AdMetrics:
 
 
 def ad_metrics(model, prompts, base_prompt, bids, ad_tokens, payments, names) -> AdMetrics:
-    """The per-ad metrics of SPEC §8 (see :class:`AdMetrics`), scored in one teacher-forced batch.
+    """The per-ad metrics of docs/maths.md §9 (see :class:`AdMetrics`), scored in one teacher-forced batch.
 
     Args:
       model: ``(model, tokenizer)``; ``None`` loads the bundled model.

@@ -33,7 +33,7 @@ Limits: bids and ``base_bid`` are finite numbers in ``[0, MAX_BID]`` (``1e30``);
 float32. Advertiser names are non-empty. An advertiser is *mentioned* in a text when one of its
 keywords (default: its name) occurs as a whole word (or phrase), case-insensitively: "Alpha" matches
 "alpha's deal" but not "Alphabet". ``decoding = "stable"`` needs exactly two advertisers, the linear
-rule and no ``base_prompt`` (SPEC §4's sampler).
+rule and no ``base_prompt`` (docs/maths.md §5's sampler).
 
 Every problem is reported as a :class:`ConfigError` naming the file, the line (where it can be found)
 and the field, when the file is loaded (before any model is loaded).
@@ -139,7 +139,7 @@ def check_decoding(decoding: str, rule: str, num_agents: int, has_base_prompt: b
     if not problems:
         return None
     return (
-        "decoding 'stable' is SPEC §4's sampler for exactly two advertisers, the linear rule and no base_prompt; "
+        "decoding 'stable' is docs/maths.md §5's sampler for exactly two advertisers, the linear rule and no base_prompt; "
         f"got {', '.join(problems)}. Use decoding 'sample' or 'greedy', or meet those conditions."
     )
 

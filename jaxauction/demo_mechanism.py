@@ -1,4 +1,4 @@
-"""A worked token auction (SPEC §6's Hawaii setting) on MADE-UP next-token distributions.
+"""A worked token auction (the paper's Hawaii demonstration's Hawaii setting) on MADE-UP next-token distributions.
 
 No language model is involved: the three distributions below are invented by hand to show the
 mechanism (aggregation, payments, bid ratios). Run ``python -m jaxauction.demo_mechanism``.
@@ -36,7 +36,9 @@ def main() -> None:
     logits = _logits()
     agents, base = logits[:2], logits[2]
     names = list(MADE_UP)[:2]
-    print("jaxauction mechanism demo: SPEC §6 setting, MADE-UP distributions (no LLM involved)")
+    print(
+        "jaxauction mechanism demo: the paper's Hawaii demonstration setting, MADE-UP distributions (no LLM involved)"
+    )
     print("Next-token distributions after 'Vacations in Hawaii' (invented by hand):")
     print(_row("token", VOCAB, "{:>9}"))
     for name, probs in MADE_UP.items():
@@ -53,13 +55,13 @@ def main() -> None:
     generic = payments.second_price(aggregation.linear, agents, bids)
     closed = payments.linear_closed_form(agents, bids)
     print(_row("second price, linear", generic) + "   (autodiff + quadrature)")
-    print(_row("closed form, linear", closed) + "   (SPEC §4 formula)")
+    print(_row("closed form, linear", closed) + "   (docs/maths.md §5 formula)")
     print(_row("second price, log-lin", payments.second_price(aggregation.log_linear, agents, bids)))
     print(_row("KL (Myerson), linear", payments.second_price(aggregation.linear, agents, bids, "kl")))
     print(_row("KL (Myerson), log-lin", payments.second_price(aggregation.log_linear, agents, bids, "kl")))
     rules = (aggregation.linear, aggregation.log_linear)
     violation = [preferences.monotonicity_violation(rule, agents, bids) for rule in rules]
-    print(_row("violation, linear", violation[0], "{:>9.1e}") + "   (SPEC §3; 0 = monotone)")
+    print(_row("violation, linear", violation[0], "{:>9.1e}") + "   (docs/maths.md §4; 0 = monotone)")
     print(_row("violation, log-lin", violation[1], "{:>9.1e}"))
 
     print("\nBid ratio sweep (Alpha : Beta), linear rule with the base distribution at base bid 0.5:")
@@ -81,7 +83,7 @@ def main() -> None:
 
     keys = jax.random.split(jax.random.key(0), 20000)
     tokens, realized = jax.jit(jax.vmap(sampling.stable_sample_two, in_axes=(0, None, None)))(keys, agents, bids)
-    print("\nStable sampling (SPEC §4), 20000 draws at bids 2 : 1:")
+    print("\nStable sampling (docs/maths.md §5), 20000 draws at bids 2 : 1:")
     print(f"  first draws: {[VOCAB[int(t)] for t in tokens[:6]]}")
     print(_row("  mean realized payment", np.asarray(realized).mean(axis=0)) + "   (vs expected above)")
 

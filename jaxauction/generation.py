@@ -6,7 +6,7 @@ prompt (the platform's neutral prompt) that takes part with a fixed bid nobody p
 row ``a * m + j`` is agent ``j`` of auction ``a`` (the base row last). An auction with fewer agents
 (or without a base prompt) is padded with absent rows: zero bid and every logit ``-inf``, which the
 built-in rules treat as an agent without any allowed token, i.e. with no effect on ``q`` or on any
-payment (SPEC §2), and which are never charged.
+payment (docs/maths.md §2), and which are never charged.
 
 All rows share one KV cache and are decoded together in one compiled ``lax.while_loop``: at each step
 the model gives every row's next-token logits, the rule forms ``log q: [A, V]``, one token is drawn
@@ -623,11 +623,11 @@ def generate(
       bids: ``[n]`` or ``[A, n]`` non-negative bids (at most :func:`jaxauction.payments.max_bid`); None with auctions.
       rule: ``"linear"``, ``"log_linear"``, a :class:`jaxauction.base.Rule` or a function
         ``(logits [..., m, V], bids [..., m]) -> log q [..., V]``.
-      payment: ``"second_price"`` (robust allocation, SPEC §4), ``"kl"`` (Myerson payments for KL
-        valuations, SPEC §5) or ``None``.
+      payment: ``"second_price"`` (robust allocation, docs/maths.md §5), ``"kl"`` (Myerson payments for KL
+        valuations, docs/maths.md §7) or ``None``.
       decoding: ``"sample"`` (draw from ``q`` exactly: no temperature or truncation, which would change
         the mechanism), ``"greedy"`` (argmax of ``q``) or ``"stable"`` (two agents, linear rule, no
-        base prompt: SPEC §4's stable sampler; payments are the realized threshold payments).
+        base prompt: docs/maths.md §5's stable sampler; payments are the realized threshold payments).
       key: one PRNG key (split per auction) or ``[A]`` keys (auction ``a`` uses ``key[a]``, so a
         batch gives what each auction gives alone with its key). Default ``jax.random.key(0)``.
       max_new_tokens: length limit; an auction also stops at EOS (which it pays for).
@@ -729,7 +729,7 @@ def generate(
     rows_per_auction = n_max + int(has_base)
     if decoding == "stable" and (n_max != 2 or counts.min() != 2 or has_base or rule_fn.name != "linear"):
         raise ValueError(
-            "decoding='stable' is SPEC §4's sampler for exactly two agents under the linear rule without a base "
+            "decoding='stable' is docs/maths.md §5's sampler for exactly two agents under the linear rule without a base "
             f"prompt; got n = {sorted(set(counts.tolist()))}, rule = {rule_fn.name!r}, base prompt "
             f"{'set' if has_base else 'None'}."
         )

@@ -2,15 +2,15 @@
 
 For agent ``i`` with bid ``b_i``, the others' total bid ``B = sum_{j != i} b_j`` (a base bid
 included) and an allocation ``x_i(s)`` that is non-decreasing in the own bid ``s``, the payment is
-(SPEC §4, §5)
+(docs/maths.md §5, §5)
 
     z_i = b_i x_i(b_i) - int_0^{b_i} x_i(s) ds = int_0^{b_i} s x_i'(s) ds  >= 0.
 
 Allocations:
 
-* ``"robust"`` (SPEC §4): ``x_i(s) = sum_{t in T_i+} q_t(s, b_-i)`` with ``T_i+ = {t : p_i(t) > q_t(0, b_-i)}``.
+* ``"robust"`` (docs/maths.md §5): ``x_i(s) = sum_{t in T_i+} q_t(s, b_-i)`` with ``T_i+ = {t : p_i(t) > q_t(0, b_-i)}``.
   This is the expected threshold payment of stable sampling.
-* ``"kl"`` (SPEC §5, Myerson): ``x_i(s) = v_i(q(s, b_-i))`` with ``v_i = -KL(p_i || q)`` for
+* ``"kl"`` (docs/maths.md §7, Myerson): ``x_i(s) = v_i(q(s, b_-i))`` with ``v_i = -KL(p_i || q)`` for
   :func:`~jaxauction.aggregation.linear` and ``-KL(q || p_i)`` for
   :func:`~jaxauction.aggregation.log_linear`. For any other rule pass the valuation itself.
 * a callable ``valuation(log_p, log_q) -> [...]`` (``log_p, log_q: [..., V]``): Myerson payments
@@ -18,11 +18,11 @@ Allocations:
 
 Rules are resolved with :func:`jaxauction.base.as_rule` (a name, a :class:`~jaxauction.base.Rule`,
 a ``jax.jit`` of one or a plain function). A rule with a closed-form robust payment (the linear rule,
-SPEC §4) uses it for ``allocation="robust"`` unless ``method="quadrature"``. Otherwise the robust
+docs/maths.md §5) uses it for ``allocation="robust"`` unless ``method="quadrature"``. Otherwise the robust
 allocation differentiates the rule's ``probabilities`` form when it has one (no log, exp and division
 per token), else ``exp(rule(...))``.
 
-Numerics (SPEC §4). The bids are first normalised by their largest one and the payments scaled back
+Numerics (docs/maths.md §5). The bids are first normalised by their largest one and the payments scaled back
 (``z(c b) = c z(b)``; every bid up to :func:`max_bid` gives finite payments). With the others' total
 ``B`` and ``u = log(1 + s/B)``, the own bid enters as the bid profile ``(1 - e^{-u}) e_i + e^{-u} w``
 (``w`` the others' shares; the rule depends on ratios only), so ``dlambda/du = e^{-u} (e_i - w)`` is
@@ -80,7 +80,7 @@ class Quadrature:
     Every panel has ``order`` nodes: ``size = order * (zero_panels + body_panels + tail_panels)``.
 
     Accuracy of the default (80 nodes), bid ratios 1e-12 to 1e12, measured against float64 SciPy
-    references of SPEC's definitions (tests/test_payments.py): the linear rule's generic robust path
+    references of the definitions (docs/maths.md) (tests/test_payments.py): the linear rule's generic robust path
     about 1e-9 relative in float64 and 4e-7 in float32 (its integrand is entire); KL (Myerson)
     payments of the linear rule and robust and KL payments of the log-linear rule about 5e-7 in
     float64 and 2e-6 in float32 for moderately peaked agents (raise ``tail_panels`` and
@@ -414,7 +414,7 @@ def second_price(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     method: str = "auto",
 ) -> jax.Array:
-    """Expected second-price payments ``[..., n]`` of a monotone rule (SPEC §4, §5).
+    """Expected second-price payments ``[..., n]`` of a monotone rule (docs/maths.md §5, §5).
 
     Args:
       rule: a rule name (``"linear"``), a :class:`jaxauction.base.Rule` (``jaxauction.linear``), a
@@ -489,7 +489,7 @@ def linear_closed_form(
     base_logits: jax.Array | None = None,
     base_bid: jax.Array | float = 0.0,
 ) -> jax.Array:
-    """Closed-form robust second-price payments of the linear rule (SPEC §4): ``[..., n]``.
+    """Closed-form robust second-price payments of the linear rule (docs/maths.md §5): ``[..., n]``.
 
     ``z_i = B TV(p_i, q_-i) (log(1 + b_i/B) - b_i/(b_i + B))`` with ``B = sum_{j != i} b_j`` (base bid
     included) and ``q_-i`` the linear aggregate of the others; 0 when ``B = 0``. Computed on bids

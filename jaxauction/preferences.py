@@ -1,4 +1,4 @@
-"""Robust preferences and the monotonicity of aggregation rules (SPEC §3).
+"""Robust preferences and the monotonicity of aggregation rules (docs/maths.md §4).
 
 * :func:`prefers`: the robust order (``q'`` lies between ``q`` and ``p`` on every token).
 * :func:`monotonicity_violation`: the smooth differential violation (a penalty for search).
@@ -79,7 +79,7 @@ def _hashable(rule) -> bool:
 
 
 def monotonicity_violation(rule, logits: jax.Array, bids: jax.Array) -> jax.Array:
-    """Differential monotonicity violation of ``rule`` for each agent (SPEC §3): ``[..., n] >= 0``.
+    """Differential monotonicity violation of ``rule`` for each agent (docs/maths.md §4): ``[..., n] >= 0``.
 
     ``violation_i = sum_t max(0, -(p_i(t) - q_t) dq_t/db_i)``, with ``dq/db_i`` a forward-mode
     derivative (``jax.jvp``) in agent ``i``'s bid. Zero for every agent and every bid profile iff the
@@ -124,7 +124,7 @@ _violation_jit = jax.jit(_violation, static_argnums=0)
 
 @dataclasses.dataclass(frozen=True)
 class Certificate:
-    """The strict monotonicity check of a rule on a set of auctions (SPEC §3).
+    """The strict monotonicity check of a rule on a set of auctions (docs/maths.md §4).
 
     Attributes:
       passed: ``[..., n]`` bools: agent ``i`` of an auction passes iff for every factor ``f`` the
@@ -170,7 +170,7 @@ def certify(
     atol: float | None = None,
     n_checked: int | None = None,
 ) -> Certificate:
-    """The strict monotonicity check of SPEC §3: raise each bid by each factor and test every token.
+    """The strict monotonicity check of docs/maths.md §4: raise each bid by each factor and test every token.
 
     For every auction, agent ``i`` (of the first ``n_checked``) and factor ``f > 1``, with ``q`` the
     outcome at ``bids`` and ``q'`` the outcome with ``b_i`` replaced by ``f b_i``, the agent passes iff

@@ -1,4 +1,4 @@
-"""A reply-level auction (after MOSAIC; SPEC §7): the agents bid for a whole reply, not for a token.
+"""A reply-level auction (after MOSAIC; docs/maths.md §8): the agents bid for a whole reply, not for a token.
 
 Candidates ``y_1..y_M`` are drawn from a proposal ``pi_gen``; ``pi_ref`` is the base (no-ad) prompt's LLM
 and the importance weights are ``w_k ∝ pi_ref(y_k) / pi_gen(y_k)`` (normalised). Agent ``i`` reports the
@@ -155,7 +155,7 @@ def allocation(log_weights, rewards, tau=1.0) -> jax.Array:
 
 
 def payments(log_weights, rewards, tau=1.0) -> jax.Array:
-    """Clarke-pivot payments ``z_i = W(N minus i) - W(N) + sum_k pi_k r_i(y_k)`` (SPEC §7).
+    """Clarke-pivot payments ``z_i = W(N minus i) - W(N) + sum_k pi_k r_i(y_k)`` (docs/maths.md §8).
 
     Computed as ``tau log sum_k pi_k exp(-(r_i(y_k) - E_pi r_i) / tau)`` (the same quantity, in log
     space), which is ``>= 0`` by Jensen's inequality; float rounding below 0 is clipped to 0. ``n = 1``
@@ -168,7 +168,7 @@ def payments(log_weights, rewards, tau=1.0) -> jax.Array:
 
 
 def welfare(log_weights, rewards, tau=1.0, members=None) -> jax.Array:
-    """``W(S) = tau log sum_k w_k exp(sum_{i in S} r_i(y_k) / tau)`` with ``w`` normalised (SPEC §7).
+    """``W(S) = tau log sum_k w_k exp(sum_{i in S} r_i(y_k) / tau)`` with ``w`` normalised (docs/maths.md §8).
 
     Args:
       log_weights, rewards, tau: as :func:`allocation`.
@@ -348,7 +348,7 @@ def auction(
     max_new_tokens: int = 48,
     model=None,
 ) -> ReplyResult:
-    """Runs the reply-level auction of SPEC §7 with an LLM.
+    """Runs the reply-level auction of docs/maths.md §8 with an LLM.
 
     1. Draw ``M = num_candidates`` replies from the proposal in one batched generation: ``"base"``
        samples from the base prompt's LLM (``pi_gen = pi_ref``, uniform weights); ``"mixture"`` draws

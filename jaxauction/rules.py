@@ -1,7 +1,7 @@
 """The built-in aggregation rules as :class:`jaxauction.base.Rule` objects, registered by name.
 
 ``jaxauction.linear`` and ``jaxauction.log_linear`` are these objects: callable like the functions in
-:mod:`jaxauction.aggregation`, and carrying what the payments need (SPEC §2, §4, §5).
+:mod:`jaxauction.aggregation`, and carrying what the payments need (docs/maths.md §2, §4, §5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stable sampling with realized threshold payments: two agents, linear rule (SPEC §4)."""
+"""Stable sampling with realized threshold payments: two agents, linear rule (docs/maths.md §5)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ class SimulationResult:
       index: ``[A]`` which logits set each auction used.
       payments: ``[A, n]`` expected payments for the token.
       values: ``[A, n]`` each agent's value of the outcome: ``-KL(p_i || q)`` under the linear rule,
-        ``-KL(q || p_i)`` under the log-linear rule (the valuation each rule maximises, SPEC §5).
+        ``-KL(q || p_i)`` under the log-linear rule (the valuation each rule maximises, docs/maths.md §7).
       welfare: ``[A]`` the bid-weighted welfare ``sum_i b_i v_i``.
       favoured: ``[A]`` the agent with the highest value (the one the outcome is closest to).
     """

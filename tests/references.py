@@ -1,6 +1,6 @@
 """Independent float64 NumPy/SciPy references for the core mechanism, shared by the tests.
 
-They follow SPEC's formulas literally in probability space (no log-space tricks, no autodiff, no
+They follow docs/maths.md's formulas literally in probability space (no log-space tricks, no autodiff, no
 JAX): ``from references import ref_linear, ...``. ``test_core_reference.py`` checks them.
 """
 
@@ -51,7 +51,7 @@ def ref_log1p_minus_ratio(r):
 
 
 def ref_linear_closed_form(logits, bids):
-    """SPEC §4 closed form, one auction: logits [n, V], bids [n] -> [n]."""
+    """docs/maths.md §5 closed form, one auction: logits [n, V], bids [n] -> [n]."""
     p = ref_probs(logits)
     bids = np.asarray(bids, np.float64)
     out = np.zeros(len(bids))
@@ -67,7 +67,7 @@ def ref_linear_closed_form(logits, bids):
 
 
 def ref_allocation(rule, logits, bids, i, kind):
-    """x_i(s) as a Python function of the own bid s (SPEC §4 robust, §5 KL)."""
+    """x_i(s) as a Python function of the own bid s (docs/maths.md §5 robust, §5 KL)."""
     p = ref_probs(logits)
     bids = np.asarray(bids, np.float64)
 
@@ -120,7 +120,7 @@ def random_auction(rng, n, vocab, scale=2.0, mask_fraction=0.0):
 
 
 def ref_payment_in_u(rule_name, logits, bids, i, kind):
-    """SPEC §4/§5 payment ``int_0^{b_i} s x_i'(s) ds`` of one agent, float64, for very wide bid ratios.
+    """docs/maths.md §5/§5 payment ``int_0^{b_i} s x_i'(s) ds`` of one agent, float64, for very wide bid ratios.
 
     Changed to ``u = log(1 + s/B)``: ``z_i = B int_0^U (1 - e^{-u}) e^u x_i'(u) du``; ``x_i'(u)`` is the
     analytic derivative (no autodiff) along ``lambda_i = 1 - e^{-u}``, others ``e^{-u} w``:

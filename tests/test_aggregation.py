@@ -1,4 +1,4 @@
-"""Aggregation rules against independent references (SPEC §2)."""
+"""Aggregation rules against independent references (docs/maths.md §2)."""
 
 import jax
 import jax.numpy as jnp

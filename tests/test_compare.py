@@ -1,4 +1,4 @@
-"""The single-winner baseline and the per-ad metrics of SPEC §8, on a tiny random Llama.
+"""The single-winner baseline and the per-ad metrics of docs/maths.md §9, on a tiny random Llama.
 
 References: a plain greedy loop over unpadded full forward passes (no cache, no batching) for the
 winner's ad, and unpadded per-ad forward passes for every log-probability behind the metrics.

@@ -1,4 +1,4 @@
-"""Checks of the shared float64 references in ``references.py`` (SPEC §2, §4)."""
+"""Checks of the shared float64 references in ``references.py`` (docs/maths.md §2, §4)."""
 
 import numpy as np
 import pytest

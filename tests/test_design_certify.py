@@ -62,8 +62,8 @@ def with_base(batch, base_bid):
         ((1.0, 1.0, 0.0, 1.0), True),  # linear
         ((1.0, 2.5, 0.3, 1.0), True),  # the monotone-by-construction sub-family
         ((1.0, 0.5, 2.0, 1.0), True),
-        ((1.0, 1.0, 0.2, 0.8), False),  # an output temperature breaks it (SPEC §2)
-        ((0.0, 1.0, 0.0, 1.0), False),  # log-linear (SPEC §3)
+        ((1.0, 1.0, 0.2, 0.8), False),  # an output temperature breaks it (docs/maths.md §2)
+        ((0.0, 1.0, 0.0, 1.0), False),  # log-linear (docs/maths.md §4)
     ],
 )
 def test_certify_rule_matches_a_brute_force_reference(dtype, values, monotone):
@@ -150,7 +150,7 @@ def test_evaluate_against_references(dtype):
     np.testing.assert_allclose(linear["welfare_reverse"], np.mean(np.sum(bids * reverse, -1)), rtol=rtol)
     np.testing.assert_allclose(linear["revenue"], np.mean(np.sum(np.asarray(closed_form), -1)), rtol=10 * rtol)
     assert linear["violation"] == 0.0 and log_linear["violation"] > 1e-4
-    # each welfare is largest at the rule that maximises it (SPEC §2)
+    # each welfare is largest at the rule that maximises it (docs/maths.md §2)
     assert linear["welfare_forward"] > log_linear["welfare_forward"]
     assert log_linear["welfare_reverse"] > linear["welfare_reverse"]
     with precision(dtype):  # off the core rules: against the family's NumPy definition

@@ -180,7 +180,7 @@ def test_violation_matches_finite_difference_reference():
 
 
 def test_each_welfare_is_stationary_at_the_rule_it_is_maximised_by():
-    """Linear maximises sum b_i (-KL(p_i || q)) and log-linear sum b_i (-KL(q || p_i)) over all q (SPEC §2),
+    """Linear maximises sum b_i (-KL(p_i || q)) and log-linear sum b_i (-KL(q || p_i)) over all q (docs/maths.md §2),
     so every family parameter has zero gradient there (the base bid is at 0)."""
     batch = make_batch()
     for params, valuation in ((PowerMeanParams.linear(), "forward"), (PowerMeanParams.log_linear(), "reverse")):

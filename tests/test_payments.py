@@ -1,4 +1,4 @@
-"""Second-price and Myerson payments against closed forms and adaptive quadrature (SPEC §4, §5)."""
+"""Second-price and Myerson payments against closed forms and adaptive quadrature (docs/maths.md §5, §5)."""
 
 import functools
 import logging
@@ -155,7 +155,7 @@ def test_probability_form_is_only_a_faster_route():
 def test_callable_valuation_and_kl_for_other_rules():
     logits, bids = random_auction(np.random.default_rng(6), 3, 5)
     jl, jb = jnp.asarray(logits, jnp.float32), jnp.asarray(bids, jnp.float32)
-    # a callable valuation against the SciPy quadrature of SPEC §5 (not against "kl", the same function)
+    # a callable valuation against the SciPy quadrature of docs/maths.md §7 (not against "kl", the same function)
     expected = [ref_payment(ref_linear, logits, bids, i, "forward_kl") for i in range(3)]
     # float32 quadrature of a KL value that is a difference of O(1) terms: about 1e-4 relative
     np.testing.assert_allclose(second_price(aggregation.linear, jl, jb, payments.forward_kl_value), expected, rtol=3e-4)
@@ -207,11 +207,11 @@ def test_quadrature_integrates_exactly_on_its_panels():
         payments.Quadrature(order=0)
 
 
-# ---- SPEC §4 numerics: every bid ratio and scale, float32 and float64 ----
+# ---- docs/maths.md §5 numerics: every bid ratio and scale, float32 and float64 ----
 
 WIDE_RATIOS = 10.0 ** np.arange(-12, 13)
 ISSUE_LOGITS = np.log(np.array([[0.30, 0.01, 0.69], [0.29, 0.70, 0.01]]))
-# SPEC §4: about 1e-3 relative in float32 and 1e-6 in float64 (measured: 6e-7 and 1e-9, see the report)
+# docs/maths.md §5: about 1e-3 relative in float32 and 1e-6 in float64 (measured: 6e-7 and 1e-9, see the report)
 RTOL = {jnp.float32: 1e-3, jnp.float64: 1e-6}
 
 
@@ -289,7 +289,7 @@ def test_nan_or_inf_inputs_under_jit_give_nan_for_that_auction_only(allocation, 
 
 @pytest.mark.parametrize("allocation,kind", [("robust", "robust"), ("kl", "reverse_kl")])
 def test_log_linear_payments_match_scipy_for_bid_ratios_1e_minus_12_to_1e12(allocation, kind, dtype):
-    """Against a float64 SciPy quadrature of SPEC's definition (changed to u, analytic derivative)."""
+    """Against a float64 SciPy quadrature of docs/maths.md's definition (changed to u, analytic derivative)."""
     logits, bids = random_auction(np.random.default_rng(12), 3, 6)
     profiles = _wide_profiles(bids[1:])[::2]
     got = payments.second_price(

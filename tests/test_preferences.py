@@ -1,4 +1,4 @@
-"""Robust preferences and monotonicity (SPEC §3)."""
+"""Robust preferences and monotonicity (docs/maths.md §4)."""
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ SPEC_P2 = np.array([0.29, 0.70, 0.01])
 
 
 def ref_violation(reference_rule, logits, bids, step=1e-6):
-    """SPEC §3 by central finite differences of the float64 reference rule."""
+    """docs/maths.md §4 by central finite differences of the float64 reference rule."""
     p = ref_probs(logits)
     q = reference_rule(logits, bids)
     out = []
@@ -50,7 +50,7 @@ def test_spec_counterexample_is_detected(x64):
     v = violation(aggregation.log_linear, logits, bids)
     assert v[0] > 1e-3
     np.testing.assert_allclose(v, ref_violation(ref_log_linear, np.asarray(logits), np.asarray(bids)), rtol=1e-6)
-    # and the discrete move of SPEC §3 is not weakly preferred by agent 1
+    # and the discrete move of docs/maths.md §4 is not weakly preferred by agent 1
     q_low = jnp.exp(aggregation.log_linear(logits, bids))
     q_high = jnp.exp(aggregation.log_linear(logits, jnp.array([0.5, 0.5])))
     assert not preferences.prefers(jnp.asarray(SPEC_P1), q_high, q_low)
@@ -93,7 +93,7 @@ def test_prefers_is_the_betweenness_order():
         preferences.prefers(jnp.log(p), q, q)
 
 
-# --- The strict certificate (SPEC §3) -----------------------------------------------------------------
+# --- The strict certificate (docs/maths.md §4) -----------------------------------------------------------------
 
 
 def _precision(dtype):
@@ -143,7 +143,7 @@ def test_certify_fails_log_linear_on_the_spec_counterexample(dtype):
     logits = np.log(np.stack([SPEC_P1, SPEC_P2]))
     bids = np.array([0.3, 0.7])
     with _precision(dtype):
-        # SPEC §3: lambda_1 from 0.3 to 0.5 is b_1 from 0.3 to 0.7, a factor 7/3
+        # docs/maths.md §4: lambda_1 from 0.3 to 0.5 is b_1 from 0.3 to 0.7, a factor 7/3
         certificate = preferences.certify("log_linear", jnp.asarray(logits, dtype), jnp.asarray(bids, dtype))
         spec_move = preferences.certify(
             "log_linear", jnp.asarray(logits, dtype), jnp.asarray(bids, dtype), factors=(7 / 3,)
@@ -177,10 +177,10 @@ def test_certify_fails_the_tempered_linear_rule_on_the_spec_counterexample(dtype
             design.fixed_rule(design.PowerMeanParams.create()), jnp.asarray(logits, dtype), jnp.asarray(bids, dtype)
         )
     reference = ref_certificate(ref_tempered_linear(tau), logits, bids, factors=(1.2,))
-    assert reference[0] > 1e-4  # the reference itself fails agent 1 (SPEC §2)
+    assert reference[0] > 1e-4  # the reference itself fails agent 1 (docs/maths.md §2)
     assert not certificate.passed[0] and not certificate.monotone
     np.testing.assert_allclose(certificate.excess, reference, atol=1e-5)
-    if tau == 1.1:  # SPEC §2's numbers: q(token 0) from 0.6324 to 0.6316
+    if tau == 1.1:  # docs/maths.md §2's numbers: q(token 0) from 0.6324 to 0.6316
         np.testing.assert_allclose(certificate.excess[0], 0.6324 - 0.6316, atol=1e-4)
     assert untempered.monotone
 

@@ -1,4 +1,4 @@
-"""The reply-level auction (SPEC §7): array functions against a NumPy float64 reference, truthfulness by
+"""The reply-level auction (docs/maths.md §8): array functions against a NumPy float64 reference, truthfulness by
 best response over a bid grid, and the LLM-level auction against pi* enumerated on a tiny vocabulary.
 """
 
@@ -22,7 +22,7 @@ def _dtype_context(dtype):
     return jax.enable_x64(dtype == "float64")
 
 
-# ------------------------------------------------------------------------------ NumPy reference (SPEC §7)
+# ------------------------------------------------------------------------------ NumPy reference (docs/maths.md §8)
 
 
 def ref_welfare(log_w, rewards, tau, members):
@@ -272,7 +272,7 @@ def test_allocation_converges_to_the_enumerated_target(tiny, proposal):
         estimate[index[tuple(int(t) for t in row[:length])]] += result.probabilities[k]
     tv = 0.5 * np.abs(estimate - target).sum()
     assert tv < 0.05, tv
-    # The rewards and weights are the SPEC §7 quantities of the candidates (checked against enumeration).
+    # The rewards and weights are the docs/maths.md §8 quantities of the candidates (checked against enumeration).
     k = 0
     y = tuple(int(t) for t in result.candidate_tokens[k][: result.candidate_lengths[k]])
     np.testing.assert_allclose(result.log_ref[k], log_ref[index[y]], atol=1e-4)

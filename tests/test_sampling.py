@@ -1,4 +1,4 @@
-"""Stable sampling with realized payments (SPEC §4), checked by Monte Carlo with 5-sigma tolerances."""
+"""Stable sampling with realized payments (docs/maths.md §5), checked by Monte Carlo with 5-sigma tolerances."""
 
 import jax
 import jax.numpy as jnp

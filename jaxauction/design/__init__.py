@@ -4,7 +4,7 @@
   bid, temperature) as a pytree of parameters; :func:`bind` gives a rule ``rule(logits, bids)``.
 * :mod:`~jaxauction.design.objectives`: welfare, revenue, monotonicity violation and distance to a
   reference rule over a batch of auctions, jit-compiled and differentiable; :func:`certify_rule`, the
-  strict monotonicity certificate (SPEC §3) a design claim must carry on held-out auctions.
+  strict monotonicity certificate (docs/maths.md §4) a design claim must carry on held-out auctions.
 * :mod:`~jaxauction.design.search`: an optax search with a violation budget (augmented Lagrangian),
   checkpoints that resume, and a progress bar.
 * :mod:`~jaxauction.design.data`: synthetic Dirichlet auctions or the bundled LLM's (cached).

@@ -1,6 +1,6 @@
 """The power-mean family of aggregation rules, differentiable in every parameter.
 
-For agents' next-token distributions ``p_i = softmax(l_i)`` and bids ``b_i`` (SPEC §2)::
+For agents' next-token distributions ``p_i = softmax(l_i)`` and bids ``b_i`` (docs/maths.md §2)::
 
     lambda_i ∝ b_i ** gamma                                  (bid transform)
     r_t      = (sum_i lambda_i p_i(t) ** rho) ** (1 / rho)   (power mean; rho -> 0: geometric mean)
@@ -304,7 +304,7 @@ def fixed_rule(params: PowerMeanParams) -> base.Rule:
 
     Two calls with equal parameters give equal rules, so functions that take the rule as a static
     argument (:func:`jaxauction.preferences.certify`) compile once per member. ``monotone`` is True for
-    ``rho = 1, temperature = 1`` (SPEC §2: monotone by construction for any ``gamma >= 0``).
+    ``rho = 1, temperature = 1`` (docs/maths.md §2: monotone by construction for any ``gamma >= 0``).
     The base distribution, if any, is not part of the rule: append it as the last agent
     (:func:`jaxauction.aggregation.append_base` with bid ``params.base_bid``).
     """

@@ -2,19 +2,19 @@
 
 Each objective takes ``(params: PowerMeanParams, batch: AuctionBatch)`` and returns a scalar: a mean
 over the ``A`` auctions of a sum over the ``n`` agents. When the batch has a base distribution it
-takes part in the rule as one more agent with bid ``params.base_bid`` (SPEC §1); it is never charged
+takes part in the rule as one more agent with bid ``params.base_bid`` (docs/maths.md §1); it is never charged
 and has no value, so it is left out of the sums.
 
-* :func:`welfare`: bid-weighted welfare ``sum_i b_i v_i(q)`` under KL valuations (SPEC §5):
+* :func:`welfare`: bid-weighted welfare ``sum_i b_i v_i(q)`` under KL valuations (docs/maths.md §7):
   ``v_i = -KL(p_i || q)`` ("forward", the linear rule's) or ``-KL(q || p_i)`` ("reverse", the
   log-linear rule's). Bids are the agents' values (truthful bidding).
 * :func:`revenue`: ``sum_i z_i``, expected second-price payments computed by the core
   ``jaxauction.payments.second_price`` (autodiff of the allocation in the own bid, and quadrature).
 * :func:`violation`: ``sum_i`` of the core ``jaxauction.preferences.monotonicity_violation``
-  (SPEC §3), zero for a monotone rule.
+  (docs/maths.md §4), zero for a monotone rule.
 * :func:`distance`: ``KL(q_ref || q)`` ("forward") or ``KL(q || q_ref)`` ("reverse") to a reference
   rule applied to the agents alone.
-* :func:`certify_rule`: the strict monotonicity certificate (SPEC §3) of a family member on a batch
+* :func:`certify_rule`: the strict monotonicity certificate (docs/maths.md §4) of a family member on a batch
   (use held-out auctions: a claim of monotonicity needs ``share == 1.0`` there).
 
 The KL valuations have one home, :func:`jaxauction.payments.forward_kl_value` and
@@ -83,7 +83,7 @@ def welfare(params: PowerMeanParams, batch: AuctionBatch, valuation: str = "forw
 def revenue(params: PowerMeanParams, batch: AuctionBatch, allocation: str = "robust") -> jax.Array:
     """Mean over auctions of the agents' total expected second-price payment (the base pays nothing).
 
-    ``allocation``: ``"robust"`` (SPEC §4), or Myerson payments for KL valuations (SPEC §5),
+    ``allocation``: ``"robust"`` (docs/maths.md §5), or Myerson payments for KL valuations (docs/maths.md §7),
     ``"forward_kl"`` (``-KL(p_i || q)``) or ``"reverse_kl"`` (``-KL(q || p_i)``).
     """
     _check_choice("allocation", allocation, ALLOCATIONS)
@@ -100,7 +100,7 @@ def revenue(params: PowerMeanParams, batch: AuctionBatch, allocation: str = "rob
 
 @jax.jit
 def violation(params: PowerMeanParams, batch: AuctionBatch) -> jax.Array:
-    """Mean over auctions of ``sum_i`` monotonicity violation (SPEC §3) of the agents (not the base)."""
+    """Mean over auctions of ``sum_i`` monotonicity violation (docs/maths.md §4) of the agents (not the base)."""
     logits, bids = augmented(params, batch)
     per_agent = preferences.monotonicity_violation(bind(params), logits, bids)
     return jnp.mean(jnp.sum(per_agent[..., : batch.num_agents], axis=-1))
@@ -147,7 +147,7 @@ def certify_rule(
     factors: tuple[float, ...] = preferences.DEFAULT_FACTORS,
     atol: float | None = None,
 ) -> preferences.Certificate:
-    """The strict monotonicity certificate (SPEC §3) of the family member ``params`` on ``batch``.
+    """The strict monotonicity certificate (docs/maths.md §4) of the family member ``params`` on ``batch``.
 
     :func:`jaxauction.preferences.certify` on the batch's agents (the base distribution, if any,
     takes part with bid ``params.base_bid`` but is not checked). Pass held-out auctions (drawn with
