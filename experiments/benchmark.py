@@ -14,6 +14,14 @@ mechanism writes one ad:
   payments; the profiles of a query share one candidate set;
 - ``single_winner``: the highest bidder's prompt writes the ad alone, charged the second bid per token.
 
+Batching: each token-auction mechanism runs every (query, profile) auction of the run in ONE heterogeneous
+``jaxauction.generate`` call (a list of ``jaxauction.Auction``, padded to the largest advertiser count: one
+compilation, one decode loop), and so does the single winner (one one-agent auction per (query, profile): the
+winner's prompt alone). Profile ``p`` of query ``q`` uses key ``split(fold_in(fold_in(key(seed), q), m), P)[p]``
+(``m`` the mechanism's index in ``MECHANISMS``), the key a per-query call gives it, so the ads do not depend
+on the batching. The reply auction runs per query (its candidate sets are per query). The ads of all
+mechanisms of a query are scored together (one prompt set).
+
 Each ad is scored with :func:`jaxauction.compare.ad_metrics` (values, welfare, revenue, mentions,
 user-side mean log p_0 per token). Per mechanism every metric is averaged over the profiles of a query,
 then the mean and a 95% t-interval over queries are printed. ``--json`` writes every ad of every
@@ -86,52 +94,110 @@ def bid_profiles(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(profiles[:count])
 
 
-def run_token_auction(prompts, bids, *, rule, payment, key, max_new_tokens, model, decoding="sample"):
-    """All bid profiles of one query in one ``generate`` call (one home for the call: switch it to
-    heterogeneous batches, one per query set, when ``jaxauction.Auction`` lands).
+TOKEN_RULES = {
+    "token_linear": ("linear", "second_price"),
+    "token_log_linear": ("log_linear", "kl"),
+    "token_certified": ("certified", "second_price"),  # the rule of --rule-file
+}
 
-    Returns ``(ad token lists, payments [A, n])``.
+
+def query_key(seed: int, query: int, mechanism: int):
+    """The PRNG key of one (query, mechanism): ``fold_in(fold_in(key(seed), query), mechanism)``."""
+    import jax
+
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), query), mechanism)
+
+
+def auction_keys(seed: int, mechanism: int, num_profiles: list[int]):
+    """``[A]`` keys of the (query, profile) auctions, query-major: profile ``p`` of query ``q`` gets
+    ``jax.random.split(query_key(seed, q, mechanism), P_q)[p]``, the key a per-query
+    ``generate(prompts, bids [P_q, n])`` call gives it, so the batch draws the same ads as per-query calls.
     """
-    from jaxauction import generate
+    import jax
+    import jax.numpy as jnp
 
-    out = generate(
-        prompts,
-        bids,
-        rule=rule,
-        payment=payment,
-        decoding=decoding,
-        key=key,
-        max_new_tokens=max_new_tokens,
-        model=model,
+    return jnp.concatenate(
+        [jax.random.split(query_key(seed, q, mechanism), count) for q, count in enumerate(num_profiles)]
     )
-    ads = [[int(t) for t in row[:length]] for row, length in zip(np.atleast_2d(out.tokens), np.atleast_1d(out.lengths))]
-    return ads, np.atleast_2d(out.payments)
 
 
-def run_mechanism(mechanism, prompts, base, bids, *, key, args, model, certified_rule):
-    from jaxauction import compare, reply
+def split_by_query(out, counts: list[int], num_profiles: list[int]):
+    """Per query ``(ads, payments [P_q, n_q], valid [P_q])`` from one batched :class:`jaxauction.GenerationResult`."""
+    ads, offsets = [], np.cumsum([0, *num_profiles])
+    tokens, lengths = np.atleast_2d(out.tokens), np.atleast_1d(out.lengths)
+    payments, valid = np.atleast_2d(out.payments), np.atleast_1d(out.valid)
+    for q, n in enumerate(counts):
+        rows = range(offsets[q], offsets[q + 1])
+        ads.append(([[int(t) for t in tokens[a, : lengths[a]]] for a in rows], payments[rows, :n], valid[rows]))
+    return ads
 
-    if mechanism in ("token_linear", "token_log_linear", "token_certified"):
-        rule, payment = {
-            "token_linear": ("linear", "second_price"),
-            "token_log_linear": ("log_linear", "kl"),
-            "token_certified": (certified_rule, "second_price"),
-        }[mechanism]
-        return run_token_auction(
-            prompts, bids, rule=rule, payment=payment, key=key, max_new_tokens=args.max_new_tokens, model=model,
-            decoding=args.decoding,
-        )  # fmt: skip
-    if mechanism == "reply":
-        out = reply.auction(
-            prompts, bids, base_prompt=base, num_candidates=args.candidates, tau=args.tau, key=key,
-            max_new_tokens=args.max_new_tokens, model=model,
-        )  # fmt: skip
-    else:
-        out = compare.single_winner(
-            prompts, bids, key=key, max_new_tokens=args.max_new_tokens, model=model, decoding=args.decoding
-        )
+
+def run_token_auctions(prompt_sets, profiles, *, rule, payment, keys, max_new_tokens, model, decoding="sample"):
+    """Every (query, profile) token auction of the run in ONE heterogeneous ``generate`` call.
+
+    Args:
+      prompt_sets: ``Q`` lists of the ``n_q`` advertisers' prompts.
+      profiles: ``Q`` bid arrays ``[P_q, n_q]``.
+      keys: ``[sum_q P_q]`` keys (:func:`auction_keys`).
+
+    Returns:
+      Per query ``(ad token lists, payments [P_q, n_q], valid [P_q])``.
+    """
+    from jaxauction import Auction, generate
+
+    auctions = [Auction(prompts, bids) for prompts, rows in zip(prompt_sets, profiles) for bids in rows]
+    out = generate(
+        auctions, rule=rule, payment=payment, decoding=decoding, key=keys, max_new_tokens=max_new_tokens, model=model
+    )
+    return split_by_query(out, [len(p) for p in prompt_sets], [len(r) for r in profiles])
+
+
+def single_winner_payments(bids, lengths) -> tuple[np.ndarray, np.ndarray]:
+    """The single-winner rule of :func:`jaxauction.compare.single_winner` for ``bids [P, n]``, ``lengths [P]``.
+
+    Returns ``(winners [P], payments [P, n])``: the winner is the highest bidder (ties to the lower index)
+    and pays the second-highest bid per token of its ad (0 with ``n = 1``); the others pay 0.
+    """
+    bids = np.atleast_2d(np.asarray(bids, np.float64))
+    num, n = bids.shape
+    winners = np.argmax(bids, axis=1)  # the first maximum: ties to the lower index
+    second = np.sort(bids, axis=1)[:, -2] if n > 1 else np.zeros(num)
+    payments = np.zeros((num, n))
+    payments[np.arange(num), winners] = second * np.asarray(lengths)
+    return winners, payments
+
+
+def run_single_winner(prompt_sets, profiles, *, keys, max_new_tokens, model, decoding="sample"):
+    """The single-winner baseline for every (query, profile) in ONE ``generate`` call of one-agent auctions.
+
+    Each auction is the winner's prompt alone (bid 1, linear rule: ``q = p_winner``, no payment), so the
+    ad is what :func:`jaxauction.compare.single_winner` writes with the same key; the payments are
+    :func:`single_winner_payments`. Returns what :func:`run_token_auctions` returns.
+    """
+    from jaxauction import Auction, generate
+
+    winners = [single_winner_payments(rows, np.zeros(len(rows)))[0] for rows in profiles]
+    auctions = [Auction([prompts[int(w)]], [1.0]) for prompts, ws in zip(prompt_sets, winners) for w in ws]
+    out = generate(
+        auctions, rule="linear", payment=None, decoding=decoding, key=keys, max_new_tokens=max_new_tokens, model=model
+    )
+    per_query = split_by_query(out, [1] * len(prompt_sets), [len(r) for r in profiles])
+    return [
+        (ads, single_winner_payments(rows, [len(ad) for ad in ads])[1], valid)
+        for (ads, _, valid), rows in zip(per_query, profiles)
+    ]
+
+
+def run_reply_auction(prompts, base, bids, *, key, args, model):
+    """The reply auction of one query (its profiles share one candidate set)."""
+    from jaxauction import reply
+
+    out = reply.auction(
+        prompts, bids, base_prompt=base, num_candidates=args.candidates, tau=args.tau, key=key,
+        max_new_tokens=args.max_new_tokens, model=model,
+    )  # fmt: skip
     ads = [[int(t) for t in row[:length]] for row, length in zip(out.tokens, out.lengths)]
-    return ads, out.payments
+    return ads, np.atleast_2d(out.payments), np.ones(len(ads), bool)
 
 
 def t_interval(values: np.ndarray) -> tuple[float, float, float]:
@@ -268,7 +334,6 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     sys.path.insert(0, str(REPO))
-    import jax
     from tqdm.auto import tqdm
 
     from jaxauction import compare, models
@@ -279,28 +344,66 @@ def main(argv=None) -> dict:
     model = models.load(args.model)
     rng = np.random.default_rng(args.seed)
     profiles = [bid_profiles(len(q["advertisers"]), args.profiles, rng) for q in queries]
-    ads_by_mechanism = {m: [] for m in args.mechanisms}
-    seconds = {m: 0.0 for m in args.mechanisms}
-    bar = tqdm(total=len(queries) * len(args.mechanisms), desc="benchmark", unit="run")
-    for qi, query in enumerate(queries):
-        names = [a["name"] for a in query["advertisers"]]
-        prompts = [agent_prompt(query["text"], a) for a in query["advertisers"]]
-        base = base_prompt(query["text"])
-        for mi, mechanism in enumerate(args.mechanisms):
-            bar.set_postfix_str(f"{mechanism} q{qi}")
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(args.seed), qi), mi)
-            tick = time.perf_counter()
-            ads, paid = run_mechanism(
-                mechanism, prompts, base, profiles[qi], key=key, args=args, model=model, certified_rule=certified_rule
-            )
-            seconds[mechanism] += time.perf_counter() - tick  # generation only (compilation included)
-            metrics = compare.ad_metrics(model, prompts, base, profiles[qi], ads, paid, names)
-            for pi, record in enumerate(metrics.records()):
-                ads_by_mechanism[mechanism].append(
-                    dict(query=qi, query_text=query["text"], profile=pi, names=names, **record)
+    names = [[a["name"] for a in q["advertisers"]] for q in queries]
+    prompt_sets = [[agent_prompt(q["text"], a) for a in q["advertisers"]] for q in queries]
+    bases = [base_prompt(q["text"]) for q in queries]
+    num_profiles = [len(rows) for rows in profiles]
+    # outputs[mechanism][query] = (ad token lists, payments [P, n], valid [P])
+    outputs, seconds = {}, {m: 0.0 for m in args.mechanisms}
+    batched = [m for m in args.mechanisms if m != "reply"]
+    bar = tqdm(total=len(batched) + len(queries) * (1 + ("reply" in args.mechanisms)), desc="benchmark", unit="run")
+    for mechanism in args.mechanisms:
+        mi = MECHANISMS.index(mechanism)  # the key does not depend on which mechanisms run
+        tick = time.perf_counter()
+        if mechanism == "reply":
+            outputs[mechanism] = []
+            for qi in range(len(queries)):
+                bar.set_postfix_str(f"reply q{qi}")
+                outputs[mechanism].append(
+                    run_reply_auction(
+                        prompt_sets[qi],
+                        bases[qi],
+                        profiles[qi],
+                        key=query_key(args.seed, qi, mi),
+                        args=args,
+                        model=model,
+                    )  # fmt: skip
                 )
+                bar.update()
+        else:
+            bar.set_postfix_str(f"{mechanism} ({sum(num_profiles)} auctions)")
+            keys = auction_keys(args.seed, mi, num_profiles)
+            common = dict(keys=keys, max_new_tokens=args.max_new_tokens, model=model, decoding=args.decoding)
+            if mechanism == "single_winner":
+                outputs[mechanism] = run_single_winner(prompt_sets, profiles, **common)
+            else:
+                rule, payment = TOKEN_RULES[mechanism]
+                rule = certified_rule if rule == "certified" else rule
+                outputs[mechanism] = run_token_auctions(prompt_sets, profiles, rule=rule, payment=payment, **common)
             bar.update()
+        seconds[mechanism] = time.perf_counter() - tick  # generation only (compilation included)
+    # Scoring: per query, the ads of every mechanism in one teacher-forced batch (one prompt set).
+    ads_by_mechanism = {m: [] for m in args.mechanisms}
+    for qi, query in enumerate(queries):
+        bar.set_postfix_str(f"scoring q{qi}")
+        ads = [ad for m in args.mechanisms for ad in outputs[m][qi][0]]
+        paid = np.concatenate([outputs[m][qi][1] for m in args.mechanisms])
+        bids = np.concatenate([profiles[qi]] * len(args.mechanisms))
+        records = compare.ad_metrics(model, prompt_sets[qi], bases[qi], bids, ads, paid, names[qi]).records()
+        for mj, mechanism in enumerate(args.mechanisms):
+            valid = outputs[mechanism][qi][2]
+            for pi in range(num_profiles[qi]):
+                record = records[mj * num_profiles[qi] + pi]
+                ads_by_mechanism[mechanism].append(
+                    dict(
+                        query=qi, query_text=query["text"], profile=pi, names=names[qi], valid=bool(valid[pi]), **record
+                    )
+                )
+        bar.update()
     bar.close()
+    invalid = {m: sum(not a["valid"] for a in ads) for m, ads in ads_by_mechanism.items()}
+    if any(invalid.values()):
+        print(f"warning: invalid auctions (non-finite q or payment; NaN payments): {invalid}", file=sys.stderr)
     summaries = {m: aggregate(ads) for m, ads in ads_by_mechanism.items()}
     elapsed = time.perf_counter() - start
     print(format_table(summaries))

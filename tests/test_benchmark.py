@@ -80,3 +80,44 @@ def test_quick_run_writes_every_ad_of_every_mechanism(tiny_folder, tmp_path):
     assert result["settings"]["queries"] == 2
     table = bench.format_table(result["summary"])
     assert all(m in table for m in bench.MECHANISMS)
+
+
+def test_batched_runs_give_the_per_query_ads(tiny_folder):
+    """One heterogeneous batch (2 and 3 advertisers) gives what per-query calls give with the same keys:
+    the token auction against ``jaxauction.generate(prompts, bids [P, n], key=query key)`` (sampled, the
+    certified power-mean rule, so padded agents meet a custom rule), the single winner against
+    ``jaxauction.compare.single_winner`` (ads and payments)."""
+    from jaxauction import compare, generate
+
+    bench = load_benchmark()
+    model = jm.load(tiny_folder)
+    advertisers = [
+        [{"name": "Alpha Air", "description": "an airline"}, {"name": "Beta Inn", "description": "a hotel"}],
+        [{"name": "Gamma", "description": "a store"}, {"name": "Delta", "description": "a shop"}]
+        + [{"name": "Epsilon", "description": "a brand"}],
+    ]
+    prompt_sets = [[bench.agent_prompt(q, a) for a in ads] for q, ads in zip(("Hawaii trips", "Shoes"), advertisers)]
+    profiles = [np.array([[0.5, 0.5], [0.2, 0.8]]), np.array([[0.3, 0.3, 0.4], [0.6, 0.1, 0.3]])]
+    rule, _ = bench.load_certified_rule(REPO / "experiments" / "configs" / "benchmark_certified_rule.toml")
+    seed, common = 3, dict(max_new_tokens=3, model=model, decoding="sample")
+    token_m, single_m = bench.MECHANISMS.index("token_certified"), bench.MECHANISMS.index("single_winner")
+    batched = bench.run_token_auctions(
+        prompt_sets,
+        profiles,
+        rule=rule,
+        payment="second_price",
+        keys=bench.auction_keys(seed, token_m, [2, 2]),
+        **common,
+    )
+    singles = bench.run_single_winner(prompt_sets, profiles, keys=bench.auction_keys(seed, single_m, [2, 2]), **common)
+    for q, (prompts, bids) in enumerate(zip(prompt_sets, profiles)):
+        alone = generate(
+            prompts, bids, rule=rule, payment="second_price", key=bench.query_key(seed, q, token_m), **common
+        )
+        ads, paid, valid = batched[q]
+        assert ads == [list(map(int, t[:n])) for t, n in zip(alone.tokens, alone.lengths)] and valid.all()
+        np.testing.assert_allclose(paid, alone.payments, rtol=1e-5, atol=1e-7)
+        winner = compare.single_winner(prompts, bids, key=bench.query_key(seed, q, single_m), **common)
+        ads, paid, valid = singles[q]
+        assert ads == [list(map(int, t[:n])) for t, n in zip(winner.tokens, winner.lengths)] and valid.all()
+        np.testing.assert_allclose(paid, winner.payments, rtol=1e-12)
