@@ -152,38 +152,23 @@ def run_token_auctions(prompt_sets, profiles, *, rule, payment, keys, max_new_to
     return split_by_query(out, [len(p) for p in prompt_sets], [len(r) for r in profiles])
 
 
-def single_winner_payments(bids, lengths) -> tuple[np.ndarray, np.ndarray]:
-    """The single-winner rule of :func:`jaxauction.compare.single_winner` for ``bids [P, n]``, ``lengths [P]``.
-
-    Returns ``(winners [P], payments [P, n])``: the winner is the highest bidder (ties to the lower index)
-    and pays the second-highest bid per token of its ad (0 with ``n = 1``); the others pay 0.
-    """
-    bids = np.atleast_2d(np.asarray(bids, np.float64))
-    num, n = bids.shape
-    winners = np.argmax(bids, axis=1)  # the first maximum: ties to the lower index
-    second = np.sort(bids, axis=1)[:, -2] if n > 1 else np.zeros(num)
-    payments = np.zeros((num, n))
-    payments[np.arange(num), winners] = second * np.asarray(lengths)
-    return winners, payments
-
-
 def run_single_winner(prompt_sets, profiles, *, keys, max_new_tokens, model, decoding="sample"):
     """The single-winner baseline for every (query, profile) in ONE ``generate`` call of one-agent auctions.
 
     Each auction is the winner's prompt alone (bid 1, linear rule: ``q = p_winner``, no payment), so the
     ad is what :func:`jaxauction.compare.single_winner` writes with the same key; the payments are
-    :func:`single_winner_payments`. Returns what :func:`run_token_auctions` returns.
+    :func:`jaxauction.compare.single_winner_payments`. Returns what :func:`run_token_auctions` returns.
     """
-    from jaxauction import Auction, generate
+    from jaxauction import Auction, compare, generate
 
-    winners = [single_winner_payments(rows, np.zeros(len(rows)))[0] for rows in profiles]
+    winners = [compare.single_winner_payments(rows, np.zeros(len(rows)))[0] for rows in profiles]
     auctions = [Auction([prompts[int(w)]], [1.0]) for prompts, ws in zip(prompt_sets, winners) for w in ws]
     out = generate(
         auctions, rule="linear", payment=None, decoding=decoding, key=keys, max_new_tokens=max_new_tokens, model=model
     )
     per_query = split_by_query(out, [1] * len(prompt_sets), [len(r) for r in profiles])
     return [
-        (ads, single_winner_payments(rows, [len(ad) for ad in ads])[1], valid)
+        (ads, compare.single_winner_payments(rows, [len(ad) for ad in ads])[1], valid)
         for (ads, _, valid), rows in zip(per_query, profiles)
     ]
 

@@ -11,16 +11,16 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
+from jaxauction import _validation, config
 from jaxauction import generation as generation_lib
 from jaxauction import prompts as prompts_lib
 from jaxauction import reply as reply_lib
 
-__all__ = ["AdMetrics", "SingleWinnerResult", "ad_metrics", "mentions", "single_winner"]
+__all__ = ["AdMetrics", "SingleWinnerResult", "ad_metrics", "mentions", "single_winner", "single_winner_payments"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,21 @@ class SingleWinnerResult:
     @property
     def text(self) -> str:
         return self.texts[0]
+
+
+def single_winner_payments(bids, lengths) -> tuple[np.ndarray, np.ndarray]:
+    """The single-winner payment rule (docs/maths.md §9) for ``bids [A, n]`` and ad ``lengths [A]``.
+
+    Returns ``(winners [A], payments [A, n])``: the winner is the highest bidder (ties to the lower
+    index) and pays the second-highest bid per token of its ad (0 with ``n = 1``); the others pay 0.
+    """
+    bids = np.atleast_2d(np.asarray(bids, np.float64))
+    num, n = bids.shape
+    winners = np.argmax(bids, axis=1)  # the first maximum: ties to the lower index
+    second = np.sort(bids, axis=1)[:, -2] if n > 1 else np.zeros(num)
+    payments = np.zeros((num, n))
+    payments[np.arange(num), winners] = second * np.asarray(lengths)
+    return winners, payments
 
 
 def single_winner(
@@ -70,12 +85,11 @@ def single_winner(
     if decoding not in ("sample", "greedy"):
         raise ValueError(f"decoding: expected 'sample' or 'greedy'; got {decoding!r}.")
     n = len(prompts)
-    bid_array = generation_lib._validate_bids(bids, n)
+    bid_array = _validation.host_bids("bids", bids, num_agents=n)
     single = bid_array.ndim == 1
     bid_array = np.atleast_2d(bid_array)
     num = len(bid_array)
     winners = np.argmax(bid_array, axis=1)  # the first maximum: ties to the lower index
-    second = np.sort(bid_array, axis=1)[:, -2] if n > 1 else np.zeros(num)
     keys = jax.random.split(jax.random.key(0) if key is None else key, num)
     _, tokenizer = reply_lib._unpack_model(model)
     tokens = np.full((num, max_new_tokens), prompts_lib.pad_id(tokenizer), np.int32)
@@ -91,8 +105,7 @@ def single_winner(
         lengths[rows] = np.atleast_1d(out.lengths)
         for row, text in zip(rows, out.texts):
             texts[row] = text
-    payments = np.zeros((num, n))
-    payments[np.arange(num), winners] = second * lengths
+    _, payments = single_winner_payments(bid_array, lengths)
     result = SingleWinnerResult(
         texts=texts, tokens=tokens, lengths=lengths, winners=winners, payments=payments, bids=bid_array
     )
@@ -114,11 +127,7 @@ def mentions(texts: Sequence[str], names: Sequence[str]) -> np.ndarray:
     "Alpha Airlines" matches "ALPHA AIRLINES flies" but not "AlphaAirlines" or "Alpha Air"; any run of
     whitespace between the name's words matches.
     """
-    patterns = [
-        re.compile(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in name.split()) + r"(?!\w)", re.IGNORECASE)
-        for name in names
-    ]
-    return np.array([[p.search(t) is not None for p in patterns] for t in texts], bool).reshape(len(texts), len(names))
+    return np.array([[config.mentions(t, name) for name in names] for t in texts], bool).reshape(len(texts), len(names))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +191,7 @@ def ad_metrics(model, prompts, base_prompt, bids, ad_tokens, payments, names) ->
     """
     llm, tokenizer = reply_lib._unpack_model(model)
     n = len(prompts)
-    bid_array = np.atleast_2d(generation_lib._validate_bids(bids, n))
+    bid_array = np.atleast_2d(_validation.host_bids("bids", bids, num_agents=n))
     pay = np.atleast_2d(np.asarray(payments, np.float64))
     rows = [[int(t) for t in r] for r in ad_tokens]
     num = len(rows)

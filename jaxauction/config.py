@@ -101,11 +101,15 @@ def mentions(text: str, word: str) -> bool:
     """Whether ``word`` (a word or phrase) occurs in ``text`` as a whole word, case-insensitively.
 
     Word boundaries are Unicode word characters: ``mentions("Alpha's deal", "Alpha")`` is True,
-    ``mentions("Alphabet", "Alpha")`` is False. An empty ``word`` is never mentioned.
+    ``mentions("Alphabet", "Alpha")`` is False; any run of whitespace matches the spaces of a phrase
+    (``"Alpha  Airlines"`` mentions ``"Alpha Airlines"``). An empty ``word`` is never mentioned. The one
+    definition of a mention (:func:`jaxauction.compare.mentions` uses it too).
     """
-    if not word:
+    words = word.split()
+    if not words:
         return False
-    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text, re.IGNORECASE) is not None
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
+    return re.search(pattern, text, re.IGNORECASE) is not None
 
 
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")

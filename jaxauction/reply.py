@@ -388,7 +388,7 @@ def auction(
     if not (np.ndim(tau) == 0 and np.isfinite(tau) and tau > 0):
         raise ValueError(f"tau: expected a finite number > 0; got {tau!r}.")
     num_agents = len(prompts)
-    bid_array = generation_lib._validate_bids(bids, num_agents)
+    bid_array = _validation.host_bids("bids", bids, num_agents=num_agents)
     single = bid_array.ndim == 1
     bid_array = np.atleast_2d(bid_array)
     key = jax.random.key(0) if key is None else key
