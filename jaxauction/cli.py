@@ -95,7 +95,6 @@ def _payment_table(config: AuctionConfig, result) -> str:
 def command_run(args) -> int:
     config = load_config(args.config)
     check_output_path("--json", args.json, inputs=[args.config, args.model])
-    import jax
 
     from jaxauction.generation import generate
     from jaxauction.outputs import write_json
@@ -105,15 +104,9 @@ def command_run(args) -> int:
         config.prompts(),
         config.bids,
         rule=config.rule,
-        payment=config.payment,
-        decoding=config.decoding,
-        key=jax.random.key(config.seed),
-        max_new_tokens=config.max_new_tokens,
         model=model,
-        base_prompt=config.base_messages(),
-        base_bid=config.base_bid,
-        temperature=config.temperature,
         progress=True,
+        **config.generate_options(),
     )
     print(f"query: {config.query}")
     print(f"rule: {config.rule}   payment: {config.payment}   decoding: {config.decoding}\n")

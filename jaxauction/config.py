@@ -178,6 +178,20 @@ class AuctionConfig:
             return None
         return [{"role": "user", "content": fill_placeholders(self.base_prompt, query=self.query, name="")}]
 
+    def generate_options(self) -> dict:
+        """The keyword arguments of :func:`jaxauction.generate` this configuration sets (rule excluded)."""
+        import jax
+
+        return dict(
+            payment=self.payment,
+            decoding=self.decoding,
+            key=jax.random.key(self.seed),
+            max_new_tokens=self.max_new_tokens,
+            base_prompt=self.base_messages(),
+            base_bid=self.base_bid,
+            temperature=self.temperature,
+        )
+
 
 _TABLE_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*advertisers[ \t]*\]\]", re.MULTILINE)
 

@@ -9,7 +9,6 @@ import dataclasses
 import textwrap
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
 from jaxauction.config import AuctionConfig, check_decoding
@@ -121,15 +120,9 @@ def run_sweep(
                 config.prompts(),
                 batch_bids,
                 rule=rule,
-                payment=config.payment,
-                decoding=config.decoding,
-                key=jax.random.key(config.seed),
-                max_new_tokens=config.max_new_tokens,
                 model=model,
-                base_prompt=config.base_messages(),
-                base_bid=config.base_bid,
-                temperature=config.temperature,
                 progress=progress,
+                **config.generate_options(),
             )
             texts[rule] = [result.texts[p * samples : (p + 1) * samples] for p in range(points)]
             mentions[rule] = np.array([[a.mentioned_in(t) for a in config.advertisers] for t in result.texts]).reshape(

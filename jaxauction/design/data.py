@@ -44,10 +44,6 @@ class AuctionBatch:
     def vocab_size(self) -> int:
         return self.logits.shape[2]
 
-    def take(self, indices: jax.Array) -> AuctionBatch:
-        """The auctions at ``indices`` (a minibatch)."""
-        return jax.tree.map(lambda leaf: leaf[indices], self)
-
 
 def make_batch(logits, bids, base_logits=None, dtype=None) -> AuctionBatch:
     """Validates arrays (outside jit) and builds an :class:`AuctionBatch`.

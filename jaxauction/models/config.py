@@ -97,11 +97,6 @@ class LlamaConfig:
             object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
     @property
-    def num_query_groups(self) -> int:
-        """Query heads per key/value head, ``H // K``."""
-        return self.num_heads // self.num_kv_heads
-
-    @property
     def qkv_size(self) -> int:
         """Width of the fused q|k|v projection, ``(H + 2 K) * hd``."""
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
