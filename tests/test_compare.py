@@ -7,7 +7,8 @@ winner's ad, and unpadded per-ad forward passes for every log-probability behind
 import jax
 import numpy as np
 import pytest
-from test_reply import BASE, EOS, PROMPTS, TinyTokenizer, tiny_model
+from test_reply import BASE, PROMPTS, VOCAB, tiny_model
+from tiny_llm import EOS, TinyTokenizer
 
 from jaxauction import compare
 from jaxauction.models import jit_forward
@@ -17,7 +18,7 @@ PROMPTS3 = PROMPTS + [[4, 2, 2, 3]]
 
 @pytest.fixture(scope="module")
 def tiny():
-    return tiny_model(), TinyTokenizer()
+    return tiny_model(), TinyTokenizer(VOCAB)
 
 
 def greedy_reference(model, prompt, max_new_tokens):

@@ -16,46 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_llm import EOS, PAD, TinyTokenizer, tiny_llama
 
 from jaxauction import aggregation, payments
 from jaxauction.generation import Auction, generate, parse_memory_budget, plan_chunks
-from jaxauction.models import Llama, LlamaConfig, jit_forward
+from jaxauction.models import jit_forward
 
-VOCAB, EOS, PAD = 16, 1, 0
-
-
-class TinyTokenizer:
-    """The tokenizer protocol `generate` uses: chat template, decode, pad and EOS ids, length."""
-
-    pad_token_id, eos_token_id = PAD, EOS
-
-    def __len__(self):
-        return VOCAB
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
-        text = "|".join(m["content"] for m in messages)
-        return [2 + ord(c) % (VOCAB - 2) for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(f"t{int(i)}" for i in ids if not (skip_special_tokens and i in (PAD, EOS)))
+VOCAB = 16
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        eos_token_ids=(EOS,),
-        pad_token_id=PAD,
-    )
-    return Llama(config, rngs=nnx.Rngs(0)), TinyTokenizer()
+    return tiny_llama(VOCAB, seed=0), TinyTokenizer(VOCAB)
 
 
 PROMPTS = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14]]

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_llm import EOS, TinyTokenizer, tiny_llama
 
 from jaxauction import reply
-from jaxauction.models import Llama, LlamaConfig, jit_forward
+from jaxauction.models import jit_forward
 
 DTYPES = ["float32", "float64"]
 
@@ -166,48 +166,17 @@ def test_minus_inf_weight_drops_a_candidate():
 
 # ------------------------------------------------------------------------------ LLM level on a tiny model
 
-VOCAB, EOS, PAD = 5, 1, 0
-
-
-class TinyTokenizer:
-    """Tokenizer protocol for a vocabulary of 5: characters map to ids 2..4; EOS 1, pad 0."""
-
-    pad_token_id, eos_token_id = PAD, EOS
-
-    def __len__(self):
-        return VOCAB
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
-        return [2 + ord(c) % (VOCAB - 2) for c in "|".join(m["content"] for m in messages)]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(f"t{int(i)}" for i in ids if not (skip_special_tokens and i in (PAD, EOS)))
+VOCAB = 5
 
 
 def tiny_model(vocab=VOCAB, seed=1, sharpness=6.0):
     """A random tiny Llama whose next-token distributions are far from uniform (scaled LM head)."""
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        eos_token_ids=(EOS,),
-        pad_token_id=PAD,
-    )
-    model = Llama(config, rngs=nnx.Rngs(seed))
-    model.lm_head[...] = model.lm_head[...] * sharpness
-    model.refresh_derived_weights()
-    return model
+    return tiny_llama(vocab, seed=seed, sharpness=sharpness)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return tiny_model(), TinyTokenizer()
+    return tiny_model(), TinyTokenizer(VOCAB)
 
 
 PROMPTS = [[2, 3, 4, 2], [4, 4, 3]]
