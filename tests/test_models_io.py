@@ -135,7 +135,12 @@ def test_bfloat16_parameters(tmp_path):
     assert all(leaf.dtype == jnp.bfloat16 for leaf in leaves)
     with np.load(FIXTURES / "tiny_llama3" / "reference.npz") as ref:
         logits = np.asarray(jm.jit_forward(model, ref["input_ids"]), np.float32)
-        assert np.abs(logits - ref["logits"]).max() < 0.25 * np.abs(ref["logits"]).max()
+        # bfloat16 keeps 8 significant bits (relative rounding 2**-9 per operation), compounded over the
+        # embeddings, 2 layers and the head: measured 0.10 of the largest logit here (float32: 1e-4 absolute,
+        # test_models_io's parity tests). The bound leaves 1.5x room for that rounding, not for a wrong
+        # weight mapping, whose errors are of the order of the logits themselves.
+        assert np.abs(logits - ref["logits"]).max() < 0.15 * np.abs(ref["logits"]).max()
+        assert np.mean(logits.argmax(-1) == ref["logits"].argmax(-1)) >= 0.9  # the same top token almost always
 
 
 # ---------------------------------------------------------------------------------------- GGUF
