@@ -69,17 +69,8 @@ def load(path: str | Path, params_template: Any, opt_state_template: Any, settin
         search that tries to resume it (the message names the file and the difference).
     """
     path = Path(path)
-    try:
+    with file_errors(path, "search checkpoint", "delete it to start afresh"):
         return _load(path, params_template, opt_state_template, settings)
-    except ValueError as error:
-        if str(path) in str(error):
-            raise
-        raise ValueError(f"cannot read checkpoint {path}: {error}. Delete it to start afresh.") from error
-    except (OSError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as error:
-        raise ValueError(
-            f"cannot read checkpoint {path}: {type(error).__name__}: {error}. It is corrupt or not a search "
-            "checkpoint; delete it to start afresh."
-        ) from error
 
 
 def _load(path: Path, params_template: Any, opt_state_template: Any, settings: dict | None) -> SearchState:
@@ -158,3 +149,22 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
                 candidate.unlink()
                 removed.append(candidate)
     return removed
+
+
+@contextlib.contextmanager
+def file_errors(path: Path, kind: str, fix: str):
+    """Turns any error while reading ``path`` into one ``ValueError`` naming the file, ``kind`` and ``fix``.
+
+    The one home for the "corrupt or foreign file" message of the design's ``.npz`` files (search
+    checkpoints, cached auction batches). A ``ValueError`` that names the file already passes unchanged.
+    """
+    try:
+        yield
+    except ValueError as error:
+        if str(path) in str(error):
+            raise
+        raise ValueError(f"cannot read {kind} {path}: {error}. Fix: {fix}.") from error
+    except (OSError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as error:
+        raise ValueError(
+            f"cannot read {kind} {path}: {type(error).__name__}: {error}. It is corrupt or not a {kind}; fix: {fix}."
+        ) from error

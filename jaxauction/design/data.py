@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 from flax import struct
 
 from jaxauction import prompts as prompts_lib
-from jaxauction.design.checkpoint import atomic_savez
+from jaxauction.design.checkpoint import atomic_savez, file_errors
 
 CACHE_FORMAT = 1
 
@@ -140,7 +139,7 @@ def load_batch(path: str | Path) -> tuple[AuctionBatch, dict]:
       ValueError: naming the file, if it is missing, corrupt or not an auction batch.
     """
     path = Path(path)
-    try:
+    with file_errors(path, "auction batch", "delete it to rebuild it"):
         with np.load(path, allow_pickle=False) as data:
             missing = {"logits", "bids", "metadata"} - set(data.files)
             if missing:
@@ -151,15 +150,6 @@ def load_batch(path: str | Path) -> tuple[AuctionBatch, dict]:
                 base_logits=jnp.asarray(data["base_logits"]) if "base_logits" in data.files else None,
             )
             metadata = json.loads(str(data["metadata"]))
-    except ValueError as error:
-        if str(path) in str(error):
-            raise
-        raise ValueError(f"cannot read auction batch {path}: {error}. Delete it to rebuild it.") from error
-    except (OSError, EOFError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as error:
-        raise ValueError(
-            f"cannot read auction batch {path}: {type(error).__name__}: {error}. It is corrupt or not an auction "
-            "batch; delete it to rebuild it."
-        ) from error
     if not isinstance(metadata, dict):
         raise ValueError(f"{path} is not an auction batch file: its metadata is not a JSON object.")
     return batch, metadata
