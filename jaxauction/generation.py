@@ -47,6 +47,7 @@ __all__ = [
     "Auction",
     "DEFAULT_MEMORY_BUDGET",
     "GenerationResult",
+    "SHARED_PREFIX_MIN",
     "auction_step",
     "enable_compilation_cache",
     "generate",
@@ -229,6 +230,8 @@ def _decode_loop(
     logits,
     bids,
     real,
+    slot_rows,
+    row_auctions,
     keys,
     temperature,
     *,
@@ -243,8 +246,10 @@ def _decode_loop(
 ):
     """The compiled auction decode loop; see :func:`generate`.
 
-    ``logits: [A * m, V]`` are the next-token logits after the prompts, ``bids: [A, m]``,
-    ``real: [A, m]`` (False for absent rows, whose logits become ``-inf``), ``keys: [A]``,
+    The model decodes ``R`` rows: ``logits: [R, V]`` are their next-token logits after the prompts;
+    ``slot_rows: [A, m]`` is the model row of each auction slot and ``row_auctions: [R]`` the auction
+    of each model row (whose token it is fed). ``bids: [A, m]``, ``real: [A, m]`` (False for absent
+    slots, which have no model row of their own: their logits become ``-inf``), ``keys: [A]``,
     ``temperature`` a scalar dividing the agents' logits. A finished auction keeps running through the
     batched model step (shapes are static) but its tokens are replaced by ``pad_id`` and its payments
     by 0. An auction whose step is not ``ok`` (see :func:`auction_step`) stops there: token ``pad_id``,
@@ -252,8 +257,7 @@ def _decode_loop(
 
     Returns ``(tokens [A, T], token_payments [A, T, n], lengths [A], valid [A])``.
     """
-    num_auctions, rows_per_auction = bids.shape
-    vocab = logits.shape[-1]
+    num_auctions = bids.shape[0]
     eos = jnp.asarray(eos_ids, jnp.int32)
     charged_real = real[:, :num_charged]
     tokens = jnp.full((num_auctions, max_new_tokens), pad_id, jnp.int32)
@@ -269,7 +273,7 @@ def _decode_loop(
     def body(carry):
         step, cache, logits, tokens, token_payments, done, valid, lengths = carry
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-        rows = (logits / temperature).reshape(num_auctions, rows_per_auction, vocab)
+        rows = jnp.take(logits / temperature, slot_rows, axis=0, mode="clip")
         rows = jnp.where(real[..., None], rows, -jnp.inf)
         token, charged, ok = auction_step(
             rows, bids, step_keys, rule=rule, payment=payment, decoding=decoding, num_charged=num_charged
@@ -287,7 +291,7 @@ def _decode_loop(
         if progress:
             jax.debug.callback(_report_progress, step)
         model = nnx.merge(graphdef, state)
-        logits, cache = model.decode(jnp.repeat(token, rows_per_auction), cache)
+        logits, cache = model.decode(jnp.take(token, row_auctions, mode="clip"), cache)
         return step + 1, cache, logits, tokens, token_payments, done, valid, lengths
 
     carry = (jnp.int32(0), cache, logits, tokens, token_payments, done, valid, lengths)
@@ -303,11 +307,24 @@ def _compiled_decode():
     return jax.jit(_decode_loop, static_argnames=_STATIC, compiler_options=compiler_options() or None)
 
 
-def _prefill_gather(graphdef, state, input_ids, attention_mask, rows, cache):
-    """Prefill the unique sequences ``[U, P]`` into the empty ``cache`` once, then gather rows ``[R]`` of
-    logits and cache. (The empty cache is an argument: created inside ``jit`` it would be a constant that
-    XLA spends a minute folding on a 135M model.)"""
+def _prefill_gather(graphdef, state, prefix_ids, input_ids, attention_mask, rows, cache):
+    """Prefill the unique sequences once, then gather the model rows ``[R]`` of logits and cache.
+
+    ``prefix_ids: [1, c]`` (or None) is the token prefix common to all ``U`` unique sequences: it is
+    prefilled once into the one-row ``cache`` and broadcast to ``U`` rows, then ``input_ids: [U, P]``
+    (the sequences' remainders, left-padded) continue it; without a prefix, ``cache`` has ``U`` rows
+    and ``input_ids`` are the whole sequences. (The empty cache is an argument: created inside ``jit``
+    it would be a constant that XLA spends a minute folding on a 135M model.)"""
     model = nnx.merge(graphdef, state)
+    if prefix_ids is not None:
+        _, cache = model.prefill(prefix_ids, None, cache)
+        shared = lambda x: jnp.broadcast_to(x, (x.shape[0], input_ids.shape[0], *x.shape[2:]))
+        cache = cache.replace(
+            k=shared(cache.k),
+            v=shared(cache.v),
+            valid=jnp.broadcast_to(cache.valid, (input_ids.shape[0], cache.valid.shape[1])),
+            positions=jnp.broadcast_to(cache.positions, (input_ids.shape[0],)),
+        )
     logits, cache = model.prefill(input_ids, attention_mask, cache)
     gathered = cache.replace(
         k=jnp.take(cache.k, rows, axis=1),
@@ -322,9 +339,7 @@ def _prefill_gather(graphdef, state, input_ids, attention_mask, rows, cache):
 def _compiled_prefill():
     from jaxauction.models import compiler_options
 
-    return jax.jit(
-        _prefill_gather, static_argnames=("graphdef",), donate_argnums=(5,), compiler_options=compiler_options() or None
-    )
+    return jax.jit(_prefill_gather, static_argnames=("graphdef",), compiler_options=compiler_options() or None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -821,6 +836,37 @@ def generate(
     return result
 
 
+SHARED_PREFIX_MIN = 16
+"""Prefill a token prefix common to all of a chunk's distinct prompts once (not once per prompt)
+when it is at least this long (in tokens, rounded down to a multiple of 8)."""
+
+
+def _prefill_inputs(sequences, width: int, pad_id: int):
+    """``(prefix [1, c] or None, input_ids [U, P], attention_mask [U, P])`` for the prefill.
+
+    ``c`` is the common prefix of ``sequences`` rounded down to a multiple of 8 (each sequence keeps
+    at least one token of its own), used when ``c >= SHARED_PREFIX_MIN`` and there are two or more
+    distinct sequences; the remainders are left-padded to a multiple of 8 tokens. Without a shared
+    prefix, the whole sequences are left-padded to ``width``. In both cases the prompt tokens end at
+    slot ``width`` of the cache (the slots before the prefix stay invalid).
+    """
+    common = 0
+    if len(set(sequences)) > 1:
+        shortest = min(len(seq) for seq in sequences)
+        first = sequences[0]
+        while common < shortest - 1 and all(seq[common] == first[common] for seq in sequences):
+            common += 1
+        common = common // 8 * 8
+    if common < SHARED_PREFIX_MIN:
+        input_ids, attention_mask = prompts_lib.left_pad(sequences, pad_id, bucket=1)
+        pad = width - input_ids.shape[1]
+        input_ids = np.pad(input_ids, ((0, 0), (pad, 0)), constant_values=pad_id)
+        return None, input_ids, np.pad(attention_mask, ((0, 0), (pad, 0)))
+    prefix = np.asarray(sequences[0][:common], np.int32)[None]
+    input_ids, attention_mask = prompts_lib.left_pad([seq[common:] for seq in sequences], pad_id, bucket=8)
+    return prefix, input_ids, attention_mask
+
+
 def _run_chunk(
     graphdef,
     state,
@@ -842,20 +888,37 @@ def _run_chunk(
     max_new_tokens,
     progress,
 ):
-    """Prefill the chunk's unique sequences once, gather every row's cache, run the decode loop."""
+    """Prefill the chunk's unique sequences once, gather every row's cache, run the decode loop.
+
+    Without a mesh the model decodes only the real rows (absent agents of smaller auctions take no
+    model row); with a mesh every auction keeps its ``m`` rows, so each device holds whole auctions.
+    """
     unique, source, real, bids = _chunk_layout(specs, n_max, has_base)
     unique = unique + [unique[-1]] * (_bucket(len(unique)) - len(unique))
-    input_ids, attention_mask = prompts_lib.left_pad(unique, pad_id, bucket=1)
-    pad = width - input_ids.shape[1]
-    input_ids = np.pad(input_ids, ((0, 0), (pad, 0)), constant_values=pad_id)
-    attention_mask = np.pad(attention_mask, ((0, 0), (pad, 0)))
+    rows_per_auction = real.shape[1]
+    if mesh is None:
+        real_rows = np.flatnonzero(real.reshape(-1))
+        model_rows = np.resize(real_rows, _bucket(len(real_rows)))  # padding rows repeat real ones
+        slot_rows = np.zeros(real.size, np.int32)
+        slot_rows[real_rows] = np.arange(len(real_rows))
+        slot_rows = slot_rows.reshape(real.shape)
+    else:
+        model_rows = np.arange(real.size)
+        slot_rows = model_rows.reshape(real.shape).astype(np.int32)
+    row_auctions = (model_rows // rows_per_auction).astype(np.int32)
+    prefix, input_ids, attention_mask = _prefill_inputs(unique, width, pad_id)
+    llm = nnx.merge(graphdef, state)
+    cache = llm.init_cache(1 if prefix is not None else len(unique), max_length)
+    if prefix is not None:
+        cache = cache.replace(index=jnp.int32(width - input_ids.shape[1] - prefix.shape[1]))
     logits, cache = _compiled_prefill()(
         graphdef,
         state,
+        None if prefix is None else jnp.asarray(prefix),
         jnp.asarray(input_ids),
         jnp.asarray(attention_mask),
-        jnp.asarray(source.reshape(-1)),
-        nnx.merge(graphdef, state).init_cache(len(unique), max_length),
+        jnp.asarray(source.reshape(-1)[model_rows]),
+        cache,
     )
     batch_bids, batch_real = jnp.asarray(bids, dtype), jnp.asarray(real)
     if mesh is not None:
@@ -876,6 +939,8 @@ def _run_chunk(
         logits,
         batch_bids,
         batch_real,
+        jnp.asarray(slot_rows),
+        jnp.asarray(row_auctions),
         keys,
         jnp.asarray(temperature, dtype),
         rule=rule,

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from tiny_llm import EOS, PAD, TinyTokenizer, tiny_llama
 
-from jaxauction import aggregation, payments
+from jaxauction import aggregation, generation, payments
 from jaxauction.generation import Auction, generate, parse_memory_budget, plan_chunks
 from jaxauction.models import jit_forward
 
@@ -210,6 +210,32 @@ def test_mixed_batch_each_auction_equals_alone_and_the_reference(tiny):
         length = int(batch.lengths[a])
         np.testing.assert_array_equal(batch.tokens[a, :length], tokens)
         np.testing.assert_allclose(batch.token_payments[a, :length, :n], charged, rtol=2e-3, atol=1e-6)
+
+
+SHARED = [2, 3, 4, 5, 6, 7, 8, 9] * 3  # a 24-token prefix common to every prompt below (a system prompt)
+SHARED_MIXED = [
+    Auction([SHARED + [10, 11], SHARED + [12], SHARED + [13, 14, 15]], [1.0, 0.4, 2.0]),
+    Auction([SHARED + [15, 2, 3, 4], SHARED + [5]], [0.3, 1.2], base_prompt=SHARED + [6, 7], base_bid=0.5),
+]
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
+def test_shared_prompt_prefix_is_prefilled_once_with_the_same_result(tiny, monkeypatch, x64):
+    model, _ = tiny
+    with jax.enable_x64(x64):
+        shared = generate(SHARED_MIXED, decoding="greedy", max_new_tokens=6, model=tiny)
+        monkeypatch.setattr(generation, "SHARED_PREFIX_MIN", 10**9)  # every prompt prefilled whole
+        whole = generate(SHARED_MIXED, decoding="greedy", max_new_tokens=6, model=tiny)
+    np.testing.assert_array_equal(shared.tokens, whole.tokens)
+    np.testing.assert_allclose(shared.token_payments, whole.token_payments, rtol=1e-5, atol=1e-7)
+    for a, auction in enumerate(SHARED_MIXED):
+        n = len(auction.prompts)
+        tokens, charged = reference_auction(
+            model, auction.prompts, auction.bids, max_new_tokens=6, base=auction.base_prompt, base_bid=auction.base_bid
+        )
+        length = int(shared.lengths[a])
+        np.testing.assert_array_equal(shared.tokens[a, :length], tokens)
+        np.testing.assert_allclose(shared.token_payments[a, :length, :n], charged, rtol=2e-3, atol=1e-6)
 
 
 def test_mixed_batch_sampled_with_per_auction_keys(tiny):

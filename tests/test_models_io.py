@@ -92,8 +92,9 @@ def test_chunked_prefill_equals_single_prefill(tiny_models):
         np.testing.assert_array_equal(np.asarray(getattr(cache, name)), np.asarray(getattr(whole_cache, name)))
     valid = np.asarray(cache.valid)  # padding slots hold arbitrary (never attended) keys and values
     for name in ("k", "v"):
-        got, expected = np.asarray(getattr(cache, name)), np.asarray(getattr(whole_cache, name))
-        np.testing.assert_allclose(got[:, valid], expected[:, valid], atol=1e-5, rtol=1e-5)
+        # [L, B, K, S, hd] -> [L, K, B, S, hd], so the valid [B, S] slots index axes 2 and 3
+        got, expected = (np.swapaxes(np.asarray(getattr(c, name)), 1, 2) for c in (cache, whole_cache))
+        np.testing.assert_allclose(got[:, :, valid], expected[:, :, valid], atol=1e-5, rtol=1e-5)
 
 
 def test_decode_is_pure_under_jit(tiny_models):

@@ -45,7 +45,8 @@ class KVCache:
     """Fixed-size key/value cache, a pytree.
 
     Attributes:
-      k, v: ``[L, B, S, K, hd]`` keys (after RoPE) and values of every layer.
+      k, v: ``[L, B, K, S, hd]`` keys (after RoPE) and values of every layer. Slots are the second-minor
+        axis so a decoding query reads each head's ``[S, hd]`` block contiguously (no transposed copy).
       valid: ``[B, S]`` bool, the slot holds a real (non-padding) token.
       positions: ``[B]`` int32, rotary position of the next token of each row (its count of real tokens).
       index: int32 scalar, the next slot to write (shared by all rows: padding is on the left).
@@ -63,7 +64,7 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
@@ -77,7 +78,7 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=jnp.
             f"max_length={max_length} exceeds the model's context, max_position_embeddings="
             f"{config.max_position_embeddings}; use a shorter cache."
         )
-    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
@@ -182,7 +183,7 @@ def attend(
     Args:
       q: ``[B, T, K, G, hd]`` queries of the new tokens. k_new, v_new: ``[B, T, K, hd]``.
       new_mask: ``[B, T, T]`` bool, query ``t`` may attend to new token ``t'``.
-      old: None, or ``(k_old, v_old, old_mask)`` with ``k_old, v_old: [B, S, K, hd]`` (cache slots)
+      old: None, or ``(k_old, v_old, old_mask)`` with ``k_old, v_old: [B, K, S, hd]`` (cache slots)
         and ``old_mask: [B, T, S]``.
     Returns:
       ``[B, T, K * G * hd]``. A query with no allowed key gets the mean of the values (finite).
@@ -198,24 +199,24 @@ def attend(
         out = jnp.einsum("bkgts,bskd->btkgd", weights, v_new)
         return out.reshape(B, T, -1)
     k_old, v_old, old_mask = old
-    old_scores = jnp.einsum("btkgd,bskd->bkgts", q, k_old.astype(q.dtype)) * scale
+    old_scores = jnp.einsum("btkgd,bksd->bkgts", q, k_old.astype(q.dtype)) * scale
     old_scores = jnp.where(old_mask[:, None, None], old_scores.astype(jnp.float32), _MASK_VALUE)
     weights = jax.nn.softmax(jnp.concatenate([old_scores, scores], axis=-1), axis=-1).astype(q.dtype)
-    S = k_old.shape[1]
-    out = jnp.einsum("bkgts,bskd->btkgd", weights[..., :S], v_old.astype(q.dtype))
+    S = k_old.shape[2]
+    out = jnp.einsum("bkgts,bksd->btkgd", weights[..., :S], v_old.astype(q.dtype))
     out = out + jnp.einsum("bkgts,bskd->btkgd", weights[..., S:], v_new)
     return out.reshape(B, T, -1)
 
 
 def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Array:
     """Decoding: one query per row. ``q: [B, K, G, hd]``, ``k_new, v_new: [B, K, hd]``,
-    ``self_allowed: [B]``, ``k_old, v_old: [B, S, K, hd]``, ``old_mask: [B, 1, S]`` -> ``[B, K * G * hd]``.
+    ``self_allowed: [B]``, ``k_old, v_old: [B, K, S, hd]``, ``old_mask: [B, 1, S]`` -> ``[B, K * G * hd]``.
 
     The new token's own key enters the softmax separately (so the cache is only read here and
     written once after all layers).
     """
     scale = q.shape[-1] ** -0.5
-    old_scores = jnp.einsum("bkgd,bskd->bkgs", q, k_old.astype(q.dtype)) * scale
+    old_scores = jnp.einsum("bkgd,bksd->bkgs", q, k_old.astype(q.dtype)) * scale
     old_scores = jnp.where(old_mask[:, 0, None, None, :], old_scores.astype(jnp.float32), _MASK_VALUE)
     self_scores = jnp.sum(q * k_new[:, :, None, :], axis=-1) * scale  # [B, K, G]
     self_scores = jnp.where(self_allowed[:, None, None], self_scores.astype(jnp.float32), _MASK_VALUE)
@@ -223,7 +224,7 @@ def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Ar
     old_weights = jnp.exp(old_scores - peak[..., None])
     self_weights = jnp.exp(self_scores - peak)
     total = old_weights.sum(axis=-1) + self_weights
-    out = jnp.einsum("bkgs,bskd->bkgd", old_weights.astype(q.dtype), v_old.astype(q.dtype))
+    out = jnp.einsum("bkgs,bksd->bkgd", old_weights.astype(q.dtype), v_old.astype(q.dtype))
     out = (out + self_weights.astype(q.dtype)[..., None] * v_new[:, :, None, :]) / total.astype(q.dtype)[..., None]
     return out.reshape(out.shape[0], -1)
 
@@ -280,7 +281,7 @@ class DecoderLayer(nnx.Module):
 
         Args:
           x: ``[B, T, D]``. cos, sin: ``[B, T, hd / 2]``. new_mask: ``[B, T, T]`` bool.
-          old: None or ``(k_old, v_old, old_mask)``, this layer's cache ``[B, S, K, hd]`` and ``[B, T, S]``.
+          old: None or ``(k_old, v_old, old_mask)``, this layer's cache ``[B, K, S, hd]`` and ``[B, T, S]``.
         Returns:
           ``(y [B, T, D], k [B, T, K, hd], v [B, T, K, hd])``: the new tokens' keys/values to cache.
         """
@@ -487,12 +488,14 @@ class Llama(nnx.Module):
         # The write index gets a data dependency on the last hidden state (``x > inf`` is always false,
         # NaN included), so XLA orders the write after every layer's read of the cache and updates the
         # donated buffers in place; without it, copy insertion duplicates the whole cache every step.
-        index = cache.index + (x[0, -1, 0] > jnp.inf).astype(jnp.int32)
-        start = (0, 0, index, 0, 0)
+        index = (cache.index + (x[0, -1, 0] > jnp.inf)).astype(jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, zero, zero, index, zero)
+        keys, values = jnp.swapaxes(keys, 2, 3), jnp.swapaxes(values, 2, 3)  # [L, B, K, T, hd]
         new_cache = KVCache(
             k=jax.lax.dynamic_update_slice(cache.k, keys.astype(cache.k.dtype), start),
             v=jax.lax.dynamic_update_slice(cache.v, values.astype(cache.v.dtype), start),
-            valid=jax.lax.dynamic_update_slice(cache.valid, mask, (0, index)),
+            valid=jax.lax.dynamic_update_slice(cache.valid, mask, (zero, index)),
             positions=cache.positions + mask.sum(axis=1, dtype=jnp.int32),
             index=cache.index + input_ids.shape[1],
         )
@@ -522,11 +525,11 @@ def _as_mask(attention_mask, shape) -> jax.Array:
 
 
 def _check_cache(cache: KVCache, batch_size: int, config: LlamaConfig) -> None:
-    expected = (config.num_layers, batch_size, cache.max_length, config.num_kv_heads, config.head_dim)
+    expected = (config.num_layers, batch_size, config.num_kv_heads, cache.max_length, config.head_dim)
     if tuple(cache.k.shape) != expected:
         raise ValueError(
             f"cache.k has shape {tuple(cache.k.shape)}, expected {expected} "
-            f"([num_layers, batch, max_length, num_kv_heads, head_dim]); create it with "
+            f"([num_layers, batch, num_kv_heads, max_length, head_dim]); create it with "
             f"model.init_cache({batch_size}, ...)."
         )
 
