@@ -47,7 +47,6 @@ __all__ = [
     "Auction",
     "DEFAULT_MEMORY_BUDGET",
     "GenerationResult",
-    "SHARED_PREFIX_MIN",
     "auction_step",
     "enable_compilation_cache",
     "generate",
@@ -307,32 +306,30 @@ def _compiled_decode():
     return jax.jit(_decode_loop, static_argnames=_STATIC, compiler_options=compiler_options() or None)
 
 
+def _take_rows(cache, rows):
+    """The cache rows ``rows: [R]`` (any may repeat)."""
+    return cache.replace(
+        k=jnp.take(cache.k, rows, axis=1),
+        v=jnp.take(cache.v, rows, axis=1),
+        valid=jnp.take(cache.valid, rows, axis=0),
+        positions=jnp.take(cache.positions, rows, axis=0),
+    )
+
+
 def _prefill_gather(graphdef, state, prefix_ids, input_ids, attention_mask, rows, cache):
-    """Prefill the unique sequences once, then gather the model rows ``[R]`` of logits and cache.
+    """Prefill the unique sequences once, then gather the model rows ``rows: [R]`` of logits and cache.
 
     ``prefix_ids: [1, c]`` (or None) is the token prefix common to all ``U`` unique sequences: it is
-    prefilled once into the one-row ``cache`` and broadcast to ``U`` rows, then ``input_ids: [U, P]``
+    prefilled once into the one-row ``cache`` and copied to ``U`` rows, then ``input_ids: [U, P]``
     (the sequences' remainders, left-padded) continue it; without a prefix, ``cache`` has ``U`` rows
     and ``input_ids`` are the whole sequences. (The empty cache is an argument: created inside ``jit``
     it would be a constant that XLA spends a minute folding on a 135M model.)"""
     model = nnx.merge(graphdef, state)
     if prefix_ids is not None:
         _, cache = model.prefill(prefix_ids, None, cache)
-        shared = lambda x: jnp.broadcast_to(x, (x.shape[0], input_ids.shape[0], *x.shape[2:]))
-        cache = cache.replace(
-            k=shared(cache.k),
-            v=shared(cache.v),
-            valid=jnp.broadcast_to(cache.valid, (input_ids.shape[0], cache.valid.shape[1])),
-            positions=jnp.broadcast_to(cache.positions, (input_ids.shape[0],)),
-        )
+        cache = _take_rows(cache, jnp.zeros((input_ids.shape[0],), jnp.int32))
     logits, cache = model.prefill(input_ids, attention_mask, cache)
-    gathered = cache.replace(
-        k=jnp.take(cache.k, rows, axis=1),
-        v=jnp.take(cache.v, rows, axis=1),
-        valid=jnp.take(cache.valid, rows, axis=0),
-        positions=jnp.take(cache.positions, rows, axis=0),
-    )
-    return jnp.take(logits, rows, axis=0), gathered
+    return jnp.take(logits, rows, axis=0), _take_rows(cache, rows)
 
 
 @functools.cache
@@ -753,8 +750,11 @@ def generate(
         _validate_rule_output(rule_fn, rows_per_auction, vocab, dtype)
 
     # Prompt width: the longest prompt of the batch, bucketed; the cache holds it plus the new tokens.
+    # A prefix common to all of the batch's prompts is prefilled once per chunk, the remainders are
+    # left-padded to a multiple of 8; both are decided here so that every chunk runs the same programs.
     context = llm.config.max_position_embeddings
-    longest = max(len(seq) for s in specs for seq in (*s.agents, *([s.base] if s.base else [])))
+    sequences = [seq for s in specs for seq in (*s.agents, *([s.base] if s.base else []))]
+    longest = max(map(len, sequences))
     if longest + max_new_tokens > context:
         raise ValueError(
             f"prompts: the longest prompt has {longest} tokens; with max_new_tokens = "
@@ -764,6 +764,8 @@ def generate(
     width = -(-longest // prompts_lib.PROMPT_BUCKET) * prompts_lib.PROMPT_BUCKET
     width = min(width, context - max_new_tokens)
     max_length = width + max_new_tokens
+    prefix_length = prompts_lib.shared_prefix_length(sequences)
+    suffix_width = min(-(-(longest - prefix_length) // 8) * 8, width - prefix_length) if prefix_length else width
     keys = _validate_keys(key, num_auctions)
     eos_ids = prompts_lib.eos_ids(llm, tokenizer)
     pad_id = prompts_lib.pad_id(tokenizer)
@@ -793,6 +795,8 @@ def generate(
                     n_max=n_max,
                     has_base=has_base,
                     width=width,
+                    prefix_length=prefix_length,
+                    suffix_width=suffix_width,
                     max_length=max_length,
                     pad_id=pad_id,
                     eos_ids=eos_ids,
@@ -836,37 +840,6 @@ def generate(
     return result
 
 
-SHARED_PREFIX_MIN = 16
-"""Prefill a token prefix common to all of a chunk's distinct prompts once (not once per prompt)
-when it is at least this long (in tokens, rounded down to a multiple of 8)."""
-
-
-def _prefill_inputs(sequences, width: int, pad_id: int):
-    """``(prefix [1, c] or None, input_ids [U, P], attention_mask [U, P])`` for the prefill.
-
-    ``c`` is the common prefix of ``sequences`` rounded down to a multiple of 8 (each sequence keeps
-    at least one token of its own), used when ``c >= SHARED_PREFIX_MIN`` and there are two or more
-    distinct sequences; the remainders are left-padded to a multiple of 8 tokens. Without a shared
-    prefix, the whole sequences are left-padded to ``width``. In both cases the prompt tokens end at
-    slot ``width`` of the cache (the slots before the prefix stay invalid).
-    """
-    common = 0
-    if len(set(sequences)) > 1:
-        shortest = min(len(seq) for seq in sequences)
-        first = sequences[0]
-        while common < shortest - 1 and all(seq[common] == first[common] for seq in sequences):
-            common += 1
-        common = common // 8 * 8
-    if common < SHARED_PREFIX_MIN:
-        input_ids, attention_mask = prompts_lib.left_pad(sequences, pad_id, bucket=1)
-        pad = width - input_ids.shape[1]
-        input_ids = np.pad(input_ids, ((0, 0), (pad, 0)), constant_values=pad_id)
-        return None, input_ids, np.pad(attention_mask, ((0, 0), (pad, 0)))
-    prefix = np.asarray(sequences[0][:common], np.int32)[None]
-    input_ids, attention_mask = prompts_lib.left_pad([seq[common:] for seq in sequences], pad_id, bucket=8)
-    return prefix, input_ids, attention_mask
-
-
 def _run_chunk(
     graphdef,
     state,
@@ -876,6 +849,8 @@ def _run_chunk(
     n_max,
     has_base,
     width,
+    prefix_length,
+    suffix_width,
     max_length,
     pad_id,
     eos_ids,
@@ -906,15 +881,16 @@ def _run_chunk(
         model_rows = np.arange(real.size)
         slot_rows = model_rows.reshape(real.shape).astype(np.int32)
     row_auctions = (model_rows // rows_per_auction).astype(np.int32)
-    prefix, input_ids, attention_mask = _prefill_inputs(unique, width, pad_id)
-    llm = nnx.merge(graphdef, state)
-    cache = llm.init_cache(1 if prefix is not None else len(unique), max_length)
-    if prefix is not None:
-        cache = cache.replace(index=jnp.int32(width - input_ids.shape[1] - prefix.shape[1]))
+    # The prompt tokens end at slot ``width``: [invalid | shared prefix | left-padded remainders].
+    input_ids, attention_mask = prompts_lib.left_pad(
+        [seq[prefix_length:] for seq in unique], pad_id, width=suffix_width
+    )
+    cache = nnx.merge(graphdef, state).init_cache(1 if prefix_length else len(unique), max_length)
+    cache = cache.replace(index=jnp.int32(width - suffix_width - prefix_length))
     logits, cache = _compiled_prefill()(
         graphdef,
         state,
-        None if prefix is None else jnp.asarray(prefix),
+        jnp.asarray([unique[0][:prefix_length]], jnp.int32) if prefix_length else None,
         jnp.asarray(input_ids),
         jnp.asarray(attention_mask),
         jnp.asarray(source.reshape(-1)[model_rows]),

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["PROMPT_BUCKET", "encode_prompt", "eos_ids", "left_pad", "pad_id"]
+__all__ = [
+    "PROMPT_BUCKET",
+    "SHARED_PREFIX_MIN",
+    "encode_prompt",
+    "eos_ids",
+    "left_pad",
+    "pad_id",
+    "shared_prefix_length",
+]
 
 
 def pad_id(tokenizer) -> int:
@@ -57,22 +66,44 @@ PROMPT_BUCKET = 32
 
 
 def left_pad(
-    sequences: Sequence[Sequence[int]], pad_id: int, *, bucket: int = PROMPT_BUCKET
+    sequences: Sequence[Sequence[int]], pad_id: int, *, bucket: int = PROMPT_BUCKET, width: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``[m, P]`` left-padded ids and the attention mask.
 
-    ``P`` is the longest prompt rounded up to a multiple of ``bucket`` (default ``PROMPT_BUCKET``), so
-    that prompts of similar lengths share one compiled program (padding is masked out and changes no
-    logit); ``bucket=1`` pads to the longest prompt exactly.
+    ``P`` is ``width`` if given, else the longest prompt rounded up to a multiple of ``bucket`` (default
+    ``PROMPT_BUCKET``), so that prompts of similar lengths share one compiled program (padding is
+    masked out and changes no logit); ``bucket=1`` pads to the longest prompt exactly.
     """
     longest = max(len(s) for s in sequences)
-    width = -(-longest // bucket) * bucket
+    if width is None:
+        width = -(-longest // bucket) * bucket
+    elif width < longest:
+        raise ValueError(f"width: {width} is shorter than the longest sequence ({longest} tokens).")
     ids = np.full((len(sequences), width), pad_id, dtype=np.int32)
     mask = np.zeros((len(sequences), width), dtype=np.int32)
     for row, seq in enumerate(sequences):
         ids[row, width - len(seq) :] = seq
         mask[row, width - len(seq) :] = 1
     return ids, mask
+
+
+SHARED_PREFIX_MIN = 16
+"""The shortest token prefix (after rounding down to a multiple of 8) that :func:`shared_prefix_length`
+reports: shorter common prefixes are not worth a separate prefill."""
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix common to all distinct ``sequences``, for prefilling it once.
+
+    Rounded down to a multiple of 8 and short enough that every sequence keeps at least one token of
+    its own; 0 when there are fewer than two distinct sequences or the prefix is shorter than
+    :data:`SHARED_PREFIX_MIN` (read at call time).
+    """
+    distinct = {tuple(seq) for seq in sequences}
+    if len(distinct) < 2:
+        return 0
+    common = min(len(os.path.commonprefix(list(distinct))), min(map(len, distinct)) - 1) // 8 * 8
+    return common if common >= SHARED_PREFIX_MIN else 0
 
 
 def eos_ids(llm, tokenizer) -> tuple[int, ...]:

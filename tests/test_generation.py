@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from tiny_llm import EOS, PAD, TinyTokenizer, tiny_llama
 
-from jaxauction import aggregation, generation, payments
+from jaxauction import aggregation, payments, prompts
 from jaxauction.generation import Auction, generate, parse_memory_budget, plan_chunks
 from jaxauction.models import jit_forward
 
@@ -219,15 +219,40 @@ SHARED_MIXED = [
 ]
 
 
+def test_shared_prefix_length_against_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        head = list(rng.integers(2, 4, rng.integers(0, 40)))
+        seqs = [head + list(rng.integers(2, 4, rng.integers(0, 6))) for _ in range(rng.integers(1, 5))]
+        distinct = {tuple(q) for q in seqs}
+        common = 0  # brute force: the longest c with one prefix and at least one own token per sequence
+        for c in range(min(map(len, distinct))):
+            if len({q[:c] for q in distinct}) == 1:
+                common = c
+        expected = common // 8 * 8 if len(distinct) > 1 else 0
+        assert prompts.shared_prefix_length(seqs) == (expected if expected >= prompts.SHARED_PREFIX_MIN else 0)
+    ids, mask = prompts.left_pad([[5, 6], [7]], 0, width=4)
+    np.testing.assert_array_equal(ids, [[0, 0, 5, 6], [0, 0, 0, 7]])
+    np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 1]])
+    with pytest.raises(ValueError, match="width: 1 is shorter than the longest sequence"):
+        prompts.left_pad([[5, 6]], 0, width=1)
+
+
 @pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
 def test_shared_prompt_prefix_is_prefilled_once_with_the_same_result(tiny, monkeypatch, x64):
     model, _ = tiny
+    found = []
+    measure = prompts.shared_prefix_length
+    monkeypatch.setattr(prompts, "shared_prefix_length", lambda seqs: found.append(measure(seqs)) or found[-1])
     with jax.enable_x64(x64):
         shared = generate(SHARED_MIXED, decoding="greedy", max_new_tokens=6, model=tiny)
-        monkeypatch.setattr(generation, "SHARED_PREFIX_MIN", 10**9)  # every prompt prefilled whole
+        chunked = generate(SHARED_MIXED, decoding="greedy", max_new_tokens=6, model=tiny, memory_budget=1)
+        monkeypatch.setattr(prompts, "SHARED_PREFIX_MIN", 10**9)  # every prompt prefilled whole
         whole = generate(SHARED_MIXED, decoding="greedy", max_new_tokens=6, model=tiny)
-    np.testing.assert_array_equal(shared.tokens, whole.tokens)
-    np.testing.assert_allclose(shared.token_payments, whole.token_payments, rtol=1e-5, atol=1e-7)
+    assert found == [24, 24, 0]  # the whole 24-token prefix is shared (a multiple of 8), then not at all
+    for other in (chunked, whole):
+        np.testing.assert_array_equal(shared.tokens, other.tokens)
+        np.testing.assert_allclose(shared.token_payments, other.token_payments, rtol=1e-5, atol=1e-7)
     for a, auction in enumerate(SHARED_MIXED):
         n = len(auction.prompts)
         tokens, charged = reference_auction(
