@@ -32,6 +32,7 @@ __all__ = [
     "agent_log_probs",
     "effective_bids",
     "bid_weights",
+    "weighted_sum",
     "append_base",
     "invalid_auctions",
 ]
@@ -64,9 +65,13 @@ def agent_log_probs(logits: jax.Array) -> jax.Array:
 
     A row of all ``-inf`` (invalid outside ``jit``) gives a row of ``-inf`` instead of NaN.
     """
-    has_mass = _has_mass(logits)[..., None]
-    log_p = jax.nn.log_softmax(jnp.where(has_mass, logits, 0.0), axis=-1)
-    return jnp.where(has_mass, log_p, -jnp.inf)
+    # log_softmax written out around one max (also the mass test): about 2x faster on XLA:CPU than
+    # masking the input of jax.nn.log_softmax, which takes the max again.
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    has_mass = ~(top == -jnp.inf)  # a NaN logit propagates
+    top = jnp.where(has_mass, top, 0.0)
+    log_normaliser = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True)) + top
+    return jnp.where(has_mass, logits - log_normaliser, -jnp.inf)
 
 
 def effective_bids(logits: jax.Array, bids: jax.Array) -> jax.Array:
@@ -95,7 +100,7 @@ def bid_weights(logits: jax.Array, bids: jax.Array) -> jax.Array:
 _UNROLL_AGENTS = 16
 
 
-def _weighted_sum(weights: jax.Array, values: jax.Array) -> jax.Array:
+def weighted_sum(weights: jax.Array, values: jax.Array) -> jax.Array:
     """``sum_i weights[..., i] * values[..., i, :]``: ``[..., n], [..., n, V] -> [..., V]``."""
     n = weights.shape[-1]
     if n > _UNROLL_AGENTS:
@@ -118,7 +123,7 @@ def linear_from_log_probs(log_p: jax.Array, weights: jax.Array) -> jax.Array:
     top = jax.lax.stop_gradient(jnp.max(log_p, axis=-2))
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     scaled = jnp.exp(log_p - top[..., None, :])
-    return safe_log(_weighted_sum(weights, scaled)) + top
+    return safe_log(weighted_sum(weights, scaled)) + top
 
 
 def log_linear_from_log_probs(log_p: jax.Array, weights: jax.Array) -> jax.Array:
@@ -130,8 +135,8 @@ def log_linear_from_log_probs(log_p: jax.Array, weights: jax.Array) -> jax.Array
     allow them.
     """
     masked = log_p == -jnp.inf
-    score = _weighted_sum(weights, jnp.where(masked, 0.0, log_p))
-    masked_weight = _weighted_sum(weights, masked.astype(log_p.dtype))
+    score = weighted_sum(weights, jnp.where(masked, 0.0, log_p))
+    masked_weight = weighted_sum(weights, masked.astype(log_p.dtype))
     least = jnp.min(masked_weight, axis=-1, keepdims=True)
     tolerance = 8 * jnp.finfo(log_p.dtype).eps
     allowed = masked_weight <= least * (1 + tolerance)
@@ -167,7 +172,7 @@ def linear(logits: jax.Array, bids: jax.Array) -> jax.Array:
 
 @jax.jit
 def _linear_probabilities(logits: jax.Array, bids: jax.Array) -> jax.Array:
-    return _weighted_sum(bid_weights(logits, bids), jnp.exp(agent_log_probs(logits)))
+    return weighted_sum(bid_weights(logits, bids), jnp.exp(agent_log_probs(logits)))
 
 
 def linear_probabilities(logits: jax.Array, bids: jax.Array) -> jax.Array:

@@ -525,9 +525,11 @@ def _linear_closed_form(all_logits: jax.Array, all_bids: jax.Array, n: int) -> j
     others_bids = jnp.where(not_self, all_bids[..., None, :], 0.0)  # [..., n, m]
     others = jnp.sum(others_bids, axis=-1)
     weights = jnp.where(not_self, aggregation.bid_weights(all_logits[..., None, :, :], others_bids), 0.0)
-    log_q_others = aggregation.linear_from_log_probs(log_p[..., None, :, :], weights)  # [..., n, V]
-    p_own = jnp.exp(log_p[..., :n, :])
-    tv = jnp.sum(jnp.maximum(p_own - jnp.exp(log_q_others), 0.0), axis=-1)
+    # In probability space: one exp per agent and token (log space would take n * m). A probability
+    # that underflows to 0 (below exp(-87) in float32) changes TV by less than that.
+    p = jnp.exp(log_p)
+    q_others = aggregation.weighted_sum(weights, p[..., None, :, :])  # [..., n, V]
+    tv = jnp.sum(jnp.maximum(p[..., :n, :] - q_others, 0.0), axis=-1)
     own = all_bids[..., :n]
     pays = (others > 0) & (own > 0)
     ratio = jnp.where(pays, own, 0.0) / jnp.where(pays, others, 1.0)

@@ -20,3 +20,16 @@ def dtype(request):
             yield jnp.float64
     else:
         yield jnp.float32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Frees every compiled program after each test module.
+
+    Each XLA:CPU executable keeps its kernels in separate memory mappings, and the decode loops
+    (one copy of the model per batch-size branch) have thousands of kernels: a whole test session
+    that keeps them all reaches Linux's default limit of 65530 mappings per process
+    (``vm.max_map_count``), after which mmap fails inside XLA and the process crashes.
+    """
+    yield
+    jax.clear_caches()

@@ -19,7 +19,7 @@ from flax import nnx
 from tiny_llm import EOS, PAD, TinyTokenizer, tiny_llama
 
 from jaxauction import aggregation, payments, prompts
-from jaxauction.generation import Auction, generate, parse_memory_budget, plan_chunks
+from jaxauction.generation import Auction, generate, next_rows, parse_memory_budget, plan_chunks, row_capacities
 from jaxauction.models import jit_forward
 
 VOCAB = 16
@@ -66,6 +66,63 @@ def test_greedy_auction_matches_uncached_reference_loop(tiny):
         assert np.all(result.tokens[a, length:] == PAD)
         assert np.all(result.token_payments[a, length:] == 0)
     np.testing.assert_allclose(result.payments, result.token_payments.sum(axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_next_rows_against_brute_force(seed):
+    """One row per distinct (row, token) continuation of a live slot; first continuations keep their row,
+    forks take rows no continuation keeps, and copy from their parent."""
+    rng = np.random.default_rng(seed)
+    num_auctions, m = rng.integers(1, 7), rng.integers(1, 4)
+    num_rows = int(rng.integers(num_auctions * m, num_auctions * m + 4))
+    slot_rows = rng.integers(0, min(3, num_rows), (num_auctions, m))
+    token = rng.integers(0, 3, num_auctions)
+    live = rng.random((num_auctions, m)) < 0.7
+    out = next_rows(jnp.asarray(slot_rows), jnp.asarray(token), jnp.asarray(live), num_rows)
+    new_rows, slot_logits, rows, tokens, count, fork_from, fork_to, forks = (np.asarray(x) for x in out)
+    children = sorted({(slot_rows[a, j], token[a]) for a in range(num_auctions) for j in range(m) if live[a, j]})
+    assert count == len(children)
+    assert len(set(rows[:count].tolist())) == count  # distinct rows, one per continuation
+    assert np.all(rows[count:] == rows[0]) and np.all(tokens[count:] == tokens[0])
+    child_row = {}
+    for a in range(num_auctions):
+        for j in range(m):
+            if live[a, j]:
+                index = slot_logits[a, j]
+                assert rows[index] == new_rows[a, j] and tokens[index] == token[a]
+                assert child_row.setdefault((slot_rows[a, j], token[a]), new_rows[a, j]) == new_rows[a, j]
+    kept = {parent for parent, _ in children}
+    for parent in kept:  # the first continuation (lowest token) keeps the parent's row
+        first = min(t for p, t in children if p == parent)
+        assert child_row[(parent, first)] == parent
+    assert forks == len(children) - len(kept)
+    copies = {(int(fork_from[i]), int(fork_to[i])) for i in range(forks)}
+    expected = {(p, child_row[(p, t)]) for p, t in children if child_row[(p, t)] != p}
+    assert copies == expected and not {target for _, target in copies} & kept
+
+
+def test_row_capacities():
+    assert row_capacities(2) == (2,)
+    assert row_capacities(22) == (2, 4, 8, 16, 22)
+    assert row_capacities(16) == (2, 4, 8, 16)
+
+
+def test_sweep_points_that_share_and_fork_histories_match_the_reference(tiny):
+    """A greedy bid sweep: auctions with the same tokens share model rows until they diverge (a fork
+    copies the row's cache). Every auction equals the uncached reference loop."""
+    model, _ = tiny
+    prompts = PROMPTS[:2]
+    shares = np.linspace(0.0, 1.0, 9)
+    bids = np.stack([shares, 1.0 - shares], axis=1)
+    result = generate(prompts, bids, rule="linear", decoding="greedy", max_new_tokens=10, model=tiny)
+    histories = [tuple(result.tokens[a, : result.lengths[a]]) for a in range(len(bids))]
+    assert len(set(histories)) < len(bids), "precondition: some auctions repeat another's tokens"
+    forked = any(h[0] == g[0] and h != g for h in histories for g in histories)
+    assert forked, "precondition: two auctions share a first token, then diverge"
+    for a in range(len(bids)):
+        tokens, charged = reference_auction(model, prompts, bids[a], max_new_tokens=10)
+        assert histories[a] == tuple(tokens)
+        np.testing.assert_allclose(result.token_payments[a, : len(tokens)], charged, rtol=2e-3, atol=1e-6)
 
 
 def test_base_prompt_takes_part_and_is_never_charged(tiny):

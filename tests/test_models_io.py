@@ -92,8 +92,11 @@ def test_chunked_prefill_equals_single_prefill(tiny_models):
         np.testing.assert_array_equal(np.asarray(getattr(cache, name)), np.asarray(getattr(whole_cache, name)))
     valid = np.asarray(cache.valid)  # padding slots hold arbitrary (never attended) keys and values
     for name in ("k", "v"):
-        # [L, B, K, S, hd] -> [L, K, B, S, hd], so the valid [B, S] slots index axes 2 and 3
-        got, expected = (np.swapaxes(np.asarray(getattr(c, name)), 1, 2) for c in (cache, whole_cache))
+        # k [L, B, K, hd, S] and v [L, B, K, S, hd] -> [L, K, B, S, hd], so the valid [B, S] slots index axes 2 and 3
+        arrays = [np.asarray(getattr(c, name)) for c in (cache, whole_cache)]
+        if name == "k":
+            arrays = [np.swapaxes(a, 3, 4) for a in arrays]
+        got, expected = (np.swapaxes(a, 1, 2) for a in arrays)
         np.testing.assert_allclose(got[:, :, valid], expected[:, :, valid], atol=1e-5, rtol=1e-5)
 
 
@@ -110,6 +113,42 @@ def test_decode_is_pure_under_jit(tiny_models):
     after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
     jax.tree.map(np.testing.assert_array_equal, before, after)
     assert int(cache_jit.index) == 1 and np.asarray(cache_jit.positions).tolist() == [1, 1, 1]
+
+
+def test_decode_of_some_rows_equals_decode_of_those_rows_alone(tiny_models):
+    """decode_kv(rows=) + write_rows on a larger cache: the same logits as decode on the gathered rows,
+    the same written slots, rows left out untouched, padding entries (>= B) skipped."""
+    model, _ = tiny_models["llama3"]
+    rng = np.random.default_rng(3)
+    prompts, mask = left_pad([rng.integers(0, 256, n) for n in (7, 4, 9, 5)], 256)
+    _, cache = model.prefill(prompts, mask, model.init_cache(4, 16))
+    rows = jnp.array([2, 0, 2])  # a repeated row, row 1 and 3 left out
+    tokens = jnp.array([5, 6, 5])
+    logits, keys, values = model.decode_kv(tokens, cache, rows)
+    alone_logits, alone = model.decode(tokens, cache.take_rows(rows))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(alone_logits), atol=1e-5, rtol=1e-5)
+    positions = jnp.take(cache.positions, rows) + 1
+    written = cache.write_rows(jnp.array([2, 0, 4]), keys, values, positions)  # 4 >= B: skipped
+    slot = int(cache.index)
+    assert int(written.index) == slot + 1
+    np.testing.assert_array_equal(np.asarray(written.valid[:, slot]), [True, False, True, False])
+    np.testing.assert_array_equal(np.asarray(written.positions), np.asarray(cache.positions) + [1, 0, 1, 0])
+    for row, source in ((2, 0), (0, 1)):
+        np.testing.assert_allclose(
+            np.asarray(written.k[:, row, :, :, slot]), np.asarray(alone.k[:, source, :, :, slot]), atol=1e-6
+        )
+        np.testing.assert_allclose(
+            np.asarray(written.v[:, row, :, slot]), np.asarray(alone.v[:, source, :, slot]), atol=1e-6
+        )
+    for row in (1, 3):
+        np.testing.assert_array_equal(np.asarray(written.k[:, row]), np.asarray(cache.k[:, row]))
+        np.testing.assert_array_equal(np.asarray(written.v[:, row]), np.asarray(cache.v[:, row]))
+    # The next step from the written cache equals decoding the two rows on their own.
+    next_logits, _ = model.decode(jnp.array([7, 8]), written.take_rows(jnp.array([2, 0])))
+    own_logits, _ = model.decode(jnp.array([7, 8]), alone.take_rows(jnp.array([0, 1])))
+    np.testing.assert_allclose(np.asarray(next_logits), np.asarray(own_logits), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rows must be integer row indices of shape"):
+        model.decode_kv(tokens, cache, jnp.array([0, 1]))
 
 
 # ---------------------------------------------------------------------------------------- folders

@@ -45,8 +45,10 @@ class KVCache:
     """Fixed-size key/value cache, a pytree.
 
     Attributes:
-      k, v: ``[L, B, K, S, hd]`` keys (after RoPE) and values of every layer. Slots are the second-minor
-        axis so a decoding query reads each head's ``[S, hd]`` block contiguously (no transposed copy).
+      k: ``[L, B, K, hd, S]`` keys (after RoPE) of every layer, slots minor: a decoding query's
+        product with the keys then sums over a major axis, several times faster on XLA:CPU than a sum
+        over the minor ``hd`` axis.
+      v: ``[L, B, K, S, hd]`` values of every layer, ``hd`` minor (the weighted sum runs over slots).
       valid: ``[B, S]`` bool, the slot holds a real (non-padding) token.
       positions: ``[B]`` int32, rotary position of the next token of each row (its count of real tokens).
       index: int32 scalar, the next slot to write (shared by all rows: padding is on the left).
@@ -64,7 +66,38 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[3]
+        return self.v.shape[3]
+
+    def take_rows(self, rows: jax.Array) -> KVCache:
+        """The cache of rows ``rows: [R]`` (any row may repeat), same ``index``."""
+        return self.replace(
+            k=jnp.take(self.k, rows, axis=1),
+            v=jnp.take(self.v, rows, axis=1),
+            valid=jnp.take(self.valid, rows, axis=0),
+            positions=jnp.take(self.positions, rows, axis=0),
+        )
+
+    def write_rows(self, rows: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array) -> KVCache:
+        """Writes one new token per listed row at slot ``index`` and advances ``index`` by one.
+
+        Args:
+          rows: ``[C]`` int rows to write; an entry ``>= B`` is skipped (padding). A row listed twice
+            must carry the same keys, values and position.
+          keys, values: ``[L, C, K, hd]`` the new tokens' keys (after RoPE) and values, as returned by
+            :meth:`Llama.decode_kv`.
+          positions: ``[C]`` the rows' new ``positions`` (their old positions + 1).
+        Returns:
+          The cache with those slots written and marked valid. Rows not listed keep an invalid slot at
+          ``index`` (they skipped this step). Inside ``jit``, writes at ``index >= max_length`` are dropped.
+        """
+        keys, values = jnp.swapaxes(keys, 0, 1), jnp.swapaxes(values, 0, 1)  # [C, L, K, hd]
+        return self.replace(
+            k=self.k.at[:, rows, :, :, self.index].set(keys.astype(self.k.dtype), mode="drop"),
+            v=self.v.at[:, rows, :, self.index].set(values.astype(self.v.dtype), mode="drop"),
+            valid=self.valid.at[rows, self.index].set(True, mode="drop"),
+            positions=self.positions.at[rows].set(positions, mode="drop"),
+            index=self.index + 1,
+        )
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
@@ -80,7 +113,7 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=jnp.
         )
     shape = (config.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
+        k=jnp.zeros(shape[:3] + (config.head_dim, max_length), dtype),
         v=jnp.zeros(shape, dtype),
         valid=jnp.zeros((batch_size, max_length), bool),
         positions=jnp.zeros((batch_size,), jnp.int32),
@@ -183,8 +216,8 @@ def attend(
     Args:
       q: ``[B, T, K, G, hd]`` queries of the new tokens. k_new, v_new: ``[B, T, K, hd]``.
       new_mask: ``[B, T, T]`` bool, query ``t`` may attend to new token ``t'``.
-      old: None, or ``(k_old, v_old, old_mask)`` with ``k_old, v_old: [B, K, S, hd]`` (cache slots)
-        and ``old_mask: [B, T, S]``.
+      old: None, or ``(k_old, v_old, old_mask)`` with ``k_old: [B, K, hd, S]``, ``v_old: [B, K, S, hd]``
+        (cache slots, see :class:`KVCache`) and ``old_mask: [B, T, S]``.
     Returns:
       ``[B, T, K * G * hd]``. A query with no allowed key gets the mean of the values (finite).
     """
@@ -199,10 +232,10 @@ def attend(
         out = jnp.einsum("bkgts,bskd->btkgd", weights, v_new)
         return out.reshape(B, T, -1)
     k_old, v_old, old_mask = old
-    old_scores = jnp.einsum("btkgd,bksd->bkgts", q, k_old.astype(q.dtype)) * scale
+    old_scores = jnp.einsum("btkgd,bkds->bkgts", q, k_old.astype(q.dtype)) * scale
     old_scores = jnp.where(old_mask[:, None, None], old_scores.astype(jnp.float32), _MASK_VALUE)
     weights = jax.nn.softmax(jnp.concatenate([old_scores, scores], axis=-1), axis=-1).astype(q.dtype)
-    S = k_old.shape[2]
+    S = v_old.shape[2]
     out = jnp.einsum("bkgts,bksd->btkgd", weights[..., :S], v_old.astype(q.dtype))
     out = out + jnp.einsum("bkgts,bskd->btkgd", weights[..., S:], v_new)
     return out.reshape(B, T, -1)
@@ -210,13 +243,16 @@ def attend(
 
 def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Array:
     """Decoding: one query per row. ``q: [B, K, G, hd]``, ``k_new, v_new: [B, K, hd]``,
-    ``self_allowed: [B]``, ``k_old, v_old: [B, K, S, hd]``, ``old_mask: [B, 1, S]`` -> ``[B, K * G * hd]``.
+    ``self_allowed: [B]``, ``k_old: [B, K, hd, S]``, ``v_old: [B, K, S, hd]``, ``old_mask: [B, 1, S]``
+    -> ``[B, K * G * hd]``.
 
     The new token's own key enters the softmax separately (so the cache is only read here and
-    written once after all layers).
+    written once after all layers). The products are written as broadcast multiply-and-sum over a
+    major axis, which XLA:CPU fuses into one loop; as batched matrix products of ``G`` rows each
+    they cost several times more.
     """
     scale = q.shape[-1] ** -0.5
-    old_scores = jnp.einsum("bkgd,bksd->bkgs", q, k_old.astype(q.dtype)) * scale
+    old_scores = jnp.sum(q[..., None] * k_old.astype(q.dtype)[:, :, None], axis=-2) * scale
     old_scores = jnp.where(old_mask[:, 0, None, None, :], old_scores.astype(jnp.float32), _MASK_VALUE)
     self_scores = jnp.sum(q * k_new[:, :, None, :], axis=-1) * scale  # [B, K, G]
     self_scores = jnp.where(self_allowed[:, None, None], self_scores.astype(jnp.float32), _MASK_VALUE)
@@ -224,7 +260,7 @@ def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Ar
     old_weights = jnp.exp(old_scores - peak[..., None])
     self_weights = jnp.exp(self_scores - peak)
     total = old_weights.sum(axis=-1) + self_weights
-    out = jnp.einsum("bkgs,bksd->bkgd", old_weights.astype(q.dtype), v_old.astype(q.dtype))
+    out = jnp.sum(old_weights.astype(q.dtype)[..., None] * v_old.astype(q.dtype)[:, :, None], axis=-2)
     out = (out + self_weights.astype(q.dtype)[..., None] * v_new[:, :, None, :]) / total.astype(q.dtype)[..., None]
     return out.reshape(out.shape[0], -1)
 
@@ -363,16 +399,11 @@ class Llama(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``[..., D]`` -> ``[..., V]``: final RMSNorm, then ``hidden @ head.T`` (head: the tied embedding or
-        the LM head, ``[V, D]``).
-
-        Fewer than 8 rows use the ``[D, V]`` copy instead: XLA:CPU's matrix product with a transposed
-        ``[V, D]`` operand is about 10x slower for 2-7 rows and about 1.5x faster from 8 rows on.
+        the LM head, ``[V, D]``), computed with its ``[D, V]`` copy ``head_transposed``: on XLA:CPU the
+        product with the transposed ``[V, D]`` operand is 2-3x slower at every batch size measured
+        (8 to 256 rows, experiments/bench_model.py) and about 10x slower for 2-7 rows.
         """
-        hidden = self.final_norm(hidden)
-        if math.prod(hidden.shape[:-1]) < 8:
-            return jnp.dot(hidden, self.head_transposed[...])
-        head = self.embedding if self.lm_head is None else self.lm_head
-        return jnp.einsum("...d,vd->...v", hidden, head[...])
+        return jnp.dot(self.final_norm(hidden), self.head_transposed[...])
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         """An empty ``KVCache`` for ``batch_size`` rows of up to ``max_length`` tokens (model dtype by default)."""
@@ -457,22 +488,61 @@ class Llama(nnx.Module):
         mask = jnp.ones((token_ids.shape[0], 1), bool)
         return self._step(token_ids[:, None], cache.positions[:, None], mask, cache)
 
+    def decode_kv(
+        self, token_ids: jax.Array, cache: KVCache, rows: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One decoding step that reads ``cache`` and does not write it.
+
+        With ``rows``, only those rows of a larger cache are decoded (each layer gathers its rows'
+        keys and values as it reads them, no gathered copy of the cache). Write the results back with
+        :meth:`KVCache.write_rows`.
+
+        Args:
+          token_ids: ``[C]`` int, the new token of each decoded row.
+          cache: a ``KVCache``; the new tokens belong at slot ``index``.
+          rows: ``[C]`` int rows of ``cache`` to decode (any may repeat); None decodes all ``C = B`` rows.
+        Returns:
+          ``(logits [C, V], keys [L, C, K, hd], values [L, C, K, hd])``: the new tokens' keys (after
+          RoPE) and values, to be written at slot ``index``; their rotary positions are the rows'
+          ``cache.positions``.
+        """
+        token_ids = jnp.asarray(token_ids)
+        _check_tokens(token_ids, 1, "token_ids")
+        _check_cache(cache, cache.batch_size if rows is not None else token_ids.shape[0], self.config)
+        if rows is not None:
+            rows = jnp.asarray(rows)
+            if rows.shape != token_ids.shape or not jnp.issubdtype(rows.dtype, jnp.integer):
+                raise ValueError(
+                    f"rows must be integer row indices of shape {tuple(token_ids.shape)} (one per token), "
+                    f"got {rows.dtype} {tuple(rows.shape)}."
+                )
+        if not self._traced(token_ids, cache, rows):
+            return _compiled("decode_kv", False)(*nnx.split(self), token_ids, cache, rows)
+        mask = jnp.ones((token_ids.shape[0], 1), bool)
+        positions = cache.positions if rows is None else jnp.take(cache.positions, rows)
+        x, keys, values = self._layers(token_ids[:, None], positions[:, None], mask, cache, rows)
+        return self.logits(x[:, -1]), keys[:, :, 0], values[:, :, 0]
+
     def _traced(self, *arrays) -> bool:
         """True inside a JAX transformation. Called eagerly, the methods run jit-compiled (without
         donating the cache) instead of dispatching every operation one by one."""
         leaves = jax.tree.leaves((arrays, self.embedding[...]))
         return any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
 
-    def _layers(self, input_ids, positions, mask, cache: KVCache | None):
-        """All blocks. Returns ``(hidden [B, T, D], keys, values)``, keys/values ``[L, B, T, K, hd]``."""
+    def _layers(self, input_ids, positions, mask, cache: KVCache | None, rows=None):
+        """All blocks, attending to the cache rows ``rows`` (all if None). Returns ``(hidden [B, T, D],
+        keys, values)``, keys/values ``[L, B, T, K, hd]``."""
         window = self.config.sliding_window
         cos, sin = rope_tables(positions, rope_inverse_frequencies(self.config))
         new_mask = _new_token_mask(mask, positions, window)
-        old_mask = None if cache is None else _cached_slot_mask(cache.valid, positions, window)
+        if cache is not None:
+            valid = cache.valid if rows is None else jnp.take(cache.valid, rows, axis=0)
+            old_mask = _cached_slot_mask(valid, positions, window)
+        select = (lambda x: x) if rows is None else (lambda x: jnp.take(x, rows, axis=0))
         x = self.embed(input_ids)
         keys, values = [], []
         for i, layer in enumerate(self.layers):
-            old = None if cache is None else (cache.k[i], cache.v[i], old_mask)
+            old = None if cache is None else (select(cache.k[i]), select(cache.v[i]), old_mask)
             x, k, v = layer(x, cos, sin, new_mask, old)
             keys.append(k)
             values.append(v)
@@ -490,11 +560,13 @@ class Llama(nnx.Module):
         # donated buffers in place; without it, copy insertion duplicates the whole cache every step.
         index = (cache.index + (x[0, -1, 0] > jnp.inf)).astype(jnp.int32)
         zero = jnp.zeros((), jnp.int32)
-        start = (zero, zero, zero, index, zero)
-        keys, values = jnp.swapaxes(keys, 2, 3), jnp.swapaxes(values, 2, 3)  # [L, B, K, T, hd]
+        keys, values = (
+            jnp.transpose(keys, (0, 1, 3, 4, 2)),
+            jnp.swapaxes(values, 2, 3),
+        )  # [L, B, K, hd, T], [L, B, K, T, hd]
         new_cache = KVCache(
-            k=jax.lax.dynamic_update_slice(cache.k, keys.astype(cache.k.dtype), start),
-            v=jax.lax.dynamic_update_slice(cache.v, values.astype(cache.v.dtype), start),
+            k=jax.lax.dynamic_update_slice(cache.k, keys.astype(cache.k.dtype), (zero, zero, zero, zero, index)),
+            v=jax.lax.dynamic_update_slice(cache.v, values.astype(cache.v.dtype), (zero, zero, zero, index, zero)),
             valid=jax.lax.dynamic_update_slice(cache.valid, mask, (zero, index)),
             positions=cache.positions + mask.sum(axis=1, dtype=jnp.int32),
             index=cache.index + input_ids.shape[1],
@@ -526,12 +598,20 @@ def _as_mask(attention_mask, shape) -> jax.Array:
 
 def _check_cache(cache: KVCache, batch_size: int, config: LlamaConfig) -> None:
     expected = (config.num_layers, batch_size, config.num_kv_heads, cache.max_length, config.head_dim)
-    if tuple(cache.k.shape) != expected:
-        raise ValueError(
-            f"cache.k has shape {tuple(cache.k.shape)}, expected {expected} "
-            f"([num_layers, batch, num_kv_heads, max_length, head_dim]); create it with "
-            f"model.init_cache({batch_size}, ...)."
-        )
+    for name, array, shape, axes in (
+        (
+            "k",
+            cache.k,
+            (*expected[:3], config.head_dim, cache.max_length),
+            "[num_layers, batch, num_kv_heads, head_dim, max_length]",
+        ),
+        ("v", cache.v, expected, "[num_layers, batch, num_kv_heads, max_length, head_dim]"),
+    ):
+        if tuple(array.shape) != shape:
+            raise ValueError(
+                f"cache.{name} has shape {tuple(array.shape)}, expected {shape} ({axes}); create it with "
+                f"model.init_cache({batch_size}, ...)."
+            )
 
 
 # ---------------------------------------------------------------------------------------- jit
@@ -582,10 +662,15 @@ def _decode_body(graphdef, state, token_ids, cache):
     return nnx.merge(graphdef, state).decode(token_ids, cache)
 
 
+def _decode_kv_body(graphdef, state, token_ids, cache, rows):
+    return nnx.merge(graphdef, state).decode_kv(token_ids, cache, rows)
+
+
 @functools.cache
 def _compiled(name: str, donate: bool):
-    """The jitted ``forward``/``prefill``/``decode`` (with or without donating the cache)."""
-    body = {"forward": _forward_body, "prefill": _prefill_body, "decode": _decode_body}[name]
+    """The jitted ``forward``/``prefill``/``decode``/``decode_kv`` (with or without donating the cache)."""
+    bodies = {"forward": _forward_body, "prefill": _prefill_body, "decode": _decode_body, "decode_kv": _decode_kv_body}
+    body = bodies[name]
     donated = {"prefill": 4, "decode": 3}.get(name) if donate else None
     return _jit(body, donate_argnums=donated)
 
