@@ -243,7 +243,7 @@ def row_capacities(num_rows: int) -> tuple[int, ...]:
     """The batch sizes the decode loop compiles for ``num_rows`` physical rows: 2, 4, 8, ... below
     ``num_rows``, then ``num_rows`` itself. Each step runs the model on the smallest one that holds the
     step's distinct live rows. (Adding 1.5x sizes, 12, 24, 48, ..., saved about 1% of the mixed
-    benchmark's time and cost 50% more compile time.)"""
+    benchmark's time and made the first call 30% (sweep) to 48% (mixed batch) slower.)"""
     return (*(2**k for k in range(1, num_rows.bit_length()) if 2**k < num_rows), num_rows)
 
 
@@ -322,17 +322,14 @@ def _copy_rows(cache, sources, targets, count):
 def _decode_rows(capacity, graphdef, state, cache, rows, tokens):
     """The model on the first ``capacity`` of ``rows: [P]`` (with ``tokens: [P]``), reading ``cache``.
 
-    Returns ``(logits [P, V], keys [L, P, K, hd], values [L, P, K, hd], positions [P])``; entries from
-    ``capacity`` on repeat entry 0. The cache is only read here: writing it inside a ``lax.switch``
-    branch would copy it."""
-    rows, tokens = rows[:capacity], tokens[:capacity]
-    logits, keys, values = nnx.merge(graphdef, state).decode_kv(tokens, cache, rows)
-    positions = jnp.take(cache.positions, rows) + 1
-    if capacity < cache.batch_size:
-        pad = jnp.where(jnp.arange(cache.batch_size) < capacity, jnp.arange(cache.batch_size), 0)
-        logits, positions = logits[pad], positions[pad]
-        keys, values = keys[:, pad], values[:, pad]
-    return logits, keys, values, positions
+    Returns ``(logits [P, V], keys [L, P, K, hd], values [L, P, K, hd])``, zero from ``capacity`` on
+    (never read: those entries are past the step's ``count``). The cache is only read here: writing it
+    inside a ``lax.switch`` branch would copy it."""
+    logits, keys, values = nnx.merge(graphdef, state).decode_kv(tokens[:capacity], cache, rows[:capacity])
+    missing = cache.batch_size - capacity
+    return jnp.pad(logits, ((0, missing), (0, 0))), *(
+        jnp.pad(x, ((0, 0), (0, missing), (0, 0), (0, 0))) for x in (keys, values)
+    )
 
 
 def _decode_loop(
@@ -413,9 +410,9 @@ def _decode_loop(
         )
         cache = _copy_rows(cache, fork_from, fork_to, forks)
         branch = jnp.searchsorted(jnp.asarray(capacities), count)
-        logits, new_keys, new_values, positions = jax.lax.switch(branch, branches, state, cache, rows, row_tokens)
-        written = jnp.where(jnp.arange(num_rows) < count, rows, num_rows)  # repeated entries are skipped
-        cache = cache.write_rows(written, new_keys, new_values, positions)
+        logits, new_keys, new_values = jax.lax.switch(branch, branches, state, cache, rows, row_tokens)
+        written = jnp.where(jnp.arange(num_rows) < count, rows, num_rows)  # entries past count are skipped
+        cache = cache.write_rows(written, new_keys, new_values)
         return step + 1, cache, logits, slot_rows, slot_logits, tokens, done, token_payments, valid, lengths
 
     carry = (jnp.int32(0), cache, logits, slot_rows, slot_rows, tokens, done, token_payments, valid, lengths)
@@ -678,7 +675,8 @@ def plan_chunks(num_auctions: int, auction_bytes: int, budget: int, devices: int
 
 
 def _chunk_layout(specs: list[_Spec], n_max: int, has_base: bool):
-    """Unique sequences, row -> unique index ``[C, m]``, row is real ``[C, m]``, bids ``[C, m]``."""
+    """Unique sequences, slot -> unique index ``[C, m]`` (0 for absent slots), slot is real ``[C, m]``,
+    bids ``[C, m]``."""
     rows = n_max + int(has_base)
     index: dict[tuple[int, ...], int] = {}
     source = np.zeros((len(specs), rows), np.int32)
@@ -690,7 +688,6 @@ def _chunk_layout(specs: list[_Spec], n_max: int, has_base: bool):
         for slot, seq in zip(slots, sequences):
             source[a, slot] = index.setdefault(seq, len(index))
             real[a, slot] = True
-        source[a, ~real[a]] = source[a, 0]  # absent rows decode a copy of agent 0 (masked to -inf)
         bids[a, : len(spec.agents)] = spec.bids
         if spec.base is not None:
             bids[a, n_max] = spec.base_bid
@@ -911,6 +908,10 @@ def generate(
     if mesh is not None:
         state = sharding.replicate(state, mesh)
     padded_specs = specs + [specs[-1]] * (chunk * num_chunks - num_auctions)
+    # Every chunk gets the batch's largest row counts, so all chunks run the same two programs.
+    layouts = [_chunk_layout(padded_specs[c * chunk : (c + 1) * chunk], n_max, has_base) for c in range(num_chunks)]
+    prefill_rows = max(_bucket(len(unique)) for unique, *_ in layouts)
+    num_rows = _bucket(max(2, max(int(real.reshape(devices, -1).sum(axis=1).max()) for _, _, real, _ in layouts)))
     padded_keys = sharding.pad_batch(keys, chunk * num_chunks)
     bar = _open_progress_bar(max_new_tokens * num_chunks) if progress else None
     outputs = []
@@ -922,10 +923,11 @@ def generate(
                 _run_chunk(
                     graphdef,
                     state,
-                    padded_specs[c * chunk : (c + 1) * chunk],
+                    layouts[c],
                     padded_keys[c * chunk : (c + 1) * chunk],
+                    prefill_rows=prefill_rows,
+                    num_rows=num_rows,
                     n_max=n_max,
-                    has_base=has_base,
                     width=width,
                     prefix_length=prefix_length,
                     suffix_width=suffix_width,
@@ -975,11 +977,12 @@ def generate(
 def _run_chunk(
     graphdef,
     state,
-    specs,
+    layout,
     keys,
     *,
+    prefill_rows,
+    num_rows,
     n_max,
-    has_base,
     width,
     prefix_length,
     suffix_width,
@@ -997,16 +1000,17 @@ def _run_chunk(
 ):
     """Prefill the chunk's unique sequences once, lay out every device's cache rows, run the decode loop.
 
-    Each device (one without a mesh) holds its share of the auctions and ``P`` cache rows: first the
-    distinct sequences of its auctions' real slots, then free rows for the forks of later steps. ``P``
-    is the device's largest count of real slots (bucketed), which no step can exceed.
+    ``layout`` is the chunk's :func:`_chunk_layout`. The unique sequences are padded to
+    ``prefill_rows``. Each device (one without a mesh) holds its share of the auctions and
+    ``num_rows`` cache rows: first the distinct sequences of its auctions' real slots, then free rows
+    for the forks of later steps. ``num_rows`` is at least any device's count of real slots, which no
+    step can exceed; both counts are the batch's, so every chunk runs the same programs.
     """
-    unique, source, real, bids = _chunk_layout(specs, n_max, has_base)
-    unique = unique + [unique[-1]] * (_bucket(len(unique)) - len(unique))
+    unique, source, real, bids = layout
+    unique = unique + [unique[-1]] * (prefill_rows - len(unique))
     devices = 1 if mesh is None else mesh.size
     device_source = source.reshape(devices, -1)
     device_real = real.reshape(devices, -1)
-    num_rows = _bucket(max(2, int(device_real.sum(axis=1).max())))
     gather = np.zeros((devices, num_rows), np.int32)
     slot_rows = np.zeros(device_source.shape, np.int32)
     for d in range(devices):

@@ -385,6 +385,25 @@ def test_chunked_batch_equals_one_chunk(tiny):
     np.testing.assert_allclose(mixed.payments, alone.payments, rtol=1e-5, atol=1e-8)
 
 
+def test_chunks_of_different_auctions_share_one_program(tiny, monkeypatch):
+    """Chunks with different row counts (one-agent auctions, then three-agent ones) are laid out with
+    the batch's row counts: one prefill and one decode program for all chunks, same results."""
+    from jaxauction import generation
+
+    calls = []
+    run_chunk = generation._run_chunk
+    monkeypatch.setattr(generation, "_run_chunk", lambda *a, **k: calls.append(1) or run_chunk(*a, **k))
+    auctions = [MIXED[2]] * 4 + [MIXED[0], MIXED[1]] * 2
+    decode, prefill = generation._compiled_decode(), generation._compiled_prefill()
+    before = decode._cache_size(), prefill._cache_size()
+    chunked = generate(auctions, decoding="greedy", max_new_tokens=7, model=tiny, memory_budget=60_000)
+    assert len(calls) >= 3, "precondition: the batch runs in several chunks"
+    assert decode._cache_size() - before[0] == 1 and prefill._cache_size() - before[1] == 1
+    whole = generate(auctions, decoding="greedy", max_new_tokens=7, model=tiny)
+    np.testing.assert_array_equal(chunked.tokens, whole.tokens)
+    np.testing.assert_allclose(chunked.payments, whole.payments, rtol=1e-5, atol=1e-8)
+
+
 def test_plan_chunks_respects_the_budget():
     for num, each, budget, devices in [(20_000, 10**6, 4 * 1024**3, 1), (21, 50_000, 300_000, 1), (7, 1, 10**9, 4)]:
         size, chunks = plan_chunks(num, each, budget, devices)
