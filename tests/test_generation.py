@@ -68,37 +68,40 @@ def test_greedy_auction_matches_uncached_reference_loop(tiny):
     np.testing.assert_allclose(result.payments, result.token_payments.sum(axis=1), rtol=1e-6)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(12))
 def test_next_rows_against_brute_force(seed):
-    """One row per distinct (row, token) continuation of a live slot; first continuations keep their row,
-    forks take rows no continuation keeps, and copy from their parent."""
+    """One row per distinct (row, token) continuation of a live slot, in rows 0 .. count - 1; a first
+    continuation keeps its row when that row is below count, every other one gets a copy of its
+    parent's cache into a row no continuation keeps."""
     rng = np.random.default_rng(seed)
     num_auctions, m = rng.integers(1, 7), rng.integers(1, 4)
     num_rows = int(rng.integers(num_auctions * m, num_auctions * m + 4))
-    slot_rows = rng.integers(0, min(3, num_rows), (num_auctions, m))
+    slot_rows = rng.integers(0, num_rows, (num_auctions, m))
     token = rng.integers(0, 3, num_auctions)
     live = rng.random((num_auctions, m)) < 0.7
     out = next_rows(jnp.asarray(slot_rows), jnp.asarray(token), jnp.asarray(live), num_rows)
-    new_rows, slot_logits, rows, tokens, count, fork_from, fork_to, forks = (np.asarray(x) for x in out)
+    new_rows, row_tokens, count, copy_from, copy_to, copies = (np.asarray(x) for x in out)
     children = sorted({(slot_rows[a, j], token[a]) for a in range(num_auctions) for j in range(m) if live[a, j]})
     assert count == len(children)
-    assert len(set(rows[:count].tolist())) == count  # distinct rows, one per continuation
-    assert np.all(rows[count:] == rows[0]) and np.all(tokens[count:] == tokens[0])
     child_row = {}
     for a in range(num_auctions):
         for j in range(m):
             if live[a, j]:
-                index = slot_logits[a, j]
-                assert rows[index] == new_rows[a, j] and tokens[index] == token[a]
                 assert child_row.setdefault((slot_rows[a, j], token[a]), new_rows[a, j]) == new_rows[a, j]
+            else:
+                assert new_rows[a, j] == 0
+    assert sorted(child_row.values()) == list(range(count))  # distinct rows, compacted
+    for (_, t), row in child_row.items():
+        assert row_tokens[row] == t
+    assert np.all(row_tokens[count:] == 0)
     kept = {parent for parent, _ in children}
-    for parent in kept:  # the first continuation (lowest token) keeps the parent's row
+    for parent in kept:  # the first continuation (lowest token) keeps a row below count
         first = min(t for p, t in children if p == parent)
-        assert child_row[(parent, first)] == parent
-    assert forks == len(children) - len(kept)
-    copies = {(int(fork_from[i]), int(fork_to[i])) for i in range(forks)}
+        assert (child_row[(parent, first)] == parent) == (parent < count)
     expected = {(p, child_row[(p, t)]) for p, t in children if child_row[(p, t)] != p}
-    assert copies == expected and not {target for _, target in copies} & kept
+    pairs = [(int(copy_from[i]), int(copy_to[i])) for i in range(copies)]
+    assert len(pairs) == len(expected) and set(pairs) == expected
+    assert not {target for _, target in pairs} & kept  # copies never overwrite a source
 
 
 def test_row_capacities():

@@ -115,39 +115,28 @@ def test_decode_is_pure_under_jit(tiny_models):
     assert int(cache_jit.index) == 1 and np.asarray(cache_jit.positions).tolist() == [1, 1, 1]
 
 
-def test_decode_of_some_rows_equals_decode_of_those_rows_alone(tiny_models):
-    """decode_kv(rows=) + write_rows on a larger cache: the same logits as decode on the gathered rows,
-    the same written slots, rows left out untouched, padding entries (>= B) skipped."""
+def test_decode_kv_and_append_equal_decode(tiny_models):
+    """decode_kv reads the cache without writing it; appending its keys and values gives decode's cache,
+    also for a slice of the rows, and the next step agrees."""
     model, _ = tiny_models["llama3"]
     rng = np.random.default_rng(3)
     prompts, mask = left_pad([rng.integers(0, 256, n) for n in (7, 4, 9, 5)], 256)
     _, cache = model.prefill(prompts, mask, model.init_cache(4, 16))
-    rows = jnp.array([2, 0, 2])  # a repeated row, row 1 and 3 left out
-    tokens = jnp.array([5, 6, 5])
-    logits, keys, values = model.decode_kv(tokens, cache, rows)
-    alone_logits, alone = model.decode(tokens, cache.take_rows(rows))
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(alone_logits), atol=1e-5, rtol=1e-5)
-    written = cache.write_rows(jnp.array([2, 0, 4]), keys, values)  # 4 >= B: skipped
-    slot = int(cache.index)
-    assert int(written.index) == slot + 1
-    np.testing.assert_array_equal(np.asarray(written.valid[:, slot]), [True, False, True, False])
-    np.testing.assert_array_equal(np.asarray(written.positions), np.asarray(cache.positions) + [1, 0, 1, 0])
-    for row, source in ((2, 0), (0, 1)):
-        np.testing.assert_allclose(
-            np.asarray(written.k[:, row, :, :, slot]), np.asarray(alone.k[:, source, :, :, slot]), atol=1e-6
-        )
-        np.testing.assert_allclose(
-            np.asarray(written.v[:, row, :, slot]), np.asarray(alone.v[:, source, :, slot]), atol=1e-6
-        )
-    for row in (1, 3):
-        np.testing.assert_array_equal(np.asarray(written.k[:, row]), np.asarray(cache.k[:, row]))
-        np.testing.assert_array_equal(np.asarray(written.v[:, row]), np.asarray(cache.v[:, row]))
-    # The next step from the written cache equals decoding the two rows on their own.
-    next_logits, _ = model.decode(jnp.array([7, 8]), written.take_rows(jnp.array([2, 0])))
-    own_logits, _ = model.decode(jnp.array([7, 8]), alone.take_rows(jnp.array([0, 1])))
+    tokens = jnp.array([5, 6, 5, 9])
+    logits, keys, values = model.decode_kv(tokens, cache)
+    decoded_logits, decoded = model.decode(tokens, cache)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(decoded_logits), atol=1e-5, rtol=1e-5)
+    appended = cache.append(keys[:, :, None], values[:, :, None], jnp.ones((4, 1), bool))
+    for name in ("k", "v", "valid", "positions", "index"):
+        np.testing.assert_allclose(np.asarray(getattr(appended, name)), np.asarray(getattr(decoded, name)), atol=1e-6)
+    first_two = cache.replace(k=cache.k[:, :2], v=cache.v[:, :2], valid=cache.valid[:2], positions=cache.positions[:2])
+    some_logits, _, _ = model.decode_kv(tokens[:2], first_two)
+    np.testing.assert_allclose(np.asarray(some_logits), np.asarray(logits[:2]), atol=1e-5, rtol=1e-5)
+    next_logits, _ = model.decode(jnp.array([7, 8, 1, 2]), appended)
+    own_logits, _ = model.decode(jnp.array([7, 8, 1, 2]), decoded)
     np.testing.assert_allclose(np.asarray(next_logits), np.asarray(own_logits), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="rows must be integer row indices of shape"):
-        model.decode_kv(tokens, cache, jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="cache.k has shape"):
+        model.decode_kv(tokens[:3], cache)
 
 
 # ---------------------------------------------------------------------------------------- folders

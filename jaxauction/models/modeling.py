@@ -77,27 +77,26 @@ class KVCache:
             positions=jnp.take(self.positions, rows, axis=0),
         )
 
-    def write_rows(self, rows: jax.Array, keys: jax.Array, values: jax.Array) -> KVCache:
-        """Writes one new token per listed row at slot ``index``, advances those rows' ``positions`` and
-        ``index`` by one.
+    def append(self, keys: jax.Array, values: jax.Array, mask: jax.Array) -> KVCache:
+        """Writes ``T`` new tokens of every row at slots ``index .. index + T - 1`` (one in-place
+        ``dynamic_update_slice`` per array when the cache is donated).
 
         Args:
-          rows: ``[C]`` int rows to write; an entry ``>= B`` is skipped (padding). A row listed twice
-            must carry the same keys and values.
-          keys, values: ``[L, C, K, hd]`` the new tokens' keys (after RoPE) and values, as returned by
-            :meth:`Llama.decode_kv`.
+          keys, values: ``[L, B, T, K, hd]`` the new tokens' keys (after RoPE) and values, as returned by
+            :meth:`Llama.decode_kv` (with ``T = 1``: ``keys[:, :, None]``).
+          mask: ``[B, T]`` bool, the token is real (marks its slot valid and advances ``positions``).
         Returns:
-          The cache with those slots written and marked valid. Rows not listed keep an invalid slot at
-          ``index`` (they skipped this step). Inside ``jit``, writes at ``index >= max_length`` are dropped.
+          The cache with ``index + T``. Inside ``jit`` a write past ``max_length`` is clamped to the last
+          slots (it overwrites them).
         """
-        positions = jnp.take(self.positions, rows, mode="clip") + 1  # skipped entries are dropped below
-        keys, values = jnp.swapaxes(keys, 0, 1), jnp.swapaxes(values, 0, 1)  # [C, L, K, hd]
-        return self.replace(
-            k=self.k.at[:, rows, :, :, self.index].set(keys.astype(self.k.dtype), mode="drop"),
-            v=self.v.at[:, rows, :, self.index].set(values.astype(self.v.dtype), mode="drop"),
-            valid=self.valid.at[rows, self.index].set(True, mode="drop"),
-            positions=self.positions.at[rows].set(positions, mode="drop"),
-            index=self.index + 1,
+        zero = jnp.zeros((), jnp.int32)
+        keys, values = jnp.transpose(keys, (0, 1, 3, 4, 2)), jnp.swapaxes(values, 2, 3)  # [L, B, K, hd|T, T|hd]
+        return KVCache(
+            k=jax.lax.dynamic_update_slice(self.k, keys.astype(self.k.dtype), (zero, zero, zero, zero, self.index)),
+            v=jax.lax.dynamic_update_slice(self.v, values.astype(self.v.dtype), (zero, zero, zero, self.index, zero)),
+            valid=jax.lax.dynamic_update_slice(self.valid, mask, (zero, self.index)),
+            positions=self.positions + mask.sum(axis=1, dtype=jnp.int32),
+            index=self.index + mask.shape[1],
         )
 
 
@@ -490,39 +489,27 @@ class Llama(nnx.Module):
         mask = jnp.ones((token_ids.shape[0], 1), bool)
         return self._step(token_ids[:, None], cache.positions[:, None], mask, cache)
 
-    def decode_kv(
-        self, token_ids: jax.Array, cache: KVCache, rows: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """One decoding step that reads ``cache`` and does not write it.
+    def decode_kv(self, token_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One decoding step for every row that reads ``cache`` and does not write it.
 
-        With ``rows``, only those rows of a larger cache are decoded (each layer gathers its rows'
-        keys and values as it reads them, no gathered copy of the cache). Write the results back with
-        :meth:`KVCache.write_rows`.
+        Write the results back with :meth:`KVCache.append` (``keys[:, :, None]``, ``values[:, :, None]``
+        and a mask of ones). To decode only some rows, pass a cache of those rows (a slice
+        ``cache.k[:, :n]`` ... inside ``jit`` is fused into the attention's reads, no copy).
 
         Args:
-          token_ids: ``[C]`` int, the new token of each decoded row.
-          cache: a ``KVCache``; the new tokens belong at slot ``index``.
-          rows: ``[C]`` int rows of ``cache`` to decode (any may repeat); None decodes all ``C = B`` rows.
+          token_ids: ``[B]`` int, the new token of each row. cache: a ``KVCache``; the new tokens belong
+            at slot ``index``.
         Returns:
-          ``(logits [C, V], keys [L, C, K, hd], values [L, C, K, hd])``: the new tokens' keys (after
-          RoPE) and values, to be written at slot ``index``; their rotary positions are the rows'
-          ``cache.positions``.
+          ``(logits [B, V], keys [L, B, K, hd], values [L, B, K, hd])``: the new tokens' keys (after
+          RoPE) and values; their rotary positions are ``cache.positions``.
         """
         token_ids = jnp.asarray(token_ids)
         _check_tokens(token_ids, 1, "token_ids")
-        _check_cache(cache, cache.batch_size if rows is not None else token_ids.shape[0], self.config)
-        if rows is not None:
-            rows = jnp.asarray(rows)
-            if rows.shape != token_ids.shape or not jnp.issubdtype(rows.dtype, jnp.integer):
-                raise ValueError(
-                    f"rows must be integer row indices of shape {tuple(token_ids.shape)} (one per token), "
-                    f"got {rows.dtype} {tuple(rows.shape)}."
-                )
-        if not self._traced(token_ids, cache, rows):
-            return _compiled("decode_kv", False)(*nnx.split(self), token_ids, cache, rows)
+        _check_cache(cache, token_ids.shape[0], self.config)
+        if not self._traced(token_ids, cache):
+            return _compiled("decode_kv", False)(*nnx.split(self), token_ids, cache)
         mask = jnp.ones((token_ids.shape[0], 1), bool)
-        positions = cache.positions if rows is None else jnp.take(cache.positions, rows)
-        x, keys, values = self._layers(token_ids[:, None], positions[:, None], mask, cache, rows)
+        x, keys, values = self._layers(token_ids[:, None], cache.positions[:, None], mask, cache)
         return self.logits(x[:, -1]), keys[:, :, 0], values[:, :, 0]
 
     def _traced(self, *arrays) -> bool:
@@ -531,20 +518,18 @@ class Llama(nnx.Module):
         leaves = jax.tree.leaves((arrays, self.embedding[...]))
         return any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
 
-    def _layers(self, input_ids, positions, mask, cache: KVCache | None, rows=None):
-        """All blocks, attending to the cache rows ``rows`` (all if None). Returns ``(hidden [B, T, D],
-        keys, values)``, keys/values ``[L, B, T, K, hd]``."""
+    def _layers(self, input_ids, positions, mask, cache: KVCache | None):
+        """All blocks, attending to the cache (if any). Returns ``(hidden [B, T, D], keys, values)``,
+        keys/values ``[L, B, T, K, hd]``."""
         window = self.config.sliding_window
         cos, sin = rope_tables(positions, rope_inverse_frequencies(self.config))
         new_mask = _new_token_mask(mask, positions, window)
         if cache is not None:
-            valid = cache.valid if rows is None else jnp.take(cache.valid, rows, axis=0)
-            old_mask = _cached_slot_mask(valid, positions, window)
-        select = (lambda x: x) if rows is None else (lambda x: jnp.take(x, rows, axis=0))
+            old_mask = _cached_slot_mask(cache.valid, positions, window)
         x = self.embed(input_ids)
         keys, values = [], []
         for i, layer in enumerate(self.layers):
-            old = None if cache is None else (select(cache.k[i]), select(cache.v[i]), old_mask)
+            old = None if cache is None else (cache.k[i], cache.v[i], old_mask)
             x, k, v = layer(x, cos, sin, new_mask, old)
             keys.append(k)
             values.append(v)
@@ -561,18 +546,7 @@ class Llama(nnx.Module):
         # NaN included), so XLA orders the write after every layer's read of the cache and updates the
         # donated buffers in place; without it, copy insertion duplicates the whole cache every step.
         index = (cache.index + (x[0, -1, 0] > jnp.inf)).astype(jnp.int32)
-        zero = jnp.zeros((), jnp.int32)
-        keys, values = (
-            jnp.transpose(keys, (0, 1, 3, 4, 2)),
-            jnp.swapaxes(values, 2, 3),
-        )  # [L, B, K, hd, T], [L, B, K, T, hd]
-        new_cache = KVCache(
-            k=jax.lax.dynamic_update_slice(cache.k, keys.astype(cache.k.dtype), (zero, zero, zero, zero, index)),
-            v=jax.lax.dynamic_update_slice(cache.v, values.astype(cache.v.dtype), (zero, zero, zero, index, zero)),
-            valid=jax.lax.dynamic_update_slice(cache.valid, mask, (zero, index)),
-            positions=cache.positions + mask.sum(axis=1, dtype=jnp.int32),
-            index=cache.index + input_ids.shape[1],
-        )
+        new_cache = cache.replace(index=index).append(keys, values, mask)
         return self.logits(x[:, -1]), new_cache
 
 
@@ -664,8 +638,8 @@ def _decode_body(graphdef, state, token_ids, cache):
     return nnx.merge(graphdef, state).decode(token_ids, cache)
 
 
-def _decode_kv_body(graphdef, state, token_ids, cache, rows):
-    return nnx.merge(graphdef, state).decode_kv(token_ids, cache, rows)
+def _decode_kv_body(graphdef, state, token_ids, cache):
+    return nnx.merge(graphdef, state).decode_kv(token_ids, cache)
 
 
 @functools.cache
