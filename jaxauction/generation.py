@@ -257,8 +257,9 @@ def next_rows(slot_rows, token, live, num_rows: int):
     every other continuation, and a kept row at or above ``count``, moves to a *hole* (a row below
     ``count`` that no continuation keeps), which must first receive a copy of its source's cache.
     Sources are always kept rows and targets never are, so the copies can run in any order. Keeping
-    the live rows first lets the model read ``cache[:, :capacity]`` as a slice: gathering the rows
-    instead measured about 1.5x slower per decode step at 8 to 22 rows.
+    the live rows first lets the model read a slice of the cache (:meth:`KVCache.first_rows`):
+    gathering the rows instead measured 1.3-1.5x slower per decode step at 8 to 22 rows and 160
+    slots (micro-benchmark).
 
     Args:
       slot_rows: ``[A, m]`` int, the row each auction slot reads now. token: ``[A]`` the auctions' new
@@ -286,8 +287,9 @@ def next_rows(slot_rows, token, live, num_rows: int):
     kept = jnp.zeros((num_rows + 1,), bool).at[jnp.where(keeps, sorted_parent, num_rows)].set(True)[:num_rows]
     movers = kept & (rows >= count)
     holes = jnp.nonzero(~kept & (rows < count), size=num_rows, fill_value=0)[0]
+    num_movers = jnp.sum(movers)
     mover_rank = jnp.cumsum(movers) - 1  # [P], a mover's index among the movers
-    fork_rank = jnp.sum(movers) + jnp.cumsum(forks) - 1  # forks take the holes after the movers
+    fork_rank = num_movers + jnp.cumsum(forks) - 1  # forks take the holes after the movers
     safe_parent = jnp.clip(sorted_parent, 0, num_rows - 1)
     kept_row = jnp.where(sorted_parent < count, sorted_parent, holes[jnp.clip(mover_rank[safe_parent], 0, None)])
     start_row = jnp.where(keeps, kept_row, holes[jnp.clip(fork_rank, 0, num_rows - 1)]).astype(jnp.int32)
@@ -307,8 +309,8 @@ def next_rows(slot_rows, token, live, num_rows: int):
         .at[jnp.where(forks, fork_rank, num_rows)]
         .set(sorted_parent.astype(jnp.int32), mode="drop")
     )
-    copy_from = jnp.where(rows < jnp.sum(movers), mover_rows, fork_parents).astype(jnp.int32)
-    copies = count - jnp.sum(kept & (rows < count))
+    copy_from = jnp.where(rows < num_movers, mover_rows, fork_parents).astype(jnp.int32)
+    copies = num_movers + jnp.sum(forks)
     return new_slot_rows, row_tokens, count, copy_from, holes.astype(jnp.int32), copies
 
 
@@ -340,13 +342,7 @@ def _decode_rows(capacity, graphdef, state, cache, tokens):
     Returns ``(logits [P, V], keys [L, P, K, hd], values [L, P, K, hd])``, zero from ``capacity`` on
     (those rows are free: past the step's ``count``). The cache is only read here: writing it inside
     a ``lax.switch`` branch would copy it."""
-    rows = cache.replace(
-        k=cache.k[:, :capacity],
-        v=cache.v[:, :capacity],
-        valid=cache.valid[:capacity],
-        positions=cache.positions[:capacity],
-    )
-    logits, keys, values = nnx.merge(graphdef, state).decode_kv(tokens[:capacity], rows)
+    logits, keys, values = nnx.merge(graphdef, state).decode_kv(tokens[:capacity], cache.first_rows(capacity))
     missing = cache.batch_size - capacity
     return jnp.pad(logits, ((0, missing), (0, 0))), *(
         jnp.pad(x, ((0, 0), (0, missing), (0, 0), (0, 0))) for x in (keys, values)
@@ -378,15 +374,16 @@ def _decode_loop(
 
     The cache holds ``P = capacities[-1]`` rows, the live ones first; ``logits: [P, V]`` are the
     next-token logits of its rows after the prompts and ``slot_rows: [A, m]`` the row of each auction
-    slot (slots with the same token sequence share a row). ``bids: [A, m]``, ``real: [A, m]`` (False for absent slots: their
-    logits become ``-inf``), ``keys: [A]``, ``temperature`` a scalar dividing the agents' logits.
+    slot (slots with the same token sequence share a row). ``bids: [A, m]``, ``real: [A, m]`` (False
+    for absent slots: their logits become ``-inf``), ``keys: [A]``, ``temperature`` a scalar dividing
+    the agents' logits.
 
     Each step: the auction step on every auction, then :func:`next_rows` (slots that continue the same
     sequence share a row, a continuation that diverges from its row forks a copy of it, rows of
     finished auctions are freed, live rows are compacted to the front), then the model on the first
     rows only, at the smallest of ``capacities`` that holds the live ones (one ``lax.switch`` branch
-    per capacity), and the new keys and values appended. A finished auction's tokens are ``pad_id`` and its payments 0. An auction whose step
-    is not ``ok`` (see :func:`auction_step`) stops there: token ``pad_id``, NaN payments for its real
+    per capacity), and the new keys and values appended. A finished auction's tokens are ``pad_id``
+    and its payments 0. An auction whose step is not ``ok`` (see :func:`auction_step`) stops there: token ``pad_id``, NaN payments for its real
     agents at that step, and ``valid`` False.
 
     Returns ``(tokens [A, T], token_payments [A, T, n], lengths [A], valid [A])``.

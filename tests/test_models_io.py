@@ -117,7 +117,7 @@ def test_decode_is_pure_under_jit(tiny_models):
 
 def test_decode_kv_and_append_equal_decode(tiny_models):
     """decode_kv reads the cache without writing it; appending its keys and values gives decode's cache,
-    also for a slice of the rows, and the next step agrees."""
+    a slice of the rows decodes as those rows, and the next step equals the uncached forward pass."""
     model, _ = tiny_models["llama3"]
     rng = np.random.default_rng(3)
     prompts, mask = left_pad([rng.integers(0, 256, n) for n in (7, 4, 9, 5)], 256)
@@ -129,12 +129,17 @@ def test_decode_kv_and_append_equal_decode(tiny_models):
     appended = cache.append(keys[:, :, None], values[:, :, None], jnp.ones((4, 1), bool))
     for name in ("k", "v", "valid", "positions", "index"):
         np.testing.assert_allclose(np.asarray(getattr(appended, name)), np.asarray(getattr(decoded, name)), atol=1e-6)
-    first_two = cache.replace(k=cache.k[:, :2], v=cache.v[:, :2], valid=cache.valid[:2], positions=cache.positions[:2])
-    some_logits, _, _ = model.decode_kv(tokens[:2], first_two)
+    some_logits, _, _ = model.decode_kv(tokens[:2], cache.first_rows(2))
     np.testing.assert_allclose(np.asarray(some_logits), np.asarray(logits[:2]), atol=1e-5, rtol=1e-5)
-    next_logits, _ = model.decode(jnp.array([7, 8, 1, 2]), appended)
-    own_logits, _ = model.decode(jnp.array([7, 8, 1, 2]), decoded)
+    next_tokens = jnp.array([7, 8, 1, 2])
+    next_logits, _ = model.decode(next_tokens, appended)
+    own_logits, _ = model.decode(next_tokens, decoded)
     np.testing.assert_allclose(np.asarray(next_logits), np.asarray(own_logits), atol=1e-5, rtol=1e-5)
+    # Independent of the cache code: the uncached forward pass over prompt + both tokens.
+    full_ids = jnp.concatenate([jnp.asarray(prompts), tokens[:, None], next_tokens[:, None]], axis=1)
+    full_mask = jnp.concatenate([jnp.asarray(mask, bool), jnp.ones((4, 2), bool)], axis=1)
+    forward_logits = model(full_ids, full_mask)[:, -1]
+    np.testing.assert_allclose(np.asarray(next_logits), np.asarray(forward_logits), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="cache.k has shape"):
         model.decode_kv(tokens[:3], cache)
 

@@ -77,6 +77,13 @@ class KVCache:
             positions=jnp.take(self.positions, rows, axis=0),
         )
 
+    def first_rows(self, count: int) -> KVCache:
+        """The cache of rows ``0 .. count - 1``, same ``index``: a static slice, which inside ``jit``
+        is fused into the attention's reads (no copy, unlike :meth:`take_rows`'s gather)."""
+        return self.replace(
+            k=self.k[:, :count], v=self.v[:, :count], valid=self.valid[:count], positions=self.positions[:count]
+        )
+
     def append(self, keys: jax.Array, values: jax.Array, mask: jax.Array) -> KVCache:
         """Writes ``T`` new tokens of every row at slots ``index .. index + T - 1`` (one in-place
         ``dynamic_update_slice`` per array when the cache is donated).
@@ -493,8 +500,8 @@ class Llama(nnx.Module):
         """One decoding step for every row that reads ``cache`` and does not write it.
 
         Write the results back with :meth:`KVCache.append` (``keys[:, :, None]``, ``values[:, :, None]``
-        and a mask of ones). To decode only some rows, pass a cache of those rows (a slice
-        ``cache.k[:, :n]`` ... inside ``jit`` is fused into the attention's reads, no copy).
+        and a mask of ones). To decode only some rows, pass a cache of those rows
+        (:meth:`KVCache.first_rows`).
 
         Args:
           token_ids: ``[B]`` int, the new token of each row. cache: a ``KVCache``; the new tokens belong
