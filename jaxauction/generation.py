@@ -662,7 +662,8 @@ class _Spec:
 def _auction_bytes(llm, cache_rows: float, slots: int, cache_length: int, num_charged: int, max_new_tokens: int) -> int:
     """Estimated peak working memory of one auction in the decode loop (bytes).
 
-    Per cache row (an auction's real slots, ``cache_rows`` on average over the batch): the KV cache
+    Per cache row (an auction's real slots, ``cache_rows``: the batch's largest auction, since every
+    chunk holds the batch's largest row count): the KV cache
     ``2 L S K hd`` (model dtype) and the hidden/MLP activations of one row. Per slot (``slots = m``):
     the logits and the rule/payment intermediates, about ``(8 + 2 n) V`` floats (``log p``, ``q``, the
     closed form's ``[n, V]`` leave-one-out mixtures). Plus the outputs ``T (n + 1)``.
@@ -917,7 +918,8 @@ def generate(
     pad_id = prompts_lib.pad_id(tokenizer)
 
     devices = 1 if mesh is None else mesh.size
-    cache_rows = sum(len(s.agents) + (s.base is not None) for s in specs) / num_auctions
+    # Every chunk is laid out with the batch's largest row count: plan with the largest auction's rows.
+    cache_rows = max(len(s.agents) + (s.base is not None) for s in specs)
     per_auction = _auction_bytes(llm, cache_rows, rows_per_auction, max_length, n_max, max_new_tokens)
     chunk, num_chunks = plan_chunks(num_auctions, per_auction, budget, devices)
     enable_compilation_cache()

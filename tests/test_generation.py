@@ -407,6 +407,33 @@ def test_chunks_of_different_auctions_share_one_program(tiny, monkeypatch):
     np.testing.assert_allclose(chunked.payments, whole.payments, rtol=1e-5, atol=1e-8)
 
 
+def test_chunks_fit_the_budget_when_auctions_differ_in_size(tiny, monkeypatch):
+    """Every chunk holds the batch's largest row count, so the plan counts the largest auction's rows:
+    planned on the mean (1.5 rows here), the chunk of four three-agent auctions held 12 rows."""
+    from jaxauction import generation
+
+    plans = []
+    run_chunk = generation._run_chunk
+
+    def spy(graphdef, state, layout, keys, **options):
+        plans.append((options["num_rows"], options["max_length"]))
+        return run_chunk(graphdef, state, layout, keys, **options)
+
+    monkeypatch.setattr(generation, "_run_chunk", spy)
+    auctions = [MIXED[2]] * 12 + [MIXED[0]] * 4  # one agent, then three agents
+    budget = 100_000
+    chunked = generate(auctions, decoding="greedy", max_new_tokens=4, model=tiny, memory_budget=budget)
+    config = tiny[0].config
+    assert len(plans) > 1, "precondition: the batch runs in several chunks"
+    for num_rows, max_length in plans:
+        kv_bytes = 2 * config.num_layers * max_length * config.num_kv_heads * config.head_dim * 4
+        assert num_rows * kv_bytes <= budget, (num_rows, kv_bytes)
+    monkeypatch.undo()
+    whole = generate(auctions, decoding="greedy", max_new_tokens=4, model=tiny)
+    np.testing.assert_array_equal(chunked.tokens, whole.tokens)
+    np.testing.assert_allclose(chunked.payments, whole.payments, rtol=1e-5, atol=1e-8)
+
+
 def test_plan_chunks_respects_the_budget():
     for num, each, budget, devices in [(20_000, 10**6, 4 * 1024**3, 1), (21, 50_000, 300_000, 1), (7, 1, 10**9, 4)]:
         size, chunks = plan_chunks(num, each, budget, devices)
