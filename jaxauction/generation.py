@@ -659,7 +659,7 @@ class _Spec:
     base_bid: float
 
 
-def _auction_bytes(llm, cache_rows: float, slots: int, cache_length: int, num_charged: int, max_new_tokens: int) -> int:
+def _auction_bytes(llm, cache_rows: int, slots: int, cache_length: int, num_charged: int, max_new_tokens: int) -> int:
     """Estimated peak working memory of one auction in the decode loop (bytes).
 
     Per cache row (an auction's real slots, ``cache_rows``: the batch's largest auction, since every
@@ -897,11 +897,8 @@ def generate(
         _validate_rule_output(rule_fn, rows_per_auction, vocab, dtype)
 
     # Prompt width: the longest prompt of the batch, bucketed; the cache holds it plus the new tokens.
-    # A prefix common to all of the batch's prompts is prefilled once per chunk; the prompts (or their
-    # remainders after it) are left-padded to a multiple of 8 and written just before slot ``width``,
-    # the slots in front of them stay invalid. Both are decided here so that every chunk runs the same
-    # programs. (Prefilling the whole bucketed ``width`` cost up to 31 padding tokens per prompt: 256
-    # token rows instead of 224 for the Hawaii sweep's two prompts of 103 and 105 tokens.)
+    # A prefix common to all of the batch's prompts is prefilled once per chunk, the remainders are
+    # left-padded to a multiple of 8; both are decided here so that every chunk runs the same programs.
     context = llm.config.max_position_embeddings
     sequences = [seq for s in specs for seq in (*s.agents, *([s.base] if s.base else []))]
     longest = max(map(len, sequences))
@@ -915,7 +912,7 @@ def generate(
     width = min(width, context - max_new_tokens)
     max_length = width + max_new_tokens
     prefix_length = prompts_lib.shared_prefix_length(sequences)
-    suffix_width = min(-(-(longest - prefix_length) // 8) * 8, width - prefix_length)
+    suffix_width = min(-(-(longest - prefix_length) // 8) * 8, width - prefix_length) if prefix_length else width
     keys = _validate_keys(key, num_auctions)
     eos_ids = prompts_lib.eos_ids(llm, tokenizer)
     pad_id = prompts_lib.pad_id(tokenizer)
