@@ -538,3 +538,35 @@ def test_import_prints_no_pytorch_advisory():
     assert completed.returncode == 0, completed.stderr
     assert "PyTorch was not found" not in completed.stderr
     assert "kept" in completed.stderr  # only that advisory is silenced
+
+
+@pytest.mark.parametrize("slots", [5, 25, 176, 700])
+def test_decode_attention_equals_softmax_over_all_keys(dtype, slots):
+    """One decoding query per row against NumPy float64 softmax attention over the cached keys and
+    its own key; the cache lengths cover one slice, slices of unequal width, eight slices of 22 and
+    the most slices, 16 of 44 (700 slots)."""
+    from jaxauction.models.modeling import attend
+
+    rng = np.random.default_rng(slots)
+    B, K, G, hd = 3, 2, 3, 64
+    q, k_new, v_new = (rng.standard_normal(s) for s in ((B, 1, K, G, hd), (B, 1, K, hd), (B, 1, K, hd)))
+    k_old, v_old = rng.standard_normal((B, K, hd, slots)), rng.standard_normal((B, K, slots, hd))
+    old_mask = rng.random((B, 1, slots)) < 0.7
+    old_mask[0] = False  # a row whose only allowed key is its own
+    self_allowed = np.ones((B, 1, 1), bool)
+    out = attend(
+        *(jnp.asarray(x, dtype) for x in (q, k_new, v_new)),
+        jnp.asarray(self_allowed),
+        (jnp.asarray(k_old, dtype), jnp.asarray(v_old, dtype), jnp.asarray(old_mask)),
+    )
+    keys = np.concatenate([np.swapaxes(k_old, 2, 3), k_new[:, 0, :, None]], axis=2)  # [B, K, S + 1, hd]
+    values = np.concatenate([v_old, v_new[:, 0, :, None]], axis=2)
+    allowed = np.concatenate([old_mask[:, 0], np.ones((B, 1), bool)], axis=1)  # [B, S + 1]
+    scores = np.einsum("bkgd,bksd->bkgs", q[:, 0], keys) / np.sqrt(hd)
+    scores = np.where(allowed[:, None, None], scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = np.einsum("bkgs,bksd->bkgd", weights, values).reshape(B, 1, -1)
+    assert out.dtype == dtype
+    # The scores and the softmax are float32 at any parameter dtype, so float64 agrees to about 1e-7.
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=2e-5 if dtype == jnp.float32 else 1e-6)
