@@ -659,38 +659,52 @@ class _Spec:
     base_bid: float
 
 
-def _auction_bytes(llm, cache_rows: int, slots: int, cache_length: int, num_charged: int, max_new_tokens: int) -> int:
-    """Estimated peak working memory of one auction in the decode loop (bytes).
+def _memory_terms(llm, slots: int, cache_length: int, num_charged: int, max_new_tokens: int) -> tuple[int, int]:
+    """``(row_bytes, auction_bytes)``: estimated peak working memory of the decode loop per cache row and
+    per auction beyond its rows.
 
-    Per cache row (an auction's real slots, ``cache_rows``: the batch's largest auction, since every
-    chunk holds the batch's largest row count): the KV cache
-    ``2 L S K hd`` (model dtype) and the hidden/MLP activations of one row. Per slot (``slots = m``):
-    the logits and the rule/payment intermediates, about ``(8 + 2 n) V`` floats (``log p``, ``q``, the
-    closed form's ``[n, V]`` leave-one-out mixtures). Plus the outputs ``T (n + 1)``.
+    Per cache row: the KV cache ``2 L S K hd`` (model dtype) and the hidden/MLP activations of one
+    row. Per auction, for its ``slots = m`` slots: the logits and the rule/payment intermediates,
+    about ``(8 + 2 n) V`` floats each (``log p``, ``q``, the closed form's ``[n, V]`` leave-one-out
+    mixtures); plus the outputs ``T (n + 2)``.
     """
     config = llm.config
     itemsize = jnp.dtype(llm.dtype).itemsize
     kv = 2 * config.num_layers * cache_length * config.num_kv_heads * config.head_dim * itemsize
-    vocab = config.vocab_size * 4 * (8 + 2 * num_charged)
     hidden = 4 * (8 * config.hidden_size + 3 * config.intermediate_size + config.num_heads * cache_length)
-    return math.ceil(cache_rows * (kv + hidden) + slots * vocab) + 4 * max_new_tokens * (num_charged + 2)
+    vocab = config.vocab_size * 4 * (8 + 2 * num_charged)
+    return kv + hidden, slots * vocab + 4 * max_new_tokens * (num_charged + 2)
 
 
-def plan_chunks(num_auctions: int, auction_bytes: int, budget: int, devices: int = 1) -> tuple[int, int]:
+def _cache_rows(num_auctions: int, rows_per_auction: int, devices: int) -> int:
+    """The cache rows of a chunk of ``num_auctions`` auctions (a multiple of ``devices``) of at most
+    ``rows_per_auction`` rows each: per device, bucketed (:func:`_bucket`) and at least 2."""
+    return devices * _bucket(max(2, num_auctions // devices * rows_per_auction))
+
+
+def plan_chunks(
+    num_auctions: int, auction_bytes: int, budget: int, devices: int = 1, chunk_bytes=None
+) -> tuple[int, int]:
     """``(chunk_size, num_chunks)``: equal chunks of at most ``budget // auction_bytes`` auctions.
 
     The chunk size is bucketed (:func:`_bucket`) and a multiple of ``devices``; the last chunk is
     padded with copies of the last auction (sliced off), so every chunk runs the same program.
+    ``chunk_bytes``, if given, maps a chunk size to the chunk's actual bytes (which may exceed
+    ``size * auction_bytes``, e.g. when its row count is bucketed too): the plan then shrinks the
+    chunks until ``chunk_bytes(size) <= budget``, down to ``devices`` auctions.
     """
     fit = max(1, budget // max(auction_bytes, 1))
     fit = max(devices, fit // devices * devices)
-    num_chunks = -(-num_auctions // fit)
-    size = _bucket(-(-num_auctions // num_chunks))
-    size = -(-size // devices) * devices
-    if size > fit:  # bucketing overshot the budget: one more chunk
-        num_chunks += 1
-        size = -(-_bucket(-(-num_auctions // num_chunks)) // devices) * devices
-    return size, -(-num_auctions // size)
+    while True:
+        num_chunks = -(-num_auctions // fit)
+        size = _bucket(-(-num_auctions // num_chunks))
+        size = -(-size // devices) * devices
+        if size > fit:  # bucketing overshot the budget: one more chunk
+            num_chunks += 1
+            size = -(-_bucket(-(-num_auctions // num_chunks)) // devices) * devices
+        if chunk_bytes is None or size <= devices or chunk_bytes(size) <= budget:
+            return size, -(-num_auctions // size)
+        fit = max(devices, min(fit - devices, fit * 15 // 16 // devices * devices))
 
 
 def _chunk_layout(specs: list[_Spec], n_max: int, has_base: bool):
@@ -918,10 +932,17 @@ def generate(
     pad_id = prompts_lib.pad_id(tokenizer)
 
     devices = 1 if mesh is None else mesh.size
-    # Every chunk is laid out with the batch's largest row count: plan with the largest auction's rows.
+    # Every chunk is laid out with the batch's largest row count, bucketed: plan with the largest
+    # auction's rows and the bucketed row count.
     cache_rows = max(len(s.agents) + (s.base is not None) for s in specs)
-    per_auction = _auction_bytes(llm, cache_rows, rows_per_auction, max_length, n_max, max_new_tokens)
-    chunk, num_chunks = plan_chunks(num_auctions, per_auction, budget, devices)
+    row_bytes, other_bytes = _memory_terms(llm, rows_per_auction, max_length, n_max, max_new_tokens)
+    chunk, num_chunks = plan_chunks(
+        num_auctions,
+        cache_rows * row_bytes + other_bytes,
+        budget,
+        devices,
+        chunk_bytes=lambda size: _cache_rows(size, cache_rows, devices) * row_bytes + size * other_bytes,
+    )
     enable_compilation_cache()
 
     graphdef, state = nnx.split(llm)

@@ -443,6 +443,52 @@ def test_plan_chunks_respects_the_budget():
     assert plan_chunks(20_000, 10**6, 4 * 1024**3) == (4096, 5)  # 4294 fit: 5 chunks of 4000 -> bucket 4096
 
 
+def test_plan_chunks_counts_the_bucketed_row_count():
+    """A chunk's cache rows are bucketed (21 rows -> 22): planned on ``size * auction_bytes`` alone,
+    seven three-row auctions of 1,000 bytes per row fill a 21,000-byte budget and their 22 rows
+    exceed it; with ``chunk_bytes`` the plan takes two chunks of four (12 rows each)."""
+    from jaxauction.generation import _bucket
+
+    def chunk_bytes(size):
+        return _bucket(3 * size) * 1000
+
+    assert chunk_bytes(7) > 21_000, "precondition: the bucketed rows of a chunk of 7 exceed the budget"
+    assert plan_chunks(7, 3000, 21_000) == (7, 1)
+    size, chunks = plan_chunks(7, 3000, 21_000, chunk_bytes=chunk_bytes)
+    assert (size, chunks) == (4, 2)  # 2 chunks of ceil(7 / 2) = 4 auctions (12 rows)
+    for num, budget, devices in [(1000, 170_000, 1), (1000, 170_000, 4), (33, 10**5, 2), (5, 1000, 1)]:
+        size, chunks = plan_chunks(num, 3000, budget, devices, chunk_bytes=chunk_bytes)
+        assert size * chunks >= num and size * (chunks - 1) < num and size % devices == 0
+        assert chunk_bytes(size) <= budget or size == devices, (num, budget, devices, size)
+
+
+def test_generate_plans_with_the_bucketed_row_count(tiny, monkeypatch):
+    """Through ``generate``: a budget that seven three-agent auctions fill exactly before their 21
+    rows are bucketed to 22; every chunk run stays within it."""
+    from jaxauction import generation
+
+    plans = []
+    run_chunk = generation._run_chunk
+
+    def spy(graphdef, state, layout, keys, **options):
+        plans.append((options["num_rows"], options["max_length"], len(keys)))
+        return run_chunk(graphdef, state, layout, keys, **options)
+
+    monkeypatch.setattr(generation, "_run_chunk", spy)
+    auctions = [MIXED[0]] * 7  # three agents each
+    generate(auctions[:1], decoding="greedy", max_new_tokens=4, model=tiny)
+    _, max_length, _ = plans.pop()
+    slots = len(MIXED[0].prompts)
+    row_bytes, other_bytes = generation._memory_terms(tiny[0], slots, max_length, slots, 4)
+    budget = 21 * row_bytes + 7 * other_bytes
+    result = generate(auctions, decoding="greedy", max_new_tokens=4, model=tiny, memory_budget=budget)
+    assert plans, "the batch ran"
+    for num_rows, length, size in plans:
+        assert length == max_length
+        assert num_rows * row_bytes + size * other_bytes <= budget, (num_rows, size)
+    assert result.tokens.shape[0] == 7
+
+
 def test_memory_budget_strings_and_environment(tiny, monkeypatch):
     assert parse_memory_budget("4GB") == 4 * 1024**3 and parse_memory_budget("512 MiB") == 512 * 1024**2
     assert parse_memory_budget(2e9) == 2 * 10**9

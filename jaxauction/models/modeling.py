@@ -282,7 +282,8 @@ def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Ar
     written once after all layers). The products are written as broadcast multiply-and-sum over a
     major axis, each sum split into slices of fewer than 32 entries (:func:`_sliced_sum`): the
     Hawaii sweep took 3.46 s instead of 4.09 s (medians of five interleaved runs in one process,
-    2-core AVX-512 host), its first compilation 43.8 s against 42.1 s. Measured alternatives:
+    2-core AVX-512 host); its decode loop's first call 29.3-49.4 s instead of 17.9-20.3 s (every
+    slice is its own kernel in each of the loop's batch-size branches). Measured alternatives:
     batched matrix products of ``G`` rows each, about 1.5x slower than one sum (49 against 33 ms for
     30 layers at batch 22 and 152 slots) and no faster on per-layer cache arrays; the axes reshaped
     into ``[.., n / 16, 16, ..]`` and summed in one or two reductions, no faster than one sum.
