@@ -676,10 +676,10 @@ def _memory_terms(llm, slots: int, cache_length: int, num_charged: int, max_new_
     return kv + hidden, slots * vocab + 4 * max_new_tokens * (num_charged + 2)
 
 
-def _cache_rows(num_auctions: int, rows_per_auction: int, devices: int) -> int:
-    """The cache rows of a chunk of ``num_auctions`` auctions (a multiple of ``devices``) of at most
-    ``rows_per_auction`` rows each: per device, bucketed (:func:`_bucket`) and at least 2."""
-    return devices * _bucket(max(2, num_auctions // devices * rows_per_auction))
+def _device_rows(real_rows: int) -> int:
+    """The cache rows of one device's part of a chunk that holds ``real_rows`` real rows: bucketed
+    (:func:`_bucket`) and at least 2. The memory plan and the chunk layout both use it."""
+    return _bucket(max(2, real_rows))
 
 
 def plan_chunks(
@@ -941,7 +941,7 @@ def generate(
         cache_rows * row_bytes + other_bytes,
         budget,
         devices,
-        chunk_bytes=lambda size: _cache_rows(size, cache_rows, devices) * row_bytes + size * other_bytes,
+        chunk_bytes=lambda size: devices * _device_rows(size // devices * cache_rows) * row_bytes + size * other_bytes,
     )
     enable_compilation_cache()
 
@@ -952,7 +952,7 @@ def generate(
     # Every chunk gets the batch's largest row counts, so all chunks run the same two programs.
     layouts = [_chunk_layout(padded_specs[c * chunk : (c + 1) * chunk], n_max, has_base) for c in range(num_chunks)]
     prefill_rows = max(_bucket(len(unique)) for unique, *_ in layouts)
-    num_rows = _bucket(max(2, max(int(real.reshape(devices, -1).sum(axis=1).max()) for _, _, real, _ in layouts)))
+    num_rows = _device_rows(max(int(real.reshape(devices, -1).sum(axis=1).max()) for _, _, real, _ in layouts))
     padded_keys = sharding.pad_batch(keys, chunk * num_chunks)
     bar = _open_progress_bar(max_new_tokens * num_chunks) if progress else None
     outputs = []

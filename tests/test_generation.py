@@ -407,25 +407,33 @@ def test_chunks_of_different_auctions_share_one_program(tiny, monkeypatch):
     np.testing.assert_allclose(chunked.payments, whole.payments, rtol=1e-5, atol=1e-8)
 
 
-def test_chunks_fit_the_budget_when_auctions_differ_in_size(tiny, monkeypatch):
-    """Every chunk holds the batch's largest row count, so the plan counts the largest auction's rows:
-    planned on the mean (1.5 rows here), the chunk of four three-agent auctions held 12 rows."""
+@pytest.fixture
+def chunk_runs(monkeypatch):
+    """The ``(num_rows, max_length, chunk size)`` of every chunk ``generate`` runs (a spy on
+    ``_run_chunk``), appended as they run."""
     from jaxauction import generation
 
-    plans = []
+    runs = []
     run_chunk = generation._run_chunk
 
     def spy(graphdef, state, layout, keys, **options):
-        plans.append((options["num_rows"], options["max_length"]))
+        runs.append((options["num_rows"], options["max_length"], len(keys)))
         return run_chunk(graphdef, state, layout, keys, **options)
 
     monkeypatch.setattr(generation, "_run_chunk", spy)
+    return runs
+
+
+def test_chunks_fit_the_budget_when_auctions_differ_in_size(tiny, chunk_runs, monkeypatch):
+    """Every chunk holds the batch's largest row count, so the plan counts the largest auction's rows:
+    planned on the mean (1.5 rows here), the chunk of four three-agent auctions held 12 rows."""
+    plans = chunk_runs
     auctions = [MIXED[2]] * 12 + [MIXED[0]] * 4  # one agent, then three agents
     budget = 100_000
     chunked = generate(auctions, decoding="greedy", max_new_tokens=4, model=tiny, memory_budget=budget)
     config = tiny[0].config
     assert len(plans) > 1, "precondition: the batch runs in several chunks"
-    for num_rows, max_length in plans:
+    for num_rows, max_length, _ in plans:
         kv_bytes = 2 * config.num_layers * max_length * config.num_kv_heads * config.head_dim * 4
         assert num_rows * kv_bytes <= budget, (num_rows, kv_bytes)
     monkeypatch.undo()
@@ -462,19 +470,12 @@ def test_plan_chunks_counts_the_bucketed_row_count():
         assert chunk_bytes(size) <= budget or size == devices, (num, budget, devices, size)
 
 
-def test_generate_plans_with_the_bucketed_row_count(tiny, monkeypatch):
+def test_generate_plans_with_the_bucketed_row_count(tiny, chunk_runs):
     """Through ``generate``: a budget that seven three-agent auctions fill exactly before their 21
     rows are bucketed to 22; every chunk run stays within it."""
     from jaxauction import generation
 
-    plans = []
-    run_chunk = generation._run_chunk
-
-    def spy(graphdef, state, layout, keys, **options):
-        plans.append((options["num_rows"], options["max_length"], len(keys)))
-        return run_chunk(graphdef, state, layout, keys, **options)
-
-    monkeypatch.setattr(generation, "_run_chunk", spy)
+    plans = chunk_runs
     auctions = [MIXED[0]] * 7  # three agents each
     generate(auctions[:1], decoding="greedy", max_new_tokens=4, model=tiny)
     _, max_length, _ = plans.pop()

@@ -259,10 +259,10 @@ def _sliced_sum(x: jax.Array, axis: int) -> jax.Array:
     XLA:CPU rewrites a sum over 32 or more entries into a windowed tree reduction over the
     materialised product; sums over fewer entries it emits as fused loops. Measured on a decode step
     of the bundled model at 16 rows and 176 slots, float32 (2-core AVX-512 host, medians of seven
-    interleaved runs): slices of 16 to 31 entries 1.1-1.25x faster than one sum, slices of 32 no
-    faster; on the attention alone (30 layers) slices of 16 were 2.3-4.4x faster. Every slice is its
-    own kernel, so compilation grows with their number: at most 16 (past 496 entries the slices
-    are 32 or more wide and summed as one).
+    interleaved runs, two runs): slices of 16 to 31 entries 1.1-1.3x faster than one sum, slices of
+    32 no faster; on the attention alone (30 layers, 2 to 22 rows) slices of 16 were 2.3-5.0x
+    faster. Every slice is its own kernel, so compilation grows with their number: at most 16 (past
+    496 entries the slices are 32 or more wide and take the tree reduction again).
     """
     size = x.shape[axis]
     slices = min(_MAX_SUM_SLICES, -(-size // _SUM_SLICE))
