@@ -29,103 +29,15 @@ from __future__ import annotations
 import functools
 import math
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxauction.models.config import LlamaConfig
+from jaxauction.models.kv_cache import KVCache, init_cache
 
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-
-
-@flax.struct.dataclass
-class KVCache:
-    """Fixed-size key/value cache, a pytree.
-
-    Attributes:
-      k: ``[L, B, K, hd, S]`` keys (after RoPE) of every layer, slots minor: a decoding query's
-        product with the keys then sums over a major axis, several times faster on XLA:CPU than a sum
-        over the minor ``hd`` axis.
-      v: ``[L, B, K, S, hd]`` values of every layer, ``hd`` minor (the weighted sum runs over slots).
-      valid: ``[B, S]`` bool, the slot holds a real (non-padding) token.
-      positions: ``[B]`` int32, rotary position of the next token of each row (its count of real tokens).
-      index: int32 scalar, the next slot to write (shared by all rows: padding is on the left).
-    """
-
-    k: jax.Array
-    v: jax.Array
-    valid: jax.Array
-    positions: jax.Array
-    index: jax.Array
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def max_length(self) -> int:
-        return self.v.shape[3]
-
-    def take_rows(self, rows: jax.Array) -> KVCache:
-        """The cache of rows ``rows: [R]`` (any row may repeat), same ``index``."""
-        return self.replace(
-            k=jnp.take(self.k, rows, axis=1),
-            v=jnp.take(self.v, rows, axis=1),
-            valid=jnp.take(self.valid, rows, axis=0),
-            positions=jnp.take(self.positions, rows, axis=0),
-        )
-
-    def first_rows(self, count: int) -> KVCache:
-        """The cache of rows ``0 .. count - 1``, same ``index``: a static slice, which inside ``jit``
-        is fused into the attention's reads (no copy, unlike :meth:`take_rows`'s gather)."""
-        return self.replace(
-            k=self.k[:, :count], v=self.v[:, :count], valid=self.valid[:count], positions=self.positions[:count]
-        )
-
-    def append(self, keys: jax.Array, values: jax.Array, mask: jax.Array) -> KVCache:
-        """Writes ``T`` new tokens of every row at slots ``index .. index + T - 1`` (one in-place
-        ``dynamic_update_slice`` per array when the cache is donated).
-
-        Args:
-          keys, values: ``[L, B, T, K, hd]`` the new tokens' keys (after RoPE) and values, as returned by
-            :meth:`Llama.decode_kv` (with ``T = 1``: ``keys[:, :, None]``).
-          mask: ``[B, T]`` bool, the token is real (marks its slot valid and advances ``positions``).
-        Returns:
-          The cache with ``index + T``. Inside ``jit`` a write past ``max_length`` is clamped to the last
-          slots (it overwrites them).
-        """
-        zero = jnp.zeros((), jnp.int32)
-        keys, values = jnp.transpose(keys, (0, 1, 3, 4, 2)), jnp.swapaxes(values, 2, 3)  # [L, B, K, hd|T, T|hd]
-        return KVCache(
-            k=jax.lax.dynamic_update_slice(self.k, keys.astype(self.k.dtype), (zero, zero, zero, zero, self.index)),
-            v=jax.lax.dynamic_update_slice(self.v, values.astype(self.v.dtype), (zero, zero, zero, self.index, zero)),
-            valid=jax.lax.dynamic_update_slice(self.valid, mask, (zero, self.index)),
-            positions=self.positions + mask.sum(axis=1, dtype=jnp.int32),
-            index=self.index + mask.shape[1],
-        )
-
-
-def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache: zeros, no valid slot, positions 0, index 0."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    if max_length <= 0:
-        raise ValueError(f"max_length must be positive, got {max_length}.")
-    if max_length > config.max_position_embeddings:
-        raise ValueError(
-            f"max_length={max_length} exceeds the model's context, max_position_embeddings="
-            f"{config.max_position_embeddings}; use a shorter cache."
-        )
-    shape = (config.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
-    return KVCache(
-        k=jnp.zeros(shape[:3] + (config.head_dim, max_length), dtype),
-        v=jnp.zeros(shape, dtype),
-        valid=jnp.zeros((batch_size, max_length), bool),
-        positions=jnp.zeros((batch_size,), jnp.int32),
-        index=jnp.zeros((), jnp.int32),
-    )
 
 
 # ---------------------------------------------------------------------------------------- RoPE
