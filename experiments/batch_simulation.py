@@ -31,7 +31,7 @@ def agent_logits_along_ad(config_path: str, positions: int, model_source=None) -
 
     from jaxauction import models
     from jaxauction.config import load_config
-    from jaxauction.generation import generate
+    from jaxauction.engine import generate
     from jaxauction.prompts import encode_prompt, left_pad
 
     config = load_config(config_path)

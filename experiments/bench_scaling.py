@@ -77,7 +77,7 @@ def mechanism_case(n: int, batch: int, vocab: int, seed: int = 0) -> dict:
 
 
 def generation_case(model, n: int, auctions: int, tokens: int) -> dict:
-    from jaxauction.generation import generate
+    from jaxauction.engine import generate
 
     prompts = [[{"role": "user", "content": f"Write a short ad for shop number {i} in Hawaii."}] for i in range(n)]
     bids = np.ones((auctions, n))

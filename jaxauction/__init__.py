@@ -7,6 +7,7 @@ from jaxauction import (
     base,
     compare,
     design,
+    engine,
     outputs,
     payments,
     preferences,
@@ -19,12 +20,13 @@ from jaxauction import (
 )
 from jaxauction.auction import AuctionOutcome, TokenAuction
 from jaxauction.base import Rule, as_rule, register, rule_names
-from jaxauction.generation import Auction, GenerationResult, generate
+from jaxauction.engine import Auction, GenerateOptions, GenerationResult, generate
 from jaxauction.rules import linear, log_linear
 
 __all__ = [
     "Auction",
     "AuctionOutcome",
+    "GenerateOptions",
     "GenerationResult",
     "Rule",
     "TokenAuction",
@@ -33,6 +35,7 @@ __all__ = [
     "base",
     "compare",
     "design",
+    "engine",
     "generate",
     "linear",
     "log_linear",

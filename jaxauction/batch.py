@@ -184,7 +184,7 @@ def run_batch(
     lines = read_auctions(source)
     import jax
 
-    from jaxauction.generation import Auction, generate
+    from jaxauction.engine import Auction, generate
 
     if callable(model):
         model = model()

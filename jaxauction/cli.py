@@ -96,7 +96,7 @@ def command_run(args) -> int:
     config = load_config(args.config)
     check_output_path("--json", args.json, inputs=[args.config, args.model])
 
-    from jaxauction.generation import generate
+    from jaxauction.engine import generate
     from jaxauction.outputs import write_json
 
     model = _load_model(args.model)
@@ -173,14 +173,14 @@ def command_sweep(args) -> int:
 
 
 def command_batch(args) -> int:
-    from jaxauction import batch, generation
+    from jaxauction import batch, engine
     from jaxauction.auction import payment_allocation
 
     check_output_path("--out", args.out, inputs=[args.auctions, args.model])
     payment = None if args.payment == "none" else args.payment
     payment_allocation(payment, "--payment")
-    if args.decoding not in generation.DECODINGS:
-        raise ValueError(f"--decoding: expected one of {list(generation.DECODINGS)}; got {args.decoding!r}.")
+    if args.decoding not in engine.DECODINGS:
+        raise ValueError(f"--decoding: expected one of {list(engine.DECODINGS)}; got {args.decoding!r}.")
     if args.rule not in base.rule_names():
         raise ValueError(f"--rule: expected one of {list(base.rule_names())}; got {args.rule!r}.")
     if args.max_new_tokens < 1:
@@ -188,7 +188,7 @@ def command_batch(args) -> int:
     budget = (
         None
         if args.memory_budget is None
-        else generation.parse_memory_budget(args.memory_budget, argument="--memory-budget")
+        else engine.parse_memory_budget(args.memory_budget, argument="--memory-budget")
     )
     lines = batch.run_batch(
         args.auctions,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxauction import _validation, config
-from jaxauction import generation as generation_lib
+from jaxauction import engine as generation_lib
 from jaxauction import prompts as prompts_lib
 from jaxauction import reply as reply_lib
 

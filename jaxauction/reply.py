@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from jaxauction import _validation
-from jaxauction import generation as generation_lib
+from jaxauction import engine as generation_lib
 from jaxauction import prompts as prompts_lib
 
 __all__ = ["PROPOSALS", "ReplyResult", "allocation", "auction", "payments", "token_log_probs", "welfare"]
@@ -279,7 +280,7 @@ def token_log_probs(model, prompts: Sequence[Any], tokens, lengths=None) -> np.n
 
 def _unpack_model(model):
     if model is None:
-        model = generation_lib.default_model()
+        model = importlib.import_module("jaxauction.models").default()
     try:
         llm, tokenizer = model
     except (TypeError, ValueError):

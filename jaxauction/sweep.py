@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxauction.config import AuctionConfig, check_decoding
-from jaxauction.generation import GenerationResult, generate
+from jaxauction.engine import GenerationResult, generate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxauction import cli, models
-from jaxauction.generation import Auction, generate
+from jaxauction.engine import Auction, generate
 
 FOLDER = Path(__file__).parent / "fixtures" / "tiny_llama3"
 

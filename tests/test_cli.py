@@ -183,7 +183,7 @@ def test_unknown_rule_option_lists_the_registry(tmp_path, capsys, no_model):
 
 
 def test_braces_in_prompts_reach_the_model_literally(tmp_path, monkeypatch):
-    import jaxauction.generation
+    import jaxauction.engine
 
     text = CONFIG.format(top="").replace(
         '"Ad for {query} by {name}."', """'Reply as JSON like {"headline": "..."} for {query}; {foo} { {{name}}'""", 1
@@ -195,7 +195,7 @@ def test_braces_in_prompts_reach_the_model_literally(tmp_path, monkeypatch):
         raise ModelLoaded("stop before decoding")
 
     monkeypatch.setattr(cli, "_load_model", lambda source: None)
-    monkeypatch.setattr(jaxauction.generation, "generate", fake_generate)
+    monkeypatch.setattr(jaxauction.engine, "generate", fake_generate)
     with pytest.raises(ModelLoaded):
         cli.main(["run", str(write_config(tmp_path, text=text))])
     [[alpha, beta]] = seen

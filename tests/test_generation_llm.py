@@ -11,7 +11,7 @@ import pytest
 from models_conftest import bundled, reference
 
 from jaxauction import cli
-from jaxauction.generation import generate
+from jaxauction.engine import generate
 
 pytestmark = pytest.mark.slow
 
@@ -92,3 +92,43 @@ def test_cli_sweep_writes_plot_and_table(llm, tmp_path, capsys, monkeypatch):
     assert ends[0] == {"Alpha Airlines": 0.0, "Beta Resort": 0.0}  # a lone bidder pays nothing
     assert ends[1] == {"Alpha Airlines": 0.0, "Beta Resort": 0.0}
     assert "share Alpha" in capsys.readouterr().out
+
+
+LIMIT = "import resource; resource.setrlimit(resource.RLIMIT_AS, (10_000_000_000, 10_000_000_000))"
+LIMITED_SWEEP = """
+import json, resource, sys
+import numpy as np
+import jaxauction as ja
+points = int(sys.argv[1])
+bids = np.stack([np.linspace(0.0, 2.0, points), np.linspace(2.0, 0.0, points)], axis=1)
+prompts = ["Write an ad for Alpha Airlines.", "Write an ad for Beta Resort."]
+result = ja.generate(prompts, bids, decoding="greedy", max_new_tokens=2)
+print(json.dumps({"shape": list(result.tokens.shape), "valid": bool(result.valid.all()),
+                  "first": result.tokens[0].tolist(), "last": result.tokens[-1].tolist(),
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def test_a_large_sweep_fits_a_10_gb_address_space_limit(llm):
+    """``prlimit --as=10000000000``: the default memory budget shrinks to what the limit leaves, so a
+    2,000-point sweep of two tokens (which once died allocating 2.6 GB) runs in chunks."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("JAXAUCTION_MEMORY_BUDGET", None)
+    done = subprocess.run(
+        [sys.executable, "-c", f"{LIMIT}\n{LIMITED_SWEEP}", "2000"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["shape"] == [2000, 2] and out["valid"], out
+    prompts = ["Write an ad for Alpha Airlines.", "Write an ad for Beta Resort."]
+    for bids, tokens in (([0.0, 2.0], out["first"]), ([2.0, 0.0], out["last"])):
+        alone = generate(prompts, bids, decoding="greedy", max_new_tokens=2, model=llm)
+        assert alone.tokens.tolist() == tokens

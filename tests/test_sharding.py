@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from jaxauction import sharding, simulation
-    from jaxauction.generation import generate
+    from jaxauction.engine import generate
     from jaxauction.models import Llama, LlamaConfig
 
     assert len(jax.devices()) == 4, jax.devices()

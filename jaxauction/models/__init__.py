@@ -19,7 +19,15 @@ Inside your own ``jax.jit``/``lax.while_loop``: ``graphdef, state = nnx.split(mo
 
 from jaxauction.models import _quiet  # noqa: F401  (first: silences transformers' "no PyTorch" advisory)
 from jaxauction.models.config import LlamaConfig
-from jaxauction.models.loader import bundled_gguf_path, check_vocabulary, export_hf, load, load_folder, load_gguf
+from jaxauction.models.loader import (
+    bundled_gguf_path,
+    check_vocabulary,
+    default,
+    export_hf,
+    load,
+    load_folder,
+    load_gguf,
+)
 from jaxauction.models.modeling import (
     CompiledLlama,
     KVCache,
@@ -42,6 +50,7 @@ __all__ = [
     "bundled_gguf_path",
     "check_vocabulary",
     "compiler_options",
+    "default",
     "export_hf",
     "init_cache",
     "jit_decode",

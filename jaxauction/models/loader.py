@@ -94,6 +94,17 @@ def load(source: str | os.PathLike | None = None, *, dtype=jnp.float32) -> tuple
     raise FileNotFoundError(f"load(source={text!r}): no such file or folder, and not a hub id like 'org/name'.")
 
 
+_DEFAULT: tuple[Llama, PreTrainedTokenizerBase] | None = None
+
+
+def default() -> tuple[Llama, PreTrainedTokenizerBase]:
+    """The bundled SmolLM2-135M-Instruct (:func:`load` without a source), loaded once per process."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = load()
+    return _DEFAULT
+
+
 def _check_dtype(dtype):
     try:
         resolved = jnp.dtype(dtype)

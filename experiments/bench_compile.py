@@ -1,0 +1,198 @@
+"""First-call times, compiled-program sharing and memory mappings of ``jaxauction.generate``.
+
+    .venv/bin/python experiments/bench_compile.py --json outputs/bench_compile.json
+    .venv/bin/python experiments/bench_compile.py --calls 40 --no-demo     # quicker
+
+Every case runs in a fresh process with an empty compilation cache (``JAXAUCTION_CACHE_DIR`` set to a
+new folder), on the bundled SmolLM2-135M-Instruct, float32:
+
+  sweep        the Hawaii sweep (``experiments/configs/hawaii.toml``: 11 bid points x 2 agents, linear
+               rule, second-price payments, greedy, 48 tokens): the first ``generate`` call, then in the
+               same process the first call of each other rule / payment / decoding (the extra time a
+               new mechanism costs once the model's programs are compiled), then a second process on
+               the same (now warm) disk cache.
+  mixed        the 18-query mixed batch (``experiments/configs/mixed_queries.jsonl``): the first call.
+  demo         ``experiments/hawaii_ads.py`` (what ``make demo`` runs after installation), wall time.
+  mappings     ``--calls`` generate calls in one process over varied auctions (1 to 6 agents, prompts
+               of 5 to 300 tokens, every rule, payment and decoding, 2 tokens each): the largest
+               ``/proc/self/maps`` line count seen and the compiled programs held at the end.
+  steady       ``bench_generation.py`` and ``bench_model.py`` (with ``--torch`` only: they need the
+               ``bench`` extra) for the steady-state ratios against PyTorch.
+
+The load average (1 min) is printed next to every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SWEEP = textwrap.dedent("""
+    import json, os, sys, time
+    t0 = time.perf_counter()
+    import jax
+    import jaxauction as ja
+    from jaxauction import config as config_lib, models, sweep
+    from jaxauction.engine import runtime
+    cfg = config_lib.load_config(sys.argv[1])
+    model = models.default()
+    prompts, bids = cfg.prompts(), sweep.sweep_bids(cfg, 11)[1]
+    opts = dict(cfg.generate_options(), rule=cfg.rule)
+    load_s = time.perf_counter() - t0
+    out = {"load_s": load_s, "calls": []}
+    variants = [{}] + [dict(v) for v in json.loads(sys.argv[2])]
+    for variant in variants:
+        start = time.perf_counter()
+        r = ja.generate(prompts, bids, model=model, **{**opts, **variant})
+        out["calls"].append({"variant": variant, "seconds": time.perf_counter() - start,
+                             "compilations": runtime.compilations(), "text": r.texts[0][:60]})
+    start = time.perf_counter()
+    ja.generate(prompts, bids, model=model, **opts)
+    out["steady_s"] = time.perf_counter() - start
+    print(json.dumps(out))
+""")
+
+MIXED = textwrap.dedent("""
+    import json, sys, time
+    import jaxauction as ja
+    from jaxauction import batch, models
+    model = models.default()
+    lines = batch.read_auctions(sys.argv[1])
+    auctions = [ja.Auction(e.prompts, e.bids, base_prompt=e.base_prompt, base_bid=e.base_bid) for e in lines]
+    start = time.perf_counter()
+    ja.generate(auctions, model=model, decoding="greedy", max_new_tokens=48)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    ja.generate(auctions, model=model, decoding="greedy", max_new_tokens=48)
+    print(json.dumps({"first_s": first, "steady_s": time.perf_counter() - start}))
+""")
+
+MAPPINGS = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    import jaxauction as ja
+    from jaxauction import models
+    from jaxauction.engine import runtime
+    model = models.default()
+    rng = np.random.default_rng(0)
+    vocab = model[0].config.vocab_size
+    mechanisms = [("linear", "second_price", "sample"), ("log_linear", "second_price", "greedy"),
+                  ("linear", "kl", "greedy"), ("log_linear", "kl", "sample"), ("linear", None, "greedy"),
+                  ("linear", "second_price", "stable")]
+    def maps():
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    peak, start = maps(), time.perf_counter()
+    for call in range(int(sys.argv[1])):
+        rule, payment, decoding = mechanisms[call % len(mechanisms)]
+        agents = 2 if decoding == "stable" else int(rng.integers(1, 7))
+        prompts = [rng.integers(3, vocab, int(rng.integers(5, 301))).tolist() for _ in range(agents)]
+        bids = rng.exponential(size=(int(rng.integers(1, 4)), agents)).tolist()
+        ja.generate(prompts, bids, model=model, rule=rule, payment=payment, decoding=decoding, max_new_tokens=2)
+        peak = max(peak, maps())
+    print(json.dumps({"calls": int(sys.argv[1]), "peak_maps": peak, "end_maps": maps(),
+                      "programs_held": runtime.program_count(), "compilations": runtime.compilations(),
+                      "seconds": time.perf_counter() - start}))
+""")
+
+VARIANTS = [
+    {"rule": "log_linear"},
+    {"payment": "kl"},
+    {"decoding": "sample"},
+    {"payment": None},
+]
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def run_fresh(script: str, args: list[str], cache_dir: str, timeout: int = 3000) -> dict:
+    env = dict(os.environ, JAXAUCTION_CACHE_DIR=cache_dir, JAX_PLATFORMS="cpu")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    load_before = load()
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"case failed:\n{done.stderr[-4000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out.update(process_s=time.perf_counter() - start, load_before=load_before, load_after=load())
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--calls", type=int, default=300, help="generate calls of the mappings case")
+    parser.add_argument("--no-demo", action="store_true", help="skip the make-demo case")
+    parser.add_argument("--torch", action="store_true", help="also run the steady-state benchmarks against PyTorch")
+    args = parser.parse_args(argv)
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cold = str(Path(tmp) / "sweep")
+        config = str(REPO / "experiments" / "configs" / "hawaii.toml")
+        sweep = run_fresh(SWEEP, [config, json.dumps(VARIANTS)], cold)
+        warm = run_fresh(SWEEP, [config, "[]"], cold)
+        results["sweep"] = {"cold": sweep, "warm": warm}
+        first = sweep["calls"][0]["seconds"]
+        print(f"sweep first generate, cold cache: {first:.1f} s (goal <= 15 s; load {sweep['load_before']:.2f})")
+        for call in sweep["calls"][1:]:
+            print(f"  then first call with {call['variant']}: {call['seconds']:.1f} s (goal <= 3 s)")
+        print(f"  steady state: {sweep['steady_s']:.2f} s; compilations: {sweep['calls'][-1]['compilations']}")
+        print(
+            f"sweep first generate, second process, warm disk cache: {warm['calls'][0]['seconds']:.1f} s "
+            f"(load {warm['load_before']:.2f})"
+        )
+        mixed = run_fresh(MIXED, [str(REPO / "experiments" / "configs" / "mixed_queries.jsonl")], str(Path(tmp) / "m"))
+        results["mixed"] = mixed
+        print(
+            f"mixed batch first generate, cold cache: {mixed['first_s']:.1f} s, steady {mixed['steady_s']:.2f} s "
+            f"(load {mixed['load_before']:.2f})"
+        )
+        if not args.no_demo:
+            env = dict(os.environ, JAXAUCTION_CACHE_DIR=str(Path(tmp) / "demo"), MPLBACKEND="Agg")
+            load_before, start = load(), time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, "experiments/hawaii_ads.py", "--out", str(Path(tmp) / "demo-out")],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            demo_s = time.perf_counter() - start
+            results["demo"] = {"seconds": demo_s, "returncode": done.returncode, "load_before": load_before}
+            print(
+                f"make demo (experiments/hawaii_ads.py), cold cache: {demo_s:.1f} s (goal <= 90 s; load {load_before:.2f})"
+            )
+        maps = run_fresh(MAPPINGS, [str(args.calls)], str(Path(tmp) / "maps"), timeout=7200)
+        results["mappings"] = maps
+        print(
+            f"{maps['calls']} varied generate calls: peak {maps['peak_maps']} memory mappings (goal < 20,000), "
+            f"{maps['programs_held']} programs held, {maps['seconds']:.0f} s (load {maps['load_before']:.2f})"
+        )
+    if args.torch:
+        for script in ("bench_model.py", "bench_generation.py"):
+            out = Path(tempfile.mkdtemp()) / "out.json"
+            subprocess.run(
+                [sys.executable, str(REPO / "experiments" / script), "--json", str(out)], cwd=REPO, check=True
+            )
+            results[script] = json.loads(out.read_text())
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""One chunk of a generation: lay out the cache rows, prefill the distinct prompts, decode."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxauction import _validation, sharding
+from jaxauction import prompts as prompts_lib
+from jaxauction.engine import loop
+from jaxauction.engine.plan import ChunkLayout, Plan
+
+__all__ = ["ChunkOutput", "run_chunk"]
+
+ChunkOutput = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""``(tokens [C, T], token_payments [C, T, n], lengths [C], valid [C])`` of a chunk's auctions."""
+
+
+def device_rows_of(layout: ChunkLayout, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+    """``(gather [D * P], slot_rows [C, m])``: every device's ``P`` cache rows as indices into the
+    unique sequences (first the distinct sequences of its auctions' real slots, then free rows for the
+    forks of later steps) and each slot's row on its device."""
+    devices, num_rows = plan.devices, plan.num_rows
+    device_source = layout.source.reshape(devices, -1)
+    device_real = layout.real.reshape(devices, -1)
+    gather = np.zeros((devices, num_rows), np.int32)
+    slot_rows = np.zeros(device_source.shape, np.int32)
+    for d in range(devices):
+        distinct, local = np.unique(device_source[d][device_real[d]], return_inverse=True)
+        gather[d] = np.resize(distinct, num_rows)  # rows after the distinct ones are free (any content)
+        slot_rows[d][device_real[d]] = local
+    return gather.reshape(-1), slot_rows.reshape(layout.real.shape)
+
+
+def _prefilled(model, layout: ChunkLayout, plan: Plan, gather: np.ndarray, pad_id: int):
+    """``(logits [D * P, V], cache)`` after the prompts of the chunk's rows."""
+    graphdef, weights = model
+    unique = layout.unique + [layout.unique[-1]] * (plan.prefill_rows - len(layout.unique))
+    # The prompt tokens end at slot ``width``: [invalid | shared prefix | left-padded remainders].
+    input_ids, attention_mask = prompts_lib.left_pad(
+        [seq[plan.prefix_length :] for seq in unique], pad_id, width=plan.suffix_width
+    )
+    cache = nnx.merge(graphdef, weights).init_cache(1 if plan.prefix_length else len(unique), plan.max_length)
+    cache = cache.replace(index=jnp.int32(plan.width - plan.suffix_width - plan.prefix_length))
+    prefix = jnp.asarray([unique[0][: plan.prefix_length]], jnp.int32) if plan.prefix_length else None
+    arrays = (prefix, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.asarray(gather))
+    return loop.prefill(graphdef, weights, cache, arrays)
+
+
+def run_chunk(model, layout: ChunkLayout, keys, plan: Plan, spec: loop.DecodeSpec, *, mesh, temperature, progress):
+    """Decodes one chunk's auctions (``keys: [C]``); returns its :class:`ChunkOutput` (host arrays).
+
+    ``model`` is ``(graphdef, weights)`` (replicated over ``mesh`` if given); each device holds its
+    share of the auctions and ``plan.num_rows`` cache rows, at least any device's count of real slots,
+    which no step can exceed. Both counts are the batch's, so every chunk runs the same programs.
+    """
+    dtype = _validation.default_float_dtype()
+    gather, slot_rows = device_rows_of(layout, plan)
+    logits, cache = _prefilled(model, layout, plan, gather, spec.pad_id)
+    state = loop.DecodeState.start(slot_rows, spec, dtype)
+    inputs = loop.ChunkInputs(
+        bids=jnp.asarray(layout.bids, dtype),
+        real=jnp.asarray(layout.real),
+        keys=keys,
+        temperature=jnp.asarray(temperature, dtype),
+    )
+    state = jax.tree.map(jnp.asarray, state)
+    if mesh is not None:
+        cache = loop.shard_cache(cache, mesh)
+        logits = sharding.shard_batch(logits, mesh)
+        inputs = inputs.replace(
+            bids=sharding.shard_batch(inputs.bids, mesh),
+            real=sharding.shard_batch(inputs.real, mesh),
+            keys=sharding.shard_batch(inputs.keys, mesh),
+            temperature=sharding.replicate(inputs.temperature, mesh),
+        )
+        state = jax.tree.map(lambda x: sharding.shard_batch(x, mesh) if x.ndim else sharding.replicate(x, mesh), state)
+    state = loop.decode(model, cache, logits, state, inputs, spec, (mesh, progress))
+    progress.finish_chunk()
+    out = jax.device_get((state.tokens, state.token_payments, state.lengths, state.valid))
+    return tuple(np.asarray(x) for x in out)

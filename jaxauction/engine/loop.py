@@ -1,0 +1,239 @@
+"""The decode loop: a host loop over two compiled programs per token.
+
+Each token runs the *auction program* (the rule, the payments and the draw for every auction, then
+:func:`jaxauction.engine.rows.next_rows`), then the *model program* (row copies, the model on the
+first live rows, the new keys and values appended). The model program depends on the model, the
+cache shape and the row capacity only, so every rule, payment and decoding shares it; the auction
+program holds no model and compiles in about a second. The host reads the live-row count of every
+step to pick the capacity (compiling a capacity the first time a step needs it) and stops when no
+auction is running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxauction import base, sharding
+from jaxauction.engine import runtime
+from jaxauction.engine.rows import RowUpdate, next_rows, row_capacities
+from jaxauction.engine.step import auction_step
+
+if TYPE_CHECKING:
+    from jaxauction.models.kv_cache import KVCache
+
+__all__ = ["ChunkInputs", "DecodeSpec", "DecodeState", "decode", "prefill"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """The static settings of a decode loop (hashable: part of the auction program's key).
+
+    Attributes:
+      rule, payment, decoding: the mechanism (see :func:`jaxauction.generate`).
+      num_charged: ``n``, the slots that pay (the base slot never pays).
+      max_new_tokens: ``T``. pad_id: the token of finished auctions. eos_ids: the stop tokens.
+    """
+
+    rule: base.Rule
+    payment: str | None
+    decoding: str
+    num_charged: int
+    max_new_tokens: int
+    pad_id: int
+    eos_ids: tuple[int, ...]
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """What the auction program carries from token to token (a pytree, donated every step)."""
+
+    step: jax.Array  # int32 scalar, the token being decided
+    slot_rows: jax.Array  # [A, m] int32, the cache row each slot reads
+    tokens: jax.Array  # [A, T] int32, the tokens so far (pad_id after an auction ended)
+    done: jax.Array  # [A] bool, the auction has stopped (EOS, broken, or length)
+    token_payments: jax.Array  # [A, T, n] each agent's payment for each token
+    valid: jax.Array  # [A] bool, q and the payments stayed finite
+    lengths: jax.Array  # [A] int32, tokens generated, EOS included
+
+    @classmethod
+    def start(cls, slot_rows: np.ndarray, spec: DecodeSpec, dtype) -> DecodeState:
+        """The state before the first token (host arrays)."""
+        num_auctions = slot_rows.shape[0]
+        return cls(
+            step=np.int32(0),
+            slot_rows=slot_rows.astype(np.int32),
+            tokens=np.full((num_auctions, spec.max_new_tokens), spec.pad_id, np.int32),
+            done=np.zeros((num_auctions,), bool),
+            token_payments=np.zeros((num_auctions, spec.max_new_tokens, spec.num_charged), dtype),
+            valid=np.ones((num_auctions,), bool),
+            lengths=np.zeros((num_auctions,), np.int32),
+        )
+
+
+@flax.struct.dataclass
+class ChunkInputs:
+    """The auction program's fixed inputs for one chunk."""
+
+    bids: jax.Array  # [A, m]
+    real: jax.Array  # [A, m] bool, False for absent slots (their logits become -inf)
+    keys: jax.Array  # [A] PRNG keys
+    temperature: jax.Array  # scalar dividing every row's logits
+
+
+def auction_update(spec: DecodeSpec, state: DecodeState, logits, inputs: ChunkInputs):
+    """One token of every auction from its rows' ``logits: [P, V]``; returns ``(state, RowUpdate)``.
+
+    A finished auction gets ``pad_id`` and payments 0. An auction whose step is not ``ok`` (see
+    :func:`jaxauction.engine.step.auction_step`) stops there: token ``pad_id``, NaN payments for its
+    real agents at that step, and ``valid`` False. ``RowUpdate.count`` and ``copies`` have shape [1].
+    """
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(inputs.keys, state.step)
+    with jax.named_scope("auction_step"):
+        rows = jnp.take(logits / inputs.temperature, state.slot_rows, axis=0, mode="clip")
+        rows = jnp.where(inputs.real[..., None], rows, -jnp.inf)
+        token, charged, ok = auction_step(
+            rows,
+            inputs.bids,
+            step_keys,
+            rule=spec.rule,
+            payment=spec.payment,
+            decoding=spec.decoding,
+            num_charged=spec.num_charged,
+        )
+    done = state.done
+    broken = ~done & ~ok
+    stopped = (done | broken)[:, None]
+    token = jnp.where(done | broken, spec.pad_id, token.astype(jnp.int32))
+    charged_real = inputs.real[:, : spec.num_charged]
+    charged = jnp.where(broken[:, None] & charged_real, jnp.nan, jnp.where(stopped, 0, charged))
+    done = done | broken | jnp.isin(token, jnp.asarray(spec.eos_ids, jnp.int32))
+    update = next_rows(state.slot_rows, token, inputs.real & ~done[:, None], logits.shape[0])
+    state = state.replace(
+        step=state.step + 1,
+        slot_rows=update.slot_rows,
+        tokens=state.tokens.at[:, state.step].set(token),
+        done=done,
+        token_payments=state.token_payments.at[:, state.step].set(charged.astype(state.token_payments.dtype)),
+        valid=state.valid & ~broken,
+        lengths=state.lengths + (~stopped[:, 0]).astype(jnp.int32),
+    )
+    return state, update._replace(count=update.count[None], copies=update.copies[None])
+
+
+def model_step(graphdef, capacity: int, weights, cache: KVCache, rows: RowUpdate):
+    """The model on the first ``capacity`` rows of ``cache`` after the row copies of ``rows``.
+
+    Returns ``(logits [P, V], cache)``: zero logits from ``capacity`` on (free rows), the new keys and
+    values appended for the first ``capacity`` rows (rows past the live ones hold garbage until a
+    copy fills them)."""
+    with jax.named_scope("row_copies"):
+        cache = cache.copy_rows(rows.copy_from, rows.copy_to, rows.copies[0])
+    logits, keys, values = nnx.merge(graphdef, weights).decode_kv(
+        rows.row_tokens[:capacity], cache.first_rows(capacity)
+    )
+    with jax.named_scope("cache_append"):
+        # The write index depends on the logits (``> inf`` is always false), so XLA orders the write
+        # after every layer's read and updates the donated cache in place instead of copying it.
+        cache = cache.replace(index=(cache.index + (logits[0, 0] > jnp.inf)).astype(jnp.int32))
+        cache = cache.append(keys[:, :, None], values[:, :, None], jnp.ones((capacity, 1), bool))
+    return jnp.pad(logits, ((0, cache.batch_size - capacity), (0, 0))), cache
+
+
+def prefill_body(graphdef, weights, prefix_ids, input_ids, attention_mask, rows, cache):
+    """Prefill the unique sequences once, then gather the cache rows ``rows: [P]`` and their logits.
+
+    ``prefix_ids: [1, c]`` (or None) is the token prefix common to all ``U`` unique sequences: it is
+    prefilled once into the one-row ``cache`` and copied to ``U`` rows, then ``input_ids: [U, T]``
+    (the sequences' remainders, left-padded) continue it; without a prefix, ``cache`` has ``U`` rows
+    and ``input_ids`` are the whole sequences. (The empty cache is an argument: created inside ``jit``
+    it would be a constant that XLA spends a long time folding.)"""
+    model = nnx.merge(graphdef, weights)
+    if prefix_ids is not None:
+        _, cache = model.prefill(prefix_ids, None, cache)
+        cache = cache.take_rows(jnp.zeros((input_ids.shape[0],), jnp.int32))
+    logits, cache = model.prefill(input_ids, attention_mask, cache)
+    return jnp.take(logits, rows, axis=0), cache.take_rows(rows)
+
+
+def _auction_program(spec, mesh, state, logits, inputs):
+    if mesh is None:
+        return auction_update(spec, state, logits, inputs)
+    split, whole = PartitionSpec(sharding.AXIS), PartitionSpec()
+    state_specs = DecodeState(whole, split, split, split, split, split, split)
+    input_specs = ChunkInputs(split, split, split, whole)
+    body = jax.shard_map(
+        lambda s, x, i: auction_update(spec, s, x, i),
+        mesh=mesh,
+        in_specs=(state_specs, split, input_specs),
+        out_specs=(state_specs, split),
+        check_vma=False,
+    )
+    return body(state, logits, inputs)
+
+
+def _model_program(graphdef, capacity, mesh, weights, cache, rows):
+    from jaxauction.models.kv_cache import KVCache  # (the models package imports transformers: seconds)
+
+    if mesh is None:
+        return model_step(graphdef, capacity, weights, cache, rows)
+    split, cache_specs = PartitionSpec(sharding.AXIS), KVCache.partition_specs(sharding.AXIS)
+    body = jax.shard_map(
+        lambda w, c, r: model_step(graphdef, capacity, w, c, r),
+        mesh=mesh,
+        in_specs=(PartitionSpec(), cache_specs, split),
+        out_specs=(split, cache_specs),
+        check_vma=False,
+    )
+    return body(weights, cache, rows)
+
+
+def prefill(graphdef, weights, cache: KVCache, prompt_arrays: tuple):
+    """:func:`prefill_body` compiled (once per shape); ``prompt_arrays`` are its four array arguments."""
+    args = (weights, *prompt_arrays, cache)
+    return runtime.compiled(prefill_body, (graphdef,), args)(*args)
+
+
+def shard_cache(cache: KVCache, mesh) -> KVCache:
+    """The cache with its rows split over ``mesh`` (unchanged without one)."""
+    from jaxauction.models.kv_cache import KVCache
+
+    if mesh is None:
+        return cache
+    specs = KVCache.partition_specs(sharding.AXIS)
+    return jax.device_put(cache, jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs))
+
+
+def decode(model: tuple, cache: KVCache, logits, state: DecodeState, inputs: ChunkInputs, spec: DecodeSpec, context):
+    """Runs the auctions of one chunk to the end; returns the final :class:`DecodeState`.
+
+    ``model`` is ``(graphdef, weights)``, ``cache`` holds the chunk's ``P`` rows after the prompts
+    (live rows first) and ``logits: [P, V]`` their next-token logits. ``context`` is ``(mesh,
+    progress)`` with ``progress`` a :class:`jaxauction.engine.runtime.TokenProgress`.
+    """
+    graphdef, weights = model
+    mesh, progress = context
+    capacities = row_capacities(cache.batch_size if mesh is None else cache.batch_size // mesh.size)
+    auction = runtime.compiled(_auction_program, (spec, mesh), (state, logits, inputs), donate=(0,))
+    models: dict[int, object] = {}
+    for step in range(spec.max_new_tokens):
+        state, rows = auction(state, logits, inputs)
+        progress.advance()
+        count = int(np.max(np.asarray(rows.count)))
+        if count == 0 or step + 1 == spec.max_new_tokens:
+            break
+        capacity = capacities[int(np.searchsorted(capacities, count))]
+        rows = rows._replace(slot_rows=None, count=None)  # the model program reads the rows' tokens and copies
+        if capacity not in models:
+            models[capacity] = runtime.compiled(
+                _model_program, (graphdef, capacity, mesh), (weights, cache, rows), donate=(1,)
+            )
+        logits, cache = models[capacity](weights, cache, rows)
+    return state
