@@ -31,11 +31,11 @@ class RowUpdate(NamedTuple):
 
 
 def row_capacities(num_rows: int) -> tuple[int, ...]:
-    """The batch sizes the decode loop compiles for ``num_rows`` physical rows: 2, 4, 8, ... below
-    ``num_rows``, then ``num_rows`` itself. Each step runs the model on the smallest one that holds the
-    step's distinct live rows. (Adding 1.5x sizes, 12, 24, 48, ..., saved about 1% of the mixed
-    benchmark's time and made the first call 30% (sweep) to 48% (mixed batch) slower.)"""
-    return (*(2**k for k in range(1, num_rows.bit_length()) if 2**k < num_rows), num_rows)
+    """The batch sizes the model program is compiled for with ``num_rows`` physical rows: 4, 8,
+    16, ... below ``num_rows``, then ``num_rows`` itself. Each step runs the model on the smallest one
+    that holds the step's distinct live rows, compiled the first time a step needs it. (Decoding 2
+    rows costs about as much as 4: the weights' reads dominate; docs/performance.md.)"""
+    return (*(2**k for k in range(2, num_rows.bit_length()) if 2**k < num_rows), num_rows)
 
 
 def next_rows(slot_rows, token, live, num_rows: int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ __all__ = [
     "MAX_PROGRAMS",
     "TokenProgress",
     "compilations",
+    "compile_seconds",
     "compiled",
     "default_cache_dir",
     "enable_compilation_cache",
@@ -29,6 +31,7 @@ disk cache (:func:`enable_compilation_cache`) when needed again."""
 
 _PROGRAMS: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 _COMPILATIONS: collections.Counter[str] = collections.Counter()
+_COMPILE_SECONDS: collections.Counter[str] = collections.Counter()
 
 
 def _signature(args) -> tuple:
@@ -55,7 +58,9 @@ def compiled(function: Callable, static: tuple, args: tuple, *, donate: tuple[in
     jitted = jax.jit(
         functools.partial(function, *static), donate_argnums=donate, compiler_options=compiler_options() or None
     )
+    start = time.perf_counter()
     program = jitted.lower(*args).compile()
+    _COMPILE_SECONDS[function.__name__] += time.perf_counter() - start
     _COMPILATIONS[function.__name__] += 1
     _PROGRAMS[key] = program
     while len(_PROGRAMS) > MAX_PROGRAMS:
@@ -66,6 +71,11 @@ def compiled(function: Callable, static: tuple, args: tuple, *, donate: tuple[in
 def compilations() -> dict[str, int]:
     """How many programs each engine function compiled (or loaded from the disk cache) in this process."""
     return dict(_COMPILATIONS)
+
+
+def compile_seconds() -> dict[str, float]:
+    """Seconds spent tracing and compiling (or loading from disk) each engine function's programs."""
+    return dict(_COMPILE_SECONDS)
 
 
 def program_count() -> int:

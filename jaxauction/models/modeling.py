@@ -160,48 +160,18 @@ def attend(
     return out.reshape(B, T, -1)
 
 
-_SUM_SLICE = 24
-_MAX_SUM_SLICES = 16
-
-
-def _sliced_sum(x: jax.Array, axis: int) -> jax.Array:
-    """``x.sum(axis)`` as the sum of partial sums over ``k`` consecutive slices of equal width (the
-    last one shorter), ``k = min(16, ceil(n / 24))`` for an axis of length ``n``.
-
-    XLA:CPU rewrites a sum over 32 or more entries into a windowed tree reduction over the
-    materialised product; sums over fewer entries it emits as fused loops. Measured on a decode step
-    of the bundled model at 16 rows and 176 slots, float32 (2-core AVX-512 host, medians of seven
-    interleaved runs, two runs): slices of 16 to 31 entries 1.1-1.3x faster than one sum, slices of
-    32 no faster; on the attention alone (30 layers, 2 to 22 rows) slices of 16 were 2.3-5.0x
-    faster. Every slice is its own kernel, so compilation grows with their number: at most 16 (past
-    496 entries the slices are 32 or more wide and take the tree reduction again).
-    """
-    size = x.shape[axis]
-    slices = min(_MAX_SUM_SLICES, -(-size // _SUM_SLICE))
-    width = -(-size // slices)
-    parts = [
-        jax.lax.slice_in_dim(x, start, min(start + width, size), axis=axis).sum(axis) for start in range(0, size, width)
-    ]
-    return functools.reduce(jnp.add, parts)
-
-
 def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Array:
     """Decoding: one query per row. ``q: [B, K, G, hd]``, ``k_new, v_new: [B, K, hd]``,
     ``self_allowed: [B]``, ``k_old: [B, K, hd, S]``, ``v_old: [B, K, S, hd]``, ``old_mask: [B, 1, S]``
     -> ``[B, K * G * hd]``.
 
     The new token's own key enters the softmax separately (so the cache is only read here and
-    written once after all layers). The products are written as broadcast multiply-and-sum over a
-    major axis, each sum split into slices of fewer than 32 entries (:func:`_sliced_sum`): the
-    Hawaii sweep took 3.46 s instead of 4.09 s (medians of five interleaved runs in one process,
-    2-core AVX-512 host); its decode loop's first call 29.3-49.4 s instead of 17.9-20.3 s (every
-    slice is its own kernel in each of the loop's batch-size branches). Measured alternatives:
-    batched matrix products of ``G`` rows each, about 1.5x slower than one sum (49 against 33 ms for
-    30 layers at batch 22 and 152 slots) and no faster on per-layer cache arrays; the axes reshaped
-    into ``[.., n / 16, 16, ..]`` and summed in one or two reductions, no faster than one sum.
+    written once after all layers). The products are broadcast multiply-and-sums over a major axis,
+    which XLA:CPU fuses into loops (faster than batched matrix products of ``G`` rows on CPU; see
+    docs/performance.md for the measured alternatives).
     """
     scale = q.shape[-1] ** -0.5
-    old_scores = _sliced_sum(q[..., None] * k_old.astype(q.dtype)[:, :, None], axis=-2) * scale
+    old_scores = (q[..., None] * k_old.astype(q.dtype)[:, :, None]).sum(axis=-2) * scale
     old_scores = jnp.where(old_mask[:, 0, None, None, :], old_scores.astype(jnp.float32), _MASK_VALUE)
     self_scores = jnp.sum(q * k_new[:, :, None, :], axis=-1) * scale  # [B, K, G]
     self_scores = jnp.where(self_allowed[:, None, None], self_scores.astype(jnp.float32), _MASK_VALUE)
@@ -209,7 +179,7 @@ def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Ar
     old_weights = jnp.exp(old_scores - peak[..., None])
     self_weights = jnp.exp(self_scores - peak)
     total = old_weights.sum(axis=-1) + self_weights
-    out = _sliced_sum(old_weights.astype(q.dtype)[..., None] * v_old.astype(q.dtype)[:, :, None], axis=-2)
+    out = (old_weights.astype(q.dtype)[..., None] * v_old.astype(q.dtype)[:, :, None]).sum(axis=-2)
     out = (out + self_weights.astype(q.dtype)[..., None] * v_new[:, :, None, :]) / total.astype(q.dtype)[..., None]
     return out.reshape(out.shape[0], -1)
 
