@@ -105,8 +105,10 @@ def test_parity_breaks_without_qk_unpermutation(smollm):
     config = model.config
     H, K, hd = config.num_heads, config.num_kv_heads, config.head_dim
     weights = nnx.to_pure_dict(nnx.state(model))
+    stacked = np.asarray(weights["layers"]["attention"]["qkv_proj"]["kernel"])  # [L, in, out]
+    permuted = []
     for i in range(config.num_layers):
-        kernel = np.asarray(weights["layers"][i]["attention"]["qkv_proj"]["kernel"]).T  # [out, in]
+        kernel = stacked[i].T  # [out, in]
         kernel = np.concatenate(
             [
                 _reference_permute(kernel[: H * hd], H),
@@ -114,7 +116,8 @@ def test_parity_breaks_without_qk_unpermutation(smollm):
                 kernel[(H + K) * hd :],
             ]
         )
-        weights["layers"][i]["attention"]["qkv_proj"]["kernel"] = jnp.asarray(kernel.T)
+        permuted.append(kernel.T)
+    weights["layers"]["attention"]["qkv_proj"]["kernel"] = jnp.asarray(np.stack(permuted))
     graphdef, broken = nnx.split(nnx.eval_shape(lambda: jm.Llama(config, rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(broken, weights)
     prompt = reference_prompts()[0]

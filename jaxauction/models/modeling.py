@@ -271,6 +271,18 @@ def _cached_slot_mask(valid: jax.Array, positions: jax.Array, window) -> jax.Arr
     return allowed
 
 
+def _stacked_layers(config: LlamaConfig, dtype, rngs: nnx.Rngs) -> DecoderLayer:
+    """``L = config.num_layers`` decoder layers as one :class:`DecoderLayer` whose weights have a
+    leading layer axis ``[L, ...]`` (each layer initialised from its own split of ``rngs``)."""
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs: nnx.Rngs) -> DecoderLayer:
+        return DecoderLayer(config, dtype=dtype, rngs=rngs)
+
+    return create(rngs)
+
+
 class Llama(nnx.Module):
     """Llama-family causal language model (Llama, Mistral-style, Qwen2).
 
@@ -296,7 +308,7 @@ class Llama(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.embedding = nnx.Param(jax.random.normal(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
-        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = _stacked_layers(config, dtype, rngs)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.lm_head = (
             None
@@ -439,20 +451,28 @@ class Llama(nnx.Module):
 
     def _layers(self, input_ids, positions, mask, cache: KVCache | None):
         """All blocks, attending to the cache (if any). Returns ``(hidden [B, T, D], keys, values)``,
-        keys/values ``[L, B, T, K, hd]``."""
+        keys/values ``[L, B, T, K, hd]``.
+
+        The blocks run as one ``lax.scan`` over the stacked layer weights (and the cache's layer
+        axis), so a program holds one block instead of ``L`` unrolled copies: XLA compiles the decode
+        step of the bundled 30-layer model about 5x faster, and runs it no slower on CPU
+        (docs/performance.md)."""
         window = self.config.sliding_window
         cos, sin = rope_tables(positions, rope_inverse_frequencies(self.config))
         new_mask = _new_token_mask(mask, positions, window)
         if cache is not None:
             old_mask = _cached_slot_mask(cache.valid, positions, window)
-        x = self.embed(input_ids)
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            old = None if cache is None else (cache.k[i], cache.v[i], old_mask)
-            x, k, v = layer(x, cos, sin, new_mask, old)
-            keys.append(k)
-            values.append(v)
-        return x, jnp.stack(keys), jnp.stack(values)
+        layer_graphdef, layer_weights = nnx.split(self.layers)
+
+        def block(x, layer_inputs):
+            weights, cached = layer_inputs
+            old = None if cached is None else (*cached, old_mask)
+            x, k, v = nnx.merge(layer_graphdef, weights)(x, cos, sin, new_mask, old)
+            return x, (k, v)
+
+        cached = None if cache is None else (cache.k, cache.v)
+        x, (keys, values) = jax.lax.scan(block, self.embed(input_ids), (layer_weights, cached))
+        return x, keys, values
 
     def _step(self, input_ids, positions, mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Shared body of prefill/decode: attend to the cache and the new tokens, then write them at ``index``.

@@ -361,9 +361,8 @@ def build_model(
         # (that roughly doubled the peak memory of a load under load).
         return jnp.asarray(np.ascontiguousarray(array), dtype).block_until_ready()
 
-    layers = {}
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
+    def layer(p: str) -> dict[str, Any]:
+        """One layer's arrays in the module's layout (kernels ``[in, out]``), on the host."""
         qkv = np.concatenate(
             [
                 get(p + "self_attn.q_proj.weight", (H * hd, D)),
@@ -372,33 +371,42 @@ def build_model(
             ]
         )
         attention: dict[str, Any] = {
-            "qkv_proj": {"kernel": put(qkv.T)},
-            "o_proj": {"kernel": put(get(p + "self_attn.o_proj.weight", (D, H * hd)).T)},
+            "qkv_proj": {"kernel": qkv.T},
+            "o_proj": {"kernel": get(p + "self_attn.o_proj.weight", (D, H * hd)).T},
         }
-        del qkv
         if config.qkv_bias:
-            attention["qkv_proj"]["bias"] = put(
-                np.concatenate(
-                    [
-                        get(p + "self_attn.q_proj.bias", (H * hd,)),
-                        get(p + "self_attn.k_proj.bias", (K * hd,)),
-                        get(p + "self_attn.v_proj.bias", (K * hd,)),
-                    ]
-                )
+            attention["qkv_proj"]["bias"] = np.concatenate(
+                [
+                    get(p + "self_attn.q_proj.bias", (H * hd,)),
+                    get(p + "self_attn.k_proj.bias", (K * hd,)),
+                    get(p + "self_attn.v_proj.bias", (K * hd,)),
+                ]
             )
         if config.out_bias:
-            attention["o_proj"]["bias"] = put(get(p + "self_attn.o_proj.bias", (D,)))
+            attention["o_proj"]["bias"] = get(p + "self_attn.o_proj.bias", (D,))
         gate_up = np.concatenate([get(p + "mlp.gate_proj.weight", (F, D)), get(p + "mlp.up_proj.weight", (F, D))])
-        layers[i] = {
-            "input_norm": {"weight": put(get(p + "input_layernorm.weight", (D,)))},
-            "post_attention_norm": {"weight": put(get(p + "post_attention_layernorm.weight", (D,)))},
+        return {
+            "input_norm": {"weight": get(p + "input_layernorm.weight", (D,))},
+            "post_attention_norm": {"weight": get(p + "post_attention_layernorm.weight", (D,))},
             "attention": attention,
             "mlp": {
-                "gate_up_proj": {"kernel": put(gate_up.T)},
-                "down_proj": {"kernel": put(get(p + "mlp.down_proj.weight", (D, F)).T)},
+                "gate_up_proj": {"kernel": gate_up.T},
+                "down_proj": {"kernel": get(p + "mlp.down_proj.weight", (D, F)).T},
             },
         }
-        del gate_up
+
+    # The layers are stacked on a leading axis (the model scans over them): each layer is read into
+    # its slice of one host array per tensor, then every stacked tensor is copied to the device once.
+    L = config.num_layers
+    stacked: Any = None
+    for i in range(L):
+        arrays = layer(f"model.layers.{i}.")
+        if stacked is None:
+            stacked = jax.tree.map(lambda a: np.empty((L, *a.shape), a.dtype), arrays)
+        jax.tree.map(lambda whole, a: whole.__setitem__(i, a), stacked, arrays)
+        del arrays
+    layers = jax.tree.map(put, stacked)
+    del stacked
     pure: dict[str, Any] = {
         "embedding": put(get("model.embed_tokens.weight", (config.vocab_size, D))),
         "layers": layers,
@@ -417,8 +425,10 @@ def hf_state_dict(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
     config = model.config
     H, K, hd, F = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
     yield "model.embed_tokens.weight", np.asarray(model.embedding[...])
-    for i, layer in enumerate(model.layers):
+    layer_graphdef, stacked = nnx.split(model.layers)  # weights [L, ...]
+    for i in range(config.num_layers):
         p = f"model.layers.{i}."
+        layer = nnx.merge(layer_graphdef, jax.tree.map(lambda weights, i=i: weights[i], stacked))
         yield p + "input_layernorm.weight", np.asarray(layer.input_norm.weight[...])
         yield p + "post_attention_layernorm.weight", np.asarray(layer.post_attention_norm.weight[...])
         qkv = np.asarray(layer.attention.qkv_proj.kernel[...]).T

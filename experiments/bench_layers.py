@@ -1,0 +1,113 @@
+"""The decode step with the layers scanned (the model's form) against the same layers unrolled.
+
+    .venv/bin/python experiments/bench_layers.py --json outputs/bench_layers.json
+
+``Llama`` holds its layers' weights stacked (``[L, ...]``) and runs them as one ``lax.scan``. The
+baseline, built here from the same weights, is the earlier form: a Python loop over the ``L`` layer
+slices, which XLA compiles as ``L`` unrolled copies of the block. For each row count (default 4, 16
+and 22 rows, 176 cache slots, float32, the bundled SmolLM2-135M-Instruct) it prints the compile time
+and the median decode-step time of both forms, measured alternately (one idle while the other runs)
+in this process, their ratios, and the 1-minute load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+
+def _unrolled_decode_kv(graphdef, weights, token_ids, cache):
+    """``Llama.decode_kv`` with a Python loop over the layer slices instead of the scan."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxauction.models.modeling import _cached_slot_mask, _new_token_mask, rope_inverse_frequencies, rope_tables
+
+    model = nnx.merge(graphdef, weights)
+    positions, mask = cache.positions[:, None], jnp.ones((token_ids.shape[0], 1), bool)
+    cos, sin = rope_tables(positions, rope_inverse_frequencies(model.config))
+    new_mask = _new_token_mask(mask, positions, model.config.sliding_window)
+    old_mask = _cached_slot_mask(cache.valid, positions, model.config.sliding_window)
+    layer_graphdef, stacked = nnx.split(model.layers)
+    x, keys, values = model.embed(token_ids[:, None]), [], []
+    for i in range(model.config.num_layers):
+        layer = nnx.merge(layer_graphdef, jax.tree.map(lambda w, i=i: w[i], stacked))
+        x, k, v = layer(x, cos, sin, new_mask, (cache.k[i], cache.v[i], old_mask))
+        keys.append(k[:, 0])
+        values.append(v[:, 0])
+    return model.logits(x[:, -1]), jnp.stack(keys), jnp.stack(values)
+
+
+def _scanned_decode_kv(graphdef, weights, token_ids, cache):
+    from flax import nnx
+
+    return nnx.merge(graphdef, weights).decode_kv(token_ids, cache)
+
+
+def measure(rows: int, slots: int, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jaxauction import models
+
+    llm, _ = models.default()
+    graphdef, weights = nnx.split(llm)
+    cache = llm.init_cache(rows, slots)
+    cache = cache.replace(index=jnp.int32(slots - 1), valid=cache.valid.at[:, : slots - 1].set(True))
+    tokens = jnp.arange(rows, dtype=jnp.int32) + 100
+    args = (weights, tokens, cache)
+    programs, result = {}, {"rows": rows, "slots": slots}
+    for name, body in (("unrolled", _unrolled_decode_kv), ("scanned", _scanned_decode_kv)):
+        start = time.perf_counter()
+        programs[name] = jax.jit(body, static_argnums=0).lower(graphdef, *args).compile()
+        result[f"{name}_compile_s"] = time.perf_counter() - start
+        jax.block_until_ready(programs[name](*args))
+    outputs = {name: program(*args) for name, program in programs.items()}
+    result["max_abs_logit_difference"] = float(np.max(np.abs(outputs["unrolled"][0] - outputs["scanned"][0])))
+    times: dict[str, list[float]] = {name: [] for name in programs}
+    load_before = os.getloadavg()[0]
+    for _ in range(repeats):
+        for name, program in programs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(program(*args))
+            times[name].append(time.perf_counter() - start)
+    for name in programs:
+        result[f"{name}_step_ms"] = 1e3 * statistics.median(times[name])
+    result.update(load_before=load_before, load_after=os.getloadavg()[0])
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[4, 16, 22])
+    parser.add_argument("--slots", type=int, default=176)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args(argv)
+    results = []
+    for rows in args.rows:
+        r = measure(rows, args.slots, args.repeats)
+        results.append(r)
+        print(
+            f"{rows:3d} rows, {r['slots']} slots: compile unrolled {r['unrolled_compile_s']:.2f} s, scanned "
+            f"{r['scanned_compile_s']:.2f} s ({r['unrolled_compile_s'] / r['scanned_compile_s']:.1f}x faster); "
+            f"step unrolled {r['unrolled_step_ms']:.1f} ms, scanned {r['scanned_step_ms']:.1f} ms "
+            f"(scanned {r['unrolled_step_ms'] / r['scanned_step_ms']:.2f}x the speed); max |logit difference| "
+            f"{r['max_abs_logit_difference']:.1e} (load {r['load_before']:.2f} -> {r['load_after']:.2f})",
+            flush=True,
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
