@@ -10,6 +10,7 @@
 * :mod:`~jaxauction.design.data`: synthetic Dirichlet auctions or the bundled LLM's (cached).
 """
 
+from jaxauction.aggregation import log_bid_weights  # the family's bid transform; its home is the core
 from jaxauction.design import checkpoint, objectives  # noqa: F401 (submodules)
 from jaxauction.design.checkpoint import SearchState
 from jaxauction.design.data import (
@@ -25,7 +26,6 @@ from jaxauction.design.families import (
     PowerMeanParams,
     bind,
     fixed_rule,
-    log_bid_weights,
     power_mean,
     trainable_mask,
 )
