@@ -6,7 +6,8 @@
   reference rule over a batch of auctions, jit-compiled and differentiable; :func:`certify_rule`, the
   strict monotonicity certificate (docs/maths.md §4) a design claim must carry on held-out auctions.
 * :mod:`~jaxauction.design.search`: an optax search with a violation budget (augmented Lagrangian),
-  checkpoints that resume, and a progress bar.
+  checkpoints that resume, and a progress bar; its result carries the strict certificate of the rule
+  it found (held-out auctions when given), and ``monotone=True`` searches the family's monotone part.
 * :mod:`~jaxauction.design.data`: synthetic Dirichlet auctions or the bundled LLM's (cached).
 """
 
@@ -39,11 +40,12 @@ from jaxauction.design.objectives import (
     violation,
     welfare,
 )
-from jaxauction.design.search import Constraint, SearchResult, augmented_lagrangian, search
+from jaxauction.design.search import CertificateWarning, Constraint, SearchResult, augmented_lagrangian, search
 
 __all__ = [
     "AuctionBatch",
     "Bounds",
+    "CertificateWarning",
     "Constraint",
     "PowerMeanParams",
     "SearchResult",
