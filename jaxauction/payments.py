@@ -17,8 +17,9 @@ Allocations:
   for that valuation, e.g. :func:`forward_kl_value`.
 
 Rules are resolved with :func:`jaxauction.base.as_rule` (a name, a :class:`~jaxauction.base.Rule`,
-a ``jax.jit`` of one or a plain function). A rule with a closed-form robust payment (the linear rule,
-docs/maths.md §5) uses it for ``allocation="robust"`` unless ``method="quadrature"``. Otherwise the robust
+a ``jax.jit`` of one or a plain function). A rule with a closed-form robust payment (docs/maths.md §5:
+the linear rule, and :class:`PowerWeightClosedForm` for weights ``∝ b**gamma``, which the power-mean rule
+at ``rho = 1, temperature = 1`` carries) uses it for ``allocation="robust"`` unless ``method="quadrature"``. Otherwise the robust
 allocation differentiates the rule's ``probabilities`` form when it has one (no log, exp and division
 per token), else ``exp(rule(...))``.
 
@@ -430,7 +431,8 @@ def second_price(
       base_logits: optional ``[..., V]`` base distribution that takes part with ``base_bid`` but is
         never charged; ``base_bid`` counts in every agent's ``B``.
       quadrature: the integration rule (static); chunk_elements: memory bound per vectorised step.
-      method: ``"auto"`` (a rule's closed-form robust payment when it has one, e.g. linear) or
+      method: ``"auto"`` (a rule's closed-form robust payment when it has one: linear, or
+        ``design.fixed_rule`` at ``rho = 1, temperature = 1``) or
         ``"quadrature"`` (always the generic autodiff path).
 
     Returns:
@@ -573,8 +575,16 @@ def power_weight_integral(logit: jax.Array, gamma: jax.Array | float) -> jax.Arr
     its start. Measured accuracy (tests/test_payments.py): see docs/maths.md §5.
 
     Args:
-      logit: ``Y: [...]`` (any real; ``+-inf`` not allowed); gamma: ``g >= 0``, scalar or broadcastable.
+      logit: ``Y: [...]``, finite; gamma: ``g >= 0``, finite, scalar or broadcastable. Checked when concrete
+        (``ValueError``); under ``jit`` a non-finite value gives NaN.
     """
+    for name, value, low in (("logit", logit, -np.inf), ("gamma", gamma, 0.0)):
+        if _validation.is_concrete(value):
+            array = np.asarray(value, np.float64)
+            if not (np.all(np.isfinite(array)) and np.all(array >= low)):
+                raise ValueError(
+                    f"power_weight_integral: {name} must be finite{' and >= 0' if low == 0 else ''}; got {value!r:.60}."
+                )
     logit = jnp.asarray(logit)
     dtype = jnp.result_type(logit, float)
     logit = logit.astype(dtype)

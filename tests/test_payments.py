@@ -467,6 +467,10 @@ def test_power_weight_payments_under_jit_vmap_scale_and_zero_gamma():
     np.testing.assert_allclose(payments.second_price(rule, logits, bids * 1e25), eager * 1e25, rtol=1e-5)
     lone = payments.second_price(rule, logits, bids.at[:, 1:].set(0.0))
     assert np.all(np.asarray(lone) == 0)
+    with pytest.raises(ValueError, match="gamma must be finite and >= 0"):
+        payments.power_weight_integral(0.0, -1.0)
+    with pytest.raises(ValueError, match="logit must be finite"):
+        payments.power_weight_integral(jnp.inf, 2.0)
     # gamma = 0: equal weights for every positive bid, the allocation jumps only at s = 0: no payment
     assert np.all(np.asarray(payments.second_price(_power_rule(0.0), logits, bids)) == 0)
     # a NaN bid under jit gives NaN for that auction only
