@@ -8,8 +8,9 @@ mechanism writes one ad:
 - ``token_log_linear``: the token auction, log-linear rule, KL (Myerson) payments (docs/maths.md §7; the
   log-linear rule is not monotone, so the robust second-price payments do not apply to it);
 - ``token_certified``: the power-mean rule of ``experiments/configs/benchmark_certified_rule.toml``
-  (``jaxauction.design.bind``: rho = 1, temperature = 1, gamma = 2.78, the design search's best rule
-  with a held-out strict certificate of 1.000), second-price payments;
+  (``jaxauction.design.fixed_rule``: rho = 1, temperature = 1, gamma = 2.78, the design search's best rule
+  with a held-out strict certificate of 1.000), second-price payments in closed form (docs/maths.md §5:
+  ``z_i = b_i TV(p_i, q_-i) Psi(Y_i, gamma)``, about the cost of linear's; no quadrature over the vocabulary);
 - ``reply``: the reply-level auction (docs/maths.md §8), ``M`` candidates from the base prompt's LLM, Clarke
   payments; the profiles of a query share one candidate set;
 - ``single_winner``: the highest bidder's prompt writes the ad alone, charged the second bid per token.
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import tomllib
@@ -66,16 +68,26 @@ def load_queries(path: Path) -> list[dict]:
 
 
 def load_certified_rule(path: Path):
-    """``(rule, parameters)``: the power-mean rule bound from the TOML parameters."""
+    """``(rule, parameters)``: the power-mean rule of the TOML parameters (:func:`jaxauction.design.fixed_rule`).
+
+    A certified rule (``certified = true``) must be the monotone part (rho = 1, temperature = 1), which
+    carries the closed-form second-price payment; anything else is refused rather than run on the slow
+    generic quadrature under a "certified" label.
+    """
     from jaxauction import design
 
     params = tomllib.loads(Path(path).read_text())
-    bound = design.bind(
+    rule = design.fixed_rule(
         design.PowerMeanParams.create(
             rho=params["rho"], gamma=params["gamma"], base_bid=params["base_bid"], temperature=params["temperature"]
         )
     )
-    return bound, params
+    if params.get("certified") and not (rule.monotone and rule.closed_form_payment is not None):
+        raise ValueError(
+            f"{path}: certified = true needs rho = 1 and temperature = 1 (monotone by construction, with the "
+            f"closed-form payment); got {rule.name}."
+        )
+    return rule, params
 
 
 def agent_prompt(query: str, advertiser: dict) -> list[dict]:
@@ -323,7 +335,7 @@ def main(argv=None) -> dict:
 
     from jaxauction import compare, models
 
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()
     queries = load_queries(Path(args.query_file))[: args.queries]
     certified_rule, certified_params = load_certified_rule(Path(args.rule_file))
     model = models.load(args.model)
@@ -395,13 +407,16 @@ def main(argv=None) -> dict:
     print(
         f"{len(queries)} queries x {args.profiles} profiles x {len(args.mechanisms)} mechanisms, "
         f"max_new_tokens={args.max_new_tokens}, M={args.candidates}, decoding={args.decoding}: {elapsed:.1f} s "
-        "(generation: " + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()) + ")"
+        "(generation: " + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()) + "); "
+        f"load average {load_before[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end (1 min), "
+        f"{len(os.sched_getaffinity(0))} core(s)"
     )
     result = dict(
         settings=dict(
             queries=len(queries), profiles=args.profiles, max_new_tokens=args.max_new_tokens,
             candidates=args.candidates, tau=args.tau, seed=args.seed, model=args.model or "bundled SmolLM2-135M",
             decoding=args.decoding, certified_rule=certified_params, time_s=elapsed, generation_s=seconds,
+            loadavg_start=load_before, loadavg_end=os.getloadavg(), cores=len(os.sched_getaffinity(0)),
         ),
         summary=summaries,
         ads=ads_by_mechanism,

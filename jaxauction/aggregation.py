@@ -32,6 +32,7 @@ __all__ = [
     "agent_log_probs",
     "effective_bids",
     "bid_weights",
+    "log_bid_weights",
     "weighted_sum",
     "append_base",
     "invalid_auctions",
@@ -91,6 +92,24 @@ def bid_weights(logits: jax.Array, bids: jax.Array) -> jax.Array:
     count = jnp.maximum(jnp.sum(has_mass, axis=-1, keepdims=True), 1).astype(bids.dtype)
     equal = jnp.broadcast_to(has_mass / count, bids.shape)
     return jnp.where(positive, bids / jnp.where(positive, total, 1.0), equal)
+
+
+@jax.jit
+def log_bid_weights(bids: jax.Array, gamma: jax.Array | float = 1.0, eligible: jax.Array | None = None) -> jax.Array:
+    """``log lambda: [..., n]`` with ``lambda_i = b_i**gamma / sum_j b_j**gamma`` (the power-mean family's bid
+    transform, docs/maths.md §3; ``gamma = 1`` gives :func:`bid_weights` in log space).
+
+    Zero bids get ``-inf``. If every bid is zero, the ``eligible`` agents (default: all) get equal
+    weights, as in the core rules. Gradients in ``bids`` and ``gamma`` are finite (zero bids
+    contribute none).
+    """
+    eligible = jnp.ones(bids.shape, bool) if eligible is None else jnp.broadcast_to(eligible, bids.shape)
+    positive = bids > 0
+    log_bids = jnp.log(jnp.where(positive, bids, 1.0))
+    scores = jnp.where(positive, gamma * log_bids, -jnp.inf)
+    none_positive = ~positive.any(axis=-1, keepdims=True)
+    scores = jnp.where(none_positive, jnp.where(eligible, 0.0, -jnp.inf), scores)
+    return scores - jax.nn.logsumexp(scores, axis=-1, keepdims=True)
 
 
 # Up to this many agents the weighted sum over agents is written out term by term (unrolled while

@@ -17,8 +17,9 @@ Allocations:
   for that valuation, e.g. :func:`forward_kl_value`.
 
 Rules are resolved with :func:`jaxauction.base.as_rule` (a name, a :class:`~jaxauction.base.Rule`,
-a ``jax.jit`` of one or a plain function). A rule with a closed-form robust payment (the linear rule,
-docs/maths.md §5) uses it for ``allocation="robust"`` unless ``method="quadrature"``. Otherwise the robust
+a ``jax.jit`` of one or a plain function). A rule with a closed-form robust payment (docs/maths.md §5:
+the linear rule, and :class:`PowerWeightClosedForm` for weights ``∝ b**gamma``, which the power-mean rule
+at ``rho = 1, temperature = 1`` carries) uses it for ``allocation="robust"`` unless ``method="quadrature"``. Otherwise the robust
 allocation differentiates the rule's ``probabilities`` form when it has one (no log, exp and division
 per token), else ``exp(rule(...))``.
 
@@ -55,6 +56,8 @@ __all__ = [
     "max_bid",
     "second_price",
     "linear_closed_form",
+    "PowerWeightClosedForm",
+    "power_weight_integral",
     "forward_kl_value",
     "reverse_kl_value",
 ]
@@ -428,7 +431,8 @@ def second_price(
       base_logits: optional ``[..., V]`` base distribution that takes part with ``base_bid`` but is
         never charged; ``base_bid`` counts in every agent's ``B``.
       quadrature: the integration rule (static); chunk_elements: memory bound per vectorised step.
-      method: ``"auto"`` (a rule's closed-form robust payment when it has one, e.g. linear) or
+      method: ``"auto"`` (a rule's closed-form robust payment when it has one: linear, or
+        ``design.fixed_rule`` at ``rho = 1, temperature = 1``) or
         ``"quadrature"`` (always the generic autodiff path).
 
     Returns:
@@ -514,23 +518,125 @@ def linear_closed_form(
     )
 
 
-def _linear_closed_form(all_logits: jax.Array, all_bids: jax.Array, n: int) -> jax.Array:
-    """The linear rule's :data:`~jaxauction.base.ClosedFormPayment` (unvalidated, traceable)."""
+def _tv_to_others(all_logits: jax.Array, weights: jax.Array, n: int) -> jax.Array:
+    """``TV(p_i, q_-i) = sum_t max(p_i(t) - q_-i(t), 0)``: ``[..., n]`` for ``q_-i = sum_j weights[..., i, j] p_j``.
+
+    ``all_logits: [..., m, V]``, ``weights: [..., n, m]`` (0 at ``j = i``). In probability space: one exp
+    per agent and token (log space would take ``n * m``). A probability that underflows to 0 (below
+    ``exp(-87)`` in float32) changes TV by less than that.
+    """
+    p = jnp.exp(aggregation.agent_log_probs(all_logits))
+    q_others = aggregation.weighted_sum(weights, p[..., None, :, :])  # [..., n, V]
+    return jnp.sum(jnp.maximum(p[..., :n, :] - q_others, 0.0), axis=-1)
+
+
+def _others(all_logits: jax.Array, all_bids: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Effective bids ``[..., m]`` (broadcast), the others' bids ``[..., n, m]`` (0 at ``j = i``) and the mask."""
     all_bids = aggregation.effective_bids(all_logits, all_bids)
     lead = jnp.broadcast_shapes(all_logits.shape[:-2], all_bids.shape[:-1])
     all_bids = jnp.broadcast_to(all_bids, lead + all_bids.shape[-1:])
-    m = all_bids.shape[-1]
-    log_p = aggregation.agent_log_probs(all_logits)
-    not_self = ~jnp.eye(m, dtype=bool)[:n]  # [n, m]
-    others_bids = jnp.where(not_self, all_bids[..., None, :], 0.0)  # [..., n, m]
+    not_self = ~jnp.eye(all_bids.shape[-1], dtype=bool)[:n]  # [n, m]
+    return all_bids, jnp.where(not_self, all_bids[..., None, :], 0.0), not_self
+
+
+def _linear_closed_form(all_logits: jax.Array, all_bids: jax.Array, n: int) -> jax.Array:
+    """The linear rule's :data:`~jaxauction.base.ClosedFormPayment` (unvalidated, traceable)."""
+    all_bids, others_bids, not_self = _others(all_logits, all_bids, n)
     others = jnp.sum(others_bids, axis=-1)
     weights = jnp.where(not_self, aggregation.bid_weights(all_logits[..., None, :, :], others_bids), 0.0)
-    # In probability space: one exp per agent and token (log space would take n * m). A probability
-    # that underflows to 0 (below exp(-87) in float32) changes TV by less than that.
-    p = jnp.exp(log_p)
-    q_others = aggregation.weighted_sum(weights, p[..., None, :, :])  # [..., n, V]
-    tv = jnp.sum(jnp.maximum(p[..., :n, :] - q_others, 0.0), axis=-1)
+    tv = _tv_to_others(all_logits, weights, n)
     own = all_bids[..., :n]
     pays = (others > 0) & (own > 0)
     ratio = jnp.where(pays, own, 0.0) / jnp.where(pays, others, 1.0)
     return jnp.where(pays, others * tv * _log1p_minus_ratio(ratio), 0.0)
+
+
+# The fixed rule of power_weight_integral: Gauss-Legendre panels of _POWER_ORDER nodes, _POWER_PANELS graded
+# panels per run (docs/maths.md §5). 25 panels x 8 = 200 nodes per agent: scalar work, negligible next to TV.
+_POWER_ORDER = 8
+_POWER_PANELS = 8
+_POWER_TAIL = (
+    44.0  # e^-44 < 1e-19: the integrand below y = min(Y, 0) - D decays at least like 4 e^{(1 + 1/g) (y - top)}
+)
+
+
+def power_weight_integral(logit: jax.Array, gamma: jax.Array | float) -> jax.Array:
+    """``Psi(Y, g) = int_{-inf}^{Y} e^{(y - Y)/g} sigma'(y) dy`` in ``[0, 1]`` (docs/maths.md §5): ``[...]``.
+
+    The robust second-price payment of a rule ``q = sum_j lambda_j p_j`` with ``lambda_j ∝ b_j**g`` is
+    ``z_i = b_i TV(p_i, q_-i) Psi(Y_i, g)``, with ``Y_i = log(b_i**g / sum_{j != i} b_j**g)`` the logit of
+    agent ``i``'s own weight (``sigma' = sigma (1 - sigma)``; ``y`` is the logit of the weight at a
+    lower own bid ``s = b_i e^{(y - Y)/g}``). ``g = 1``: ``Psi = (log(1 + r) - r/(1 + r)) / r``,
+    ``r = e^Y``. ``g = 0`` gives 0 (the allocation only jumps at ``s = 0``).
+
+    Every term is positive (no cancellation at any ratio). A fixed composite Gauss-Legendre rule in
+    ``tau = Y - y >= 0``: ``[0, max(Y, 0)]`` in panels graded geometrically (ratio 2) from both ends,
+    first panel ``min(g, 1, ...) / 4``, and ``[max(Y, 0), max(Y, 0) + D]``, ``D = 44 g / (1 + g)``, graded from
+    its start. Measured accuracy (tests/test_payments.py): see docs/maths.md §5.
+
+    Args:
+      logit: ``Y: [...]``, finite; gamma: ``g >= 0``, finite, scalar or broadcastable. Checked when concrete
+        (``ValueError``); under ``jit`` a non-finite value gives NaN.
+    """
+    for name, value, low in (("logit", logit, -np.inf), ("gamma", gamma, 0.0)):
+        if _validation.is_concrete(value):
+            array = np.asarray(value, np.float64)
+            if not (np.all(np.isfinite(array)) and np.all(array >= low)):
+                raise ValueError(
+                    f"power_weight_integral: {name} must be finite{' and >= 0' if low == 0 else ''}; got {value!r:.60}."
+                )
+    logit = jnp.asarray(logit)
+    dtype = jnp.result_type(logit, float)
+    logit = logit.astype(dtype)
+    gamma = jnp.asarray(gamma, dtype)
+    positive = gamma > 0
+    g = jnp.where(positive, gamma, 1.0)
+    x, w = (jnp.asarray(a, dtype) for a in np.polynomial.legendre.leggauss(_POWER_ORDER))
+    grading = jnp.asarray(2.0 ** np.arange(_POWER_PANELS + 1) - 1.0, dtype)  # 0, 1, 3, ..., 2^K - 1
+    top = jnp.maximum(logit, 0.0)
+    g, top = jnp.broadcast_arrays(g, top)
+    first = jnp.minimum(jnp.minimum(g, 1.0) / 4.0, top / (2.0 * grading[-1]))[..., None]
+    tail = (_POWER_TAIL * g / (1.0 + g))[..., None]
+    edges = jnp.concatenate(
+        [
+            first * grading,  # from tau = 0 (y = Y) down
+            top[..., None] - first * grading[::-1],  # up to tau = max(Y, 0) (y = 0); the gap between: one panel
+            top[..., None] + tail * grading[1:] / grading[-1],  # y < min(Y, 0)
+        ],
+        axis=-1,
+    )
+    left, right = edges[..., :-1, None], edges[..., 1:, None]
+    tau = (left + (x + 1.0) / 2.0 * (right - left)).reshape(edges.shape[:-1] + (-1,))
+    weights = ((right - left) / 2.0 * w).reshape(tau.shape)
+    y = jnp.abs(jnp.broadcast_to(logit, top.shape)[..., None] - tau)
+    log_integrand = -tau / g[..., None] - y - 2.0 * jnp.log1p(jnp.exp(-y))  # e^{-tau/g} sigma'(Y - tau)
+    return jnp.where(positive, jnp.sum(weights * jnp.exp(log_integrand), axis=-1), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerWeightClosedForm:
+    """The robust second-price payment of ``q = sum_j lambda_j p_j``, ``lambda_j ∝ b_j**gamma`` (docs/maths.md §5).
+
+    A :data:`~jaxauction.base.ClosedFormPayment` (hashable by value): ``(logits [..., m, V], bids [..., m],
+    n) -> [..., n]``, ``z_i = b_i TV(p_i, q_-i) Psi(Y_i, gamma)`` (:func:`power_weight_integral`), with
+    ``q_-i`` the others' mixture at weights ``∝ b_j**gamma`` (base rows included) and
+    ``Y_i = log(b_i**gamma / sum_{j != i} b_j**gamma)``; 0 for a zero bid or ``sum_{j != i} b_j = 0``.
+    The power-mean family at ``rho = 1, temperature = 1`` carries it (:func:`jaxauction.design.fixed_rule`);
+    ``gamma = 1`` is the linear rule's closed form. It costs what the linear closed form costs (one
+    mixture per agent and its TV) plus a scalar integral per agent.
+    """
+
+    gamma: float
+
+    def __call__(self, all_logits: jax.Array, all_bids: jax.Array, n: int) -> jax.Array:
+        all_bids, others_bids, not_self = _others(all_logits, all_bids, n)
+        eligible = not_self & aggregation._has_mass(all_logits)[..., None, :]
+        weights = jnp.exp(aggregation.log_bid_weights(others_bids, self.gamma, eligible))
+        tv = _tv_to_others(all_logits, weights, n)
+        own = all_bids[..., :n]
+        pays = (jnp.sum(others_bids, axis=-1) > 0) & (own > 0)
+        positive = others_bids > 0
+        log_others = jnp.log(jnp.where(positive, others_bids, 1.0))
+        log_total = jax.nn.logsumexp(jnp.where(positive, self.gamma * log_others, -jnp.inf), axis=-1)
+        logit = self.gamma * jnp.log(jnp.where(pays, own, 1.0)) - jnp.where(pays, log_total, 0.0)
+        return jnp.where(pays, own * tv * power_weight_integral(logit, self.gamma), 0.0)

@@ -173,3 +173,50 @@ def ref_payment_in_u(rule_name, logits, bids, i, kind):
             for lo, hi in zip(edges[:-1], edges[1:])
         )
     return big_b * total
+
+
+def ref_power_weights(bids, gamma):
+    """lambda_j = b_j**gamma / sum_k b_k**gamma in float64 logs (zero bids weigh 0)."""
+    bids = np.asarray(bids, np.float64)
+    with np.errstate(divide="ignore"):
+        scores = np.where(bids > 0, gamma * np.log(np.where(bids > 0, bids, 1.0)), -np.inf)
+    return np.exp(scores - special.logsumexp(scores))
+
+
+def ref_power_weight_payment(logits, bids, gamma, n=None):
+    """Robust second-price payments ``[n]`` of ``q = sum_j lambda_j p_j``, ``lambda_j ∝ b_j**gamma`` (one auction).
+
+    docs/maths.md §5 literally: ``x_i(s) = x_i(0) + TV(p_i, q_-i) h(s)``, ``h(s) = s**g / (s**g + F)``, ``F = sum_{j != i}
+    b_j**g``, and ``z_i = TV int_0^{b_i} s h'(s) ds``, integrated by adaptive quadrature (scipy.integrate.quad) in
+    ``v = log(s / b_i)``: ``s h'(s) ds = b_i e^v g sigma'(Y + g v) dv`` with ``Y = log(b_i**g / F)``, on panels
+    around ``v = -Y/g`` (where ``h = 1/2``). Rows from ``n`` on (a base) take part but are not charged.
+    """
+    p = ref_probs(logits)
+    bids = np.asarray(bids, np.float64)
+    n = len(bids) if n is None else n
+    out = np.zeros(n)
+    for i in range(n):
+        others = np.delete(np.arange(len(bids)), i)
+        if bids[i] == 0 or bids[others].sum() == 0:
+            continue
+        tv = np.maximum(p[i] - ref_power_weights(bids[others], gamma) @ p[others], 0).sum()
+        log_f = special.logsumexp(gamma * np.log(bids[others][bids[others] > 0]))
+        logit = gamma * np.log(bids[i]) - log_f
+
+        def integrand(v):
+            y = abs(logit + gamma * v)
+            return gamma * np.exp(v - y - 2 * np.log1p(np.exp(-y)))
+
+        centre = -logit / gamma
+        points = {0.0, -60.0, -30.0, -10.0, -3.0, -1.0}
+        points |= {min(centre + d / gamma, 0.0) for d in (-60, -40, -10, -3, -1, 0, 1, 3, 10)}
+        points = sorted(points)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", integrate.IntegrationWarning)
+            total = sum(
+                integrate.quad(integrand, lo, hi, epsabs=0.0, epsrel=1e-13, limit=400)[0]
+                for lo, hi in zip(points[:-1], points[1:])
+                if hi > lo
+            )
+        out[i] = bids[i] * tv * total
+    return out

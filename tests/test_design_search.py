@@ -2,6 +2,7 @@
 checkpoints that resume an interrupted search to the same final parameters."""
 
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +12,12 @@ import pytest
 
 from jaxauction.design import (
     Bounds,
+    CertificateWarning,
     Constraint,
     PowerMeanParams,
     augmented_lagrangian,
     bind,
+    certify_rule,
     checkpoint,
     dirichlet_auctions,
     objectives,
@@ -308,3 +311,94 @@ def test_without_bounds_the_search_stays_in_the_family_domain():
     assert found["temperature"] == pytest.approx(Bounds.domain().lower.temperature)
     assert found["temperature"] > 0
     assert np.isfinite(objectives.revenue(result.params, batch))
+
+
+# ---- issue 26: a search asked for a monotone rule keeps its word ----
+
+FITTED = dict(seed=0, num_auctions=24, num_agents=3, vocab_size=16, with_base=True)
+
+
+def revenue_with_base(params, batch):
+    return objectives.revenue(params, batch)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_monotone_search_returns_a_rule_certified_on_fresh_held_out_auctions(dtype):
+    """Revenue search in the monotone part (rho = 1, tau = 1 frozen) from a non-monotone start; the held-out
+    auctions are drawn with another seed, and the certificate recomputed from scratch agrees."""
+    with jax.enable_x64(dtype == "float64"):
+        batch = dirichlet_auctions(**FITTED, dtype=dtype)
+        holdout = dirichlet_auctions(**{**FITTED, "seed": 4242, "num_auctions": 48}, dtype=dtype)
+        start = PowerMeanParams.create(rho=0.6, temperature=1.3, base_bid=0.05, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CertificateWarning)
+            result = search(
+                revenue_with_base,
+                start,
+                batch,
+                steps=12,
+                learning_rate=0.1,
+                monotone=True,
+                holdout=holdout,
+                progress=False,
+            )
+        found = result.params.to_dict()
+        assert found["rho"] == 1.0 and found["temperature"] == 1.0
+        assert found["gamma"] > 1.1  # revenue pushes gamma up from 1 (the search moved)
+        assert np.all(np.diff(result.history["objective"]) > -1e-3)  # revenue does not drop along the way
+        assert result.certified_on == "held-out" and result.monotone
+        assert result.certificate.share == 1.0 and result.certificate.passed.shape == (48, 3)
+        again = certify_rule(result.params, holdout)
+        assert again.share == 1.0 and again.worst == result.certificate.worst
+        # the rule found carries the fast closed-form payment
+        assert bind(result.params).closed_form_payment is not None
+
+
+def test_budget_zero_search_that_ends_non_monotone_warns_and_says_so():
+    """The issue's first case: a budget of 0 on the full family that does not reach a monotone rule
+    (here: 2 steps from log-linear) returns with a warning and a failing certificate, never silently."""
+    batch = dirichlet_auctions(**FITTED)
+    holdout = dirichlet_auctions(**{**FITTED, "seed": 99})
+    constraint = Constraint(objectives.violation, budget=0.0, penalty=20.0, multiplier_every=10)
+    with pytest.warns(CertificateWarning, match=r"fails the strict certificate on the held-out .*monotone=True"):
+        result = search(
+            reverse_welfare, PowerMeanParams.log_linear(), batch, steps=2, constraint=constraint, holdout=holdout,
+            progress=False,
+        )  # fmt: skip
+    assert not result.monotone and result.certificate.share < 1.0 and result.certified_on == "held-out"
+    # without a holdout the fitted auctions certify (and the result says so)
+    with pytest.warns(CertificateWarning, match="fitted"):
+        fitted = search(
+            reverse_welfare, PowerMeanParams.log_linear(), batch, steps=2, constraint=constraint, progress=False
+        )
+    assert fitted.certified_on == "fitted" and not fitted.monotone
+
+
+def test_every_power_mean_search_carries_its_certificate_and_plain_searches_none():
+    batch = dirichlet_auctions(1, 8, 2, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CertificateWarning)  # not asked for a monotone rule: no warning
+        result = search(reverse_welfare, PowerMeanParams.create(rho=0.5), batch, steps=2, progress=False)
+    assert result.certified_on == "fitted"
+    assert result.certificate.share == certify_rule(result.params, batch).share
+    plain = search(quadratic, START, steps=2, progress=False)
+    assert plain.certificate is None and plain.certified_on is None and not plain.monotone
+
+
+def test_monotone_search_refuses_what_it_cannot_keep():
+    batch = dirichlet_auctions(1, 8, 2, 6)
+    start = PowerMeanParams.create()
+    with pytest.raises(ValueError, match="PowerMeanParams"):
+        search(quadratic, START, steps=1, monotone=True, progress=False)
+    with pytest.raises(ValueError, match=r"trainable trains \['rho'\]"):
+        search(
+            reverse_welfare, start, batch, steps=1, monotone=True, trainable=trainable_mask(("rho",)), progress=False
+        )
+    with pytest.raises(ValueError, match="contain 1"):
+        search(
+            reverse_welfare, start, batch, steps=1, monotone=True, bounds=Bounds.create(rho=(0.0, 0.5)), progress=False
+        )
+    with pytest.raises(ValueError, match="nothing to certify"):
+        search(lambda params, data: params.gamma, start, {"x": jnp.zeros(3)}, steps=1, monotone=True, progress=False)
+    with pytest.raises(ValueError, match="AuctionBatch"):
+        search(reverse_welfare, start, batch, steps=1, holdout={"logits": 1}, progress=False)

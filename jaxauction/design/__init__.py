@@ -6,10 +6,12 @@
   reference rule over a batch of auctions, jit-compiled and differentiable; :func:`certify_rule`, the
   strict monotonicity certificate (docs/maths.md §4) a design claim must carry on held-out auctions.
 * :mod:`~jaxauction.design.search`: an optax search with a violation budget (augmented Lagrangian),
-  checkpoints that resume, and a progress bar.
+  checkpoints that resume, and a progress bar; its result carries the strict certificate of the rule
+  it found (held-out auctions when given), and ``monotone=True`` searches the family's monotone part.
 * :mod:`~jaxauction.design.data`: synthetic Dirichlet auctions or the bundled LLM's (cached).
 """
 
+from jaxauction.aggregation import log_bid_weights  # the family's bid transform; its home is the core
 from jaxauction.design import checkpoint, objectives  # noqa: F401 (submodules)
 from jaxauction.design.checkpoint import SearchState
 from jaxauction.design.data import (
@@ -25,7 +27,6 @@ from jaxauction.design.families import (
     PowerMeanParams,
     bind,
     fixed_rule,
-    log_bid_weights,
     power_mean,
     trainable_mask,
 )
@@ -39,11 +40,12 @@ from jaxauction.design.objectives import (
     violation,
     welfare,
 )
-from jaxauction.design.search import Constraint, SearchResult, augmented_lagrangian, search
+from jaxauction.design.search import CertificateWarning, Constraint, SearchResult, augmented_lagrangian, search
 
 __all__ = [
     "AuctionBatch",
     "Bounds",
+    "CertificateWarning",
     "Constraint",
     "PowerMeanParams",
     "SearchResult",

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxauction import _validation, aggregation, base
+from jaxauction import _validation, aggregation, base, payments
 
 Rule = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -143,23 +143,6 @@ def trainable_mask(trainable: Sequence[str] = FIELDS) -> PowerMeanParams:
     if unknown:
         raise ValueError(f"trainable names unknown fields {sorted(unknown)}; expected a subset of {FIELDS}.")
     return PowerMeanParams(**{name: name in trainable for name in FIELDS})
-
-
-@jax.jit
-def log_bid_weights(bids: jax.Array, gamma: jax.Array | float = 1.0, eligible: jax.Array | None = None) -> jax.Array:
-    """``log lambda: [..., n]`` with ``lambda_i = b_i**gamma / sum_j b_j**gamma``.
-
-    Zero bids get ``-inf``. If every bid is zero, the ``eligible`` agents (default: all) get equal
-    weights, as in the core rules. Gradients in ``bids`` and ``gamma`` are finite (zero bids
-    contribute none).
-    """
-    eligible = jnp.ones(bids.shape, bool) if eligible is None else jnp.broadcast_to(eligible, bids.shape)
-    positive = bids > 0
-    log_bids = jnp.log(jnp.where(positive, bids, 1.0))
-    scores = jnp.where(positive, gamma * log_bids, -jnp.inf)
-    none_positive = ~positive.any(axis=-1, keepdims=True)
-    scores = jnp.where(none_positive, jnp.where(eligible, 0.0, -jnp.inf), scores)
-    return scores - jax.nn.logsumexp(scores, axis=-1, keepdims=True)
 
 
 def series_max_rho(dtype) -> float:
@@ -279,7 +262,7 @@ def _check_parameters(fn: str, dtype, **values) -> None:
 def _power_mean(logits, bids, rho, gamma, temperature):
     log_p = aggregation.agent_log_probs(logits)
     has_mass = jnp.max(logits, axis=-1) > -jnp.inf
-    log_weights = log_bid_weights(aggregation.effective_bids(logits, bids), gamma, has_mass)
+    log_weights = aggregation.log_bid_weights(aggregation.effective_bids(logits, bids), gamma, has_mass)
     log_r = log_power_mean(log_p, log_weights, rho)
     temperature = jnp.asarray(temperature, log_r.dtype)[..., None]
     finite = jnp.isfinite(log_r)
@@ -303,24 +286,35 @@ def fixed_rule(params: PowerMeanParams) -> base.Rule:
     """The family member at concrete ``params`` as a hashable :class:`jaxauction.base.Rule` (no base row).
 
     Two calls with equal parameters give equal rules, so functions that take the rule as a static
-    argument (:func:`jaxauction.preferences.certify`) compile once per member. ``monotone`` is True for
-    ``rho = 1, temperature = 1`` (docs/maths.md §2: monotone by construction for any ``gamma >= 0``).
-    The base distribution, if any, is not part of the rule: append it as the last agent
-    (:func:`jaxauction.aggregation.append_base` with bid ``params.base_bid``).
+    argument (:func:`jaxauction.preferences.certify`) compile once per member. At ``rho = 1,
+    temperature = 1`` (``q = sum_i lambda_i p_i``, ``lambda_i ∝ b_i**gamma``) the rule is ``monotone``
+    (docs/maths.md §3: by construction for any ``gamma >= 0``) and carries its closed-form robust payment
+    (:class:`jaxauction.payments.PowerWeightClosedForm`, docs/maths.md §5), which
+    :func:`jaxauction.payments.second_price` and the decode loop use instead of the quadrature over the
+    vocabulary (``method="quadrature"`` still forces the generic path). The base distribution, if any,
+    is not part of the rule: append it as the last agent (:func:`jaxauction.aggregation.append_base` with
+    bid ``params.base_bid``, or ``second_price(..., base_logits=..., base_bid=params.base_bid)``).
     """
     values = params.to_dict()
     _check_parameters("fixed_rule", jnp.result_type(float), **{k: values[k] for k in ("rho", "gamma", "temperature")})
     aggregate = _FixedPowerMean(values["rho"], values["gamma"], values["temperature"])
     name = f"power_mean(rho={aggregate.rho:g}, gamma={aggregate.gamma:g}, temperature={aggregate.temperature:g})"
-    return base.Rule(name=name, log_aggregate=aggregate, monotone=aggregate.rho == 1.0 and aggregate.temperature == 1.0)
+    linear_in_p = aggregate.rho == 1.0 and aggregate.temperature == 1.0
+    payment = payments.PowerWeightClosedForm(aggregate.gamma) if linear_in_p else None
+    return base.Rule(name=name, log_aggregate=aggregate, closed_form_payment=payment, monotone=linear_in_p)
 
 
 def bind(params: PowerMeanParams, base_logits: jax.Array | None = None) -> Rule:
     """Binds parameters into a rule with the core signature ``rule(logits, bids) -> log q``.
 
     With ``base_logits: [..., V]`` the base distribution takes part with bid ``params.base_bid``
-    (its batch axes must broadcast against those of the calls).
+    (its batch axes must broadcast against those of the calls). With concrete ``params`` and no base
+    this is :func:`fixed_rule` (hashable by value; at ``rho = 1, temperature = 1`` it carries the
+    closed-form payment); traced ``params`` (inside a search step) give a plain closure.
     """
+    leaves = jax.tree.leaves(params)
+    if base_logits is None and _validation.is_concrete(*leaves) and all(np.ndim(x) == 0 for x in leaves):
+        return fixed_rule(params)
 
     def rule(logits: jax.Array, bids: jax.Array) -> jax.Array:
         logits, bids = aggregation.append_base(logits, bids, base_logits, params.base_bid)

@@ -8,6 +8,13 @@ Lagrangian (multiplier ``lambda >= 0``, penalty ``mu > 0``, ``s = g(theta) - bud
 Every ``multiplier_every`` steps the multiplier takes a dual step ``lambda <- max(0, lambda + mu s)``.
 After each optimiser step the parameters may be projected (e.g. clipped into a box).
 
+A search over :class:`~jaxauction.design.PowerMeanParams` ends with the strict monotonicity certificate
+(docs/maths.md §4) of the rule it returns, on the held-out auctions when given (``holdout=``), else on the
+fitted ones (``SearchResult.certified_on`` says which). ``monotone=True`` searches the family's monotone
+part (rho = 1 and temperature = 1 frozen, gamma >= 0 and the base bid free: monotone by construction,
+docs/maths.md §3); a search asked for a monotone rule (``monotone=True``, or a constraint with budget 0)
+whose rule fails the certificate warns with :class:`CertificateWarning`, never claims it silently.
+
 Same inputs, same result: the optional minibatch of step ``k`` is drawn with
 ``fold_in(key(seed), k)``, so a search resumed from a checkpoint retraces the uninterrupted one.
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,8 +34,19 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jaxauction import preferences
 from jaxauction.design import checkpoint as checkpoint_lib
-from jaxauction.design.families import Bounds, PowerMeanParams
+from jaxauction.design.data import AuctionBatch
+from jaxauction.design.families import Bounds, PowerMeanParams, trainable_mask
+from jaxauction.design.objectives import certify_rule
+
+MONOTONE_TRAINABLE = ("gamma", "base_bid")
+"""What ``monotone=True`` trains: rho = 1 and temperature = 1 stay frozen (docs/maths.md §3)."""
+
+
+class CertificateWarning(UserWarning):
+    """A search asked for a monotone rule returned one that fails the strict certificate (docs/maths.md §4)."""
+
 
 Objective = Callable[[Any, Any], jax.Array]
 
@@ -64,6 +83,11 @@ class SearchResult:
     ``history`` maps names to arrays with one entry per step, evaluated at the parameters *before*
     that step's update: ``step``, ``loss``, ``objective``, ``constraint`` (NaN without one),
     ``multiplier``, and ``param<path>`` for every scalar parameter (e.g. ``param.rho``).
+
+    ``certificate``: for :class:`~jaxauction.design.PowerMeanParams`, the strict certificate
+    (:func:`~jaxauction.design.certify_rule`) of ``params`` on ``certified_on``'s auctions: ``"held-out"``
+    (the search's ``holdout``) or ``"fitted"`` (its ``data``, when no holdout was given: not a claim about
+    other auctions); None for other parameters. ``monotone`` is True only if that certificate's share is 1.0.
     """
 
     params: Any
@@ -71,6 +95,13 @@ class SearchResult:
     step: int
     multiplier: float
     history: dict[str, np.ndarray]
+    certificate: preferences.Certificate | None = None
+    certified_on: str | None = None
+
+    @property
+    def monotone(self) -> bool:
+        """True iff the result carries a certificate and every (auction, agent) pair passed it."""
+        return self.certificate is not None and self.certificate.monotone
 
 
 def augmented_lagrangian(slack: jax.Array, multiplier: jax.Array, penalty: float) -> jax.Array:
@@ -181,6 +212,8 @@ def search(
     description: str = "design search",
     tag: str | None = None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    monotone: bool = False,
+    holdout: AuctionBatch | None = None,
 ) -> SearchResult:
     """Runs (or resumes) a gradient search for ``steps`` steps in total.
 
@@ -212,14 +245,27 @@ def search(
         the data, which the search cannot check itself).
       callback: called as ``callback(step, record)`` after every step (``record`` is that step's history
         entry); an exception it raises interrupts the search (after the checkpoint is written).
+      monotone: search only the family's monotone part (:class:`~jaxauction.design.PowerMeanParams` only):
+        the search starts from ``params`` with rho and temperature set to 1 and trains ``gamma`` and
+        ``base_bid`` (:data:`MONOTONE_TRAINABLE`, or the subset ``trainable`` names). Every rule there is
+        monotone (docs/maths.md §3); the returned one is still certified.
+      holdout: an :class:`~jaxauction.design.AuctionBatch` not fitted (drawn with another seed) on which the
+        returned rule is certified; default: the fitted ``data`` (``SearchResult.certified_on = "fitted"``).
 
     Returns:
-      A :class:`SearchResult`.
+      A :class:`SearchResult`, with the certificate of its parameters for a power-mean search.
+
+    Warns:
+      CertificateWarning: when the search was asked for a monotone rule (``monotone=True``, or a constraint
+        with ``budget == 0`` on PowerMeanParams) and the returned rule fails the strict certificate (share < 1.0); the result's
+        ``monotone`` is then False. The message gives the share, the worst excess and the fix.
 
     Raises:
       ValueError: for invalid settings (``steps`` not an int, a non-finite learning rate, parameters
-        that are not finite float32/float64 arrays, an objective that cannot take ``data``), or a
-        checkpoint that is corrupt or belongs to another search (the message names the file).
+        that are not finite float32/float64 arrays, an objective that cannot take ``data``; ``monotone=True``
+        with parameters other than PowerMeanParams, with rho or temperature trainable, or with bounds that
+        exclude 1 for them; a monotone request with nothing to certify on: no holdout and ``data`` not an
+        AuctionBatch), or a checkpoint that is corrupt or belongs to another search (the message names the file).
       FloatingPointError: when a step gives a non-finite loss, objective, constraint or parameter; the
         message names the step, and the checkpoint keeps the last finite state (NaN is never written).
     """
@@ -240,6 +286,18 @@ def search(
         if not (np.isfinite(rate) and rate > 0):
             raise ValueError(f"search: learning_rate must be a finite number > 0, got {learning_rate!r}.")
     _check_params(params)
+    if monotone:
+        params, trainable = _monotone_part(params, trainable, bounds)
+    certify_on, certified_on = _certification_data(params, data, holdout)
+    # a budget of 0 on a power-mean search is read as a request for a monotone rule (issue 26)
+    wants_monotone = monotone or (
+        isinstance(params, PowerMeanParams) and constraint is not None and constraint.budget == 0
+    )
+    if wants_monotone and certify_on is None:
+        raise ValueError(
+            "search: asked for a monotone rule (monotone=True or a constraint budget of 0) but there is nothing to "
+            "certify it on: pass holdout=AuctionBatch (auctions drawn with another seed) and PowerMeanParams."
+        )
     if bounds is None and isinstance(params, PowerMeanParams):
         bounds = Bounds.domain(jnp.result_type(*jax.tree.leaves(params)))
     if batch_size is not None:
@@ -267,6 +325,8 @@ def search(
         penalty=None if constraint is None else float(constraint.penalty),
         multiplier_every=None if constraint is None else constraint.multiplier_every,
     )
+    if monotone:
+        settings["monotone"] = True
 
     names = _scalar_names(params)
     state = checkpoint_lib.SearchState(
@@ -333,10 +393,67 @@ def search(
         raise
     finally:
         bar.close()
+    certificate = None if certify_on is None else certify_rule(state.params, certify_on)
+    if wants_monotone and not certificate.monotone:
+        reason = "monotone=True" if monotone else f"constraint budget {constraint.budget:g}"
+        fix = (
+            "The monotone part is monotone by construction (docs/maths.md §3): report this with the parameters."
+            if monotone
+            else "Fix: search the family's monotone part with monotone=True (rho = 1, temperature = 1 frozen)."
+        )
+        warnings.warn(
+            f"search: asked for a monotone rule ({reason}) but the result {state.params.to_dict()} fails the strict "
+            f"certificate on the {certified_on} auctions: share {certificate.share:.3f} of (auction, agent) pairs "
+            f"pass, worst excess {certificate.worst:.2e} (tolerance {certificate.atol:.1e}). It is not monotone. {fix}",
+            CertificateWarning,
+            stacklevel=2,
+        )
     return SearchResult(
         params=state.params,
         opt_state=state.opt_state,
         step=state.step,
         multiplier=state.multiplier,
         history={name: np.asarray(values, np.float64) for name, values in state.history.items()},
+        certificate=certificate,
+        certified_on=None if certificate is None else certified_on,
     )
+
+
+def _monotone_part(params, trainable, bounds):
+    """``params`` with rho = temperature = 1 and the mask that trains only gamma and the base bid (checked)."""
+    if not isinstance(params, PowerMeanParams):
+        raise ValueError(
+            f"search: monotone=True searches the power-mean family's monotone part; params must be "
+            f"jaxauction.design.PowerMeanParams, got {type(params).__name__}."
+        )
+    if trainable is None:
+        trainable = trainable_mask(MONOTONE_TRAINABLE)
+    frozen = [name for name in ("rho", "temperature") if bool(getattr(trainable, name))]
+    if frozen:
+        raise ValueError(
+            f"search: monotone=True keeps rho = 1 and temperature = 1 fixed, but trainable trains {frozen}. "
+            f"Fix: leave trainable=None (trains {MONOTONE_TRAINABLE}) or train only a subset of them."
+        )
+    if bounds is not None:
+        lower, upper = bounds if isinstance(bounds, tuple) else (bounds.lower, bounds.upper)
+        outside = [name for name in ("rho", "temperature") if not getattr(lower, name) <= 1 <= getattr(upper, name)]
+        if outside:
+            raise ValueError(f"search: monotone=True needs bounds that contain 1 for {outside}; widen them.")
+    one = lambda leaf: jnp.ones_like(leaf)  # noqa: E731
+    return params.replace(rho=one(params.rho), temperature=one(params.temperature)), trainable
+
+
+def _certification_data(params, data, holdout) -> tuple[AuctionBatch | None, str | None]:
+    """The auctions the result is certified on and their name: the holdout, else the fitted data."""
+    if holdout is not None:
+        if not isinstance(holdout, AuctionBatch):
+            raise ValueError(
+                f"search: holdout must be a jaxauction.design.AuctionBatch (held-out auctions), got "
+                f"{type(holdout).__name__}."
+            )
+        if not isinstance(params, PowerMeanParams):
+            raise ValueError("search: holdout certifies a power-mean rule; params must be PowerMeanParams.")
+        return holdout, "held-out"
+    if isinstance(params, PowerMeanParams) and isinstance(data, AuctionBatch):
+        return data, "fitted"
+    return None, None
