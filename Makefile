@@ -52,6 +52,8 @@ bench: $(BENCH_STAMP)
 	$(BENCH_PY) experiments/bench_model.py --json outputs/bench_model.json
 	$(BENCH_PY) experiments/bench_generation.py --json outputs/bench_generation.json
 	$(BENCH_PY) experiments/bench_scaling.py --quick --json outputs/bench_scaling.json
+	$(BENCH_PY) experiments/bench_layers.py --json outputs/bench_layers.json
+	$(BENCH_PY) experiments/bench_compile.py --json outputs/bench_compile.json
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info .pytest_cache

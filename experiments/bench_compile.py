@@ -1,7 +1,7 @@
 """First-call times, compiled-program sharing and memory mappings of ``jaxauction.generate``.
 
     .venv/bin/python experiments/bench_compile.py --json outputs/bench_compile.json
-    .venv/bin/python experiments/bench_compile.py --calls 40 --no-demo     # quicker
+    .venv/bin/python experiments/bench_compile.py --calls 40 --cases sweep mappings     # quicker
 
 Every case runs in a fresh process with an empty compilation cache (``JAXAUCTION_CACHE_DIR`` set to a
 new folder), on the bundled SmolLM2-135M-Instruct, float32:
@@ -16,6 +16,8 @@ new folder), on the bundled SmolLM2-135M-Instruct, float32:
   mappings     ``--calls`` generate calls in one process over varied auctions (1 to 6 agents, prompts
                of 5 to 300 tokens, every rule, payment and decoding, 2 tokens each): the largest
                ``/proc/self/maps`` line count seen and the compiled programs held at the end.
+  limited      a ``--points``-point (default 20,000) sweep of 2 tokens with the address space limited to
+               10 GB (as ``prlimit --as=10000000000``): whether it completes, and its peak resident memory.
   steady       ``bench_generation.py`` and ``bench_model.py`` (with ``--torch`` only: they need the
                ``bench`` extra) for the steady-state ratios against PyTorch.
 
@@ -108,6 +110,22 @@ MAPPINGS = textwrap.dedent("""
                       "seconds": time.perf_counter() - start}))
 """)
 
+LIMITED = textwrap.dedent("""
+    import json, resource, sys, time
+    resource.setrlimit(resource.RLIMIT_AS, (10_000_000_000, 10_000_000_000))   # prlimit --as=10000000000
+    import numpy as np
+    import jaxauction as ja
+    points = int(sys.argv[1])
+    bids = np.stack([np.linspace(0.0, 2.0, points), np.linspace(2.0, 0.0, points)], axis=1)
+    start = time.perf_counter()
+    r = ja.generate(["Write an ad for Alpha Airlines.", "Write an ad for Beta Resort."], bids,
+                    decoding="greedy", max_new_tokens=2)
+    print(json.dumps({"points": points, "valid": bool(r.valid.all()), "seconds": time.perf_counter() - start,
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+""")
+
+CASES = ("sweep", "mixed", "demo", "mappings", "limited")
+
 VARIANTS = [
     {"rule": "log_linear"},
     {"payment": "kl"},
@@ -139,62 +157,85 @@ def run_fresh(script: str, args: list[str], cache_dir: str, timeout: int = 3000)
     return out
 
 
+def sweep_case(tmp: str, args) -> dict:
+    cold = str(Path(tmp) / "sweep")
+    config = str(REPO / "experiments" / "configs" / "hawaii.toml")
+    sweep = run_fresh(SWEEP, [config, json.dumps(VARIANTS)], cold)
+    warm = run_fresh(SWEEP, [config, "[]"], cold)
+    first = sweep["calls"][0]["seconds"]
+    print(f"sweep first generate, cold cache: {first:.1f} s (goal <= 15 s; load {sweep['load_before']:.2f})")
+    for call in sweep["calls"][1:]:
+        extra = call["seconds"] - call["again_s"]
+        print(
+            f"  then {call['variant']}: first call {call['seconds']:.1f} s, again {call['again_s']:.1f} s: "
+            f"{extra:.1f} s more on the first call (goal <= 3 s)"
+        )
+    for call in sweep["calls"]:
+        print(f"    {call['variant']}: compile seconds so far {_rounded(call['compile_s'])}")
+    print(f"  steady state: {sweep['steady_s']:.2f} s; compilations: {sweep['calls'][-1]['compilations']}")
+    print(
+        f"sweep first generate, second process, warm disk cache: {warm['calls'][0]['seconds']:.1f} s "
+        f"(load {warm['load_before']:.2f})"
+    )
+    return {"cold": sweep, "warm": warm}
+
+
+def mixed_case(tmp: str, args) -> dict:
+    mixed = run_fresh(MIXED, [str(REPO / "experiments" / "configs" / "mixed_queries.jsonl")], str(Path(tmp) / "m"))
+    print(
+        f"mixed batch first generate, cold cache: {mixed['first_s']:.1f} s, steady {mixed['steady_s']:.2f} s "
+        f"(load {mixed['load_before']:.2f})"
+    )
+    return mixed
+
+
+def demo_case(tmp: str, args) -> dict:
+    env = dict(os.environ, JAXAUCTION_CACHE_DIR=str(Path(tmp) / "demo"), MPLBACKEND="Agg")
+    load_before, start = load(), time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "experiments/hawaii_ads.py", "--out", str(Path(tmp) / "demo-out")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    demo_s = time.perf_counter() - start
+    print(f"make demo (experiments/hawaii_ads.py), cold cache: {demo_s:.1f} s (goal <= 90 s; load {load_before:.2f})")
+    return {"seconds": demo_s, "returncode": done.returncode, "load_before": load_before}
+
+
+def mappings_case(tmp: str, args) -> dict:
+    maps = run_fresh(MAPPINGS, [str(args.calls)], str(Path(tmp) / "maps"), timeout=7200)
+    print(
+        f"{maps['calls']} varied generate calls: peak {maps['peak_maps']} memory mappings (goal < 20,000), "
+        f"{maps['programs_held']} programs held, {maps['seconds']:.0f} s (load {maps['load_before']:.2f})"
+    )
+    return maps
+
+
+def limited_case(tmp: str, args) -> dict:
+    out = run_fresh(LIMITED, [str(args.points)], str(Path(tmp) / "limited"))
+    print(
+        f"{out['points']}-point sweep of 2 tokens under a 10 GB address-space limit: valid {out['valid']}, "
+        f"{out['seconds']:.1f} s, peak resident memory {out['peak_mb']:.0f} MB (load {out['load_before']:.2f})"
+    )
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="the cases to run (default all)")
     parser.add_argument("--calls", type=int, default=300, help="generate calls of the mappings case")
-    parser.add_argument("--no-demo", action="store_true", help="skip the make-demo case")
+    parser.add_argument("--points", type=int, default=20_000, help="bid points of the limited case")
     parser.add_argument("--torch", action="store_true", help="also run the steady-state benchmarks against PyTorch")
     args = parser.parse_args(argv)
+    cases = {"sweep": sweep_case, "mixed": mixed_case, "demo": demo_case, "mappings": mappings_case}
+    cases["limited"] = limited_case
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cold = str(Path(tmp) / "sweep")
-        config = str(REPO / "experiments" / "configs" / "hawaii.toml")
-        sweep = run_fresh(SWEEP, [config, json.dumps(VARIANTS)], cold)
-        warm = run_fresh(SWEEP, [config, "[]"], cold)
-        results["sweep"] = {"cold": sweep, "warm": warm}
-        first = sweep["calls"][0]["seconds"]
-        print(f"sweep first generate, cold cache: {first:.1f} s (goal <= 15 s; load {sweep['load_before']:.2f})")
-        for call in sweep["calls"][1:]:
-            extra = call["seconds"] - call["again_s"]
-            print(
-                f"  then {call['variant']}: first call {call['seconds']:.1f} s, again {call['again_s']:.1f} s: "
-                f"{extra:.1f} s more on the first call (goal <= 3 s)"
-            )
-        for call in sweep["calls"]:
-            print(f"    {call['variant']}: compile seconds so far {_rounded(call['compile_s'])}")
-        print(f"  steady state: {sweep['steady_s']:.2f} s; compilations: {sweep['calls'][-1]['compilations']}")
-        print(
-            f"sweep first generate, second process, warm disk cache: {warm['calls'][0]['seconds']:.1f} s "
-            f"(load {warm['load_before']:.2f})"
-        )
-        mixed = run_fresh(MIXED, [str(REPO / "experiments" / "configs" / "mixed_queries.jsonl")], str(Path(tmp) / "m"))
-        results["mixed"] = mixed
-        print(
-            f"mixed batch first generate, cold cache: {mixed['first_s']:.1f} s, steady {mixed['steady_s']:.2f} s "
-            f"(load {mixed['load_before']:.2f})"
-        )
-        if not args.no_demo:
-            env = dict(os.environ, JAXAUCTION_CACHE_DIR=str(Path(tmp) / "demo"), MPLBACKEND="Agg")
-            load_before, start = load(), time.perf_counter()
-            done = subprocess.run(
-                [sys.executable, "experiments/hawaii_ads.py", "--out", str(Path(tmp) / "demo-out")],
-                cwd=REPO,
-                env=env,
-                capture_output=True,
-                text=True,
-            )
-            demo_s = time.perf_counter() - start
-            results["demo"] = {"seconds": demo_s, "returncode": done.returncode, "load_before": load_before}
-            print(
-                f"make demo (experiments/hawaii_ads.py), cold cache: {demo_s:.1f} s (goal <= 90 s; load {load_before:.2f})"
-            )
-        maps = run_fresh(MAPPINGS, [str(args.calls)], str(Path(tmp) / "maps"), timeout=7200)
-        results["mappings"] = maps
-        print(
-            f"{maps['calls']} varied generate calls: peak {maps['peak_maps']} memory mappings (goal < 20,000), "
-            f"{maps['programs_held']} programs held, {maps['seconds']:.0f} s (load {maps['load_before']:.2f})"
-        )
+        for name in args.cases:
+            results[name] = cases[name](tmp, args)
     if args.torch:
         for script in ("bench_model.py", "bench_generation.py"):
             out = Path(tempfile.mkdtemp()) / "out.json"

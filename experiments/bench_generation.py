@@ -10,8 +10,9 @@ Needs torch (the project's ``bench`` extra). The workload is the Hawaii demonstr
 (``argmax q``, deterministic, so the implementations must produce the same tokens), at most
 ``--max-new-tokens`` (default 48) tokens per auction, float32 on the CPU. Three implementations:
 
-  jaxauction batched    ``jaxauction.generate(prompts, bids [P, 2])``: one call, one compiled
-                        ``lax.while_loop`` over all 22 rows (the main case).
+  jaxauction batched    ``jaxauction.generate(prompts, bids [P, 2])``: one call, a host loop over the
+                        compiled auction and model programs, rows shared until the auctions' tokens
+                        diverge (the main case).
   (a) torch             transformers ``LlamaForCausalLM`` loaded from the same bundled GGUF file
                         (``from_pretrained(dir, gguf_file=...)``), ``torch.inference_mode``, all 22 rows
                         decoded as one batch with left padding, attention mask, position ids and

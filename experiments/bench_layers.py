@@ -3,8 +3,8 @@
     .venv/bin/python experiments/bench_layers.py --json outputs/bench_layers.json
 
 ``Llama`` holds its layers' weights stacked (``[L, ...]``) and runs them as one ``lax.scan``. The
-baseline, built here from the same weights, is the earlier form: a Python loop over the ``L`` layer
-slices, which XLA compiles as ``L`` unrolled copies of the block. For each row count (default 4, 16
+baseline, built here from the same weights copied into one array per layer, is the earlier form: a
+Python loop over the ``L`` layers, which XLA compiles as ``L`` unrolled copies of the block. For each row count (default 4, 16
 and 22 rows, 176 cache slots, float32, the bundled SmolLM2-135M-Instruct) it prints the compile time
 and the median decode-step time of both forms, measured alternately (one idle while the other runs)
 in this process, their ratios, and the 1-minute load average.
@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 
-def _unrolled_decode_kv(graphdef, weights, token_ids, cache):
-    """``Llama.decode_kv`` with a Python loop over the layer slices instead of the scan."""
-    import jax
+def _unrolled_decode_kv(graphdef, weights, layers, token_ids, cache):
+    """``Llama.decode_kv`` with a Python loop over ``layers`` (one weight pytree per layer, separate
+    arrays as the model held them before) instead of the scan."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -33,18 +33,20 @@ def _unrolled_decode_kv(graphdef, weights, token_ids, cache):
     cos, sin = rope_tables(positions, rope_inverse_frequencies(model.config))
     new_mask = _new_token_mask(mask, positions, model.config.sliding_window)
     old_mask = _cached_slot_mask(cache.valid, positions, model.config.sliding_window)
-    layer_graphdef, stacked = nnx.split(model.layers)
+    layer_graphdef = nnx.graphdef(model.layers)
     x, keys, values = model.embed(token_ids[:, None]), [], []
-    for i in range(model.config.num_layers):
-        layer = nnx.merge(layer_graphdef, jax.tree.map(lambda w, i=i: w[i], stacked))
+    for i, layer_weights in enumerate(layers):
+        layer = nnx.merge(layer_graphdef, layer_weights)
         x, k, v = layer(x, cos, sin, new_mask, (cache.k[i], cache.v[i], old_mask))
         keys.append(k[:, 0])
         values.append(v[:, 0])
     return model.logits(x[:, -1]), jnp.stack(keys), jnp.stack(values)
 
 
-def _scanned_decode_kv(graphdef, weights, token_ids, cache):
+def _scanned_decode_kv(graphdef, weights, layers, token_ids, cache):
     from flax import nnx
+
+    del layers  # the scan reads the stacked weights in ``weights``
 
     return nnx.merge(graphdef, weights).decode_kv(token_ids, cache)
 
@@ -62,7 +64,9 @@ def measure(rows: int, slots: int, repeats: int) -> dict:
     cache = llm.init_cache(rows, slots)
     cache = cache.replace(index=jnp.int32(slots - 1), valid=cache.valid.at[:, : slots - 1].set(True))
     tokens = jnp.arange(rows, dtype=jnp.int32) + 100
-    args = (weights, tokens, cache)
+    stacked = nnx.state(llm.layers)
+    layers = [jax.tree.map(lambda w, i=i: jnp.array(w[i]), stacked) for i in range(llm.config.num_layers)]
+    args = (weights, layers, tokens, cache)
     programs, result = {}, {"rows": rows, "slots": slots}
     for name, body in (("unrolled", _unrolled_decode_kv), ("scanned", _scanned_decode_kv)):
         start = time.perf_counter()
