@@ -28,7 +28,8 @@ Placeholders: exactly ``{query}`` and ``{name}`` are substituted in ``prompt``, 
 the placeholder (``{query``, ``{ name }``, ``{query!r}``, ``{name:>10}``) is reported as a malformed
 placeholder, since it is almost always a typo.
 
-Limits: bids and ``base_bid`` are finite numbers in ``[0, MAX_BID]`` (``1e30``); ``temperature`` lies in
+Limits: bids and ``base_bid`` are finite numbers in ``[0, MAX_BID]`` (:func:`jaxauction.payments.max_bid`
+in float32, about ``3.4e30``); ``temperature`` lies in
 ``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` (``1e-30 .. 1e30``) so that it and its reciprocal are finite in
 float32. Advertiser names are non-empty. An advertiser is *mentioned* in a text when one of its
 keywords (default: its name) occurs as a whole word (or phrase), case-insensitively: "Alpha" matches
@@ -47,10 +48,13 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from jaxauction import base
+import numpy as np
 
-MAX_BID = 1e30
-"""Largest bid (and ``base_bid``) a configuration accepts."""
+from jaxauction import _validation, base
+
+MAX_BID = _validation.max_bid(np.float32)
+"""Largest bid (and ``base_bid``) a configuration accepts: the library's largest bid in float32, so a
+configuration that loads runs in either precision."""
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-30, 1e30
 """Accepted ``temperature`` range: the temperature and its reciprocal stay finite in float32."""
 PLACEHOLDERS = ("query", "name")
