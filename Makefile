@@ -33,8 +33,9 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The suite runs in one worker per core (pytest-xdist), each test file in one worker.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # The benchmarks' environment: the package plus torch==2.13.0 (CPU build) for the PyTorch baselines.
 $(BENCH_PY):
