@@ -26,13 +26,15 @@ def _unrolled_decode_kv(graphdef, weights, layers, token_ids, cache):
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxauction.models.modeling import _cached_slot_mask, _new_token_mask, rope_inverse_frequencies, rope_tables
+    from jaxauction.models.modeling import rope_inverse_frequencies, rope_tables
 
     model = nnx.merge(graphdef, weights)
-    positions, mask = cache.positions[:, None], jnp.ones((token_ids.shape[0], 1), bool)
+    # One new token per row, no sliding window (the bundled model has none): the token sees itself and
+    # every valid cached slot.
+    positions = cache.positions[:, None]
     cos, sin = rope_tables(positions, rope_inverse_frequencies(model.config))
-    new_mask = _new_token_mask(mask, positions, model.config.sliding_window)
-    old_mask = _cached_slot_mask(cache.valid, positions, model.config.sliding_window)
+    new_mask = jnp.ones((token_ids.shape[0], 1, 1), bool)
+    old_mask = cache.valid[:, None, :]
     layer_graphdef = nnx.graphdef(model.layers)
     x, keys, values = model.embed(token_ids[:, None]), [], []
     for i, layer_weights in enumerate(layers):
@@ -60,6 +62,7 @@ def measure(rows: int, slots: int, repeats: int) -> dict:
     from jaxauction import models
 
     llm, _ = models.default()
+    assert llm.config.sliding_window is None, "the unrolled baseline assumes no sliding window"
     graphdef, weights = nnx.split(llm)
     cache = llm.init_cache(rows, slots)
     cache = cache.replace(index=jnp.int32(slots - 1), valid=cache.valid.at[:, : slots - 1].set(True))

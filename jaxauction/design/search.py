@@ -286,6 +286,8 @@ def search(
         if not (np.isfinite(rate) and rate > 0):
             raise ValueError(f"search: learning_rate must be a finite number > 0, got {learning_rate!r}.")
     _check_params(params)
+    if bounds is not None and not isinstance(bounds, tuple):
+        bounds = (bounds.lower, bounds.upper)
     if monotone:
         params, trainable = _monotone_part(params, trainable, bounds)
     certify_on, certified_on = _certification_data(params, data, holdout)
@@ -299,7 +301,8 @@ def search(
             "certify it on: pass holdout=AuctionBatch (auctions drawn with another seed) and PowerMeanParams."
         )
     if bounds is None and isinstance(params, PowerMeanParams):
-        bounds = Bounds.domain(jnp.result_type(*jax.tree.leaves(params)))
+        domain = Bounds.domain(jnp.result_type(*jax.tree.leaves(params)))
+        bounds = (domain.lower, domain.upper)
     if batch_size is not None:
         count = jax.tree.leaves(data)[0].shape[0] if jax.tree.leaves(data) else 0
         if not 1 <= batch_size <= count:
@@ -309,8 +312,6 @@ def search(
     if trainable is not None:
         labels, labels_treedef = jax.tree.flatten(jax.tree.map(lambda flag: "train" if flag else "frozen", trainable))
         optimizer = _with_frozen(optimizer, labels_treedef, tuple(labels))
-    if bounds is not None and not isinstance(bounds, tuple):
-        bounds = (bounds.lower, bounds.upper)
     sign = 1.0 if maximize else -1.0
     step_fn = _step_function(objective, None if constraint is None else constraint.fn, optimizer, sign, batch_size)
     dtype = jnp.result_type(*jax.tree.leaves(params))
@@ -435,12 +436,11 @@ def _monotone_part(params, trainable, bounds):
             f"Fix: leave trainable=None (trains {MONOTONE_TRAINABLE}) or train only a subset of them."
         )
     if bounds is not None:
-        lower, upper = bounds if isinstance(bounds, tuple) else (bounds.lower, bounds.upper)
+        lower, upper = bounds
         outside = [name for name in ("rho", "temperature") if not getattr(lower, name) <= 1 <= getattr(upper, name)]
         if outside:
             raise ValueError(f"search: monotone=True needs bounds that contain 1 for {outside}; widen them.")
-    one = lambda leaf: jnp.ones_like(leaf)  # noqa: E731
-    return params.replace(rho=one(params.rho), temperature=one(params.temperature)), trainable
+    return params.replace(rho=jnp.ones_like(params.rho), temperature=jnp.ones_like(params.temperature)), trainable
 
 
 def _certification_data(params, data, holdout) -> tuple[AuctionBatch | None, str | None]:
