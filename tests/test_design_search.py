@@ -318,10 +318,6 @@ def test_without_bounds_the_search_stays_in_the_family_domain():
 FITTED = dict(seed=0, num_auctions=24, num_agents=3, vocab_size=16, with_base=True)
 
 
-def revenue_with_base(params, batch):
-    return objectives.revenue(params, batch)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_monotone_search_returns_a_rule_certified_on_fresh_held_out_auctions(dtype):
     """Revenue search in the monotone part (rho = 1, tau = 1 frozen) from a non-monotone start; the held-out
@@ -333,7 +329,7 @@ def test_monotone_search_returns_a_rule_certified_on_fresh_held_out_auctions(dty
         with warnings.catch_warnings():
             warnings.simplefilter("error", CertificateWarning)
             result = search(
-                revenue_with_base,
+                objectives.revenue,
                 start,
                 batch,
                 steps=12,
