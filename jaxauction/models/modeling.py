@@ -166,12 +166,13 @@ def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Ar
     -> ``[B, K * G * hd]``.
 
     The new token's own key enters the softmax separately (so the cache is only read here and
-    written once after all layers). The products are broadcast multiply-and-sums over a major axis,
-    which XLA:CPU fuses into loops (faster than batched matrix products of ``G`` rows on CPU; see
-    docs/performance.md for the measured alternatives).
+    written once after all layers). The two cached products are batched matrix products over
+    ``(B, K)``: ``[G, hd] @ [hd, S]`` and ``[G, S] @ [S, hd]``. On XLA:CPU they run about 1.8x faster
+    than broadcast multiply-and-sums, which XLA rewrites into windowed tree reductions for sums of 32
+    entries or more (docs/performance.md).
     """
     scale = q.shape[-1] ** -0.5
-    old_scores = (q[..., None] * k_old.astype(q.dtype)[:, :, None]).sum(axis=-2) * scale
+    old_scores = jnp.einsum("bkgd,bkds->bkgs", q, k_old.astype(q.dtype)) * scale
     old_scores = jnp.where(old_mask[:, 0, None, None, :], old_scores.astype(jnp.float32), _MASK_VALUE)
     self_scores = jnp.sum(q * k_new[:, :, None, :], axis=-1) * scale  # [B, K, G]
     self_scores = jnp.where(self_allowed[:, None, None], self_scores.astype(jnp.float32), _MASK_VALUE)
@@ -179,7 +180,7 @@ def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Ar
     old_weights = jnp.exp(old_scores - peak[..., None])
     self_weights = jnp.exp(self_scores - peak)
     total = old_weights.sum(axis=-1) + self_weights
-    out = (old_weights.astype(q.dtype)[..., None] * v_old.astype(q.dtype)[:, :, None]).sum(axis=-2)
+    out = jnp.einsum("bkgs,bksd->bkgd", old_weights.astype(q.dtype), v_old.astype(q.dtype))
     out = (out + self_weights.astype(q.dtype)[..., None] * v_new[:, :, None, :]) / total.astype(q.dtype)[..., None]
     return out.reshape(out.shape[0], -1)
 
