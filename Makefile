@@ -54,6 +54,8 @@ bench: $(BENCH_STAMP)
 	$(BENCH_PY) experiments/bench_generation.py --json outputs/bench_generation.json
 	$(BENCH_PY) experiments/bench_scaling.py --quick --json outputs/bench_scaling.json
 	$(BENCH_PY) experiments/bench_layers.py --json outputs/bench_layers.json
+	$(BENCH_PY) experiments/bench_attention.py --json outputs/bench_attention.json
+	$(BENCH_PY) experiments/bench_quantized.py --json outputs/bench_quantized.json
 	$(BENCH_PY) experiments/bench_compile.py --json outputs/bench_compile.json
 
 clean:

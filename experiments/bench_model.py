@@ -15,9 +15,11 @@ over the cores) with ``OMP_WAIT_POLICY=PASSIVE`` (its best setting on a shared m
 setting the variable). The two are measured alternately, one idle while the other runs, and the
 median of the repetitions is reported, so load from other processes hits both alike.
 
-The memory-bandwidth floor of a decode step is the float32 weight bytes divided by the copy
-bandwidth of a large numpy copy (bytes read + written per second): no decode step can stream all
-weights faster. At larger batches a step is bound by arithmetic instead: the compute floor is the
+The memory-bandwidth floor of a decode step is the bytes of the weights a step reads, as the model
+holds them (the bundled model's layers as Q4_1 blocks, the LM head as float32; the embedding table,
+from which a step gathers one row per token, left out), divided by the copy bandwidth of a large
+numpy copy (bytes read + written per second): no decode step can stream those weights faster.
+PyTorch gets the float32 weights (its own floor would be higher). At larger batches a step is bound by arithmetic instead: the compute floor is the
 step's 2 * parameters * batch FLOPs divided by the FLOP/s of a 1024^3 float32 matmul. Also reported:
 load time and peak memory of ``jaxauction.models.load()`` in a fresh subprocess, and the first-call
 (compile) time. Speed claims of the project come from this script only.
@@ -49,6 +51,17 @@ def copy_bandwidth(num_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
         np.copyto(target, source)
         best = min(best, time.perf_counter() - start)
     return 2 * source.nbytes / best
+
+
+def streamed_weight_bytes(model) -> int:
+    """Bytes of the weights a decode step reads: the model's arrays as held, less the embedding table
+    (and the ``[V, D]`` LM head, which the step reads through its ``[D, V]`` copy)."""
+    import jax
+    from flax import nnx
+
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model)))
+    unread = model.embedding[...].nbytes + (0 if model.lm_head is None else model.lm_head[...].nbytes)
+    return total - unread
 
 
 def matmul_throughput(size: int = 1024, repeats: int = 7) -> float:
@@ -199,12 +212,12 @@ def main() -> None:
     jm.export_hf(model, tokenizer, folder.name)
     worker = TorchWorker(folder.name, args.threads)
 
-    weight_bytes = config.num_parameters() * 4
+    weight_bytes = streamed_weight_bytes(model)
     bandwidth = copy_bandwidth()
     floor_ms = weight_bytes / bandwidth * 1e3
     flops_roof = matmul_throughput()
     print(
-        f"weights {weight_bytes / 1e6:.0f} MB float32; copy bandwidth {bandwidth / 1e9:.2f} GB/s "
+        f"weights read per step {weight_bytes / 1e6:.0f} MB ({model.quantization or 'float32'} layers); copy bandwidth {bandwidth / 1e9:.2f} GB/s "
         f"(read + write); decode floor {floor_ms:.1f} ms/step; 1024^3 matmul {flops_roof / 1e9:.1f} GFLOP/s",
         flush=True,
     )

@@ -99,12 +99,25 @@ def test_unpermute_inverts_llama_cpp_permutation():
         np.testing.assert_array_equal(jm.llama_cpp_permute(weight, heads), permuted)
 
 
+def float_weights(model: jm.Llama) -> dict:
+    """The model's weights as the pure dict of a float model (Q4_1 kernels dequantized)."""
+    weights = nnx.to_pure_dict(nnx.state(model))
+    for group, names in (("attention", ("qkv_proj", "o_proj")), ("mlp", ("gate_up_proj", "down_proj"))):
+        for name in names:
+            linear = getattr(getattr(model.layers, group), name)
+            weights["layers"][group][name] = {
+                "kernel": linear.weight(),
+                **({"bias": linear.bias[...]} if linear.bias is not None else {}),
+            }
+    return weights
+
+
 def test_parity_breaks_without_qk_unpermutation(smollm):
     """Leaving q/k rows in llama.cpp's interleaved order (as a loader that skips the step would) breaks parity."""
     model, _, compiled = smollm
     config = model.config
     H, K, hd = config.num_heads, config.num_kv_heads, config.head_dim
-    weights = nnx.to_pure_dict(nnx.state(model))
+    weights = float_weights(model)
     stacked = np.asarray(weights["layers"]["attention"]["qkv_proj"]["kernel"])  # [L, in, out]
     permuted = []
     for i in range(config.num_layers):
@@ -196,8 +209,12 @@ def test_config_of_bundled_model(smollm):
     assert config.max_position_embeddings == 8192 and config.rope_theta == 100_000.0
     assert config.tie_word_embeddings and config.eos_token_ids == (2,)
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
-    assert sum(leaf.size for leaf in leaves) == config.num_parameters()
     assert all(leaf.dtype == jnp.float32 for leaf in leaves)
+    # The layers' projections stay Q4_1: two 4-bit weights per byte of ``packed``.
+    assert model.quantization == "q4_1"
+    packed = jax.tree.leaves(nnx.state(model, jm.modeling.QuantizedWeight))
+    quantized_weights = sum(2 * leaf.size for leaf in packed if leaf.dtype == jnp.uint8)
+    assert sum(leaf.size for leaf in leaves) + quantized_weights == config.num_parameters()
 
 
 def test_export_round_trip_gives_identical_model(smollm, tmp_path):
@@ -207,7 +224,10 @@ def test_export_round_trip_gives_identical_model(smollm, tmp_path):
     assert len(list(folder.glob("model-*.safetensors"))) == 3
     loaded, loaded_tokenizer = jm.load(folder)
     assert loaded.config == model.config
-    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(loaded))):
+    assert loaded.quantization is None  # the export holds the dequantized float32 weights
+    exported, reloaded = float_weights(model), nnx.to_pure_dict(nnx.state(loaded))
+    assert jax.tree.structure(exported) == jax.tree.structure(reloaded)
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(reloaded)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     prompt = reference_prompts()[0]
     mask = np.ones((1, len(prompt)), bool)
@@ -242,3 +262,51 @@ def test_loading_the_default_model_stays_under_2_gb():
     out = subprocess.run([sys.executable, "-c", PEAK_MEMORY_SNIPPET], capture_output=True, text=True, check=True)
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     assert stats["peak_kb"] * 1024 < 2e9, f"peak RSS {stats['peak_kb'] / 1024:.0f} MB"
+
+
+def random_q4_1_bytes(rng, rows: int, columns: int) -> np.ndarray:
+    """``[rows, columns / 32 * 20]`` raw Q4_1 blocks: random codes, finite float16 scales and minima
+    from 1e-4 to 8 in size (either sign)."""
+    blocks = rng.integers(0, 256, size=(rows, columns // 32, 20), dtype=np.uint8)
+    for start in (0, 2):
+        values = rng.choice([-1, 1], size=(rows, columns // 32)) * 10.0 ** rng.uniform(-4, 0.9, (rows, columns // 32))
+        blocks[..., start : start + 2] = values.astype(np.float16)[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def test_q4_1_kernels_dequantize_bit_for_bit_like_gguf(dtype):
+    """The loader's repacking (``q4_1_blocks``, ``q4_1_kernel``) and ``dequantize_q4_1`` give exactly
+    ``gguf.quants.dequantize`` of the stored bytes (float32, then cast to the model dtype), also for
+    a kernel fused from two tensors (q|k|v, gate|up)."""
+    import gguf
+
+    rng = np.random.default_rng(7)
+    raws = [random_q4_1_bytes(rng, rows, 96) for rows in (5, 3)]  # two [out, in = 96] tensors
+    parts = [jm.params.q4_1_blocks(raw) for raw in raws]
+    kernel = jm.params.q4_1_kernel(parts)
+    assert kernel["packed"].shape == (48, 8) and kernel["scale"].shape == (3, 8)
+    got = np.asarray(jm.modeling.dequantize_q4_1(kernel["packed"], kernel["scale"], kernel["minimum"], dtype))
+    expected = np.concatenate([gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1) for raw in raws]).T
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, expected.astype(np.float32).astype(dtype))
+
+
+def test_bundled_model_held_quantized_gives_the_float_models_logits(smollm):
+    """``load()`` keeps the bundled model's Q4_1 layers quantized; ``keep_quantized=False`` dequantizes
+    them at load: the same logits bit for bit (prefill and cached decode), in under half the memory."""
+    model, _, compiled = smollm
+    float_model, _ = jm.load(keep_quantized=False)
+    assert model.quantization == "q4_1" and float_model.quantization is None
+    nbytes = [sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(m))) for m in (model, float_model)]
+    assert nbytes[0] < 0.5 * nbytes[1], nbytes
+    prompts = reference_prompts()
+    ids, mask = left_pad(prompts[:2], model.config.pad_token_id)
+    logits = [np.asarray(c(ids, mask)) for c in (compiled, jm.CompiledLlama(float_model))]
+    np.testing.assert_array_equal(logits[0], logits[1])
+    caches = [c.init_cache(2, ids.shape[1] + 2) for c in (compiled, jm.CompiledLlama(float_model))]
+    steps = []
+    for c, cache in zip((compiled, jm.CompiledLlama(float_model)), caches):
+        last, cache = c.prefill(ids, mask, cache)
+        last, cache = c.decode(np.argmax(np.asarray(last), -1).astype(np.int32), cache)
+        steps.append(np.asarray(last))
+    np.testing.assert_array_equal(steps[0], steps[1])

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from flax import nnx
 
+from jaxauction.engine import Auction
 from jaxauction.models import Llama, LlamaConfig
 
 EOS, PAD = 1, 0
+
+PROMPTS = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14]]
+"""Three agents' prompts (token ids of the 16-token tiny model), for ``generate(PROMPTS, bids, ...)``."""
+
+MIXED = [
+    Auction([[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14]], [1.0, 0.5, 2.0]),
+    Auction([[5, 6], [7, 8, 9, 10, 11, 12]], [0.3, 1.2], base_prompt=[2, 2, 3], base_bid=0.7),
+    Auction([[13, 12, 11]], [2.0]),
+    Auction([[4, 4, 4, 4], [9, 8]], [0.0, 0.0]),
+    Auction([[3, 4, 5, 6, 7], [8, 9, 10]], [0.2, 3.0], base_prompt=[2, 2, 3], base_bid=0.1),
+]
+"""A heterogeneous batch: one to three agents, with and without a base prompt, zero bids."""
 
 
 class TinyTokenizer:

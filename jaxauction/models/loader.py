@@ -17,7 +17,9 @@ from jaxauction.models.params import (
     GGUFFile,
     SafetensorsFolder,
     build_model,
+    gguf_q4_1_reader,
     gguf_weight_reader,
+    q4_1_layers_of,
     read_json,
     save_safetensors,
 )
@@ -56,7 +58,9 @@ def bundled_gguf_path() -> Path:
     )
 
 
-def load(source: str | os.PathLike | None = None, *, dtype=jnp.float32) -> tuple[Llama, PreTrainedTokenizerBase]:
+def load(
+    source: str | os.PathLike | None = None, *, dtype=jnp.float32, keep_quantized: bool = True
+) -> tuple[Llama, PreTrainedTokenizerBase]:
     """Load a Llama-family model and its tokenizer.
 
     Args:
@@ -65,6 +69,10 @@ def load(source: str | os.PathLike | None = None, *, dtype=jnp.float32) -> tuple
         and ``tokenizer.json``; or a Hugging Face hub id such as ``"HuggingFaceTB/SmolLM2-135M-Instruct"``
         (downloaded with ``huggingface_hub``; offline, a cached copy is used).
       dtype: parameter dtype (float32 by default; bfloat16 is slower with XLA on CPU).
+      keep_quantized: a GGUF file whose layer projections are all Q4_1 (the bundled model) keeps them
+        as Q4_1 blocks, dequantized exactly inside each compiled step (the same logits as float32
+        weights, with an eighth of their memory and of the weights' reads per token); False
+        dequantizes them at load. Other sources are always loaded as ``dtype`` arrays.
     Returns:
       ``(model, tokenizer)``: a ``Llama`` NNX module and a ``transformers.PreTrainedTokenizerFast``
       with left padding.
@@ -82,12 +90,12 @@ def load(source: str | os.PathLike | None = None, *, dtype=jnp.float32) -> tuple
             f"model folder, or a hub id like 'org/name'; got {type(source).__name__} {source!r:.60}."
         )
     if source is None:
-        return load_gguf(bundled_gguf_path(), dtype=dtype)
+        return load_gguf(bundled_gguf_path(), dtype=dtype, keep_quantized=keep_quantized)
     path = Path(source).expanduser()
     if path.is_dir():
         return load_folder(path, dtype=dtype)
     if path.suffix == ".gguf" or path.is_file():
-        return load_gguf(path, dtype=dtype)
+        return load_gguf(path, dtype=dtype, keep_quantized=keep_quantized)
     text = str(source)
     if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
         return load_folder(_download(text), dtype=dtype)
@@ -118,7 +126,7 @@ def _check_dtype(dtype):
     return resolved
 
 
-def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, unpermute: bool = True):
+def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, unpermute: bool = True, keep_quantized: bool = True):
     """Model and tokenizer from a GGUF file (see ``load``). ``unpermute=False`` only for tests."""
     dtype = _check_dtype(dtype)
     file = GGUFFile(path)
@@ -128,8 +136,13 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, unpermute: bool = T
             raise ValueError(f"{file.path}: per-frequency RoPE factors (rope_freqs.weight) are not supported.")
         tokenizer = tokenizer_from_gguf(file.metadata, source=str(file.path))
         check_vocabulary(tokenizer, config, str(file.path))
+        quantized = keep_quantized and q4_1_layers_of(file, config)
         model = build_model(
-            config, gguf_weight_reader(file, config, unpermute=unpermute), dtype=dtype, source=str(file.path)
+            config,
+            gguf_weight_reader(file, config, unpermute=unpermute),
+            dtype=dtype,
+            source=str(file.path),
+            read_q4_1=gguf_q4_1_reader(file, config, unpermute=unpermute) if quantized else None,
         )
     finally:
         file.close()

@@ -107,16 +107,70 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * normed.astype(x.dtype)
 
 
-class Linear(nnx.Module):
-    """``x @ kernel (+ bias)``, ``kernel: [in, out]``."""
+Q4_1_BLOCK = 32
+"""Weights per Q4_1 block (llama.cpp's ``Q4_1``: one float16 scale and minimum per 32 weights)."""
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
+
+class QuantizedWeight(nnx.Variable):
+    """Part of a block-quantized weight (packed codes, scales, minima): stored, never trained."""
+
+
+def dequantize_q4_1(packed: jax.Array, scale: jax.Array, minimum: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Q4_1 blocks to a ``[..., in, out]`` kernel: ``w[i, o] = d[i // 32, o] * q[i, o] + m[i // 32, o]``.
+
+    Args:
+      packed: ``[..., in / 2, out]`` uint8, the 4-bit codes ``q`` of input rows ``2r`` (low nibble) and
+        ``2r + 1`` (high nibble).
+      scale, minimum: ``[..., in / 32, out]`` float16, ``d`` and ``m`` of each block of 32 input rows.
+      dtype: the kernel's dtype.
+    Returns:
+      The kernel, computed in float32 (``d * q`` is exact there, so the result is bit for bit what
+      ``gguf.quants.dequantize`` gives), then cast to ``dtype``.
+    """
+    codes = jnp.stack([packed & 15, packed >> 4], axis=-2)  # [..., in / 2, 2, out]
+    codes = codes.reshape(*packed.shape[:-2], -1, Q4_1_BLOCK, packed.shape[-1]).astype(jnp.float32)
+    d = scale.astype(jnp.float32)[..., None, :]
+    m = minimum.astype(jnp.float32)[..., None, :]
+    kernel = d * codes + m  # [..., in / 32, 32, out]
+    return kernel.reshape(*packed.shape[:-2], -1, packed.shape[-1]).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``x @ kernel (+ bias)``, ``kernel: [in, out]``.
+
+    With ``quantization="q4_1"`` the kernel is held as Q4_1 blocks (``packed``, ``scale``, ``minimum``;
+    :func:`dequantize_q4_1`), 0.625 bytes per weight instead of 4, and dequantized on every call: in
+    the model's layer scan that replaces the copy of each layer's float32 weights out of the stack
+    with reading an eighth of the bytes (docs/performance.md). ``kernel`` is then None.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, *, use_bias: bool, dtype, rngs: nnx.Rngs, quantization=None
+    ):
         scale = 1.0 / math.sqrt(in_features)
-        self.kernel = nnx.Param(scale * jax.random.normal(rngs.params(), (in_features, out_features), dtype))
+        self.dtype = dtype
+        if quantization is None:
+            self.kernel = nnx.Param(scale * jax.random.normal(rngs.params(), (in_features, out_features), dtype))
+        elif quantization == "q4_1":
+            if in_features % Q4_1_BLOCK:
+                raise ValueError(f"Q4_1 weights need in_features divisible by {Q4_1_BLOCK}, got {in_features}.")
+            blocks = (in_features // Q4_1_BLOCK, out_features)
+            self.kernel = None
+            self.packed = QuantizedWeight(jax.random.bits(rngs.params(), (in_features // 2, out_features), jnp.uint8))
+            self.scale = QuantizedWeight(jnp.full(blocks, scale / 4, jnp.float16))
+            self.minimum = QuantizedWeight(jnp.full(blocks, -7.5 * scale / 4, jnp.float16))
+        else:
+            raise ValueError(f"quantization must be None or 'q4_1', got {quantization!r}.")
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
+    def weight(self) -> jax.Array:
+        """The ``[in, out]`` kernel (dequantized if held quantized)."""
+        if self.kernel is not None:
+            return self.kernel[...]
+        return dequantize_q4_1(self.packed[...], self.scale[...], self.minimum[...], self.dtype)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x, self.kernel[...])
+        y = jnp.dot(x, self.weight())
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -188,12 +242,11 @@ def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Ar
 class Attention(nnx.Module):
     """Grouped-query self-attention with fused q|k|v projection and RoPE."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, quantization=None):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.qkv_proj = Linear(config.hidden_size, config.qkv_size, use_bias=config.qkv_bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(
-            config.num_heads * config.head_dim, config.hidden_size, use_bias=config.out_bias, dtype=dtype, rngs=rngs
-        )
+        linear = functools.partial(Linear, dtype=dtype, rngs=rngs, quantization=quantization)
+        self.qkv_proj = linear(config.hidden_size, config.qkv_size, use_bias=config.qkv_bias)
+        self.o_proj = linear(config.num_heads * config.head_dim, config.hidden_size, use_bias=config.out_bias)
 
     def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``x: [B, T, D]`` -> ``q: [B, T, K, G, hd]``, ``k, v: [B, T, K, hd]`` (q and k rotated)."""
@@ -210,12 +263,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: ``W_down (silu(W_gate x) * W_up x)`` with ``W_gate|W_up`` fused as ``[D, 2F]``."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, quantization=None):
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = Linear(
-            config.hidden_size, 2 * config.intermediate_size, use_bias=False, dtype=dtype, rngs=rngs
-        )
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, use_bias=False, dtype=dtype, rngs=rngs)
+        linear = functools.partial(Linear, use_bias=False, dtype=dtype, rngs=rngs, quantization=quantization)
+        self.gate_up_proj = linear(config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate_up = self.gate_up_proj(x)
@@ -226,11 +278,11 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm transformer block: attention then SwiGLU, each with a residual connection."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, quantization=None):
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.attention = Attention(config, dtype=dtype, rngs=rngs)
+        self.attention = Attention(config, dtype=dtype, rngs=rngs, quantization=quantization)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs, quantization=quantization)
 
     def __call__(self, x, cos, sin, new_mask, old=None):
         """One block.
@@ -272,14 +324,14 @@ def _cached_slot_mask(valid: jax.Array, positions: jax.Array, window) -> jax.Arr
     return allowed
 
 
-def _stacked_layers(config: LlamaConfig, dtype, rngs: nnx.Rngs) -> DecoderLayer:
+def _stacked_layers(config: LlamaConfig, dtype, rngs: nnx.Rngs, quantization) -> DecoderLayer:
     """``L = config.num_layers`` decoder layers as one :class:`DecoderLayer` whose weights have a
     leading layer axis ``[L, ...]`` (each layer initialised from its own split of ``rngs``)."""
 
     @nnx.split_rngs(splits=config.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def create(rngs: nnx.Rngs) -> DecoderLayer:
-        return DecoderLayer(config, dtype=dtype, rngs=rngs)
+        return DecoderLayer(config, dtype=dtype, rngs=rngs, quantization=quantization)
 
     return create(rngs)
 
@@ -303,13 +355,18 @@ class Llama(nnx.Module):
 
     For hot loops use ``CompiledLlama(model)`` (weights split once, the cache donated) or your own
     ``jax.jit`` over ``nnx.merge(graphdef, state).decode``.
+
+    ``quantization="q4_1"`` holds the layers' projection kernels as Q4_1 blocks (:class:`Linear`), as
+    the loader does for a GGUF file whose layers are Q4_1 (the bundled model); the computation stays
+    in ``dtype``.
     """
 
-    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, quantization: str | None = None):
         self.config = config
         self.dtype = dtype
+        self.quantization = quantization
         self.embedding = nnx.Param(jax.random.normal(rngs.params(), (config.vocab_size, config.hidden_size), dtype))
-        self.layers = _stacked_layers(config, dtype, rngs)
+        self.layers = _stacked_layers(config, dtype, rngs, quantization)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.lm_head = (
             None

@@ -249,6 +249,59 @@ def gguf_weight_reader(file: GGUFFile, config: LlamaConfig, *, unpermute: bool =
     return read
 
 
+Q4_1Blocks = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""``(codes [out, in] uint8 in 0..15, scale [out, in / 32] float16, minimum [out, in / 32] float16)``."""
+
+
+def q4_1_blocks(raw: np.ndarray) -> Q4_1Blocks:
+    """A Q4_1 tensor's stored bytes (``[out, in / 32 * 20]``) split into codes, scales and minima.
+
+    A block of 32 weights is 20 bytes: float16 ``d``, float16 ``m``, then 16 bytes whose low nibbles
+    are weights 0..15 and high nibbles weights 16..31; weight ``j`` is ``d * q_j + m``
+    (``gguf.quants.dequantize``).
+    """
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 20)
+    scale = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
+    minimum = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
+    nibbles = blocks[..., 4:]
+    codes = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(rows, -1)
+    return codes, scale, minimum
+
+
+def gguf_q4_1_reader(file: GGUFFile, config: LlamaConfig, *, unpermute: bool = True) -> Callable[[str], Q4_1Blocks]:
+    """``hf_name -> Q4_1Blocks`` reader over a GGUF file's Q4_1 projection weights (rows ``[out]``
+    permuted back for q and k as in :func:`gguf_weight_reader`); a scale or minimum that is not finite
+    raises ``ValueError`` naming the tensor and the file."""
+    permuted = unpermute and file.metadata.get("general.architecture") == "llama"
+
+    def read(hf_name: str) -> Q4_1Blocks:
+        name = gguf_tensor_name(hf_name)
+        codes, scale, minimum = q4_1_blocks(file.raw(name))
+        for part in (scale, minimum):
+            check_finite(part.astype(np.float32), name, file.path)
+        heads = config.num_heads if ".attn_q." in name else config.num_kv_heads if ".attn_k." in name else None
+        if permuted and heads is not None:
+            codes, scale, minimum = (llama_cpp_unpermute(part, heads) for part in (codes, scale, minimum))
+        return codes, scale, minimum
+
+    return read
+
+
+def q4_1_layers_of(file: GGUFFile, config: LlamaConfig) -> bool:
+    """Whether every layer projection of the file is Q4_1 with input widths divisible by 32 (then the
+    model can hold them quantized)."""
+    from jaxauction.models.modeling import Q4_1_BLOCK
+
+    names = [gguf_tensor_name(n) for n in hf_weight_names(config) if n.endswith("_proj.weight")]
+    return all(
+        name in file.tensors
+        and file.tensors[name].ggml_type == gguf.GGMLQuantizationType.Q4_1
+        and file.tensors[name].shape[-1] % Q4_1_BLOCK == 0
+        for name in names
+    )
+
+
 # ---------------------------------------------------------------------------------------- safetensors
 
 
@@ -344,11 +397,28 @@ def _expect(name: str, array: np.ndarray, shape: tuple[int, ...], source: str) -
     return array
 
 
+def q4_1_kernel(parts: list[Q4_1Blocks]) -> dict[str, np.ndarray]:
+    """The Q4_1 parts of a (fused) ``[in, out]`` kernel from its pieces' ``[out, in]`` blocks, as
+    :func:`jaxauction.models.modeling.dequantize_q4_1` reads them."""
+    codes, scale, minimum = (np.concatenate([part[k] for part in parts]).T for k in range(3))
+    packed = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
+    return {"packed": packed, "scale": scale, "minimum": minimum}
+
+
 def build_model(
-    config: LlamaConfig, read: Callable[[str], np.ndarray], *, dtype=jnp.float32, source: str = "weights"
+    config: LlamaConfig,
+    read: Callable[[str], np.ndarray],
+    *,
+    dtype=jnp.float32,
+    source: str = "weights",
+    read_q4_1: Callable[[str], Q4_1Blocks] | None = None,
 ) -> Llama:
-    """A ``Llama`` whose parameters come from ``read(hf_name) -> [out, in]`` arrays, one tensor at a time."""
-    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    """A ``Llama`` whose parameters come from ``read(hf_name) -> [out, in]`` arrays, one tensor at a time.
+
+    With ``read_q4_1`` (``hf_name -> Q4_1Blocks``, see :func:`gguf_q4_1_reader`) the layers' projection
+    kernels are read from it and held quantized (``Llama(..., quantization="q4_1")``)."""
+    quantization = None if read_q4_1 is None else "q4_1"
+    abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), quantization=quantization))
     graphdef, abstract_state = nnx.split(abstract)
     D, F, hd = config.hidden_size, config.intermediate_size, config.head_dim
     H, K = config.num_heads, config.num_kv_heads
@@ -358,21 +428,25 @@ def build_model(
 
     def put(array: np.ndarray) -> jax.Array:
         # Wait for each host-to-device copy so a busy machine cannot queue up transient numpy copies
-        # (that roughly doubled the peak memory of a load under load).
-        return jnp.asarray(np.ascontiguousarray(array), dtype).block_until_ready()
+        # (that roughly doubled the peak memory of a load under load). Quantized parts keep their dtype.
+        target = array.dtype if array.dtype in (np.uint8, np.float16) and quantization else dtype
+        return jnp.asarray(np.ascontiguousarray(array), target).block_until_ready()
+
+    def kernel(names: list[str], shapes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
+        """A fused ``[in, out]`` kernel of the ``[out, in]`` tensors ``names`` (quantized or float)."""
+        if read_q4_1 is None:
+            return {"kernel": np.concatenate([get(name, shape) for name, shape in zip(names, shapes)]).T}
+        parts = [read_q4_1(name) for name in names]
+        for name, shape, part in zip(names, shapes, parts):
+            _expect(name, part[0], shape, source)
+        return q4_1_kernel(parts)
 
     def layer(p: str) -> dict[str, Any]:
         """One layer's arrays in the module's layout (kernels ``[in, out]``), on the host."""
-        qkv = np.concatenate(
-            [
-                get(p + "self_attn.q_proj.weight", (H * hd, D)),
-                get(p + "self_attn.k_proj.weight", (K * hd, D)),
-                get(p + "self_attn.v_proj.weight", (K * hd, D)),
-            ]
-        )
+        qkv_names = [p + f"self_attn.{proj}_proj.weight" for proj in "qkv"]
         attention: dict[str, Any] = {
-            "qkv_proj": {"kernel": qkv.T},
-            "o_proj": {"kernel": get(p + "self_attn.o_proj.weight", (D, H * hd)).T},
+            "qkv_proj": kernel(qkv_names, [(H * hd, D), (K * hd, D), (K * hd, D)]),
+            "o_proj": kernel([p + "self_attn.o_proj.weight"], [(D, H * hd)]),
         }
         if config.qkv_bias:
             attention["qkv_proj"]["bias"] = np.concatenate(
@@ -384,15 +458,12 @@ def build_model(
             )
         if config.out_bias:
             attention["o_proj"]["bias"] = get(p + "self_attn.o_proj.bias", (D,))
-        gate_up = np.concatenate([get(p + "mlp.gate_proj.weight", (F, D)), get(p + "mlp.up_proj.weight", (F, D))])
+        gate_up = kernel([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], [(F, D), (F, D)])
         return {
             "input_norm": {"weight": get(p + "input_layernorm.weight", (D,))},
             "post_attention_norm": {"weight": get(p + "post_attention_layernorm.weight", (D,))},
             "attention": attention,
-            "mlp": {
-                "gate_up_proj": {"kernel": gate_up.T},
-                "down_proj": {"kernel": get(p + "mlp.down_proj.weight", (D, F)).T},
-            },
+            "mlp": {"gate_up_proj": gate_up, "down_proj": kernel([p + "mlp.down_proj.weight"], [(D, F)])},
         }
 
     # The layers are stacked on a leading axis (the model scans over them): each layer is read into
@@ -431,7 +502,7 @@ def hf_state_dict(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
         layer = nnx.merge(layer_graphdef, jax.tree.map(lambda weights, i=i: weights[i], stacked))
         yield p + "input_layernorm.weight", np.asarray(layer.input_norm.weight[...])
         yield p + "post_attention_layernorm.weight", np.asarray(layer.post_attention_norm.weight[...])
-        qkv = np.asarray(layer.attention.qkv_proj.kernel[...]).T
+        qkv = np.asarray(layer.attention.qkv_proj.weight()).T
         splits = {"q": qkv[: H * hd], "k": qkv[H * hd : (H + K) * hd], "v": qkv[(H + K) * hd :]}
         for proj, weight in splits.items():
             yield f"{p}self_attn.{proj}_proj.weight", np.ascontiguousarray(weight)
@@ -440,13 +511,13 @@ def hf_state_dict(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
             yield p + "self_attn.q_proj.bias", bias[: H * hd]
             yield p + "self_attn.k_proj.bias", bias[H * hd : (H + K) * hd]
             yield p + "self_attn.v_proj.bias", bias[(H + K) * hd :]
-        yield p + "self_attn.o_proj.weight", np.ascontiguousarray(np.asarray(layer.attention.o_proj.kernel[...]).T)
+        yield p + "self_attn.o_proj.weight", np.ascontiguousarray(np.asarray(layer.attention.o_proj.weight()).T)
         if config.out_bias:
             yield p + "self_attn.o_proj.bias", np.asarray(layer.attention.o_proj.bias[...])
-        gate_up = np.asarray(layer.mlp.gate_up_proj.kernel[...]).T
+        gate_up = np.asarray(layer.mlp.gate_up_proj.weight()).T
         yield p + "mlp.gate_proj.weight", np.ascontiguousarray(gate_up[:F])
         yield p + "mlp.up_proj.weight", np.ascontiguousarray(gate_up[F:])
-        yield p + "mlp.down_proj.weight", np.ascontiguousarray(np.asarray(layer.mlp.down_proj.kernel[...]).T)
+        yield p + "mlp.down_proj.weight", np.ascontiguousarray(np.asarray(layer.mlp.down_proj.weight()).T)
     yield "model.norm.weight", np.asarray(model.final_norm.weight[...])
     if model.lm_head is not None:
         yield "lm_head.weight", np.asarray(model.lm_head[...])
