@@ -15,11 +15,9 @@ the largest difference of the outputs and the 1-minute load average.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import time
-from pathlib import Path
+
+from ab import alternate_medians, write_json
 
 LAYERS, KV_HEADS, GROUP, HEAD_DIM = 30, 3, 3, 64
 MASK_VALUE = -0.7 * 3.4028234663852886e38
@@ -86,16 +84,7 @@ def measure(rows: int, slots: int, repeats: int) -> dict:
         result[f"{name}_compile_s"] = time.perf_counter() - start
     outputs = {name: np.asarray(p(*args)) for name, p in programs.items()}
     result["max_abs_difference"] = float(np.max(np.abs(outputs["sums"] - outputs["products"])))
-    times: dict[str, list[float]] = {name: [] for name in programs}
-    result["load_before"] = os.getloadavg()[0]
-    for _ in range(repeats):
-        for name, p in programs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(p(*args))
-            times[name].append(time.perf_counter() - start)
-    for name in programs:
-        result[f"{name}_ms"] = 1e3 * statistics.median(times[name])
-    result["load_after"] = os.getloadavg()[0]
+    result.update(alternate_medians({name: (p, args) for name, p in programs.items()}, repeats))
     return result
 
 
@@ -117,9 +106,7 @@ def main(argv=None) -> int:
             f"{r['max_abs_difference']:.1e} (load {r['load_before']:.2f} -> {r['load_after']:.2f})",
             flush=True,
         )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    write_json(args.json, results)
     return 0
 
 

@@ -5,7 +5,8 @@
 ``Llama`` holds its layers' weights stacked (``[L, ...]``) and runs them as one ``lax.scan``. The
 baseline, built here from the same weights copied into one array per layer, is the earlier form: a
 Python loop over the ``L`` layers, which XLA compiles as ``L`` unrolled copies of the block. For each row count (default 4, 16
-and 22 rows, 176 cache slots, float32, the bundled SmolLM2-135M-Instruct) it prints the compile time
+and 22 rows, 176 cache slots, float32 computation, the bundled SmolLM2-135M-Instruct with its Q4_1
+layers, both compiled with ``jaxauction.models.compiler_options()``) it prints the compile time
 and the median decode-step time of both forms, measured alternately (one idle while the other runs)
 in this process, their ratios, and the 1-minute load average.
 """
@@ -13,11 +14,9 @@ in this process, their ratios, and the 1-minute load average.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import time
-from pathlib import Path
+
+from ab import alternate_medians, write_json
 
 
 def _unrolled_decode_kv(graphdef, weights, layers, token_ids, cache):
@@ -73,21 +72,14 @@ def measure(rows: int, slots: int, repeats: int) -> dict:
     programs, result = {}, {"rows": rows, "slots": slots}
     for name, body in (("unrolled", _unrolled_decode_kv), ("scanned", _scanned_decode_kv)):
         start = time.perf_counter()
-        programs[name] = jax.jit(body, static_argnums=0).lower(graphdef, *args).compile()
+        jitted = jax.jit(body, static_argnums=0, compiler_options=models.compiler_options() or None)
+        programs[name] = jitted.lower(graphdef, *args).compile()
         result[f"{name}_compile_s"] = time.perf_counter() - start
         jax.block_until_ready(programs[name](*args))
     outputs = {name: program(*args) for name, program in programs.items()}
     result["max_abs_logit_difference"] = float(np.max(np.abs(outputs["unrolled"][0] - outputs["scanned"][0])))
-    times: dict[str, list[float]] = {name: [] for name in programs}
-    load_before = os.getloadavg()[0]
-    for _ in range(repeats):
-        for name, program in programs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(program(*args))
-            times[name].append(time.perf_counter() - start)
-    for name in programs:
-        result[f"{name}_step_ms"] = 1e3 * statistics.median(times[name])
-    result.update(load_before=load_before, load_after=os.getloadavg()[0])
+    programs = {name: (program, args) for name, program in programs.items()}
+    result.update(alternate_medians(programs, repeats, suffix="_step_ms"))
     return result
 
 
@@ -110,9 +102,7 @@ def main(argv=None) -> int:
             f"{r['max_abs_logit_difference']:.1e} (load {r['load_before']:.2f} -> {r['load_after']:.2f})",
             flush=True,
         )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    write_json(args.json, results)
     return 0
 
 

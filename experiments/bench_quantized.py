@@ -13,11 +13,9 @@ the 1-minute load average.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import time
-from pathlib import Path
+
+from ab import alternate_medians, write_json
 
 
 def main(argv=None) -> int:
@@ -65,16 +63,7 @@ def main(argv=None) -> int:
             program = jax.jit(step, compiler_options=jm.compiler_options() or None).lower(weights, tokens, cache)
             programs[name] = (program.compile(), (weights, tokens, cache))
             row[f"{name}_compile_s"] = time.perf_counter() - start
-        times: dict[str, list[float]] = {name: [] for name in programs}
-        row["load_before"] = os.getloadavg()[0]
-        for _ in range(args.repeats):
-            for name, (program, program_args) in programs.items():
-                start = time.perf_counter()
-                jax.block_until_ready(program(*program_args))
-                times[name].append(time.perf_counter() - start)
-        for name in programs:
-            row[f"{name}_step_ms"] = 1e3 * statistics.median(times[name])
-        row["load_after"] = os.getloadavg()[0]
+        row.update(alternate_medians(programs, args.repeats, suffix="_step_ms"))
         result["shapes"].append(row)
         print(
             f"{rows:3d} rows, {slots:3d} slots: step quantized {row['quantized_step_ms']:.1f} ms, float32 "
@@ -83,9 +72,7 @@ def main(argv=None) -> int:
             f"(load {row['load_before']:.2f} -> {row['load_after']:.2f})",
             flush=True,
         )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     return 0
 
 
