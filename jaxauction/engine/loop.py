@@ -136,9 +136,7 @@ def model_step(graphdef, capacity: int, weights, cache: KVCache, rows: RowUpdate
     copy fills them)."""
     with jax.named_scope("row_copies"):
         cache = cache.copy_rows(rows.copy_from, rows.copy_to, rows.copies[0])
-    logits, keys, values = nnx.merge(graphdef, weights).decode_kv(
-        rows.row_tokens[:capacity], cache.first_rows(capacity)
-    )
+    logits, keys, values = nnx.merge(graphdef, weights).decode_kv(rows.row_tokens[:capacity], cache)
     with jax.named_scope("cache_append"):
         # The write index depends on the logits (``> inf`` is always false), so XLA orders the write
         # after every layer's read and updates the donated cache in place instead of copying it.
