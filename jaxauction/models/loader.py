@@ -71,7 +71,7 @@ def load(
       dtype: parameter dtype (float32 by default; bfloat16 is slower with XLA on CPU).
       keep_quantized: a GGUF file whose layer projections are all Q4_1 (the bundled model) keeps them
         as Q4_1 blocks, dequantized exactly inside each compiled step (the same logits as float32
-        weights, with an eighth of their memory and of the weights' reads per token); False
+        weights, with about a sixth of their bytes held and read per token); False
         dequantizes them at load. Other sources are always loaded as ``dtype`` arrays.
     Returns:
       ``(model, tokenizer)``: a ``Llama`` NNX module and a ``transformers.PreTrainedTokenizerFast``

@@ -141,7 +141,7 @@ class Linear(nnx.Module):
     With ``quantization="q4_1"`` the kernel is held as Q4_1 blocks (``packed``, ``scale``, ``minimum``;
     :func:`dequantize_q4_1`), 0.625 bytes per weight instead of 4, and dequantized on every call: in
     the model's layer scan that replaces the copy of each layer's float32 weights out of the stack
-    with reading an eighth of the bytes (docs/performance.md). ``kernel`` is then None.
+    with reading about a sixth of the bytes (docs/performance.md). ``kernel`` is then None.
     """
 
     def __init__(
