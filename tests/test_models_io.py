@@ -129,7 +129,7 @@ def test_decode_kv_and_append_equal_decode(tiny_models):
     appended = cache.append(keys[:, :, None], values[:, :, None], jnp.ones((4, 1), bool))
     for name in ("k", "v", "valid", "positions", "index"):
         np.testing.assert_allclose(np.asarray(getattr(appended, name)), np.asarray(getattr(decoded, name)), atol=1e-6)
-    some_logits, _, _ = model.decode_kv(tokens[:2], cache.first_rows(2))
+    some_logits, _, _ = model.decode_kv(tokens[:2], cache.take_rows(jnp.arange(2)))  # a cache of 2 rows
     np.testing.assert_allclose(np.asarray(some_logits), np.asarray(logits[:2]), atol=1e-5, rtol=1e-5)
     first_logits, first_keys, _ = model.decode_kv(tokens[:3], cache)  # the first 3 rows of the whole cache
     np.testing.assert_allclose(np.asarray(first_logits), np.asarray(logits[:3]), atol=1e-5, rtol=1e-5)

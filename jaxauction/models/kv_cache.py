@@ -51,14 +51,6 @@ class KVCache:
             positions=jnp.take(self.positions, rows, axis=0),
         )
 
-    def first_rows(self, count: int) -> KVCache:
-        """The cache of rows ``0 .. count - 1``, same ``index`` (a static slice). To decode the first
-        rows of a cache, pass the whole cache to ``Llama.decode_kv`` instead: it slices each layer
-        inside the layer scan, which measured faster than slicing first."""
-        return self.replace(
-            k=self.k[:, :count], v=self.v[:, :count], valid=self.valid[:count], positions=self.positions[:count]
-        )
-
     def copy_rows(self, sources: jax.Array, targets: jax.Array, count: jax.Array) -> KVCache:
         """Copies rows ``sources[i] -> targets[i]`` for ``i < count`` (``sources, targets: [R]`` int),
         one row at a time, in place when the cache is donated. Targets must not be sources of a

@@ -495,8 +495,7 @@ class Llama(nnx.Module):
           RoPE) and values; their rotary positions are ``cache.positions[:B]``.
 
         Each layer reads its first ``B`` rows inside the layer scan: with the cache sliced to ``B`` rows
-        beforehand (:meth:`KVCache.first_rows`) steps of 4 to 16 of 22 rows measured 1.2-1.3x slower
-        (docs/performance.md).
+        beforehand, steps of 4 to 16 of 22 rows measured 1.2-1.3x slower (docs/performance.md).
         """
         token_ids = jnp.asarray(token_ids)
         _check_tokens(token_ids, 1, "token_ids")
@@ -507,8 +506,8 @@ class Llama(nnx.Module):
         if not self._traced(token_ids, cache):
             return _compiled("decode_kv", False)(*nnx.split(self), token_ids, cache)
         mask = jnp.ones((rows, 1), bool)
-        head = cache.replace(valid=cache.valid[:rows], positions=cache.positions[:rows])
-        x, keys, values = self._layers(token_ids[:, None], head.positions[:, None], mask, head, rows=rows)
+        first = cache.replace(valid=cache.valid[:rows], positions=cache.positions[:rows])  # k, v: sliced per layer
+        x, keys, values = self._layers(token_ids[:, None], first.positions[:, None], mask, first, rows=rows)
         return self.logits(x[:, -1]), keys[:, :, 0], values[:, :, 0]
 
     def _traced(self, *arrays) -> bool:

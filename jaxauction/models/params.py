@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxauction.models.config import LlamaConfig
-from jaxauction.models.modeling import Llama
+from jaxauction.models.modeling import Q4_1_BLOCK, Llama
 
 # ---------------------------------------------------------------------------------------- q/k permutation
 
@@ -233,20 +233,30 @@ def gguf_weight_reader(file: GGUFFile, config: LlamaConfig, *, unpermute: bool =
     For ``general.architecture == "llama"`` the q and k rows are permuted back per head
     (``llama_cpp_unpermute``); ``unpermute=False`` skips that (only to show the logits then break).
     """
-    permuted = unpermute and file.metadata.get("general.architecture") == "llama"
+    restore = _row_order_restorer(file, config, unpermute)
 
     def read(hf_name: str) -> np.ndarray:
         name = gguf_tensor_name(hf_name)
         if name not in file.tensors:
             raise ValueError(f"{file.path}: tensor {name!r} (for {hf_name}) is missing.")
-        weight = check_finite(file.tensor(name), name, file.path)
-        if permuted and ".attn_q." in name:
-            weight = llama_cpp_unpermute(weight, config.num_heads)
-        elif permuted and ".attn_k." in name:
-            weight = llama_cpp_unpermute(weight, config.num_kv_heads)
-        return weight
+        return restore(name, check_finite(file.tensor(name), name, file.path))
 
     return read
+
+
+def _row_order_restorer(
+    file: GGUFFile, config: LlamaConfig, unpermute: bool
+) -> Callable[[str, np.ndarray], np.ndarray]:
+    """``(gguf_name, rows [out, ...]) -> rows`` with the q and k projections' rows permuted back per head
+    (``llama_cpp_unpermute``) for ``general.architecture == "llama"``; other tensors, and everything
+    when ``unpermute`` is False, unchanged."""
+    permuted = unpermute and file.metadata.get("general.architecture") == "llama"
+
+    def restore(name: str, rows: np.ndarray) -> np.ndarray:
+        heads = config.num_heads if ".attn_q." in name else config.num_kv_heads if ".attn_k." in name else None
+        return llama_cpp_unpermute(rows, heads) if permuted and heads is not None else rows
+
+    return restore
 
 
 Q4_1Blocks = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -273,17 +283,14 @@ def gguf_q4_1_reader(file: GGUFFile, config: LlamaConfig, *, unpermute: bool = T
     """``hf_name -> Q4_1Blocks`` reader over a GGUF file's Q4_1 projection weights (rows ``[out]``
     permuted back for q and k as in :func:`gguf_weight_reader`); a scale or minimum that is not finite
     raises ``ValueError`` naming the tensor and the file."""
-    permuted = unpermute and file.metadata.get("general.architecture") == "llama"
+    restore = _row_order_restorer(file, config, unpermute)
 
     def read(hf_name: str) -> Q4_1Blocks:
         name = gguf_tensor_name(hf_name)
         codes, scale, minimum = q4_1_blocks(file.raw(name))
         for part in (scale, minimum):
             check_finite(part.astype(np.float32), name, file.path)
-        heads = config.num_heads if ".attn_q." in name else config.num_kv_heads if ".attn_k." in name else None
-        if permuted and heads is not None:
-            codes, scale, minimum = (llama_cpp_unpermute(part, heads) for part in (codes, scale, minimum))
-        return codes, scale, minimum
+        return restore(name, codes), restore(name, scale), restore(name, minimum)
 
     return read
 
@@ -291,8 +298,6 @@ def gguf_q4_1_reader(file: GGUFFile, config: LlamaConfig, *, unpermute: bool = T
 def q4_1_layers_of(file: GGUFFile, config: LlamaConfig) -> bool:
     """Whether every layer projection of the file is Q4_1 with input widths divisible by 32 (then the
     model can hold them quantized)."""
-    from jaxauction.models.modeling import Q4_1_BLOCK
-
     names = [gguf_tensor_name(n) for n in hf_weight_names(config) if n.endswith("_proj.weight")]
     return all(
         name in file.tensors
