@@ -83,7 +83,8 @@ def test_chunked_batch_equals_one_chunk(tiny):
 
 def test_chunks_of_different_auctions_share_one_program(tiny, chunk_runs):
     """Chunks with different row counts (one-agent auctions, then three-agent ones) are laid out with
-    the batch's row counts: one prefill and one auction program for all chunks, same results."""
+    the batch's row counts: one prefill and one auction program for all chunks (none where an earlier
+    test compiled them already), same results."""
     from jaxauction.engine import runtime
 
     auctions = [MIXED[2]] * 4 + [MIXED[0], MIXED[1]] * 2
@@ -92,7 +93,7 @@ def test_chunks_of_different_auctions_share_one_program(tiny, chunk_runs):
     after = runtime.compilations()
     assert len(chunk_runs) >= 3, "precondition: the batch runs in several chunks"
     for name in ("prefill_body", "_auction_program"):
-        assert after.get(name, 0) - before.get(name, 0) == 1, (name, before, after)
+        assert after.get(name, 0) - before.get(name, 0) <= 1, (name, before, after)
     whole = generate(auctions, decoding="greedy", max_new_tokens=7, model=tiny)
     np.testing.assert_array_equal(chunked.tokens, whole.tokens)
     np.testing.assert_allclose(chunked.payments, whole.payments, rtol=1e-5, atol=1e-8)
@@ -137,6 +138,26 @@ def test_every_rule_payment_and_decoding_shares_the_model_programs(tiny, monkeyp
         assert len(now) == len(models) + len(new_capacities), (variant, grew)
         assert all(program is now.get(key) for key, program in models.items())
         models = now
+
+
+def test_nearby_lengths_share_the_compiled_programs(tiny, monkeypatch):
+    """``max_new_tokens`` 3 and 8 round up to the same 8 token slots: the second call compiles nothing,
+    returns ``[A, 3]`` tokens and payments, and greedy decoding gives the first 3 tokens of the 8."""
+    import collections
+
+    from jaxauction.engine import plan, runtime
+
+    assert [plan.token_slots(t) for t in (1, 3, 8, 9, 48, 50)] == [8, 8, 8, 16, 48, 56]
+    monkeypatch.setattr(runtime, "_PROGRAMS", collections.OrderedDict())
+    bids = np.array([[1.0, 2.0, 0.5], [0.2, 0.1, 3.0]])
+    long = generate(PROMPTS, bids, decoding="greedy", max_new_tokens=8, model=tiny)
+    before = runtime.compilations()
+    short = generate(PROMPTS, bids, decoding="greedy", max_new_tokens=3, model=tiny)
+    assert runtime.compilations() == before
+    assert short.tokens.shape == (2, 3) and short.token_payments.shape == (2, 3, 3)
+    np.testing.assert_array_equal(short.tokens, long.tokens[:, :3])
+    np.testing.assert_array_equal(short.lengths, np.minimum(long.lengths, 3))
+    np.testing.assert_allclose(short.token_payments, long.token_payments[:, :3], rtol=1e-6)
 
 
 def test_compiled_programs_stay_bounded_over_many_shapes(tiny, monkeypatch):
@@ -243,7 +264,7 @@ def test_generate_plans_with_the_bucketed_row_count(tiny, chunk_runs):
     generate(auctions[:1], decoding="greedy", max_new_tokens=4, model=tiny)
     _, max_length, _ = plans.pop()
     slots = len(MIXED[0].prompts)
-    row_bytes, other_bytes = plan.memory_terms(tiny[0], slots, max_length, slots, 4)
+    row_bytes, other_bytes = plan.memory_terms(tiny[0], slots, max_length, slots, plan.token_slots(4))
     budget = 21 * row_bytes + 7 * other_bytes
     result = generate(auctions, decoding="greedy", max_new_tokens=4, model=tiny, memory_budget=budget)
     assert plans, "the batch ran"

@@ -91,9 +91,9 @@ def _split_options(options, keywords: dict) -> tuple[request.GenerateOptions, di
     return options, form
 
 
-def _decode_spec(options: request.GenerateOptions, n_max: int, llm, tokenizer) -> DecodeSpec:
+def _decode_spec(options: request.GenerateOptions, n_max: int, token_slots: int, llm, tokenizer) -> DecodeSpec:
     pad_id, eos_ids = int(prompts_lib.pad_id(tokenizer)), prompts_lib.eos_ids(llm, tokenizer)
-    return DecodeSpec(options.rule, options.payment, options.decoding, n_max, options.max_new_tokens, pad_id, eos_ids)
+    return DecodeSpec(options.rule, options.payment, options.decoding, n_max, token_slots, pad_id, eos_ids)
 
 
 def generate(prompts, bids=None, *, options=None, key=None, model=None, mesh=None, progress=False, **keywords):
@@ -150,7 +150,7 @@ def generate(prompts, bids=None, *, options=None, key=None, model=None, mesh=Non
         prompts, bids, **form, key=key, tokenizer=tokenizer, options=options, vocab=llm.config.vocab_size
     )
     the_plan = plan.make_plan(req, llm, options, budget, 1 if mesh is None else mesh.size)
-    spec = _decode_spec(options, req.n_max, llm, tokenizer)
+    spec = _decode_spec(options, req.n_max, the_plan.token_slots, llm, tokenizer)
     runtime.enable_compilation_cache()
     graphdef, weights = nnx.split(llm)
     model_parts = (graphdef, sharding.replicate(weights, mesh))

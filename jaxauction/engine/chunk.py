@@ -77,7 +77,15 @@ def run_chunk(model, layout: ChunkLayout, keys, plan: Plan, spec: loop.DecodeSpe
             temperature=sharding.replicate(inputs.temperature, mesh),
         )
         state = jax.tree.map(lambda x: sharding.shard_batch(x, mesh) if x.ndim else sharding.replicate(x, mesh), state)
-    state = loop.decode(model, cache, logits, state, inputs, spec, (mesh, progress))
+    state = loop.decode(model, cache, logits, state, inputs, spec, plan.max_new_tokens, (mesh, progress))
     progress.finish_chunk()
-    out = jax.device_get((state.tokens, state.token_payments, state.lengths, state.valid))
-    return tuple(np.asarray(x) for x in out)
+    tokens, token_payments, lengths, valid = jax.device_get(
+        (state.tokens, state.token_payments, state.lengths, state.valid)
+    )
+    length = plan.max_new_tokens  # the columns past it (plan.token_slots) were never written
+    return (
+        np.asarray(tokens)[:, :length],
+        np.asarray(token_payments)[:, :length],
+        np.asarray(lengths),
+        np.asarray(valid),
+    )

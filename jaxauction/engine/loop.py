@@ -39,14 +39,14 @@ class DecodeSpec:
     Attributes:
       rule, payment, decoding: the mechanism (see :func:`jaxauction.generate`).
       num_charged: ``n``, the slots that pay (the base slot never pays).
-      max_new_tokens: ``T``. pad_id: the token of finished auctions. eos_ids: the stop tokens.
+      token_slots: ``T``, the token columns of the state (at least the tokens generated). pad_id: the token of finished auctions. eos_ids: the stop tokens.
     """
 
     rule: base.Rule
     payment: str | None
     decoding: str
     num_charged: int
-    max_new_tokens: int
+    token_slots: int
     pad_id: int
     eos_ids: tuple[int, ...]
 
@@ -70,9 +70,9 @@ class DecodeState:
         return cls(
             step=np.int32(0),
             slot_rows=slot_rows.astype(np.int32),
-            tokens=np.full((num_auctions, spec.max_new_tokens), spec.pad_id, np.int32),
+            tokens=np.full((num_auctions, spec.token_slots), spec.pad_id, np.int32),
             done=np.zeros((num_auctions,), bool),
-            token_payments=np.zeros((num_auctions, spec.max_new_tokens, spec.num_charged), dtype),
+            token_payments=np.zeros((num_auctions, spec.token_slots, spec.num_charged), dtype),
             valid=np.ones((num_auctions,), bool),
             lengths=np.zeros((num_auctions,), np.int32),
         )
@@ -209,8 +209,18 @@ def shard_cache(cache: KVCache, mesh) -> KVCache:
     return jax.device_put(cache, jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs))
 
 
-def decode(model: tuple, cache: KVCache, logits, state: DecodeState, inputs: ChunkInputs, spec: DecodeSpec, context):
-    """Runs the auctions of one chunk to the end; returns the final :class:`DecodeState`.
+def decode(
+    model: tuple,
+    cache: KVCache,
+    logits,
+    state: DecodeState,
+    inputs: ChunkInputs,
+    spec: DecodeSpec,
+    max_new_tokens: int,
+    context,
+):
+    """Runs the auctions of one chunk to the end (EOS or ``max_new_tokens <= spec.token_slots``
+    tokens); returns the final :class:`DecodeState`.
 
     ``model`` is ``(graphdef, weights)``, ``cache`` holds the chunk's ``P`` rows after the prompts
     (live rows first) and ``logits: [P, V]`` their next-token logits. ``context`` is ``(mesh,
@@ -221,11 +231,11 @@ def decode(model: tuple, cache: KVCache, logits, state: DecodeState, inputs: Chu
     capacities = row_capacities(cache.batch_size if mesh is None else cache.batch_size // mesh.size)
     auction = runtime.compiled(_auction_program, (spec, mesh), (state, logits, inputs), donate=(0,))
     models: dict[int, object] = {}
-    for step in range(spec.max_new_tokens):
+    for step in range(max_new_tokens):
         state, rows = auction(state, logits, inputs)
         progress.advance()
         count = int(np.max(np.asarray(rows.count)))
-        if count == 0 or step + 1 == spec.max_new_tokens:
+        if count == 0 or step + 1 == max_new_tokens:
             break
         capacity = capacities[int(np.searchsorted(capacities, count))]
         rows = rows._replace(slot_rows=None, count=None)  # the model program reads the rows' tokens and copies

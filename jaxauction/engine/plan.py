@@ -28,6 +28,7 @@ __all__ = [
     "memory_terms",
     "parse_memory_budget",
     "plan_chunks",
+    "token_slots",
 ]
 
 DEFAULT_MEMORY_BUDGET = 4 * 1024**3
@@ -41,6 +42,13 @@ def bucket(size: int) -> int:
         return size
     step = 1 << (size.bit_length() - 4)
     return -(-size // step) * step
+
+
+def token_slots(max_new_tokens: int) -> int:
+    """The token columns and cache slots a decode loop of ``max_new_tokens`` tokens is compiled for:
+    rounded up to a multiple of 8 (1 -> 8, 48 -> 48, 50 -> 56), so that nearby lengths share the
+    compiled programs. The loop still stops after ``max_new_tokens`` tokens; the extra columns are sliced off."""
+    return -(-max_new_tokens // 8) * 8
 
 
 def device_rows(real_rows: int) -> int:
@@ -185,7 +193,9 @@ class Plan:
       width: the prompt slots of the cache (the longest prompt, bucketed); the tokens end there.
       prefix_length: the token prefix shared by every prompt of the batch (prefilled once), or 0.
       suffix_width: the width the prompts' remainders after that prefix are left-padded to.
-      max_length: the cache's slots, ``width + max_new_tokens``.
+      max_new_tokens: the tokens each auction may generate.
+      token_slots: the compiled token columns (:func:`token_slots`).
+      max_length: the cache's slots, ``width + token_slots``.
       layouts: one :class:`ChunkLayout` per chunk.
     """
 
@@ -197,12 +207,15 @@ class Plan:
     width: int
     prefix_length: int
     suffix_width: int
+    max_new_tokens: int
+    token_slots: int
     max_length: int
     layouts: tuple[ChunkLayout, ...]
 
 
-def _prompt_geometry(sequences, max_new_tokens: int, context: int) -> tuple[int, int, int]:
-    """``(width, prefix_length, suffix_width)``; ValueError when the prompts do not fit the context."""
+def _prompt_geometry(sequences, max_new_tokens: int, context: int) -> tuple[int, int, int, int]:
+    """``(width, prefix_length, suffix_width, slots)``, ``slots`` the token columns (:func:`token_slots`,
+    or ``max_new_tokens`` where they would not fit the context); ValueError when the prompts do not fit."""
     longest = max(map(len, sequences))
     if longest + max_new_tokens > context:
         raise ValueError(
@@ -210,23 +223,28 @@ def _prompt_geometry(sequences, max_new_tokens: int, context: int) -> tuple[int,
             f"{max_new_tokens} that is {longest + max_new_tokens} > the model's context of {context}. Shorten the "
             "prompts or lower max_new_tokens."
         )
+    slots = token_slots(max_new_tokens)
+    if longest + slots > context:
+        slots = max_new_tokens
     width = -(-longest // prompts_lib.PROMPT_BUCKET) * prompts_lib.PROMPT_BUCKET
-    width = min(width, context - max_new_tokens)
+    width = min(width, context - slots)
     prefix_length = prompts_lib.shared_prefix_length(sequences)
     suffix_width = min(-(-(longest - prefix_length) // 8) * 8, width - prefix_length) if prefix_length else width
-    return width, prefix_length, suffix_width
+    return width, prefix_length, suffix_width, slots
 
 
 def make_plan(request: Request, llm, options: GenerateOptions, budget: int, devices: int = 1) -> Plan:
     """The :class:`Plan` of ``request`` on ``devices`` devices within ``budget`` bytes per chunk."""
     auctions, n_max, max_new_tokens = request.auctions, request.n_max, options.max_new_tokens
     sequences = [seq for a in auctions for seq in a.sequences]
-    width, prefix_length, suffix_width = _prompt_geometry(sequences, max_new_tokens, llm.config.max_position_embeddings)
-    max_length = width + max_new_tokens
+    width, prefix_length, suffix_width, slots = _prompt_geometry(
+        sequences, max_new_tokens, llm.config.max_position_embeddings
+    )
+    max_length = width + slots
     # Every chunk is laid out with the batch's largest row count, bucketed: plan with the largest
     # auction's rows and the bucketed row count.
     cache_rows = max(len(a.sequences) for a in auctions)
-    row_bytes, other_bytes = memory_terms(llm, request.slots, max_length, n_max, max_new_tokens)
+    row_bytes, other_bytes = memory_terms(llm, request.slots, max_length, n_max, slots)
     chunk, num_chunks = plan_chunks(
         len(auctions),
         cache_rows * row_bytes + other_bytes,
@@ -247,6 +265,8 @@ def make_plan(request: Request, llm, options: GenerateOptions, budget: int, devi
         width=width,
         prefix_length=prefix_length,
         suffix_width=suffix_width,
+        max_new_tokens=max_new_tokens,
+        token_slots=slots,
         max_length=max_length,
         layouts=layouts,
     )
