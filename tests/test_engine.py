@@ -187,8 +187,9 @@ def test_compiled_programs_stay_bounded_over_many_shapes(tiny, monkeypatch):
     compiled = sum(runtime.compilations().values()) - compiled_before
     assert runtime.program_count() <= 6
     assert compiled >= 15, "precondition: the calls compiled many programs"
-    # Unbounded, every program kept about 170 mappings (8,557 more after 50 programs).
-    assert mappings() - settled < 2 * compiled, (settled, mappings(), compiled)
+    # Unbounded, every program kept about 170 mappings (8,557 more after 50 programs). Bounded, the
+    # count moves within about 130 mappings with the sizes of the programs the table happens to hold.
+    assert mappings() - settled < 5 * compiled, (settled, mappings(), compiled)
 
 
 @pytest.fixture

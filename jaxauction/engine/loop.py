@@ -1,17 +1,18 @@
-"""The decode loop: a host loop over two compiled programs per token.
+"""The decode loop: a host loop over three compiled programs per token.
 
-Each token runs the *auction program* (the rule, the payments and the draw for every auction, then
-:func:`jaxauction.engine.rows.next_rows`), then the *model program* (row copies, the model on the
-first live rows, the new keys and values appended). The model program depends on the model, the
-cache shape and the row capacity only, so every rule, payment and decoding shares it; the auction
-program holds no model and compiles in about a second. The host reads the live-row count of every
-step to pick the capacity (compiling a capacity the first time a step needs it) and stops when no
-auction is running.
+Each token runs the *auction program* (the rule, the payments and the draw for every auction), the
+*rows program* (:func:`jaxauction.engine.rows.next_rows`: which cache row each slot reads next), then
+the *model program* (row copies, the model on the first live rows, the new keys and values appended).
+The rows and model programs depend on the shapes (and the model and row capacity) only, so every
+rule, payment and decoding shares them; the auction program holds no model and compiles in about a
+second. The host reads the live-row count of every step to pick the capacity (compiling a capacity
+the first time a step needs it) and stops when no auction is running.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING
 
 import flax.struct
@@ -89,11 +90,13 @@ class ChunkInputs:
 
 
 def auction_update(spec: DecodeSpec, state: DecodeState, logits, inputs: ChunkInputs):
-    """One token of every auction from its rows' ``logits: [P, V]``; returns ``(state, RowUpdate)``.
+    """One token of every auction from its rows' ``logits: [P, V]``; returns ``(state, token [A], live
+    [A, m])``: the state after the token (``slot_rows`` not yet moved, see :func:`rows_update`), the
+    tokens and the slots that continue.
 
     A finished auction gets ``pad_id`` and payments 0. An auction whose step is not ``ok`` (see
     :func:`jaxauction.engine.step.auction_step`) stops there: token ``pad_id``, NaN payments for its
-    real agents at that step, and ``valid`` False. ``RowUpdate.count`` and ``copies`` have shape [1].
+    real agents at that step, and ``valid`` False.
     """
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(inputs.keys, state.step)
     with jax.named_scope("auction_step"):
@@ -115,17 +118,23 @@ def auction_update(spec: DecodeSpec, state: DecodeState, logits, inputs: ChunkIn
     charged_real = inputs.real[:, : spec.num_charged]
     charged = jnp.where(broken[:, None] & charged_real, jnp.nan, jnp.where(stopped, 0, charged))
     done = done | broken | jnp.isin(token, jnp.asarray(spec.eos_ids, jnp.int32))
-    update = next_rows(state.slot_rows, token, inputs.real & ~done[:, None], logits.shape[0])
     state = state.replace(
         step=state.step + 1,
-        slot_rows=update.slot_rows,
         tokens=state.tokens.at[:, state.step].set(token),
         done=done,
         token_payments=state.token_payments.at[:, state.step].set(charged.astype(state.token_payments.dtype)),
         valid=state.valid & ~broken,
         lengths=state.lengths + (~stopped[:, 0]).astype(jnp.int32),
     )
-    return state, update._replace(count=update.count[None], copies=update.copies[None])
+    return state, token, inputs.real & ~done[:, None]
+
+
+def rows_update(num_rows: int, slot_rows, token, live) -> RowUpdate:
+    """:func:`jaxauction.engine.rows.next_rows` with ``count`` and ``copies`` of shape [1] (one per
+    device under ``shard_map``). Its own program: it depends on the shapes only, so every mechanism
+    shares it (about 0.4 s of compilation that a new rule or payment does not repeat)."""
+    update = next_rows(slot_rows, token, live, num_rows)
+    return update._replace(count=update.count[None], copies=update.copies[None])
 
 
 def model_step(graphdef, capacity: int, weights, cache: KVCache, rows: RowUpdate):
@@ -171,10 +180,20 @@ def _auction_program(spec, mesh, state, logits, inputs):
         lambda s, x, i: auction_update(spec, s, x, i),
         mesh=mesh,
         in_specs=(state_specs, split, input_specs),
-        out_specs=(state_specs, split),
+        out_specs=(state_specs, split, split),
         check_vma=False,
     )
     return body(state, logits, inputs)
+
+
+def _rows_program(num_rows, mesh, slot_rows, token, live):
+    if mesh is None:
+        return rows_update(num_rows, slot_rows, token, live)
+    split = PartitionSpec(sharding.AXIS)
+    body = jax.shard_map(
+        functools.partial(rows_update, num_rows), mesh=mesh, in_specs=split, out_specs=split, check_vma=False
+    )
+    return body(slot_rows, token, live)
 
 
 def _model_program(graphdef, capacity, mesh, weights, cache, rows):
@@ -228,11 +247,17 @@ def decode(
     """
     graphdef, weights = model
     mesh, progress = context
-    capacities = row_capacities(cache.batch_size if mesh is None else cache.batch_size // mesh.size)
+    num_rows = cache.batch_size if mesh is None else cache.batch_size // mesh.size
+    capacities = row_capacities(num_rows)
     auction = runtime.compiled(_auction_program, (spec, mesh), (state, logits, inputs), donate=(0,))
+    rows_program = None
     models: dict[int, object] = {}
     for step in range(max_new_tokens):
-        state, rows = auction(state, logits, inputs)
+        state, token, live = auction(state, logits, inputs)
+        if rows_program is None:
+            rows_program = runtime.compiled(_rows_program, (num_rows, mesh), (state.slot_rows, token, live))
+        rows = rows_program(state.slot_rows, token, live)
+        state = state.replace(slot_rows=rows.slot_rows)
         progress.advance()
         count = int(np.max(np.asarray(rows.count)))
         if count == 0 or step + 1 == max_new_tokens:
