@@ -209,6 +209,14 @@ def chunk_runs(monkeypatch):
     return runs
 
 
+def test_lengths_are_not_rounded_past_the_context(tiny, chunk_runs):
+    """A 125-token prompt leaves room for 3 of the tiny model's 128 positions: rounded up to 8 slots
+    it would not fit, so the programs are compiled for 3 and the cache ends at the context."""
+    result = generate([[3] * 125, [4] * 123], [1.0, 2.0], decoding="greedy", max_new_tokens=3, model=tiny)
+    assert result.tokens.shape == (3,) and result.valid
+    assert [max_length for _, max_length, _ in chunk_runs] == [tiny[0].config.max_position_embeddings]
+
+
 def test_chunks_fit_the_budget_when_auctions_differ_in_size(tiny, chunk_runs, monkeypatch):
     """Every chunk holds the batch's largest row count, so the plan counts the largest auction's rows:
     planned on the mean (1.5 rows here), the chunk of four three-agent auctions held 12 rows."""
