@@ -9,8 +9,9 @@ slots (``m = n_max``, + 1 with a base prompt); absent slots have zero bid and ev
 3. Per chunk (:mod:`~jaxauction.engine.chunk`): the distinct prompts are prefilled once; slots with
    equal token sequences share one KV-cache row, live rows first.
 4. Per token (:mod:`~jaxauction.engine.loop`): the auction program (rule, payments, draw:
-   :mod:`~jaxauction.engine.step`; the next rows: :mod:`~jaxauction.engine.rows`), then the model
-   program on the first live rows, shared by every rule, payment and decoding.
+   :mod:`~jaxauction.engine.step`), then the rows program (the next rows:
+   :mod:`~jaxauction.engine.rows`) and the model program on the first live rows, both shared by
+   every rule, payment and decoding. Lengths are compiled rounded up (:func:`plan.token_slots`).
 5. Compiled programs are kept in a bounded table and on disk (:mod:`~jaxauction.engine.runtime`).
 """
 
