@@ -11,7 +11,8 @@ slots (``m = n_max``, + 1 with a base prompt); absent slots have zero bid and ev
 4. Per token (:mod:`~jaxauction.engine.loop`): the auction program (rule, payments, draw:
    :mod:`~jaxauction.engine.step`), then the rows program (the next rows:
    :mod:`~jaxauction.engine.rows`) and the model program on the first live rows, both shared by
-   every rule, payment and decoding. Lengths are compiled rounded up (:func:`plan.token_slots`).
+   every rule, payment and decoding. Lengths are compiled rounded up
+   (:func:`~jaxauction.engine.plan.token_slots`).
 5. Compiled programs are kept in a bounded table and on disk (:mod:`~jaxauction.engine.runtime`).
 """
 
