@@ -81,11 +81,14 @@ def test_chunked_batch_equals_one_chunk(tiny):
     np.testing.assert_allclose(mixed.payments, alone.payments, rtol=1e-5, atol=1e-8)
 
 
-def test_chunks_of_different_auctions_share_one_program(tiny, chunk_runs):
+def test_chunks_of_different_auctions_share_one_program(tiny, chunk_runs, monkeypatch):
     """Chunks with different row counts (one-agent auctions, then three-agent ones) are laid out with
-    the batch's row counts: one prefill and one auction program for all chunks (none where an earlier
-    test compiled them already), same results."""
+    the batch's row counts: one prefill and one auction program for all chunks, same results."""
+    import collections
+
     from jaxauction.engine import runtime
+
+    monkeypatch.setattr(runtime, "_PROGRAMS", collections.OrderedDict())  # none from earlier tests
 
     auctions = [MIXED[2]] * 4 + [MIXED[0], MIXED[1]] * 2
     before = runtime.compilations()
@@ -93,7 +96,7 @@ def test_chunks_of_different_auctions_share_one_program(tiny, chunk_runs):
     after = runtime.compilations()
     assert len(chunk_runs) >= 3, "precondition: the batch runs in several chunks"
     for name in ("prefill_body", "_auction_program"):
-        assert after.get(name, 0) - before.get(name, 0) <= 1, (name, before, after)
+        assert after.get(name, 0) - before.get(name, 0) == 1, (name, before, after)
     whole = generate(auctions, decoding="greedy", max_new_tokens=7, model=tiny)
     np.testing.assert_array_equal(chunked.tokens, whole.tokens)
     np.testing.assert_allclose(chunked.payments, whole.payments, rtol=1e-5, atol=1e-8)
@@ -210,11 +213,20 @@ def chunk_runs(monkeypatch):
 
 
 def test_lengths_are_not_rounded_past_the_context(tiny, chunk_runs):
-    """A 125-token prompt leaves room for 3 of the tiny model's 128 positions: rounded up to 8 slots
-    it would not fit, so the programs are compiled for 3 and the cache ends at the context."""
-    result = generate([[3] * 125, [4] * 123], [1.0, 2.0], decoding="greedy", max_new_tokens=3, model=tiny)
-    assert result.tokens.shape == (3,) and result.valid
-    assert [max_length for _, max_length, _ in chunk_runs] == [tiny[0].config.max_position_embeddings]
+    """Near the tiny model's 128 positions the length is rounded up only as far as the context allows:
+    a 121-token prompt leaves room for 7 tokens, so lengths 3 and 7 share programs compiled for 7
+    slots; a 125-token prompt leaves room for exactly 3. The cache ends at the context each time."""
+    from jaxauction.engine import runtime
+
+    context = tiny[0].config.max_position_embeddings
+    three = generate([[3] * 121, [4] * 119], [1.0, 2.0], decoding="greedy", max_new_tokens=3, model=tiny)
+    before = runtime.compilations()
+    seven = generate([[3] * 121, [4] * 119], [1.0, 2.0], decoding="greedy", max_new_tokens=7, model=tiny)
+    assert runtime.compilations() == before
+    np.testing.assert_array_equal(three.tokens, seven.tokens[:3])
+    tight = generate([[3] * 125, [4] * 123], [1.0, 2.0], decoding="greedy", max_new_tokens=3, model=tiny)
+    assert tight.tokens.shape == (3,) and tight.valid
+    assert [max_length for _, max_length, _ in chunk_runs] == [context] * 3
 
 
 def test_chunks_fit_the_budget_when_auctions_differ_in_size(tiny, chunk_runs, monkeypatch):

@@ -40,7 +40,8 @@ class DecodeSpec:
     Attributes:
       rule, payment, decoding: the mechanism (see :func:`jaxauction.generate`).
       num_charged: ``n``, the slots that pay (the base slot never pays).
-      token_slots: ``T``, the token columns of the state (at least the tokens generated). pad_id: the token of finished auctions. eos_ids: the stop tokens.
+      token_slots: ``T``, the token columns of the state (at least the tokens generated).
+      pad_id: the token of finished auctions. eos_ids: the stop tokens.
     """
 
     rule: base.Rule
@@ -245,6 +246,8 @@ def decode(
     (live rows first) and ``logits: [P, V]`` their next-token logits. ``context`` is ``(mesh,
     progress)`` with ``progress`` a :class:`jaxauction.engine.runtime.TokenProgress`.
     """
+    if not 1 <= max_new_tokens <= spec.token_slots:
+        raise ValueError(f"max_new_tokens: expected 1 to spec.token_slots = {spec.token_slots}; got {max_new_tokens}.")
     graphdef, weights = model
     mesh, progress = context
     num_rows = cache.batch_size if mesh is None else cache.batch_size // mesh.size

@@ -105,21 +105,21 @@ def default_memory_budget() -> int:
     return int(max(64 * 1024**2, min(DEFAULT_MEMORY_BUDGET, _address_space_left() / 4)))
 
 
-def memory_terms(llm, slots: int, cache_length: int, num_charged: int, max_new_tokens: int) -> tuple[int, int]:
+def memory_terms(llm, slots: int, cache_length: int, num_charged: int, token_slots: int) -> tuple[int, int]:
     """``(row_bytes, auction_bytes)``: estimated peak working memory of the decode loop per cache row and
     per auction beyond its rows.
 
     Per cache row: the KV cache ``2 L S K hd`` (model dtype) and the hidden/MLP activations of one
     row, and its logits ``V``. Per auction, for its ``slots = m`` slots: the logits and the
     rule/payment intermediates, about ``(8 + 2 n) V`` floats each (``log p``, ``q``, the closed form's
-    ``[n, V]`` leave-one-out mixtures); plus the outputs ``T (n + 2)``.
+    ``[n, V]`` leave-one-out mixtures); plus the outputs ``T (n + 2)``, ``T = token_slots``.
     """
     config = llm.config
     itemsize = np.dtype(llm.dtype).itemsize
     kv = 2 * config.num_layers * cache_length * config.num_kv_heads * config.head_dim * itemsize
     hidden = 4 * (8 * config.hidden_size + 3 * config.intermediate_size + config.num_heads * cache_length)
     vocab = config.vocab_size * 4 * (8 + 2 * num_charged)
-    return kv + hidden + 4 * config.vocab_size, slots * vocab + 4 * max_new_tokens * (num_charged + 2)
+    return kv + hidden + 4 * config.vocab_size, slots * vocab + 4 * token_slots * (num_charged + 2)
 
 
 def plan_chunks(
@@ -215,7 +215,7 @@ class Plan:
 
 def _prompt_geometry(sequences, max_new_tokens: int, context: int) -> tuple[int, int, int, int]:
     """``(width, prefix_length, suffix_width, slots)``, ``slots`` the token columns (:func:`token_slots`,
-    or ``max_new_tokens`` where they would not fit the context); ValueError when the prompts do not fit."""
+    fewer where they would not fit the context); ValueError when the prompts do not fit."""
     longest = max(map(len, sequences))
     if longest + max_new_tokens > context:
         raise ValueError(
@@ -223,9 +223,7 @@ def _prompt_geometry(sequences, max_new_tokens: int, context: int) -> tuple[int,
             f"{max_new_tokens} that is {longest + max_new_tokens} > the model's context of {context}. Shorten the "
             "prompts or lower max_new_tokens."
         )
-    slots = token_slots(max_new_tokens)
-    if longest + slots > context:
-        slots = max_new_tokens
+    slots = min(token_slots(max_new_tokens), context - longest)  # at least max_new_tokens (checked above)
     width = -(-longest // prompts_lib.PROMPT_BUCKET) * prompts_lib.PROMPT_BUCKET
     width = min(width, context - slots)
     prefix_length = prompts_lib.shared_prefix_length(sequences)
