@@ -431,10 +431,9 @@ def build_model(
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         return _expect(name, read(name), shape, source)
 
-    def put(array: np.ndarray) -> jax.Array:
+    def put(array: np.ndarray, target=dtype) -> jax.Array:
         # Wait for each host-to-device copy so a busy machine cannot queue up transient numpy copies
-        # (that roughly doubled the peak memory of a load under load). Quantized parts keep their dtype.
-        target = array.dtype if array.dtype in (np.uint8, np.float16) and quantization else dtype
+        # (that roughly doubled the peak memory of a load under load).
         return jnp.asarray(np.ascontiguousarray(array), target).block_until_ready()
 
     def kernel(names: list[str], shapes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
@@ -481,7 +480,9 @@ def build_model(
             stacked = jax.tree.map(lambda a: np.empty((L, *a.shape), a.dtype), arrays)
         jax.tree.map(lambda whole, a: whole.__setitem__(i, a), stacked, arrays)
         del arrays
-    layers = jax.tree.map(put, stacked)
+    # Each layer leaf gets the module's dtype for it (uint8 codes and float16 scales when quantized).
+    layer_specs = nnx.to_pure_dict(abstract_state)["layers"]
+    layers = jax.tree.map(lambda spec, array: put(array, spec.dtype), layer_specs, stacked)
     del stacked
     pure: dict[str, Any] = {
         "embedding": put(get("model.embed_tokens.weight", (config.vocab_size, D))),
