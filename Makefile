@@ -33,7 +33,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The suite runs in one worker per core (pytest-xdist), each test file in one worker.
+# The suite runs in one worker per core (pytest-xdist; tests/conftest.py pins each to its core), each test file in one worker.
 test: lint
 	$(PY) -m pytest -q -n auto --dist loadfile
 

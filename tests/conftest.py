@@ -35,3 +35,22 @@ def _release_compiled_programs():
     """
     yield
     jax.clear_caches()
+
+
+def pytest_configure(config):
+    """Each pytest-xdist worker runs on a core of its own (when there are as many cores as workers).
+
+    XLA sizes its thread pools to the cores a process may use, so two workers on two cores otherwise
+    run four pools on two cores. Pinned, the suite took 439.5 and 416.3 s against 473.3 and 443.1 s
+    unpinned (two alternating pairs with empty compilation caches on the 2-core host,
+    docs/performance.md). Subprocesses the tests start inherit the worker's core.
+    """
+    import os
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or workers < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= workers:
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
