@@ -68,7 +68,7 @@ def matmul_throughput(size: int = 1024, repeats: int = 60) -> float:
     """FLOP/s of a large float32 matrix product under ``jax.jit`` (best of ``repeats``): the compute roof.
 
     Each product takes about 10 ms, so many repeats keep one busy moment of the shared machine from
-    lowering the roof (7 repeats once measured 110 instead of 210 GFLOP/s, halving the floor's ratio)."""
+    lowering the roof (7 repeats once measured 110 instead of 210 GFLOP/s, which nearly doubled the floor)."""
     import jax
     import jax.numpy as jnp
 

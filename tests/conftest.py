@@ -1,5 +1,7 @@
 """Shared test fixtures."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -45,8 +47,6 @@ def pytest_configure(config):
     unpinned (two alternating pairs with empty compilation caches on the 2-core host,
     docs/performance.md). Subprocesses the tests start inherit the worker's core.
     """
-    import os
-
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if not worker.startswith("gw") or workers < 2 or not hasattr(os, "sched_setaffinity"):
