@@ -195,8 +195,8 @@ class Plan:
       suffix_width: the width the prompts' remainders after that prefix are left-padded to.
       max_new_tokens: the tokens each auction may generate.
       token_slots: the compiled token columns (:func:`token_slots`).
-      max_length: the cache's slots, ``width + token_slots``.
       layouts: one :class:`ChunkLayout` per chunk.
+      max_length: (derived) the cache's slots, ``width + token_slots``.
     """
 
     chunk_size: int
@@ -209,8 +209,11 @@ class Plan:
     suffix_width: int
     max_new_tokens: int
     token_slots: int
-    max_length: int
     layouts: tuple[ChunkLayout, ...]
+
+    @property
+    def max_length(self) -> int:
+        return self.width + self.token_slots
 
 
 def _prompt_geometry(sequences, max_new_tokens: int, context: int) -> tuple[int, int, int, int]:
@@ -265,6 +268,5 @@ def make_plan(request: Request, llm, options: GenerateOptions, budget: int, devi
         suffix_width=suffix_width,
         max_new_tokens=max_new_tokens,
         token_slots=slots,
-        max_length=max_length,
         layouts=layouts,
     )
