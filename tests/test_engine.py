@@ -26,6 +26,22 @@ def tiny():
     return tiny_llama(VOCAB, seed=0), TinyTokenizer(VOCAB)
 
 
+@pytest.fixture
+def empty_program_table(monkeypatch):
+    """The engine's table of compiled programs starts empty for this test, so the programs of earlier
+    tests cannot hide which ones the test's calls compiled. Afterwards the earlier table comes back
+    with the test's programs added as the most recently used (the next compilation trims it to
+    ``MAX_PROGRAMS``), so later tests need not compile them again."""
+    import collections
+
+    from jaxauction.engine import runtime
+
+    earlier = runtime._PROGRAMS
+    monkeypatch.setattr(runtime, "_PROGRAMS", collections.OrderedDict())
+    yield
+    earlier.update(runtime._PROGRAMS)
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_next_rows_against_brute_force(seed):
     """One row per distinct (row, token) continuation of a live slot, in rows 0 .. count - 1; a first
@@ -81,14 +97,10 @@ def test_chunked_batch_equals_one_chunk(tiny):
     np.testing.assert_allclose(mixed.payments, alone.payments, rtol=1e-5, atol=1e-8)
 
 
-def test_chunks_of_different_auctions_share_one_program(tiny, chunk_runs, monkeypatch):
+def test_chunks_of_different_auctions_share_one_program(tiny, chunk_runs, empty_program_table):
     """Chunks with different row counts (one-agent auctions, then three-agent ones) are laid out with
     the batch's row counts: one prefill and one auction program for all chunks, same results."""
-    import collections
-
     from jaxauction.engine import runtime
-
-    monkeypatch.setattr(runtime, "_PROGRAMS", collections.OrderedDict())  # none from earlier tests
 
     auctions = [MIXED[2]] * 4 + [MIXED[0], MIXED[1]] * 2
     before = runtime.compilations()
@@ -108,16 +120,11 @@ def _model_programs():
     return {key: program for key, program in runtime._PROGRAMS.items() if key[0] is loop._model_program}
 
 
-def test_every_rule_payment_and_decoding_shares_the_model_programs(tiny, monkeypatch):
+def test_every_rule_payment_and_decoding_shares_the_model_programs(tiny, empty_program_table):
     """The model is compiled once per shape and row capacity: a new rule, payment or decoding
     compiles one auction program (no model in it) and reuses the prefill and model programs."""
-    import collections
-
     from jaxauction.engine import runtime
 
-    # An empty program table: programs of earlier tests (other cache shapes, same capacities) would
-    # hide which capacities this test's calls compiled.
-    monkeypatch.setattr(runtime, "_PROGRAMS", collections.OrderedDict())
     bids = np.array([[1.0, 2.0, 0.5], [0.2, 0.1, 3.0], [1.0, 1.0, 1.0]])
     generate(PROMPTS, bids, decoding="greedy", max_new_tokens=6, model=tiny)
     models = _model_programs()
@@ -143,15 +150,12 @@ def test_every_rule_payment_and_decoding_shares_the_model_programs(tiny, monkeyp
         models = now
 
 
-def test_nearby_lengths_share_the_compiled_programs(tiny, monkeypatch):
+def test_nearby_lengths_share_the_compiled_programs(tiny, empty_program_table):
     """``max_new_tokens`` 3 and 8 round up to the same 8 token slots: the second call compiles nothing,
     returns ``[A, 3]`` tokens and payments, and greedy decoding gives the first 3 tokens of the 8."""
-    import collections
-
     from jaxauction.engine import plan, runtime
 
     assert [plan.token_slots(t) for t in (1, 3, 8, 9, 48, 50)] == [8, 8, 8, 16, 48, 56]
-    monkeypatch.setattr(runtime, "_PROGRAMS", collections.OrderedDict())
     bids = np.array([[1.0, 2.0, 0.5], [0.2, 0.1, 3.0]])
     long = generate(PROMPTS, bids, decoding="greedy", max_new_tokens=8, model=tiny)
     before = runtime.compilations()
@@ -163,9 +167,10 @@ def test_nearby_lengths_share_the_compiled_programs(tiny, monkeypatch):
     np.testing.assert_allclose(short.token_payments, long.token_payments[:, :3], rtol=1e-6)
 
 
-def test_compiled_programs_stay_bounded_over_many_shapes(tiny, monkeypatch):
+def test_compiled_programs_stay_bounded_over_many_shapes(tiny, empty_program_table, monkeypatch):
     """Beyond ``MAX_PROGRAMS`` the least recently used program is dropped, and its memory mappings
-    with it: a process meeting many shapes holds a bounded number of programs and mappings."""
+    with it: a process meeting many shapes holds a bounded number of programs and mappings. (On an
+    empty table, so the programs of earlier tests are kept for later ones instead of compiled again.)"""
     from jaxauction.engine import runtime
 
     def mappings():
