@@ -7,6 +7,7 @@ llama.cpp's converter does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -438,8 +439,11 @@ def test_prompt_longer_than_context_and_bad_shapes(tiny_models):
     _, cache = jm.jit_prefill(model, np.zeros((2, 6), np.int32), None, cache)
     with pytest.raises(ValueError, match="cache.index=6 plus 3 new tokens exceeds max_length=8"):
         jm.CompiledLlama(model).prefill(np.zeros((2, 3), np.int32), None, cache)
-    with pytest.raises(ValueError, match=r"cache\.k has shape .* create it with model\.init_cache\(3"):
+    with pytest.raises(ValueError, match=r"3 rows but the cache only 2; create it with model\.init_cache\(3"):
         model.decode(np.zeros((3,), np.int32), cache)
+    other = jm.init_cache(dataclasses.replace(model.config, num_kv_heads=4), 2, 8)  # another model's layout
+    with pytest.raises(ValueError, match=r"cache\.k has shape .* create it with model\.init_cache\(2"):
+        model.decode(np.zeros((2,), np.int32), other)
     with pytest.raises(ValueError, match="input_ids must have shape"):
         model(np.zeros((4,), np.int32))
     with pytest.raises(ValueError, match="integer token ids"):

@@ -68,7 +68,7 @@ def run_chunk(model, layout: ChunkLayout, keys, plan: Plan, spec: loop.DecodeSpe
     )
     state = jax.tree.map(jnp.asarray, state)
     if mesh is not None:
-        cache = loop.shard_cache(cache, mesh)
+        cache = loop.shard_cache(model, cache, mesh)
         logits = sharding.shard_batch(logits, mesh)
         inputs = inputs.replace(
             bids=sharding.shard_batch(inputs.bids, mesh),

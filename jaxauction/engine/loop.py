@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING
 
 import flax.struct
 import jax
@@ -26,9 +25,7 @@ from jaxauction import base, sharding
 from jaxauction.engine import runtime
 from jaxauction.engine.rows import RowUpdate, next_rows, row_capacities
 from jaxauction.engine.step import auction_step
-
-if TYPE_CHECKING:
-    from jaxauction.models.kv_cache import KVCache
+from jaxauction.models.base import LanguageModel, RowCache
 
 __all__ = ["ChunkInputs", "DecodeSpec", "DecodeState", "decode", "prefill"]
 
@@ -138,20 +135,17 @@ def rows_update(num_rows: int, slot_rows, token, live) -> RowUpdate:
     return update._replace(count=update.count[None], copies=update.copies[None])
 
 
-def model_step(graphdef, capacity: int, weights, cache: KVCache, rows: RowUpdate):
+def model_step(graphdef, capacity: int, weights, cache: RowCache, rows: RowUpdate):
     """The model on the first ``capacity`` rows of ``cache`` after the row copies of ``rows``.
 
-    Returns ``(logits [P, V], cache)``: zero logits from ``capacity`` on (free rows), the new keys and
-    values appended for the first ``capacity`` rows (rows past the live ones hold garbage until a
-    copy fills them)."""
+    Returns ``(logits [P, V], cache)``: zero logits from ``capacity`` on (free rows), the first
+    ``capacity`` rows' new tokens written (rows past the live ones hold garbage until a copy fills
+    them). The model's :meth:`~jaxauction.models.base.LanguageModel.decode` writes after its reads,
+    so the donated cache is updated in place."""
     with jax.named_scope("row_copies"):
         cache = cache.copy_rows(rows.copy_from, rows.copy_to, rows.copies[0])
-    logits, keys, values = nnx.merge(graphdef, weights).decode_kv(rows.row_tokens[:capacity], cache)
-    with jax.named_scope("cache_append"):
-        # The write index depends on the logits (``> inf`` is always false), so XLA orders the write
-        # after every layer's read and updates the donated cache in place instead of copying it.
-        cache = cache.replace(index=(cache.index + (logits[0, 0] > jnp.inf)).astype(jnp.int32))
-        cache = cache.append(keys[:, :, None], values[:, :, None], jnp.ones((capacity, 1), bool))
+    model: LanguageModel = nnx.merge(graphdef, weights)
+    logits, cache = model.decode(rows.row_tokens[:capacity], cache)
     return jnp.pad(logits, ((0, cache.batch_size - capacity), (0, 0))), cache
 
 
@@ -198,40 +192,38 @@ def _rows_program(num_rows, mesh, slot_rows, token, live):
 
 
 def _model_program(graphdef, capacity, mesh, weights, cache, rows):
-    from jaxauction.models.kv_cache import KVCache  # (the models package imports transformers: seconds)
-
     if mesh is None:
         return model_step(graphdef, capacity, weights, cache, rows)
-    split, cache_specs = PartitionSpec(sharding.AXIS), KVCache.partition_specs(sharding.AXIS)
+    split = PartitionSpec(sharding.AXIS)
+    weight_specs, cache_specs = nnx.merge(graphdef, weights).partition_specs(sharding.AXIS)
     body = jax.shard_map(
         lambda w, c, r: model_step(graphdef, capacity, w, c, r),
         mesh=mesh,
-        in_specs=(PartitionSpec(), cache_specs, split),
+        in_specs=(weight_specs, cache_specs, split),
         out_specs=(split, cache_specs),
         check_vma=False,
     )
     return body(weights, cache, rows)
 
 
-def prefill(graphdef, weights, cache: KVCache, prompt_arrays: tuple):
+def prefill(graphdef, weights, cache: RowCache, prompt_arrays: tuple):
     """:func:`prefill_body` compiled (once per shape); ``prompt_arrays`` are its four array arguments."""
     args = (weights, *prompt_arrays, cache)
     return runtime.compiled(prefill_body, (graphdef,), args)(*args)
 
 
-def shard_cache(cache: KVCache, mesh) -> KVCache:
-    """The cache with its rows split over ``mesh`` (unchanged without one)."""
-    from jaxauction.models.kv_cache import KVCache
-
+def shard_cache(model: tuple, cache: RowCache, mesh) -> RowCache:
+    """The cache with its rows split over ``mesh`` as the model's partition specs say (unchanged
+    without a mesh); ``model`` is ``(graphdef, weights)``."""
     if mesh is None:
         return cache
-    specs = KVCache.partition_specs(sharding.AXIS)
+    _, specs = nnx.merge(*model).partition_specs(sharding.AXIS)
     return jax.device_put(cache, jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs))
 
 
 def decode(
     model: tuple,
-    cache: KVCache,
+    cache: RowCache,
     logits,
     state: DecodeState,
     inputs: ChunkInputs,

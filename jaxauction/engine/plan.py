@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxauction import prompts as prompts_lib
 from jaxauction.engine.request import EncodedAuction, GenerateOptions, Request, real_scalar
+from jaxauction.models.base import LanguageModel
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -105,21 +106,21 @@ def default_memory_budget() -> int:
     return int(max(64 * 1024**2, min(DEFAULT_MEMORY_BUDGET, _address_space_left() / 4)))
 
 
-def memory_terms(llm, slots: int, cache_length: int, num_charged: int, token_slots: int) -> tuple[int, int]:
+def memory_terms(
+    llm: LanguageModel, slots: int, cache_length: int, num_charged: int, token_slots: int
+) -> tuple[int, int]:
     """``(row_bytes, auction_bytes)``: estimated peak working memory of the decode loop per cache row and
     per auction beyond its rows.
 
-    Per cache row: the KV cache ``2 L S K hd`` (model dtype) and the hidden/MLP activations of one
-    row, and its logits ``V``. Per auction, for its ``slots = m`` slots: the logits and the
+    Per cache row: what the model says one row of ``S = cache_length`` slots needs while decoding
+    (:meth:`~jaxauction.models.base.LanguageModel.decode_row_bytes`: for a Llama its keys and values
+    and one row's activations), and its logits ``V``. Per auction, for its ``slots = m`` slots: the logits and the
     rule/payment intermediates, about ``(8 + 2 n) V`` floats each (``log p``, ``q``, the closed form's
     ``[n, V]`` leave-one-out mixtures); plus the outputs ``T (n + 2)``, ``T = token_slots``.
     """
-    config = llm.config
-    itemsize = np.dtype(llm.dtype).itemsize
-    kv = 2 * config.num_layers * cache_length * config.num_kv_heads * config.head_dim * itemsize
-    hidden = 4 * (8 * config.hidden_size + 3 * config.intermediate_size + config.num_heads * cache_length)
-    vocab = config.vocab_size * 4 * (8 + 2 * num_charged)
-    return kv + hidden + 4 * config.vocab_size, slots * vocab + 4 * token_slots * (num_charged + 2)
+    vocab_size = llm.config.vocab_size
+    vocab = vocab_size * 4 * (8 + 2 * num_charged)
+    return llm.decode_row_bytes(cache_length) + 4 * vocab_size, slots * vocab + 4 * token_slots * (num_charged + 2)
 
 
 def plan_chunks(
@@ -234,7 +235,7 @@ def _prompt_geometry(sequences, max_new_tokens: int, context: int) -> tuple[int,
     return width, prefix_length, suffix_width, slots
 
 
-def make_plan(request: Request, llm, options: GenerateOptions, budget: int, devices: int = 1) -> Plan:
+def make_plan(request: Request, llm: LanguageModel, options: GenerateOptions, budget: int, devices: int = 1) -> Plan:
     """The :class:`Plan` of ``request`` on ``devices`` devices within ``budget`` bytes per chunk."""
     auctions, n_max, max_new_tokens = request.auctions, request.n_max, options.max_new_tokens
     sequences = [seq for a in auctions for seq in a.sequences]

@@ -20,6 +20,7 @@ import numpy as np
 from jaxauction import _validation, base, sharding
 from jaxauction import prompts as prompts_lib
 from jaxauction.auction import PAYMENT_KINDS, payment_allocation
+from jaxauction.models.base import LanguageModel, default_model, missing_members
 
 __all__ = ["DECODINGS", "PAYMENTS", "Auction", "EncodedAuction", "GenerateOptions", "Request", "encode_request"]
 
@@ -207,11 +208,10 @@ def validate_keys(key, num_auctions: int) -> jax.Array:
 
 
 def validate_model(model):
-    """The ``(model, tokenizer)`` pair; None loads the bundled model once per process."""
+    """The ``(model, tokenizer)`` pair, the model a :class:`jaxauction.models.base.LanguageModel`;
+    None loads the bundled model once per process."""
     if model is None:
-        from jaxauction import models
-
-        model = models.default()
+        model = default_model()
     try:
         llm, tokenizer = model
     except (TypeError, ValueError):
@@ -219,11 +219,12 @@ def validate_model(model):
             "model: expected the (model, tokenizer) pair returned by jaxauction.models.load(...); got "
             f"{describe(model)}."
         ) from None
-    if not all(hasattr(llm, name) for name in ("config", "init_cache", "prefill", "decode_kv")):
+    if not isinstance(llm, LanguageModel):
         raise ValueError(
-            "model: the first element must be the language model (a jaxauction.models.Llama) and the second "
-            f"its tokenizer, as jaxauction.models.load(...) returns them; got ({describe(llm)}, "
-            f"{describe(tokenizer)})."
+            "model: the first element must be the language model (a jaxauction.models.Llama, or any "
+            "jaxauction.models.base.LanguageModel) and the second its tokenizer, as jaxauction.models.load(...) "
+            f"returns them; got ({describe(llm)}, {describe(tokenizer)}), the model lacking "
+            f"{', '.join(missing_members(llm))}."
         )
     if not hasattr(tokenizer, "decode") or not (
         hasattr(tokenizer, "pad_token_id") or hasattr(tokenizer, "eos_token_id")

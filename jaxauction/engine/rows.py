@@ -47,7 +47,7 @@ def next_rows(slot_rows, token, live, num_rows: int):
     every other continuation, and a kept row at or above ``count``, moves to a *hole* (a row below
     ``count`` that no continuation keeps), which must first receive a copy of its source's cache.
     Sources are always kept rows and targets never are, so the copies can run in any order. Keeping
-    the live rows first lets the model read the first rows of the cache (``Llama.decode_kv``)
+    the live rows first lets the model decode the first rows of the cache (``LanguageModel.decode``)
     instead of gathering rows (docs/performance.md).
 
     Args:

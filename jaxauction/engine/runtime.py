@@ -12,6 +12,8 @@ from typing import Any
 
 import jax
 
+from jaxauction.models.base import compiler_options
+
 __all__ = [
     "MAX_PROGRAMS",
     "TokenProgress",
@@ -53,8 +55,6 @@ def compiled(function: Callable, static: tuple, args: tuple, *, donate: tuple[in
     if program is not None:
         _PROGRAMS.move_to_end(key)
         return program
-    from jaxauction.models import compiler_options
-
     jitted = jax.jit(
         functools.partial(function, *static), donate_argnums=donate, compiler_options=compiler_options() or None
     )

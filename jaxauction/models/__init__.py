@@ -17,36 +17,58 @@ Inside your own ``jax.jit``/``lax.while_loop``: ``graphdef, state = nnx.split(mo
 ``compiler_options=compiler_options()`` to that ``jax.jit`` for faster decoding on CPU.
 """
 
-from jaxauction.models import _quiet  # noqa: F401  (first: silences transformers' "no PyTorch" advisory)
-from jaxauction.models.config import LlamaConfig
-from jaxauction.models.loader import (
-    bundled_gguf_path,
-    check_vocabulary,
-    default,
-    export_hf,
-    load,
-    load_folder,
-    load_gguf,
-)
-from jaxauction.models.modeling import (
-    CompiledLlama,
-    KVCache,
-    Llama,
-    compiler_options,
-    init_cache,
-    jit_decode,
-    jit_forward,
-    jit_prefill,
-)
-from jaxauction.models.params import GGUFFile, llama_cpp_permute, llama_cpp_unpermute
-from jaxauction.models.tokenizer import tokenizer_from_folder, tokenizer_from_gguf
+import importlib
+
+from jaxauction.models import _quiet  # noqa: F401  (cheap; before any submodule imports transformers)
+from jaxauction.models.base import LanguageModel, ModelConfig, RowCache, compiler_options
+
+# Everything else is imported on first use (PEP 562): the loader and tokenizer import transformers
+# (seconds), and the engine imports only jaxauction.models.base.
+_LAZY = {
+    "LlamaConfig": "config",
+    "bundled_gguf_path": "loader",
+    "check_vocabulary": "loader",
+    "default": "loader",
+    "export_hf": "loader",
+    "load": "loader",
+    "load_folder": "loader",
+    "load_gguf": "loader",
+    "CompiledLlama": "modeling",
+    "KVCache": "kv_cache",
+    "Llama": "modeling",
+    "init_cache": "kv_cache",
+    "jit_decode": "modeling",
+    "jit_forward": "modeling",
+    "jit_prefill": "modeling",
+    "GGUFFile": "params",
+    "llama_cpp_permute": "params",
+    "llama_cpp_unpermute": "params",
+    "tokenizer_from_folder": "tokenizer",
+    "tokenizer_from_gguf": "tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"jaxauction.models.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jaxauction.models' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CompiledLlama",
     "GGUFFile",
     "KVCache",
+    "LanguageModel",
     "Llama",
     "LlamaConfig",
+    "ModelConfig",
+    "RowCache",
     "bundled_gguf_path",
     "check_vocabulary",
     "compiler_options",

@@ -73,18 +73,22 @@ class KVCache:
 
         return jax.lax.fori_loop(0, count, copy, self)
 
-    def append(self, keys: jax.Array, values: jax.Array, mask: jax.Array) -> KVCache:
+    def append(self, keys: jax.Array, values: jax.Array, mask: jax.Array, *, after: jax.Array | None = None) -> KVCache:
         """Writes ``T`` new tokens of the leading ``R <= B`` rows at slots ``index .. index + T - 1``
         (one in-place ``dynamic_update_slice`` per array when the cache is donated).
 
         Args:
-          keys, values: ``[L, R, T, K, hd]`` the new tokens' keys (after RoPE) and values, as returned by
-            :meth:`Llama.decode_kv` (with ``T = 1``: ``keys[:, :, None]``).
+          keys, values: ``[L, R, T, K, hd]`` the new tokens' keys (after RoPE) and values, as the
+            model's layers return them (:meth:`Llama.decode_kv` gives ``[L, R, K, hd]``: ``keys[:, :, None]``).
           mask: ``[R, T]`` bool, the token is real (marks its slot valid and advances ``positions``).
+          after: optional array computed from every read of this cache (e.g. the last hidden state):
+            the write is ordered after it (:func:`index_after`), so a donated cache is updated in place.
         Returns:
           The cache with ``index + T``; rows ``R ..`` keep their slots and positions. Inside ``jit`` a
           write past ``max_length`` is clamped to the last slots (it overwrites them).
         """
+        if after is not None:
+            self = self.replace(index=index_after(self.index, after))
         zero = jnp.zeros((), jnp.int32)
         keys, values = jnp.transpose(keys, (0, 1, 3, 4, 2)), jnp.swapaxes(values, 2, 3)  # [L, R, K, hd|T, T|hd]
         rows = mask.shape[0]
@@ -102,6 +106,17 @@ class KVCache:
         ``shard_map``/``NamedSharding``); ``index`` is replicated."""
         rows, leading = PartitionSpec(None, axis), PartitionSpec(axis)
         return KVCache(k=rows, v=rows, valid=leading, positions=leading, index=PartitionSpec())
+
+
+def index_after(index: jax.Array, value: jax.Array) -> jax.Array:
+    """``index`` (int32) with a data dependency on ``value``: a cache write at the returned index runs
+    after everything ``value`` depends on.
+
+    ``value > inf`` is always false (NaN included), so the index is unchanged. Without the dependency
+    XLA may schedule the write before some layer's read of the cache; its copy insertion then
+    duplicates the whole cache every step instead of updating the donated buffers in place.
+    """
+    return (index + (value.reshape(-1)[0] > jnp.inf)).astype(jnp.int32)
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:

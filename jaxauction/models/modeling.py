@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from jaxauction.models.base import compiler_options
 from jaxauction.models.config import LlamaConfig
 from jaxauction.models.kv_cache import KVCache, init_cache
 
@@ -337,7 +339,8 @@ def _stacked_layers(config: LlamaConfig, dtype, rngs: nnx.Rngs, quantization) ->
 
 
 class Llama(nnx.Module):
-    """Llama-family causal language model (Llama, Mistral-style, Qwen2).
+    """Llama-family causal language model (Llama, Mistral-style, Qwen2); it implements
+    :class:`jaxauction.models.base.LanguageModel`, the engine's view of a model.
 
     Called outside a JAX transformation, ``__call__``/``prefill``/``decode`` run jit-compiled (one
     compilation per shape; the cache is not donated). Inside ``jax.jit`` they are traced inline.
@@ -464,51 +467,59 @@ class Llama(nnx.Module):
         return self._step(input_ids, positions, mask, cache)
 
     def decode(self, token_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """One decoding step for every row: write the token at slot ``index`` with rope position ``positions``.
+        """One decoding step for the cache's first ``R`` rows: each token is written at slot ``index``
+        with rope position ``positions``.
 
         Args:
-          token_ids: ``[B]`` int. cache: a ``KVCache`` with ``index < max_length``.
+          token_ids: ``[R]`` int, ``R <= B`` (usually every row). cache: a ``KVCache`` of ``B`` rows with
+            ``index < max_length``; rows ``R ..`` are neither read nor written (their slot at ``index``
+            stays invalid).
         Returns:
-          ``(logits [B, V], cache)`` with ``index + 1``, ``positions + 1`` and the slot marked valid.
-          Inside jit a step at ``index == max_length`` is clamped to the last slot (it overwrites it).
+          ``(logits [R, V], cache)`` with ``index + 1``, ``positions[:R] + 1`` and the rows' slot marked
+          valid. Inside jit a step at ``index == max_length`` is clamped to the last slot (it overwrites it).
+
+        Each layer slices its first ``R`` rows inside the layer scan: slicing the cache beforehand was
+        slower (docs/performance.md).
         """
         token_ids = jnp.asarray(token_ids)
-        _check_tokens(token_ids, 1, "token_ids")
-        _check_cache(cache, token_ids.shape[0], self.config)
+        rows = self._check_rows(token_ids, cache)
         if not self._traced(token_ids, cache):
             return _compiled("decode", False)(*nnx.split(self), token_ids, cache)
-        mask = jnp.ones((token_ids.shape[0], 1), bool)
-        return self._step(token_ids[:, None], cache.positions[:, None], mask, cache)
+        mask = jnp.ones((rows, 1), bool)
+        return self._step(token_ids[:, None], cache.positions[:rows, None], mask, cache, rows=rows)
 
     def decode_kv(self, token_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """One decoding step for every row that reads ``cache`` and does not write it.
-
-        Write the results back with :meth:`KVCache.append` (``keys[:, :, None]``, ``values[:, :, None]``
-        and a mask of ones).
+        """:meth:`decode` without the write: one step for the cache's first ``R`` rows that reads
+        ``cache`` only (for benchmarks and tests of the step; the engine calls :meth:`decode`).
 
         Args:
-          token_ids: ``[B]`` int, the new token of each of the cache's first ``B`` rows. cache: a
-            ``KVCache`` of at least ``B`` rows (the rows after them are not read); the new tokens belong
+          token_ids: ``[R]`` int, ``R <= B``. cache: a ``KVCache`` of ``B`` rows; the new tokens belong
             at slot ``index``.
         Returns:
-          ``(logits [B, V], keys [L, B, K, hd], values [L, B, K, hd])``: the new tokens' keys (after
-          RoPE) and values; their rotary positions are ``cache.positions[:B]``.
-
-        Each layer reads its first ``B`` rows inside the layer scan: with the cache sliced to ``B`` rows
-        beforehand, steps of 4 to 16 of 22 rows measured 1.2-1.3x slower (docs/performance.md).
+          ``(logits [R, V], keys [L, R, K, hd], values [L, R, K, hd])``: the new tokens' keys (after
+          RoPE) and values, their rotary positions ``cache.positions[:R]``. :meth:`KVCache.append`
+          (``keys[:, :, None]``, ``values[:, :, None]``, a mask of ones) writes them as ``decode`` does.
         """
         token_ids = jnp.asarray(token_ids)
+        rows = self._check_rows(token_ids, cache)
+        if not self._traced(token_ids, cache):
+            return _compiled("decode_kv", False)(*nnx.split(self), token_ids, cache)
+        first = cache.replace(valid=cache.valid[:rows], positions=cache.positions[:rows])
+        mask = jnp.ones((rows, 1), bool)
+        x, keys, values = self._layers(token_ids[:, None], first.positions[:, None], mask, first, rows=rows)
+        return self.logits(x[:, -1]), keys[:, :, 0], values[:, :, 0]
+
+    def _check_rows(self, token_ids: jax.Array, cache: KVCache) -> int:
+        """``R``, the rows of ``token_ids: [R]``; ValueError unless ``R <= B`` and the cache fits the model."""
         _check_tokens(token_ids, 1, "token_ids")
         rows = token_ids.shape[0]
         if rows > cache.batch_size:
-            raise ValueError(f"token_ids has {rows} rows but the cache only {cache.batch_size}.")
+            raise ValueError(
+                f"token_ids has {rows} rows but the cache only {cache.batch_size}; create it with "
+                f"model.init_cache({rows}, ...)."
+            )
         _check_cache(cache, cache.batch_size, self.config)
-        if not self._traced(token_ids, cache):
-            return _compiled("decode_kv", False)(*nnx.split(self), token_ids, cache)
-        mask = jnp.ones((rows, 1), bool)
-        first = cache.replace(valid=cache.valid[:rows], positions=cache.positions[:rows])  # k, v: sliced per layer
-        x, keys, values = self._layers(token_ids[:, None], first.positions[:, None], mask, first, rows=rows)
-        return self.logits(x[:, -1]), keys[:, :, 0], values[:, :, 0]
+        return rows
 
     def _traced(self, *arrays) -> bool:
         """True inside a JAX transformation. Called eagerly, the methods run jit-compiled (without
@@ -541,19 +552,36 @@ class Llama(nnx.Module):
         x, (keys, values) = jax.lax.scan(block, self.embed(input_ids), (layer_weights, cached))
         return x, keys, values
 
-    def _step(self, input_ids, positions, mask, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Shared body of prefill/decode: attend to the cache and the new tokens, then write them at ``index``.
+    def _step(self, input_ids, positions, mask, cache: KVCache, rows: int | None = None) -> tuple[jax.Array, KVCache]:
+        """Shared body of prefill/decode: the first ``rows`` rows (all if None) attend to the cache and
+        the new tokens, which are then written at ``index``.
 
-        The cache is read by every layer first and written once at the end (one in-place
-        ``dynamic_update_slice`` per array when the cache is donated).
+        Every layer reads the cache first; the write comes once at the end, ordered after the last
+        hidden state (:func:`jaxauction.models.kv_cache.index_after`), so a donated cache is updated
+        in place (one ``dynamic_update_slice`` per array).
         """
-        x, keys, values = self._layers(input_ids, positions, mask, cache)
-        # The write index gets a data dependency on the last hidden state (``x > inf`` is always false,
-        # NaN included), so XLA orders the write after every layer's read of the cache and updates the
-        # donated buffers in place; without it, copy insertion duplicates the whole cache every step.
-        index = (cache.index + (x[0, -1, 0] > jnp.inf)).astype(jnp.int32)
-        new_cache = cache.replace(index=index).append(keys, values, mask)
-        return self.logits(x[:, -1]), new_cache
+        first = cache if rows is None else cache.replace(valid=cache.valid[:rows], positions=cache.positions[:rows])
+        x, keys, values = self._layers(input_ids, positions, mask, first, rows=rows)
+        return self.logits(x[:, -1]), cache.append(keys, values, mask, after=x)
+
+    # -------------------------------------------------------------- what the engine asks (LanguageModel)
+
+    def decode_row_bytes(self, cache_length: int) -> int:
+        """Bytes of one cache row of ``cache_length = S`` slots while decoding: its keys and values
+        ``2 L S K hd`` (model dtype) and one row's float32 activations ``8 D + 3 F + H S`` (logits excluded)."""
+        config = self.config
+        itemsize = np.dtype(self.dtype).itemsize
+        kv = 2 * config.num_layers * cache_length * config.num_kv_heads * config.head_dim * itemsize
+        return kv + 4 * (8 * config.hidden_size + 3 * config.intermediate_size + config.num_heads * cache_length)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the model's arrays: parameters, quantized blocks and the derived ``[D, V]`` head copy."""
+        return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(nnx.state(self)))
+
+    def partition_specs(self, axis: str) -> tuple[PartitionSpec, KVCache]:
+        """``(weights, cache)`` specs: the weights replicated (``PartitionSpec()``, a prefix of
+        ``nnx.split(self)[1]``), the cache's rows split over mesh axis ``axis``."""
+        return PartitionSpec(), KVCache.partition_specs(axis)
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -597,35 +625,6 @@ def _check_cache(cache: KVCache, batch_size: int, config: LlamaConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------- jit
-
-
-_XLA_CPU_OPTIONS = {
-    # Small decode-step products and reductions run faster in XLA's own kernels than as YNNPACK fusions.
-    "xla_cpu_experimental_ynn_fusion_type": "",
-    # LLVM -O1 instead of -O2 for the elementwise fusions: ~40% less compile time, same step time
-    # (the matrix products are library calls).
-    "xla_backend_optimization_level": 1,
-}
-
-
-@functools.lru_cache(maxsize=1)
-def compiler_options() -> dict:
-    """XLA compiler options for this model on CPU; pass them to your own ``jax.jit(..., compiler_options=...)``.
-
-    Measured with experiments/bench_model.py on a 2-core x86 machine: decode steps about 1.3x faster
-    at batch 22 (the same at batch 1), prefill unchanged, compilation about 1.4x faster. Empty on other
-    backends; options this jaxlib rejects are left out.
-    """
-    if jax.default_backend() != "cpu":
-        return {}
-    accepted = {}
-    for name, value in _XLA_CPU_OPTIONS.items():
-        try:
-            jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(1.0).compile()
-        except Exception:  # an unknown option is rejected at compile time
-            continue
-        accepted[name] = value
-    return accepted
 
 
 def _jit(function, **kwargs):

@@ -425,16 +425,10 @@ def build_model(
     quantization = None if read_q4_1 is None else "q4_1"
     abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), quantization=quantization))
     graphdef, abstract_state = nnx.split(abstract)
-    D, F, hd = config.hidden_size, config.intermediate_size, config.head_dim
-    H, K = config.num_heads, config.num_kv_heads
+    D = config.hidden_size
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         return _expect(name, read(name), shape, source)
-
-    def put(array: np.ndarray, target=dtype) -> jax.Array:
-        # Wait for each host-to-device copy so a busy machine cannot queue up transient numpy copies
-        # (that roughly doubled the peak memory of a load under load).
-        return jnp.asarray(np.ascontiguousarray(array), target).block_until_ready()
 
     def kernel(names: list[str], shapes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
         """A fused ``[in, out]`` kernel of the ``[out, in]`` tensors ``names`` (quantized or float)."""
@@ -445,56 +439,69 @@ def build_model(
             _expect(name, part[0], shape, source)
         return q4_1_kernel(parts)
 
-    def layer(p: str) -> dict[str, Any]:
-        """One layer's arrays in the module's layout (kernels ``[in, out]``), on the host."""
-        qkv_names = [p + f"self_attn.{proj}_proj.weight" for proj in "qkv"]
-        attention: dict[str, Any] = {
-            "qkv_proj": kernel(qkv_names, [(H * hd, D), (K * hd, D), (K * hd, D)]),
-            "o_proj": kernel([p + "self_attn.o_proj.weight"], [(D, H * hd)]),
-        }
-        if config.qkv_bias:
-            attention["qkv_proj"]["bias"] = np.concatenate(
-                [
-                    get(p + "self_attn.q_proj.bias", (H * hd,)),
-                    get(p + "self_attn.k_proj.bias", (K * hd,)),
-                    get(p + "self_attn.v_proj.bias", (K * hd,)),
-                ]
-            )
-        if config.out_bias:
-            attention["o_proj"]["bias"] = get(p + "self_attn.o_proj.bias", (D,))
-        gate_up = kernel([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], [(F, D), (F, D)])
-        return {
-            "input_norm": {"weight": get(p + "input_layernorm.weight", (D,))},
-            "post_attention_norm": {"weight": get(p + "post_attention_layernorm.weight", (D,))},
-            "attention": attention,
-            "mlp": {"gate_up_proj": gate_up, "down_proj": kernel([p + "mlp.down_proj.weight"], [(D, F)])},
-        }
-
-    # The layers are stacked on a leading axis (the model scans over them): each layer is read into
-    # its slice of one host array per tensor, then every stacked tensor is copied to the device once.
-    L = config.num_layers
-    stacked: Any = None
-    for i in range(L):
-        arrays = layer(f"model.layers.{i}.")
-        if stacked is None:
-            stacked = jax.tree.map(lambda a: np.empty((L, *a.shape), a.dtype), arrays)
-        jax.tree.map(lambda whole, a: whole.__setitem__(i, a), stacked, arrays)
-        del arrays
+    stacked = _stacked_host_layers(config.num_layers, lambda p: _layer_arrays(config, p, get, kernel))
     # Each layer leaf gets the module's dtype for it (uint8 codes and float16 scales when quantized).
     layer_specs = nnx.to_pure_dict(abstract_state)["layers"]
-    layers = jax.tree.map(lambda spec, array: put(array, spec.dtype), layer_specs, stacked)
+    layers = jax.tree.map(lambda spec, array: _to_device(array, spec.dtype), layer_specs, stacked)
     del stacked
     pure: dict[str, Any] = {
-        "embedding": put(get("model.embed_tokens.weight", (config.vocab_size, D))),
+        "embedding": _to_device(get("model.embed_tokens.weight", (config.vocab_size, D)), dtype),
         "layers": layers,
-        "final_norm": {"weight": put(get("model.norm.weight", (D,)))},
+        "final_norm": {"weight": _to_device(get("model.norm.weight", (D,)), dtype)},
     }
     if not config.tie_word_embeddings:
-        pure["lm_head"] = put(get("lm_head.weight", (config.vocab_size, D)))
+        pure["lm_head"] = _to_device(get("lm_head.weight", (config.vocab_size, D)), dtype)
     head = pure["embedding"] if config.tie_word_embeddings else pure["lm_head"]
     pure["head_transposed"] = jnp.asarray(head.T).block_until_ready()
     nnx.replace_by_pure_dict(abstract_state, pure)
     return nnx.merge(graphdef, abstract_state)
+
+
+def _to_device(array: np.ndarray, dtype) -> jax.Array:
+    """``array`` on the device as ``dtype``, waiting for the copy: on a busy machine queued host-to-device
+    copies kept their transient numpy copies alive (that roughly doubled the peak memory of a load)."""
+    return jnp.asarray(np.ascontiguousarray(array), dtype).block_until_ready()
+
+
+def _layer_arrays(config: LlamaConfig, p: str, get: Callable, kernel: Callable) -> dict[str, Any]:
+    """One layer's host arrays in the module's layout (kernels ``[in, out]``), its tensors named with
+    prefix ``p`` (``model.layers.{i}.``); ``get(name, shape)`` reads a tensor and ``kernel(names,
+    shapes)`` a fused kernel (see :func:`build_model`)."""
+    D, F, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    H, K = config.num_heads, config.num_kv_heads
+    qkv_names = [p + f"self_attn.{proj}_proj.weight" for proj in "qkv"]
+    attention: dict[str, Any] = {
+        "qkv_proj": kernel(qkv_names, [(H * hd, D), (K * hd, D), (K * hd, D)]),
+        "o_proj": kernel([p + "self_attn.o_proj.weight"], [(D, H * hd)]),
+    }
+    if config.qkv_bias:
+        widths = {"q": H * hd, "k": K * hd, "v": K * hd}
+        attention["qkv_proj"]["bias"] = np.concatenate(
+            [get(p + f"self_attn.{proj}_proj.bias", (width,)) for proj, width in widths.items()]
+        )
+    if config.out_bias:
+        attention["o_proj"]["bias"] = get(p + "self_attn.o_proj.bias", (D,))
+    gate_up = kernel([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], [(F, D), (F, D)])
+    return {
+        "input_norm": {"weight": get(p + "input_layernorm.weight", (D,))},
+        "post_attention_norm": {"weight": get(p + "post_attention_layernorm.weight", (D,))},
+        "attention": attention,
+        "mlp": {"gate_up_proj": gate_up, "down_proj": kernel([p + "mlp.down_proj.weight"], [(D, F)])},
+    }
+
+
+def _stacked_host_layers(num_layers: int, layer: Callable[[str], dict[str, Any]]) -> Any:
+    """The layers' host arrays stacked on a leading axis ``[L, ...]`` (the model scans over them):
+    each layer is read into its slice of one array per tensor, so one layer's copy is alive at a time
+    besides the stack (copied to the device once per tensor afterwards)."""
+    stacked: Any = None
+    for i in range(num_layers):
+        arrays = layer(f"model.layers.{i}.")
+        if stacked is None:
+            stacked = jax.tree.map(lambda a: np.empty((num_layers, *a.shape), a.dtype), arrays)
+        jax.tree.map(lambda whole, a: whole.__setitem__(i, a), stacked, arrays)
+        del arrays
+    return stacked
 
 
 def hf_state_dict(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
