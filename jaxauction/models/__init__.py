@@ -1,4 +1,6 @@
-"""Llama-family language models in Flax NNX: the LLM behind every agent's next-token logits.
+"""Llama-family language models in Flax NNX (Llama, Mistral, Qwen2, Qwen3): the LLM behind every
+agent's next-token logits. :class:`LanguageModel` (``jaxauction.models.base``) is what the engine asks
+of a model.
 
 Example::
 
@@ -48,7 +50,12 @@ _LAZY = {
 }
 
 
+_SUBMODULES = ("config", "kv_cache", "loader", "modeling", "params", "tokenizer")
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"jaxauction.models.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(f"jaxauction.models.{_LAZY[name]}"), name)
         globals()[name] = value
@@ -57,7 +64,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
 __all__ = [

@@ -1,9 +1,10 @@
 """`LlamaConfig`: the hyper-parameters of a Llama-family decoder.
 
 One frozen (hashable) dataclass describes every supported variant: Llama (1/2/3, SmolLM, TinyLlama),
-Mistral-style checkpoints (optionally with a sliding attention window) and Qwen2 (bias on the q, k and v
-projections). It is built from a Hugging Face ``config.json`` dictionary or from GGUF metadata, and
-written back to a ``config.json`` dictionary for export.
+Mistral-style checkpoints (optionally with a sliding attention window), Qwen2 (bias on the q, k and v
+projections) and Qwen3 (RMSNorm of every query and key head, an explicit ``head_dim``). It is built
+from a Hugging Face ``config.json`` dictionary or from GGUF metadata, and written back to a
+``config.json`` dictionary for export.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import dataclasses
 from collections.abc import Collection, Mapping
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 _HF_ARCHITECTURE_CLASSES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 
 
@@ -33,6 +35,9 @@ class LlamaConfig:
     RoPE: rotary frequencies ``theta ** (-2 i / hd)`` for ``i < hd / 2`` in the rotate-half layout of
     Hugging Face checkpoints, optionally rescaled (``rope_type`` "linear": divided by ``rope_factor``;
     "llama3": Llama 3.1's piecewise long-context rescaling).
+
+    Qwen3 (``architecture="qwen3"``, :attr:`qk_norm`) RMS-normalises queries and keys per head over
+    ``hd`` before RoPE.
     """
 
     vocab_size: int
@@ -97,6 +102,11 @@ class LlamaConfig:
             object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
     @property
+    def qk_norm(self) -> bool:
+        """Queries and keys are RMS-normalised per head before RoPE (Qwen3)."""
+        return self.architecture == "qwen3"
+
+    @property
     def qkv_size(self) -> int:
         """Width of the fused q|k|v projection, ``(H + 2 K) * hd``."""
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
@@ -105,7 +115,7 @@ class LlamaConfig:
         """Number of scalar weights (the tied embedding counted once)."""
         D, F, hd = self.hidden_size, self.intermediate_size, self.head_dim
         per_layer = D * self.qkv_size + self.num_heads * hd * D + 3 * D * F + 2 * D
-        per_layer += self.qkv_size * self.qkv_bias + D * self.out_bias
+        per_layer += self.qkv_size * self.qkv_bias + D * self.out_bias + 2 * hd * self.qk_norm
         head = 0 if self.tie_word_embeddings else self.vocab_size * D
         return self.vocab_size * D + self.num_layers * per_layer + D + head
 
@@ -144,13 +154,18 @@ class LlamaConfig:
             )
         except KeyError as missing:
             raise ValueError(f"{source}: missing required key {missing.args[0]!r}.") from None
-        fields["rms_norm_eps"] = float(config.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5))
+        qwen = model_type in ("qwen2", "qwen3")
+        fields["rms_norm_eps"] = float(config.get("rms_norm_eps", 1e-6 if qwen else 1e-5))
         fields.update(_rope_fields(config, source))
         fields["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", model_type == "qwen2"))
+        if qwen and config.get("use_sliding_window"):
+            raise ValueError(f"{source}: {model_type} with use_sliding_window=true is not supported.")
+        if any(kind != "full_attention" for kind in config.get("layer_types") or ()):
+            raise ValueError(
+                f"{source}: layer_types={config['layer_types']} is not supported; every layer must be 'full_attention'."
+            )
         if model_type == "qwen2":
             fields["qkv_bias"] = True
-            if config.get("use_sliding_window"):
-                raise ValueError(f"{source}: Qwen2 with use_sliding_window=true is not supported.")
         else:
             attention_bias = bool(config.get("attention_bias", False))
             fields["qkv_bias"] = fields["out_bias"] = attention_bias
@@ -201,6 +216,8 @@ class LlamaConfig:
         if self.architecture == "qwen2":
             config["use_sliding_window"] = False
         else:
+            if self.architecture == "qwen3":
+                config["use_sliding_window"] = False
             config["attention_bias"] = self.qkv_bias
             config["mlp_bias"] = False
             if self.qkv_bias != self.out_bias:

@@ -242,22 +242,32 @@ def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Ar
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with fused q|k|v projection and RoPE."""
+    """Grouped-query self-attention with fused q|k|v projection and RoPE.
+
+    With ``config.qk_norm`` (Qwen3) every query and key head is RMS-normalised over its ``hd``
+    entries (one ``[hd]`` weight for all query heads, one for all key heads) before RoPE.
+    """
 
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, quantization=None):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         linear = functools.partial(Linear, dtype=dtype, rngs=rngs, quantization=quantization)
         self.qkv_proj = linear(config.hidden_size, config.qkv_size, use_bias=config.qkv_bias)
         self.o_proj = linear(config.num_heads * config.head_dim, config.hidden_size, use_bias=config.out_bias)
+        norm = functools.partial(RMSNorm, config.head_dim, config.rms_norm_eps, dtype=dtype)
+        self.q_norm = norm() if config.qk_norm else None
+        self.k_norm = norm() if config.qk_norm else None
 
     def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """``x: [B, T, D]`` -> ``q: [B, T, K, G, hd]``, ``k, v: [B, T, K, hd]`` (q and k rotated)."""
+        """``x: [B, T, D]`` -> ``q: [B, T, K, G, hd]``, ``k, v: [B, T, K, hd]`` (q and k normalised if
+        ``qk_norm``, then rotated)."""
         B, T, _ = x.shape
         H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
         q = qkv[..., : H * hd].reshape(B, T, H, hd)
         k = qkv[..., H * hd : (H + K) * hd].reshape(B, T, K, hd)
         v = qkv[..., (H + K) * hd :].reshape(B, T, K, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.reshape(B, T, K, H // K, hd), k, v
 
@@ -339,7 +349,7 @@ def _stacked_layers(config: LlamaConfig, dtype, rngs: nnx.Rngs, quantization) ->
 
 
 class Llama(nnx.Module):
-    """Llama-family causal language model (Llama, Mistral-style, Qwen2); it implements
+    """Llama-family causal language model (Llama, Mistral-style, Qwen2, Qwen3); it implements
     :class:`jaxauction.models.base.LanguageModel`, the engine's view of a model.
 
     Called outside a JAX transformation, ``__call__``/``prefill``/``decode`` run jit-compiled (one

@@ -386,6 +386,8 @@ def hf_weight_names(config: LlamaConfig) -> Iterator[str]:
     for i in range(config.num_layers):
         prefix = f"model.layers.{i}."
         yield from (prefix + n for n in ("input_layernorm.weight", "post_attention_layernorm.weight"))
+        if config.qk_norm:
+            yield from (f"{prefix}self_attn.{n}_norm.weight" for n in "qk")
         for proj in ("q", "k", "v", "o"):
             yield f"{prefix}self_attn.{proj}_proj.weight"
             if (proj != "o" and config.qkv_bias) or (proj == "o" and config.out_bias):
@@ -481,6 +483,9 @@ def _layer_arrays(config: LlamaConfig, p: str, get: Callable, kernel: Callable) 
         )
     if config.out_bias:
         attention["o_proj"]["bias"] = get(p + "self_attn.o_proj.bias", (D,))
+    if config.qk_norm:
+        for proj in "qk":
+            attention[f"{proj}_norm"] = {"weight": get(p + f"self_attn.{proj}_norm.weight", (hd,))}
     gate_up = kernel([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], [(F, D), (F, D)])
     return {
         "input_norm": {"weight": get(p + "input_layernorm.weight", (D,))},
@@ -515,6 +520,9 @@ def hf_state_dict(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
         layer = nnx.merge(layer_graphdef, jax.tree.map(lambda weights, i=i: weights[i], stacked))
         yield p + "input_layernorm.weight", np.asarray(layer.input_norm.weight[...])
         yield p + "post_attention_layernorm.weight", np.asarray(layer.post_attention_norm.weight[...])
+        if config.qk_norm:
+            yield p + "self_attn.q_norm.weight", np.asarray(layer.attention.q_norm.weight[...])
+            yield p + "self_attn.k_norm.weight", np.asarray(layer.attention.k_norm.weight[...])
         qkv = np.asarray(layer.attention.qkv_proj.weight()).T
         splits = {"q": qkv[: H * hd], "k": qkv[H * hd : (H + K) * hd], "v": qkv[(H + K) * hd :]}
         for proj, weight in splits.items():
