@@ -15,9 +15,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxauction import _validation, config
+from jaxauction import _validation
 from jaxauction import engine as generation_lib
 from jaxauction import prompts as prompts_lib
+from jaxauction import text as text_lib
 from jaxauction.engine.request import validate_model
 from jaxauction.scoring import token_log_probs
 
@@ -129,7 +130,9 @@ def mentions(texts: Sequence[str], names: Sequence[str]) -> np.ndarray:
     "Alpha Airlines" matches "ALPHA AIRLINES flies" but not "AlphaAirlines" or "Alpha Air"; any run of
     whitespace between the name's words matches.
     """
-    return np.array([[config.mentions(t, name) for name in names] for t in texts], bool).reshape(len(texts), len(names))
+    return np.array([[text_lib.mentions(t, name) for name in names] for t in texts], bool).reshape(
+        len(texts), len(names)
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,6 @@
 """The reply-level mechanism (docs/maths.md §8): array functions against a NumPy float64 reference, and
 truthfulness by best response over a bid grid."""
 
-
 import jax
 import numpy as np
 import pytest
