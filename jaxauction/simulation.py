@@ -4,7 +4,8 @@ Each simulated auction picks one set of agent logits (``[n, V]``, e.g. the agent
 logits at one position of an ad) and one bid profile, and reports what the mechanism does there:
 every agent's payment and value, the bid-weighted welfare and which agent the outcome favours.
 The batch axis is processed in fixed-size chunks (one compiled program) and each chunk is split
-over the devices of a mesh (:mod:`jaxauction.sharding`).
+over the devices of a mesh (:mod:`jaxauction.sharding`). :func:`compress_vocabulary` (from
+:mod:`jaxauction.vocabulary`) shrinks the logits first.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import numpy as np
 
 from jaxauction import _validation, aggregation, base, payments, sharding
 from jaxauction.auction import TokenAuction
+from jaxauction.vocabulary import compress_vocabulary
+
+__all__ = ["SimulationResult", "compress_vocabulary", "simulate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,59 +177,3 @@ def _check_index(index, num_auctions: int, num_sets: int) -> np.ndarray:
             f"sets); got {int(array[where])} at position {where}."
         )
     return array.astype(np.int32)
-
-
-def compress_vocabulary(logits, mass: float = 0.999) -> tuple[np.ndarray, np.ndarray]:
-    """Keeps the tokens that matter in each logits set and lumps the rest into one extra token.
-
-    Within a set (``[n, V]``: the agents' distributions over the same tokens), every agent's smallest
-    set of most likely tokens holding at least ``mass`` of its probability is kept; the union over the
-    agents is kept for all of them, topped up with the next most likely tokens so that every set keeps
-    the same number ``V'`` (one static shape). Each agent's remaining tokens become one last "rest"
-    token carrying their total probability (its logit is their logsumexp). Token identities do not
-    matter to the mechanism, only that the agents of a set stay aligned, so sets may keep different
-    tokens. Every agent keeps its total mass exactly; the linear rule's ``q`` is unchanged on kept
-    tokens, and a payment or value changes by at most about the lumped mass ``1 - mass`` per agent
-    (measure it on a subset, as ``experiments/batch_simulation.py`` does).
-
-    Args:
-      logits: ``[K, n, V]`` (or ``[n, V]``).
-      mass: probability to keep per agent, in ``(0, 1]``.
-
-    Returns:
-      ``(compressed [K, n, V' + 1], kept [K, V'])``: the logits and the kept token ids of every set.
-    """
-    if not 0.0 < mass <= 1.0:
-        raise ValueError(f"mass: expected a number in (0, 1], got {mass}.")
-    logits = np.asarray(logits, np.float64)
-    single = logits.ndim == 2
-    if single:
-        logits = logits[None]
-    if logits.ndim != 3:
-        raise ValueError(f"logits: expected shape [K, n, V] or [n, V]; got {logits.shape}.")
-    _validation.check_logit_values("compress_vocabulary", "logits", logits)
-    log_p = logits - _logsumexp(logits)
-    p = np.exp(log_p)
-    order = np.argsort(-p, axis=-1)
-    sorted_p = np.take_along_axis(p, order, axis=-1)
-    needed = (np.cumsum(sorted_p, axis=-1) - sorted_p) < mass  # [K, n, V] in sorted order
-    keep = np.zeros(p.shape[0::2], bool)  # [K, V]
-    for s in range(p.shape[0]):
-        keep[s, order[s][needed[s]]] = True
-    width = int(keep.sum(axis=-1).max())
-    # Top up every set to the same width with its most likely remaining tokens.
-    priority = np.where(keep, np.inf, p.max(axis=1))
-    kept = np.sort(np.argsort(-priority, axis=-1, kind="stable")[:, :width], axis=-1)
-    kept_logits = np.take_along_axis(logits, kept[:, None, :], axis=-1)
-    rest_mask = np.ones(keep.shape, bool)
-    np.put_along_axis(rest_mask, kept, False, axis=-1)
-    rest = np.where(rest_mask[:, None, :], logits, -np.inf)
-    compressed = np.concatenate([kept_logits, _logsumexp(rest)], axis=-1).astype(np.float32)
-    return (compressed[0], kept[0]) if single else (compressed, kept)
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    top = np.max(x, axis=-1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
-        return top + np.log(np.sum(np.exp(x - top), axis=-1, keepdims=True))

@@ -72,12 +72,12 @@ def test_coarsen_keeps_the_top_tokens_and_lumps_the_rest():
     logits = rng.normal(size=(3, 50)) * 2
     log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
     coarse = data.coarsen(log_probs, 5)
-    top = np.argsort(-log_probs.max(0))[:5]
-    np.testing.assert_array_equal(coarse[:, :5], log_probs[:, top])
+    top = np.sort(np.argsort(-log_probs.max(0))[:5])  # the kept tokens, in increasing id order
+    np.testing.assert_allclose(coarse[:, :5], log_probs[:, top], rtol=1e-6)
     rest = np.ones(50, bool)
     rest[top] = False
-    np.testing.assert_allclose(np.exp(coarse[:, 5]), np.exp(log_probs[:, rest]).sum(-1), rtol=1e-12)
-    np.testing.assert_allclose(np.exp(coarse).sum(-1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(np.exp(coarse[:, 5]), np.exp(log_probs[:, rest]).sum(-1), rtol=1e-6)
+    np.testing.assert_allclose(np.exp(coarse.astype(np.float64)).sum(-1), 1.0, rtol=1e-6)
 
 
 class StandInTokenizer:

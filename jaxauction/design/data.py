@@ -19,8 +19,9 @@ from flax import struct
 
 from jaxauction import prompts as prompts_lib
 from jaxauction.design.checkpoint import atomic_savez, file_errors
+from jaxauction.vocabulary import compress_vocabulary
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: outcomes in increasing token id order (one "lump the tail" routine)
 
 
 @struct.dataclass
@@ -175,14 +176,11 @@ def _chat_ids(tokenizer, system: str | None, user: str) -> list[int]:
 def coarsen(log_probs: np.ndarray, top_k: int) -> np.ndarray:
     """Keeps the ``top_k`` tokens most likely for any row (of one auction) and lumps the rest.
 
-    ``log_probs: [m, V]`` normalised rows of one auction -> ``[m, top_k + 1]`` normalised rows whose last
-    column is the total probability of every other token (an "other" outcome).
+    ``log_probs: [m, V]`` normalised rows of one auction -> ``[m, top_k + 1]`` normalised rows (float32):
+    the kept tokens in increasing id order, then the total probability of every other token (an "other"
+    outcome). :func:`jaxauction.vocabulary.compress_vocabulary` with ``top_k`` and no mass.
     """
-    keep = np.argsort(-log_probs.max(axis=0), kind="stable")[:top_k]
-    kept = log_probs[:, keep]
-    with np.errstate(divide="ignore"):
-        rest = np.log(np.clip(-np.expm1(np.logaddexp.reduce(kept, axis=1)), 0.0, None))
-    return np.concatenate([kept, rest[:, None]], axis=1)
+    return compress_vocabulary(log_probs, mass=None, top_k=top_k)[0]
 
 
 def llm_auctions(
