@@ -15,8 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxauction import _validation
-from jaxauction import engine as generation_lib
+from jaxauction import _validation, engine
 from jaxauction import prompts as prompts_lib
 from jaxauction import text as text_lib
 from jaxauction.engine.request import validate_model
@@ -100,7 +99,7 @@ def single_winner(
     texts = [""] * num
     for winner in np.unique(winners):
         rows = np.flatnonzero(winners == winner)
-        out = generation_lib.generate(
+        out = engine.generate(
             [prompts[int(winner)]], np.ones((len(rows), 1)), rule="linear", payment=None, decoding=decoding,
             key=keys[rows], max_new_tokens=max_new_tokens, model=model,
         )  # fmt: skip

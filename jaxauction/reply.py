@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxauction import _validation, reply_mechanism
-from jaxauction import engine as generation_lib
+from jaxauction import _validation, engine, reply_mechanism
 from jaxauction import prompts as prompts_lib
 from jaxauction.engine.request import validate_model
 from jaxauction.reply_mechanism import allocation, payments, welfare
@@ -181,7 +180,7 @@ def _draw_candidates(model, prompts, base_prompt, proposal, m, draw_key, mix_key
     else:
         num_agents = len(prompts)
         sources, bids = list(prompts), np.eye(num_agents)[np.asarray(jax.random.randint(mix_key, (m,), 0, num_agents))]
-    return generation_lib.generate(
+    return engine.generate(
         sources, bids, rule="linear", payment=None, key=draw_key, max_new_tokens=max_new_tokens, model=model
     )
 
