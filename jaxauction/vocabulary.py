@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxauction import _validation
 
-__all__ = ["compress_vocabulary", "lump_tail"]
+__all__ = ["compress_vocabulary"]
 
 
 def compress_vocabulary(
@@ -57,11 +57,11 @@ def compress_vocabulary(
     # Top up every set to the same width with its most likely remaining tokens.
     priority = np.where(keep, np.inf, p.max(axis=1))
     kept = np.sort(np.argsort(-priority, axis=-1, kind="stable")[:, :width], axis=-1)
-    compressed = lump_tail(logits, kept).astype(np.float32)
+    compressed = _lump_tail(logits, kept).astype(np.float32)
     return (compressed[0], kept[0]) if single else (compressed, kept)
 
 
-def lump_tail(logits, kept) -> np.ndarray:
+def _lump_tail(logits, kept) -> np.ndarray:
     """``logits [K, n, V]`` and distinct token ids ``kept [K, V']`` -> ``[K, n, V' + 1]`` (float64).
 
     The kept columns of every set, then one column holding the logsumexp of the others (``-inf`` if

@@ -84,6 +84,9 @@ def test_bad_selection_is_named(kwargs, match):
         vocabulary.compress_vocabulary(np.zeros((2, 4)), **kwargs)
 
 
-def test_lump_tail_with_nothing_left_is_minus_inf():
-    logits = np.log(np.array([[[0.5, 0.5]]]))
-    np.testing.assert_array_equal(vocabulary.lump_tail(logits, np.array([[0, 1]])), [[[np.log(0.5)] * 2 + [-np.inf]]])
+def test_keeping_every_token_leaves_a_rest_of_minus_inf():
+    logits = np.log(np.array([[0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]))
+    compressed, kept = vocabulary.compress_vocabulary(logits, mass=None, top_k=5)  # at most V = 3 are kept
+    np.testing.assert_array_equal(kept, [0, 1, 2])
+    np.testing.assert_allclose(compressed[:, :3], logits, rtol=1e-6)
+    assert (compressed[:, 3] == -np.inf).all()
