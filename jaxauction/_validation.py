@@ -120,14 +120,6 @@ def host_bids(
     return values
 
 
-def check_rule(rule: Any, fn: str) -> None:
-    if not callable(rule):
-        raise ValueError(
-            f"{fn}: rule must be a callable rule(logits [..., n, V], bids [..., n]) -> log q [..., V], "
-            f"e.g. jaxauction.linear; got {type(rule).__name__}."
-        )
-
-
 def _first_index(bad: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.argwhere(bad)[0])
 
@@ -286,8 +278,3 @@ def probabilities(fn: str, name: str, p: Any) -> jax.Array:
                 f"{float(values[idx])} at index {idx}. Fix: pass jnp.exp(log_q), not log-probabilities."
             )
     return p
-
-
-def choice(fn: str, name: str, value: Any, allowed: tuple[Any, ...], extra: str = "") -> None:
-    if value not in allowed:
-        raise ValueError(f"{fn}: {name} must be one of {allowed}{extra}; got {value!r}.")

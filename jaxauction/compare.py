@@ -15,10 +15,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxauction import _validation, config
-from jaxauction import engine as generation_lib
+from jaxauction import _validation, engine
 from jaxauction import prompts as prompts_lib
-from jaxauction import reply as reply_lib
+from jaxauction import text as text_lib
+from jaxauction.engine.request import validate_model
+from jaxauction.scoring import token_log_probs
 
 __all__ = ["AdMetrics", "SingleWinnerResult", "ad_metrics", "mentions", "single_winner", "single_winner_payments"]
 
@@ -91,13 +92,14 @@ def single_winner(
     num = len(bid_array)
     winners = np.argmax(bid_array, axis=1)  # the first maximum: ties to the lower index
     keys = jax.random.split(jax.random.key(0) if key is None else key, num)
-    _, tokenizer = reply_lib._unpack_model(model)
+    model = validate_model(model)
+    tokenizer = model[1]
     tokens = np.full((num, max_new_tokens), prompts_lib.pad_id(tokenizer), np.int32)
     lengths = np.zeros(num, np.int64)
     texts = [""] * num
     for winner in np.unique(winners):
         rows = np.flatnonzero(winners == winner)
-        out = generation_lib.generate(
+        out = engine.generate(
             [prompts[int(winner)]], np.ones((len(rows), 1)), rule="linear", payment=None, decoding=decoding,
             key=keys[rows], max_new_tokens=max_new_tokens, model=model,
         )  # fmt: skip
@@ -127,7 +129,9 @@ def mentions(texts: Sequence[str], names: Sequence[str]) -> np.ndarray:
     "Alpha Airlines" matches "ALPHA AIRLINES flies" but not "AlphaAirlines" or "Alpha Air"; any run of
     whitespace between the name's words matches.
     """
-    return np.array([[config.mentions(t, name) for name in names] for t in texts], bool).reshape(len(texts), len(names))
+    return np.array([[text_lib.mentions(t, name) for name in names] for t in texts], bool).reshape(
+        len(texts), len(names)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +191,10 @@ def ad_metrics(model, prompts, base_prompt, bids, ad_tokens, payments, names) ->
 
     Returns:
       An :class:`AdMetrics`. The ``(n + 1) A`` rows (every ad under every prompt) are scored by
-      :func:`jaxauction.reply.token_log_probs`.
+      :func:`jaxauction.scoring.token_log_probs`.
     """
-    llm, tokenizer = reply_lib._unpack_model(model)
+    model = validate_model(model)
+    tokenizer = model[1]
     n = len(prompts)
     bid_array = np.atleast_2d(_validation.host_bids("bids", bids, num_agents=n))
     pay = np.atleast_2d(np.asarray(payments, np.float64))
@@ -204,7 +209,7 @@ def ad_metrics(model, prompts, base_prompt, bids, ad_tokens, payments, names) ->
         raise ValueError(f"names: expected {n} advertiser names (one per prompt); got {len(names)}.")
     if num == 0 or any(len(r) == 0 for r in rows):
         raise ValueError("ad_tokens: expected at least one ad, each with at least one token.")
-    scores = reply_lib.token_log_probs((llm, tokenizer), [*prompts, base_prompt], rows).astype(np.float64)
+    scores = token_log_probs(model, [*prompts, base_prompt], rows).astype(np.float64)
     seq = scores.sum(axis=-1)  # [n + 1, A]
     values = (seq[:n] - seq[n][None]).T
     lengths = np.array([len(r) for r in rows])

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from jaxauction import _validation, base
+from jaxauction.text import mentions
 
 MAX_BID = _validation.max_bid(np.float32)
 """Largest bid (and ``base_bid``) a configuration accepts: the library's largest bid in float32, so a
@@ -99,21 +100,6 @@ class Advertiser:
     def mentioned_in(self, text: str) -> bool:
         """Whether ``text`` mentions this advertiser: a keyword (default: the name) as a whole word, any case."""
         return any(mentions(text, word) for word in (self.keywords or (self.name,)))
-
-
-def mentions(text: str, word: str) -> bool:
-    """Whether ``word`` (a word or phrase) occurs in ``text`` as a whole word, case-insensitively.
-
-    Word boundaries are Unicode word characters: ``mentions("Alpha's deal", "Alpha")`` is True,
-    ``mentions("Alphabet", "Alpha")`` is False; any run of whitespace matches the spaces of a phrase
-    (``"Alpha  Airlines"`` mentions ``"Alpha Airlines"``). An empty ``word`` is never mentioned. The one
-    definition of a mention (:func:`jaxauction.compare.mentions` uses it too).
-    """
-    words = word.split()
-    if not words:
-        return False
-    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
-    return re.search(pattern, text, re.IGNORECASE) is not None
 
 
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")

@@ -4,7 +4,8 @@ Each simulated auction picks one set of agent logits (``[n, V]``, e.g. the agent
 logits at one position of an ad) and one bid profile, and reports what the mechanism does there:
 every agent's payment and value, the bid-weighted welfare and which agent the outcome favours.
 The batch axis is processed in fixed-size chunks (one compiled program) and each chunk is split
-over the devices of a mesh (:mod:`jaxauction.sharding`).
+over the devices of a mesh (:mod:`jaxauction.sharding`). :func:`compress_vocabulary` (from
+:mod:`jaxauction.vocabulary`) shrinks the logits first.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import numpy as np
 
 from jaxauction import _validation, aggregation, base, payments, sharding
 from jaxauction.auction import TokenAuction
+from jaxauction.vocabulary import compress_vocabulary
+
+__all__ = ["SimulationResult", "compress_vocabulary", "simulate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +32,8 @@ class SimulationResult:
       bids: ``[A, n]``.
       index: ``[A]`` which logits set each auction used.
       payments: ``[A, n]`` expected payments for the token.
-      values: ``[A, n]`` each agent's value of the outcome: ``-KL(p_i || q)`` under the linear rule,
-        ``-KL(q || p_i)`` under the log-linear rule (the valuation each rule maximises, docs/maths.md §7).
+      values: ``[A, n]`` each agent's value of the outcome, the rule's ``valuation``: ``-KL(p_i || q)``
+        under the linear rule, ``-KL(q || p_i)`` under the log-linear rule (docs/maths.md §7).
       welfare: ``[A]`` the bid-weighted welfare ``sum_i b_i v_i``.
       favoured: ``[A]`` the agent with the highest value (the one the outcome is closest to).
     """
@@ -47,19 +51,28 @@ class SimulationResult:
         return self.payments.sum(axis=-1)
 
 
-def _values(rule_name: str, logits, log_q):
-    log_p = aggregation.agent_log_probs(logits)
-    value = payments.reverse_kl_value if rule_name == "log_linear" else payments.forward_kl_value
-    return value(log_p, log_q[..., None, :])
-
-
-@functools.partial(jax.jit, static_argnames=("rule_name", "payment", "quadrature"))
-def _simulate_chunk(logit_sets, index, bids, *, rule_name, payment, quadrature=payments.Quadrature()):
+@functools.partial(jax.jit, static_argnames=("rule", "payment", "quadrature"))
+def _simulate_chunk(logit_sets, index, bids, *, rule, payment, quadrature=payments.Quadrature()):
+    """One chunk of auctions under ``rule`` (a :class:`~jaxauction.base.Rule` with a valuation, or its name)."""
+    rule = base.as_rule(rule)
     logits = jnp.take(logit_sets, index, axis=0)
-    outcome = TokenAuction(rule=base.as_rule(rule_name), payment=payment, quadrature=quadrature)(logits, bids)
-    values = _values(rule_name, logits, outcome.log_q)
+    outcome = TokenAuction(rule=rule, payment=payment, quadrature=quadrature)(logits, bids)
+    log_p = aggregation.agent_log_probs(logits)
+    values = rule.valuation(log_p, outcome.log_q[..., None, :])
     welfare = jnp.sum(bids * values, axis=-1)
     return outcome.payments, values, welfare, jnp.argmax(values, axis=-1)
+
+
+def _rule_with_valuation(rule) -> base.Rule:
+    """The :class:`~jaxauction.base.Rule` of ``rule``; a ValueError if it has no valuation."""
+    resolved = base.as_rule(rule)
+    if resolved.valuation is None:
+        raise ValueError(
+            f"rule: simulate reports each agent's value of the outcome, so it needs the rule's valuation; rule "
+            f"{resolved.name!r} has none. Fix: pass a jaxauction.base.Rule with valuation=(log_p, log_q) -> value "
+            "(e.g. jaxauction.payments.forward_kl_value), or a built-in rule such as 'linear' or 'log_linear'."
+        )
+    return resolved
 
 
 def simulate(
@@ -67,7 +80,7 @@ def simulate(
     bids,
     *,
     index=None,
-    rule: str = "linear",
+    rule: str | base.Rule = "linear",
     payment: str | None = "second_price",
     chunk_size: int = 256,
     mesh=None,
@@ -80,7 +93,8 @@ def simulate(
       logits: ``[n, V]`` one set of agent logits, or ``[K, n, V]`` several sets.
       bids: ``[A, n]`` bid profiles (non-negative).
       index: ``[A]`` ints in ``[0, K)``, the logits set of each auction (default: all use set 0).
-      rule: ``"linear"`` or ``"log_linear"``.
+      rule: a rule name (``"linear"``, ``"log_linear"``) or a :class:`~jaxauction.base.Rule` that has a
+        ``valuation`` (the values reported); a name and its registered rule give identical results.
       payment: ``"second_price"``, ``"kl"`` or ``None``.
       chunk_size: auctions per compiled step (a multiple of the device count is used); bounds memory
         to about ``chunk_size * n * V`` floats plus the payments' working set.
@@ -89,14 +103,13 @@ def simulate(
       quadrature: the payments' integration rule (see :class:`jaxauction.payments.Quadrature`).
 
     Raises:
-      ValueError naming the argument: logits with NaN or +inf, or a row that is ``-inf`` for every token
+      ValueError naming the argument: a rule without a valuation; logits with NaN or +inf, or a row that is ``-inf`` for every token
       (an agent with no allowed token); bids of the wrong shape, with no auctions (``A = 0``), or
       negative/non-finite; an ``index`` that is not integer-typed (floats are refused, not truncated) or
       out of ``[0, K)``; a ``chunk_size`` that is not a positive int; a ``mesh`` that is not a
       ``jax.sharding.Mesh``.
     """
-    if base.as_rule(rule).name not in ("linear", "log_linear"):
-        raise ValueError(f"rule: simulate knows the values of 'linear' and 'log_linear' only; got {rule!r}.")
+    rule = _rule_with_valuation(rule)
     logit_sets = np.asarray(logits)
     if logit_sets.ndim == 2:
         logit_sets = logit_sets[None]
@@ -129,16 +142,14 @@ def simulate(
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=f"auctions ({rule})", unit="chunk")
+        starts = tqdm(starts, desc=f"auctions ({rule.name})", unit="chunk")
     for start in starts:
         chunk_bids = jnp.asarray(bids[start : start + chunk], dtype)
         chunk_index = jnp.asarray(index[start : start + chunk])
         size = chunk_bids.shape[0]
         chunk_bids = sharding.shard_batch(sharding.pad_batch(chunk_bids, chunk), mesh)
         chunk_index = sharding.shard_batch(sharding.pad_batch(chunk_index, chunk), mesh)
-        out = _simulate_chunk(
-            logit_sets, chunk_index, chunk_bids, rule_name=rule, payment=payment, quadrature=quadrature
-        )
+        out = _simulate_chunk(logit_sets, chunk_index, chunk_bids, rule=rule, payment=payment, quadrature=quadrature)
         outputs.append(tuple(np.asarray(x)[:size] for x in jax.device_get(out)))
     paid, values, welfare, favoured = (np.concatenate(parts) for parts in zip(*outputs))
     return SimulationResult(bids=bids, index=index, payments=paid, values=values, welfare=welfare, favoured=favoured)
@@ -166,59 +177,3 @@ def _check_index(index, num_auctions: int, num_sets: int) -> np.ndarray:
             f"sets); got {int(array[where])} at position {where}."
         )
     return array.astype(np.int32)
-
-
-def compress_vocabulary(logits, mass: float = 0.999) -> tuple[np.ndarray, np.ndarray]:
-    """Keeps the tokens that matter in each logits set and lumps the rest into one extra token.
-
-    Within a set (``[n, V]``: the agents' distributions over the same tokens), every agent's smallest
-    set of most likely tokens holding at least ``mass`` of its probability is kept; the union over the
-    agents is kept for all of them, topped up with the next most likely tokens so that every set keeps
-    the same number ``V'`` (one static shape). Each agent's remaining tokens become one last "rest"
-    token carrying their total probability (its logit is their logsumexp). Token identities do not
-    matter to the mechanism, only that the agents of a set stay aligned, so sets may keep different
-    tokens. Every agent keeps its total mass exactly; the linear rule's ``q`` is unchanged on kept
-    tokens, and a payment or value changes by at most about the lumped mass ``1 - mass`` per agent
-    (measure it on a subset, as ``experiments/batch_simulation.py`` does).
-
-    Args:
-      logits: ``[K, n, V]`` (or ``[n, V]``).
-      mass: probability to keep per agent, in ``(0, 1]``.
-
-    Returns:
-      ``(compressed [K, n, V' + 1], kept [K, V'])``: the logits and the kept token ids of every set.
-    """
-    if not 0.0 < mass <= 1.0:
-        raise ValueError(f"mass: expected a number in (0, 1], got {mass}.")
-    logits = np.asarray(logits, np.float64)
-    single = logits.ndim == 2
-    if single:
-        logits = logits[None]
-    if logits.ndim != 3:
-        raise ValueError(f"logits: expected shape [K, n, V] or [n, V]; got {logits.shape}.")
-    _validation.check_logit_values("compress_vocabulary", "logits", logits)
-    log_p = logits - _logsumexp(logits)
-    p = np.exp(log_p)
-    order = np.argsort(-p, axis=-1)
-    sorted_p = np.take_along_axis(p, order, axis=-1)
-    needed = (np.cumsum(sorted_p, axis=-1) - sorted_p) < mass  # [K, n, V] in sorted order
-    keep = np.zeros(p.shape[0::2], bool)  # [K, V]
-    for s in range(p.shape[0]):
-        keep[s, order[s][needed[s]]] = True
-    width = int(keep.sum(axis=-1).max())
-    # Top up every set to the same width with its most likely remaining tokens.
-    priority = np.where(keep, np.inf, p.max(axis=1))
-    kept = np.sort(np.argsort(-priority, axis=-1, kind="stable")[:, :width], axis=-1)
-    kept_logits = np.take_along_axis(logits, kept[:, None, :], axis=-1)
-    rest_mask = np.ones(keep.shape, bool)
-    np.put_along_axis(rest_mask, kept, False, axis=-1)
-    rest = np.where(rest_mask[:, None, :], logits, -np.inf)
-    compressed = np.concatenate([kept_logits, _logsumexp(rest)], axis=-1).astype(np.float32)
-    return (compressed[0], kept[0]) if single else (compressed, kept)
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    top = np.max(x, axis=-1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
-        return top + np.log(np.sum(np.exp(x - top), axis=-1, keepdims=True))

@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent("""
         sharding.replicate(jnp.asarray(logits, jnp.float32), mesh),
         sharding.shard_batch(jnp.asarray(index[:8]), mesh),
         sharding.shard_batch(jnp.asarray(bids[:8], jnp.float32), mesh),
-        rule_name="linear", payment="second_price")
+        rule="linear", payment="second_price")
     out["sim_devices"] = len(sharded[0].sharding.device_set)
 
     # Generation on a tiny random Llama: 6 auctions (padded to 8) over 4 devices.

@@ -88,3 +88,56 @@ def test_compress_vocabulary_refuses_nan_logits(dtype):
         simulation.compress_vocabulary(with_value((0, 0, 3), np.nan).astype(dtype))
     with pytest.raises(ValueError, match=r"mass: expected a number in \(0, 1\]"):
         simulation.compress_vocabulary(LOGITS.astype(dtype), mass=float("nan"))
+
+
+def _kl(p, q):
+    return np.sum(p * (np.log(p) - np.log(q)), axis=-1)
+
+
+def _probabilities(logits):
+    return np.exp(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True))
+
+
+@pytest.mark.parametrize("name", ["linear", "log_linear"])
+def test_a_rule_name_and_its_rule_give_identical_results(name):
+    import jaxauction as ja
+
+    by_name = run(rule=name, payment="kl")
+    by_object = run(rule=getattr(ja, name), payment="kl")
+    for field in ("payments", "values", "welfare", "favoured"):
+        np.testing.assert_array_equal(getattr(by_name, field), getattr(by_object, field))
+    # the values are the rule's valuation (docs/maths.md §7), here against a NumPy float64 reference
+    p = _probabilities(LOGITS[[0, 1]])  # [A, n, V], index = [0, 1]
+    lam = BIDS / BIDS.sum(-1, keepdims=True)
+    if name == "linear":
+        q = np.einsum("an,anv->av", lam, p)
+        values = -_kl(p, q[:, None])
+    else:
+        log_q = np.einsum("an,anv->av", lam, np.log(p))
+        q = _probabilities(log_q)
+        values = -_kl(q[:, None], p)
+    np.testing.assert_allclose(by_name.values, values, rtol=1e-4, atol=1e-6)
+
+
+def test_a_user_rule_with_a_valuation_runs_and_one_without_is_refused():
+    import jax.numpy as jnp
+
+    import jaxauction as ja
+
+    def total_variation_value(log_p, log_q):
+        return -0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=-1)
+
+    mine = ja.Rule(name="mine", log_aggregate=ja.linear.log_aggregate, valuation=total_variation_value)
+    result = run(rule=mine, payment=None)
+    p = _probabilities(LOGITS[[0, 1]])
+    q = np.einsum("an,anv->av", BIDS / BIDS.sum(-1, keepdims=True), p)
+    values = -0.5 * np.abs(p - q[:, None]).sum(-1)
+    np.testing.assert_allclose(result.values, values, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.welfare, (BIDS * values).sum(-1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(result.favoured, values.argmax(-1))
+
+    def plain(logits, bids):
+        return ja.linear(logits, bids)
+
+    with pytest.raises(ValueError, match="rule: simulate .* needs the rule's valuation; rule 'plain' has none"):
+        run(rule=plain)

@@ -7,6 +7,7 @@ are cached to a ``.npz`` file so that a search never re-runs the model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -17,10 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxauction import base, engine, rules, scoring
 from jaxauction import prompts as prompts_lib
 from jaxauction.design.checkpoint import atomic_savez, file_errors
+from jaxauction.engine.request import validate_model
+from jaxauction.vocabulary import compress_vocabulary
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: kept tokens in increasing id order; the continuation decoded by the engine, then teacher-forced
 
 
 @struct.dataclass
@@ -175,14 +179,11 @@ def _chat_ids(tokenizer, system: str | None, user: str) -> list[int]:
 def coarsen(log_probs: np.ndarray, top_k: int) -> np.ndarray:
     """Keeps the ``top_k`` tokens most likely for any row (of one auction) and lumps the rest.
 
-    ``log_probs: [m, V]`` normalised rows of one auction -> ``[m, top_k + 1]`` normalised rows whose last
-    column is the total probability of every other token (an "other" outcome).
+    ``log_probs: [m, V]`` normalised rows of one auction -> ``[m, top_k + 1]`` normalised rows (float32):
+    the kept tokens in increasing id order, then the total probability of every other token (an "other"
+    outcome). :func:`jaxauction.vocabulary.compress_vocabulary` with ``top_k`` and no mass.
     """
-    keep = np.argsort(-log_probs.max(axis=0), kind="stable")[:top_k]
-    kept = log_probs[:, keep]
-    with np.errstate(divide="ignore"):
-        rest = np.log(np.clip(-np.expm1(np.logaddexp.reduce(kept, axis=1)), 0.0, None))
-    return np.concatenate([kept, rest[:, None]], axis=1)
+    return compress_vocabulary(log_probs, mass=None, top_k=top_k)[0]
 
 
 def llm_auctions(
@@ -202,17 +203,19 @@ def llm_auctions(
     """Auctions among the bundled LLM's advertiser distributions, cached to ``cache`` (``.npz``).
 
     For every group of ``agents_per_auction`` consecutive advertisers (cyclically), the shared
-    continuation is decoded greedily under the linear rule with equal bids for ``steps`` tokens; the
-    agents' next-token distributions at each step form one auction, and the base distribution is the
-    LLM's distribution for the bare ``query``. Each auction's outcomes are coarsened to the ``top_k``
-    most likely tokens plus one "other" outcome (:func:`coarsen`). Every auction is paired with
-    ``num_bid_profiles`` log-normal bid profiles drawn with ``seed``.
+    continuation is decoded greedily under the linear rule with equal bids, its end tokens excluded, for
+    ``steps - 1`` tokens (one batched :func:`jaxauction.generate` call); the agents' next-token
+    distributions before each of its tokens and after the last (``steps`` in all, from one
+    teacher-forced pass, :func:`jaxauction.scoring.next_token_log_probs`) form one auction each, and the
+    base distribution is the LLM's distribution for the bare ``query`` followed by the same tokens. Each
+    auction's outcomes are coarsened to the ``top_k`` most likely tokens plus one "other" outcome
+    (:func:`coarsen`). Every auction is paired with ``num_bid_profiles`` log-normal bid profiles drawn
+    with ``seed``.
 
     The cache is keyed by every argument above and ``model_id``; a matching file is loaded without
-    touching the model. ``jaxauction.models`` is imported only when the cache must be (re)built.
-    ``model`` is an optional ``(model, tokenizer)`` pair (``jaxauction.models.load(...)``, or anything
-    with ``model(input_ids, attention_mask) -> [B, T, V]`` and a chat-template tokenizer); give it a
-    ``model_id`` of its own so that caches of different models are told apart.
+    touching the model. The model is loaded only when the cache must be (re)built. ``model`` is an
+    optional ``(model, tokenizer)`` pair as for :func:`jaxauction.generate` (default: the bundled
+    model); give it a ``model_id`` of its own so that caches of different models are told apart.
     """
     if agents_per_auction < 1 or agents_per_auction > len(advertisers):
         raise ValueError(
@@ -248,69 +251,56 @@ def llm_auctions(
 
 
 def _llm_distributions(model, advertisers, query, agents_per_auction, steps, top_k):
-    """Runs the LLM: ``(logits [G * steps, m, top_k + 1], base [G * steps, top_k + 1])``, coarsened."""
-    if model is None:
-        from jaxauction import models  # lazy: only needed to build a cache
+    """Runs the LLM: ``(logits [steps * G, m, top_k + 1], base [steps * G, top_k + 1])``, coarsened.
 
-        model = models.load()
-    network, tokenizer = model
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    Auction ``s * G + g`` is group ``g`` at step ``s``: the next-token distributions of its agents and
+    of the bare query after the first ``s`` tokens of the group's shared continuation.
+    """
+    model = validate_model(model)
+    tokenizer = model[1]
     count = len(advertisers)
     groups = [[(start + offset) % count for offset in range(agents_per_auction)] for start in range(count)]
     prompts = [_chat_ids(tokenizer, f"You are a copywriter. {query}", text) for text in advertisers]
     base_prompt = _chat_ids(tokenizer, None, query)
-    rows = []
-    for group in groups:
-        rows += [prompts[agent] for agent in group] + [base_prompt]
-    input_ids, attention_mask = prompts_lib.left_pad(rows, pad_id, bucket=1)
-
+    continuations = _shared_continuations(model, [[prompts[agent] for agent in group] for group in groups], steps - 1)
+    sequences = [
+        row + continuation
+        for group, continuation in zip(groups, continuations)
+        for row in [*(prompts[agent] for agent in group), base_prompt]
+    ]
+    log_probs = scoring.next_token_log_probs(model, sequences, steps).astype(np.float64)  # [G * (m + 1), steps, V]
+    log_probs = log_probs.reshape(len(groups), agents_per_auction + 1, steps, -1)
     auctions, bases = [], []
-    for logits in _next_token_logits(
-        network, input_ids, attention_mask, steps, tokenizer.eos_token_id, agents_per_auction
-    ):
-        log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-        for group_rows in log_probs.reshape(len(groups), agents_per_auction + 1, -1):
+    for step in range(steps):
+        for group_rows in log_probs[:, :, step]:
             coarse = coarsen(group_rows, top_k)
             auctions.append(coarse[:-1])
             bases.append(coarse[-1])
     return np.stack(auctions).astype(np.float32), np.stack(bases).astype(np.float32)
 
 
-def _greedy_linear_tokens(logits: np.ndarray, eos_id: int | None, agents_per_auction: int) -> np.ndarray:
-    """The next shared token of every group: argmax of the equal-bid linear mixture, EOS excluded.
+@dataclasses.dataclass(frozen=True)
+class _LinearWithoutStop:
+    """The linear rule's ``log q`` with the end tokens removed (renormalised): a continuation that never stops."""
 
-    ``logits: [G * (m + 1), V]`` (each group's agents, then its base row) -> tokens for every row.
+    eos_ids: tuple[int, ...]
+
+    def __call__(self, logits: jax.Array, bids: jax.Array) -> jax.Array:
+        log_q = rules.linear(logits, bids).at[..., list(self.eos_ids)].set(-jnp.inf)
+        return log_q - jax.scipy.special.logsumexp(log_q, axis=-1, keepdims=True)
+
+
+def _shared_continuations(model, groups: list[list[list[int]]], length: int) -> list[list[int]]:
+    """Each group's ``length`` shared tokens: greedy under the equal-bid linear rule, no end token.
+
+    One batched :func:`jaxauction.generate` call (the engine's decode loop), one auction per group.
     """
-    log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-    grouped = log_probs.reshape(-1, agents_per_auction + 1, log_probs.shape[-1])[:, :-1]
-    mixture = np.logaddexp.reduce(grouped, axis=1)
-    if eos_id is not None:
-        mixture[:, eos_id] = -np.inf
-    return np.repeat(np.argmax(mixture, axis=-1), agents_per_auction + 1).astype(np.int32)
-
-
-def _next_token_logits(network, input_ids, attention_mask, steps, eos_id, agents_per_auction):
-    """Yields ``[B, V]`` next-token logits (float64) for ``steps`` steps of the shared continuation.
-
-    Uses the backend's compiled KV cache when it has one (``jaxauction.models.CompiledLlama``), else
-    the minimal contract ``network(input_ids, attention_mask) -> [B, T, V]`` on the growing sequences.
-    """
-    if hasattr(network, "prefill") and hasattr(network, "decode"):
-        from jaxauction import models
-
-        compiled = models.CompiledLlama(network)
-        cache = compiled.init_cache(input_ids.shape[0], input_ids.shape[1] + steps)
-        logits, cache = compiled.prefill(jnp.asarray(input_ids), jnp.asarray(attention_mask), cache)
-        for step in range(steps):
-            logits = np.asarray(logits, np.float64)
-            yield logits
-            if step + 1 < steps:
-                tokens = _greedy_linear_tokens(logits, eos_id, agents_per_auction)
-                logits, cache = compiled.decode(jnp.asarray(tokens), cache)
-        return
-    for _ in range(steps):
-        logits = np.asarray(network(jnp.asarray(input_ids), jnp.asarray(attention_mask))[:, -1, :], np.float64)
-        yield logits
-        tokens = _greedy_linear_tokens(logits, eos_id, agents_per_auction)
-        input_ids = np.concatenate([input_ids, tokens[:, None]], axis=1)
-        attention_mask = np.concatenate([attention_mask, np.ones_like(attention_mask[:, :1])], axis=1)
+    if length == 0:
+        return [[] for _ in groups]
+    llm, tokenizer = model
+    rule = base.Rule(name="linear_without_stop", log_aggregate=_LinearWithoutStop(prompts_lib.eos_ids(llm, tokenizer)))
+    result = engine.generate(
+        [engine.Auction(group, np.ones(len(group))) for group in groups],
+        rule=rule, payment=None, decoding="greedy", max_new_tokens=length, model=model,
+    )  # fmt: skip
+    return [list(map(int, row[:length])) for row in np.atleast_2d(result.tokens)]

@@ -97,7 +97,10 @@ class PowerMeanParams:
 
 @struct.dataclass
 class Bounds:
-    """A box for :class:`PowerMeanParams`, used to project the search's iterates."""
+    """A box for :class:`PowerMeanParams` (or, built directly, for any pytree of the search's parameters).
+
+    :meth:`project` is the one clipping of :func:`~jaxauction.design.search` (after every update).
+    """
 
     lower: PowerMeanParams
     upper: PowerMeanParams

@@ -6,7 +6,9 @@ Lagrangian (multiplier ``lambda >= 0``, penalty ``mu > 0``, ``s = g(theta) - bud
     loss(theta) = -f(theta) + (max(0, lambda + mu s)**2 - lambda**2) / (2 mu)
 
 Every ``multiplier_every`` steps the multiplier takes a dual step ``lambda <- max(0, lambda + mu s)``.
-After each optimiser step the parameters may be projected (e.g. clipped into a box).
+After each optimiser step the parameters may be projected into a box (:meth:`~jaxauction.design.Bounds.project`).
+The compiled step is cached per (objective, constraint function, optimizer) object: budgets, penalties,
+seeds and data of the same shapes do not recompile.
 
 A search over :class:`~jaxauction.design.PowerMeanParams` ends with the strict monotonicity certificate
 (docs/maths.md §4) of the rule it returns, on the held-out auctions when given (``holdout=``), else on the
@@ -103,6 +105,19 @@ class SearchResult:
         """True iff the result carries a certificate and every (auction, agent) pair passed it."""
         return self.certificate is not None and self.certificate.monotone
 
+    @classmethod
+    def of(cls, state: checkpoint_lib.SearchState, certificate, certified_on: str | None) -> SearchResult:
+        """The result of a search that ended in ``state`` (its history as float64 arrays)."""
+        return cls(
+            params=state.params,
+            opt_state=state.opt_state,
+            step=state.step,
+            multiplier=state.multiplier,
+            history={name: np.asarray(values, np.float64) for name, values in state.history.items()},
+            certificate=certificate,
+            certified_on=None if certificate is None else certified_on,
+        )
+
 
 def augmented_lagrangian(slack: jax.Array, multiplier: jax.Array, penalty: float) -> jax.Array:
     """``(max(0, lambda + mu s)**2 - lambda**2) / (2 mu)`` for ``g <= budget`` with slack ``s = g - budget``."""
@@ -154,7 +169,7 @@ def _step_function(objective, constraint_fn, optimizer, sign, batch_size):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         if bounds is not None:
-            new_params = jax.tree.map(jnp.clip, new_params, bounds[0], bounds[1])
+            new_params = bounds.project(new_params)
         return new_params, opt_state, loss, value, violation
 
     return step_fn
@@ -215,60 +230,70 @@ def search(
     monotone: bool = False,
     holdout: AuctionBatch | None = None,
 ) -> SearchResult:
-    """Runs (or resumes) a gradient search for ``steps`` steps in total.
+    """Runs (or resumes) a gradient search for ``steps`` steps in total (see the module docstring).
 
     Args:
       objective: ``objective(params, data) -> scalar``, differentiable in ``params`` (jit-able).
-      params: initial parameters (any pytree of arrays).
-      data: the objective's second argument, a pytree whose leaves share a leading auction axis when
-        ``batch_size`` is set.
-      steps: total number of optimiser steps (a resumed search counts the steps already done).
+      params: initial parameters (any pytree of float32/float64 arrays).
+      data: the objective's second argument; its leaves share a leading auction axis for ``batch_size``.
+      steps: total optimiser steps (a resumed search counts the steps already done).
       constraint: optional ``g(params, data) <= budget`` (augmented Lagrangian).
       maximize: maximise ``objective`` (``True``) or minimise it.
       optimizer: an optax transformation; default ``optax.adam(learning_rate)``. The compiled step is
-        cached per (objective, constraint function, optimizer) object: pass the same objects to
-        repeated searches (e.g. a budget sweep) to compile once; budgets, penalties, seeds and data of
-        the same shapes do not recompile.
+        cached per (objective, constraint function, optimizer) object: reuse them to compile once.
       trainable: a pytree of bools like ``params``; ``False`` leaves stay fixed. ``None``: all train.
-      bounds: ``(lower, upper)`` pytrees like ``params`` (or an object with ``.lower``/``.upper``, e.g.
-        :class:`~jaxauction.design.Bounds`): the parameters are clipped into the box after every update.
-        ``None``: for :class:`~jaxauction.design.PowerMeanParams` the family's domain
-        (:meth:`~jaxauction.design.Bounds.domain`: gamma >= 0, base_bid >= 0, temperature >= 0.01),
-        so the search never leaves it; other pytrees are not projected.
-      batch_size: minibatch size drawn without replacement each step; ``None`` uses all of ``data``.
+      bounds: ``(lower, upper)`` pytrees like ``params``, or a :class:`~jaxauction.design.Bounds`: the
+        parameters are projected into the box (:meth:`Bounds.project`) after every update. ``None``: the
+        family's domain (:meth:`~jaxauction.design.Bounds.domain`) for PowerMeanParams, else no box.
+      batch_size: minibatch drawn without replacement each step; ``None`` uses all of ``data``.
       seed: seeds the minibatches.
-      checkpoint: ``.npz`` path. If it exists, the search resumes from it (its settings must match);
-        it is rewritten every ``checkpoint_every`` steps, at the end, and when the search is
-        interrupted by an exception (including ``KeyboardInterrupt``), always atomically.
-      progress: show a tqdm progress bar (labelled ``description``).
-      tag: any JSON-able label stored in the checkpoint and compared on resume (e.g. a fingerprint of
-        the data, which the search cannot check itself).
-      callback: called as ``callback(step, record)`` after every step (``record`` is that step's history
-        entry); an exception it raises interrupts the search (after the checkpoint is written).
-      monotone: search only the family's monotone part (:class:`~jaxauction.design.PowerMeanParams` only):
-        the search starts from ``params`` with rho and temperature set to 1 and trains ``gamma`` and
-        ``base_bid`` (:data:`MONOTONE_TRAINABLE`, or the subset ``trainable`` names). Every rule there is
-        monotone (docs/maths.md §3); the returned one is still certified.
-      holdout: an :class:`~jaxauction.design.AuctionBatch` not fitted (drawn with another seed) on which the
-        returned rule is certified; default: the fitted ``data`` (``SearchResult.certified_on = "fitted"``).
+      checkpoint: ``.npz`` path; an existing one is resumed (its settings must match). Rewritten every
+        ``checkpoint_every`` steps, at the end and on any exception (``KeyboardInterrupt`` too), atomically.
+      progress, description: a tqdm progress bar and its label.
+      tag: a JSON-able label stored in the checkpoint and compared on resume (e.g. a data fingerprint).
+      callback: ``callback(step, record)`` after every step (``record``: that step's history entry); an
+        exception it raises interrupts the search (after the checkpoint is written).
+      monotone: search the power-mean family's monotone part (:data:`MONOTONE_TRAINABLE`, or the subset
+        ``trainable`` names; rho = temperature = 1); the returned rule is still certified.
+      holdout: an :class:`~jaxauction.design.AuctionBatch` not fitted, on which the rule is certified.
 
-    Returns:
-      A :class:`SearchResult`, with the certificate of its parameters for a power-mean search.
+    Returns: a :class:`SearchResult`, with the certificate of its parameters for a power-mean search.
 
     Warns:
-      CertificateWarning: when the search was asked for a monotone rule (``monotone=True``, or a constraint
-        with ``budget == 0`` on PowerMeanParams) and the returned rule fails the strict certificate (share < 1.0); the result's
-        ``monotone`` is then False. The message gives the share, the worst excess and the fix.
+      CertificateWarning: a search asked for a monotone rule (``monotone=True``, or a budget of 0 on
+        PowerMeanParams) whose result fails the strict certificate (the message gives share, excess, fix).
 
     Raises:
-      ValueError: for invalid settings (``steps`` not an int, a non-finite learning rate, parameters
-        that are not finite float32/float64 arrays, an objective that cannot take ``data``; ``monotone=True``
-        with parameters other than PowerMeanParams, with rho or temperature trainable, or with bounds that
-        exclude 1 for them; a monotone request with nothing to certify on: no holdout and ``data`` not an
-        AuctionBatch), or a checkpoint that is corrupt or belongs to another search (the message names the file).
-      FloatingPointError: when a step gives a non-finite loss, objective, constraint or parameter; the
-        message names the step, and the checkpoint keeps the last finite state (NaN is never written).
+      ValueError: invalid settings, parameters, monotone requests (or nothing to certify them on), data
+        the objective cannot take, or a checkpoint that is corrupt or another search's (named).
+      FloatingPointError: a non-finite step (named); the checkpoint keeps the last finite state.
     """
+    _check_settings(steps, checkpoint_every, batch_size, optimizer, learning_rate, params, data)
+    bounds = _as_bounds(bounds)
+    if monotone:
+        params, trainable = _monotone_part(params, trainable, bounds)
+    certify_on, certified_on = _certification_data(params, data, holdout)
+    wants_monotone = _wants_monotone(params, constraint, monotone, certify_on)
+    optimizer = _optimizer(optimizer, learning_rate, trainable)
+    settings = _checkpoint_settings(tag, maximize, seed, batch_size, constraint, monotone)
+    state = _initial_state(params, optimizer, checkpoint, settings)
+    loop = _Loop(
+        step_fn=_step_function(objective, getattr(constraint, "fn", None), optimizer, 1.0 if maximize else -1.0, batch_size),
+        data=data, seed=seed, constraint=constraint, bounds=_default_bounds(bounds, params),
+        names=tuple(_scalar_names(params)), dtype=jnp.result_type(*jax.tree.leaves(params)),
+        save=functools.partial(_save, checkpoint, settings), checkpoint_every=checkpoint_every,
+    )  # fmt: skip
+    state = _run(loop, state, steps, _progress_bar(steps, state.step, description, progress), callback)
+    certificate = _certify(state.params, certify_on, certified_on, wants_monotone, monotone, constraint)
+    return SearchResult.of(state, certificate, certified_on)
+
+
+def _progress_bar(steps: int, start: int, description: str, progress: bool):
+    return tqdm(total=steps, initial=min(start, steps), desc=description, disable=not progress, leave=False)
+
+
+def _check_settings(steps, checkpoint_every, batch_size, optimizer, learning_rate, params, data) -> None:
+    """The search's integer settings, the learning rate (without an optimizer), the parameters and the batch size."""
     for name, value in (("steps", steps), ("checkpoint_every", checkpoint_every)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise ValueError(f"search: {name} must be an int, got {type(value).__name__} {value!r}.")
@@ -286,37 +311,50 @@ def search(
         if not (np.isfinite(rate) and rate > 0):
             raise ValueError(f"search: learning_rate must be a finite number > 0, got {learning_rate!r}.")
     _check_params(params)
-    if bounds is not None and not isinstance(bounds, tuple):
-        bounds = (bounds.lower, bounds.upper)
-    if monotone:
-        params, trainable = _monotone_part(params, trainable, bounds)
-    certify_on, certified_on = _certification_data(params, data, holdout)
-    # a budget of 0 on a power-mean search is read as a request for a monotone rule (issue 26)
-    wants_monotone = monotone or (
-        isinstance(params, PowerMeanParams) and constraint is not None and constraint.budget == 0
-    )
-    if wants_monotone and certify_on is None:
-        raise ValueError(
-            "search: asked for a monotone rule (monotone=True or a constraint budget of 0) but there is nothing to "
-            "certify it on: pass holdout=AuctionBatch (auctions drawn with another seed) and PowerMeanParams."
-        )
-    if bounds is None and isinstance(params, PowerMeanParams):
-        domain = Bounds.domain(jnp.result_type(*jax.tree.leaves(params)))
-        bounds = (domain.lower, domain.upper)
     if batch_size is not None:
         count = jax.tree.leaves(data)[0].shape[0] if jax.tree.leaves(data) else 0
         if not 1 <= batch_size <= count:
             raise ValueError(f"batch_size must be in [1, {count}] (the leading size of data), got {batch_size}.")
 
+
+def _as_bounds(bounds) -> Bounds | None:
+    """``bounds`` as a :class:`Bounds` (from ``(lower, upper)`` or anything with ``.lower``/``.upper``)."""
+    if bounds is None or isinstance(bounds, Bounds):
+        return bounds
+    lower, upper = bounds if isinstance(bounds, tuple) else (bounds.lower, bounds.upper)
+    return Bounds(lower=lower, upper=upper)
+
+
+def _default_bounds(bounds: Bounds | None, params) -> Bounds | None:
+    """``bounds``, else the family's domain for PowerMeanParams (the search never leaves it), else None."""
+    if bounds is None and isinstance(params, PowerMeanParams):
+        return Bounds.domain(jnp.result_type(*jax.tree.leaves(params)))
+    return bounds
+
+
+def _wants_monotone(params, constraint: Constraint | None, monotone: bool, certify_on) -> bool:
+    """Whether the search was asked for a monotone rule; a ValueError if there is nothing to certify it on."""
+    # a budget of 0 on a power-mean search is read as a request for a monotone rule (issue 26)
+    wants = monotone or (isinstance(params, PowerMeanParams) and constraint is not None and constraint.budget == 0)
+    if wants and certify_on is None:
+        raise ValueError(
+            "search: asked for a monotone rule (monotone=True or a constraint budget of 0) but there is nothing to "
+            "certify it on: pass holdout=AuctionBatch (auctions drawn with another seed) and PowerMeanParams."
+        )
+    return wants
+
+
+def _optimizer(optimizer, learning_rate, trainable) -> optax.GradientTransformation:
+    """The optax transformation: ``optimizer`` or adam, with the frozen leaves of ``trainable`` set to zero."""
     optimizer = optimizer if optimizer is not None else _default_optimizer(float(learning_rate))
     if trainable is not None:
         labels, labels_treedef = jax.tree.flatten(jax.tree.map(lambda flag: "train" if flag else "frozen", trainable))
         optimizer = _with_frozen(optimizer, labels_treedef, tuple(labels))
-    sign = 1.0 if maximize else -1.0
-    step_fn = _step_function(objective, None if constraint is None else constraint.fn, optimizer, sign, batch_size)
-    dtype = jnp.result_type(*jax.tree.leaves(params))
-    budget = jnp.asarray(0.0 if constraint is None else constraint.budget, dtype)
-    penalty = jnp.asarray(1.0 if constraint is None else constraint.penalty, dtype)
+    return optimizer
+
+
+def _checkpoint_settings(tag, maximize, seed, batch_size, constraint: Constraint | None, monotone: bool) -> dict:
+    """What a checkpoint records and a resumed search must match."""
     settings = dict(
         tag=tag,
         maximize=maximize,
@@ -328,7 +366,11 @@ def search(
     )
     if monotone:
         settings["monotone"] = True
+    return settings
 
+
+def _initial_state(params, optimizer, checkpoint, settings: dict) -> checkpoint_lib.SearchState:
+    """A fresh state at step 0, or the one ``checkpoint`` holds (checked against ``settings``)."""
     names = _scalar_names(params)
     state = checkpoint_lib.SearchState(
         params=params,
@@ -339,62 +381,87 @@ def search(
     )
     if checkpoint is not None and Path(checkpoint).exists():
         state = checkpoint_lib.load(checkpoint, state.params, state.opt_state, settings)
+    return state
 
-    def save():
-        if checkpoint is not None:
-            checkpoint_lib.save(checkpoint, state, settings)
 
-    bar = tqdm(total=steps, initial=min(state.step, steps), desc=description, disable=not progress, leave=False)
+def _save(checkpoint, settings: dict, state: checkpoint_lib.SearchState) -> None:
+    if checkpoint is not None:
+        checkpoint_lib.save(checkpoint, state, settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loop:
+    """What every step of one search uses: the compiled step, its fixed arguments, the checkpoint writer."""
+
+    step_fn: Callable
+    data: Any
+    seed: int
+    constraint: Constraint | None
+    bounds: Bounds | None
+    names: tuple[str, ...]
+    dtype: Any
+    save: Callable[[checkpoint_lib.SearchState], None]
+    checkpoint_every: int
+
+
+def _run(loop: _Loop, state, steps: int, bar, callback) -> checkpoint_lib.SearchState:
+    """Steps ``state`` until ``steps``; checkpoints every ``checkpoint_every`` steps, at the end and on any exception."""
+    save = loop.save
     try:
         while state.step < steps:
-            index = state.step
-            try:
-                new_params, opt_state, loss, value, violation = step_fn(
-                    state.params,
-                    state.opt_state,
-                    data,
-                    jnp.asarray(state.multiplier, dtype),
-                    index,
-                    seed,
-                    budget,
-                    penalty,
-                    bounds,
-                )
-            except (AttributeError, TypeError, IndexError) as error:
-                if data is None:
-                    raise ValueError(
-                        f"search: the objective failed with data=None ({type(error).__name__}: {error}); pass "
-                        "data, the objective's second argument (e.g. a jaxauction.design.AuctionBatch)."
-                    ) from error
-                raise
-            _check_step(index, loss, value, violation, new_params, constraint is not None)
-            record = dict(
-                step=float(index),
-                loss=float(loss),
-                objective=float(value),
-                constraint=float(violation),
-                multiplier=state.multiplier,
-            )
-            leaves = [leaf for leaf in jax.tree.leaves(state.params) if np.size(leaf) == 1]
-            record.update({name: float(np.asarray(leaf).reshape(())) for name, leaf in zip(names, leaves)})
-            multiplier = state.multiplier
-            if constraint is not None and (index + 1) % constraint.multiplier_every == 0:
-                multiplier = max(0.0, multiplier + constraint.penalty * (record["constraint"] - constraint.budget))
-            history = {name: [*values, record[name]] for name, values in state.history.items()}
-            state = checkpoint_lib.SearchState(new_params, opt_state, index + 1, multiplier, history)
+            state, record = _advance(loop, state)
             bar.update(1)
             bar.set_postfix(objective=f"{record['objective']:.4g}", constraint=f"{record['constraint']:.3g}")
-            if state.step % checkpoint_every == 0:
-                save()
+            if state.step % loop.checkpoint_every == 0:
+                save(state)
             if callback is not None:
                 callback(state.step, record)
-        save()
+        save(state)
     except BaseException:
-        save()
+        save(state)
         raise
     finally:
         bar.close()
-    certificate = None if certify_on is None else certify_rule(state.params, certify_on)
+    return state
+
+
+def _advance(loop: _Loop, state: checkpoint_lib.SearchState) -> tuple[checkpoint_lib.SearchState, dict[str, float]]:
+    """One optimiser step (checked finite), the dual step of the multiplier, and that step's history record."""
+    index, constraint = state.step, loop.constraint
+    budget = jnp.asarray(0.0 if constraint is None else constraint.budget, loop.dtype)
+    penalty = jnp.asarray(1.0 if constraint is None else constraint.penalty, loop.dtype)
+    multiplier = jnp.asarray(state.multiplier, loop.dtype)
+    try:
+        new_params, opt_state, loss, value, violation = loop.step_fn(
+            state.params, state.opt_state, loop.data, multiplier, index, loop.seed, budget, penalty, loop.bounds
+        )
+    except (AttributeError, TypeError, IndexError) as error:
+        if loop.data is None:
+            raise ValueError(
+                f"search: the objective failed with data=None ({type(error).__name__}: {error}); pass "
+                "data, the objective's second argument (e.g. a jaxauction.design.AuctionBatch)."
+            ) from error
+        raise
+    _check_step(index, loss, value, violation, new_params, constraint is not None)
+    record = dict(
+        step=float(index),
+        loss=float(loss),
+        objective=float(value),
+        constraint=float(violation),
+        multiplier=state.multiplier,
+    )
+    leaves = [leaf for leaf in jax.tree.leaves(state.params) if np.size(leaf) == 1]
+    record.update({name: float(np.asarray(leaf).reshape(())) for name, leaf in zip(loop.names, leaves)})
+    multiplier = state.multiplier
+    if constraint is not None and (index + 1) % constraint.multiplier_every == 0:
+        multiplier = max(0.0, multiplier + constraint.penalty * (record["constraint"] - constraint.budget))
+    history = {name: [*values, record[name]] for name, values in state.history.items()}
+    return checkpoint_lib.SearchState(new_params, opt_state, index + 1, multiplier, history), record
+
+
+def _certify(params, certify_on, certified_on, wants_monotone: bool, monotone: bool, constraint):
+    """The strict certificate of ``params`` on ``certify_on`` (None without); warns if a monotone request fails it."""
+    certificate = None if certify_on is None else certify_rule(params, certify_on)
     if wants_monotone and not certificate.monotone:
         reason = "monotone=True" if monotone else f"constraint budget {constraint.budget:g}"
         fix = (
@@ -403,21 +470,13 @@ def search(
             else "Fix: search the family's monotone part with monotone=True (rho = 1, temperature = 1 frozen)."
         )
         warnings.warn(
-            f"search: asked for a monotone rule ({reason}) but the result {state.params.to_dict()} fails the strict "
+            f"search: asked for a monotone rule ({reason}) but the result {params.to_dict()} fails the strict "
             f"certificate on the {certified_on} auctions: share {certificate.share:.3f} of (auction, agent) pairs "
             f"pass, worst excess {certificate.worst:.2e} (tolerance {certificate.atol:.1e}). It is not monotone. {fix}",
             CertificateWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return SearchResult(
-        params=state.params,
-        opt_state=state.opt_state,
-        step=state.step,
-        multiplier=state.multiplier,
-        history={name: np.asarray(values, np.float64) for name, values in state.history.items()},
-        certificate=certificate,
-        certified_on=None if certificate is None else certified_on,
-    )
+    return certificate
 
 
 def _monotone_part(params, trainable, bounds):
@@ -436,7 +495,7 @@ def _monotone_part(params, trainable, bounds):
             f"Fix: leave trainable=None (trains {MONOTONE_TRAINABLE}) or train only a subset of them."
         )
     if bounds is not None:
-        lower, upper = bounds
+        lower, upper = bounds.lower, bounds.upper
         outside = [name for name in ("rho", "temperature") if not getattr(lower, name) <= 1 <= getattr(upper, name)]
         if outside:
             raise ValueError(f"search: monotone=True needs bounds that contain 1 for {outside}; widen them.")
