@@ -165,10 +165,11 @@ def test_llm_auctions_with_one_step_decodes_nothing(tmp_path, tiny):
 def test_llm_auctions_from_the_bundled_model(tmp_path, monkeypatch):
     """The default model is loaded lazily; the first step equals a direct forward pass on the prompts."""
     from jaxauction import models
+    from jaxauction.models import loader
 
-    model, tokenizer = models.default()
+    model, tokenizer = loader.default()
     sources = []
-    monkeypatch.setattr(models, "default", lambda: sources.append(()) or (model, tokenizer))
+    monkeypatch.setattr(loader, "default", lambda: sources.append(()) or (model, tokenizer))
     settings = dict(advertisers=data.DEFAULT_ADVERTISERS[:2], steps=2, top_k=8, num_bid_profiles=1)
     batch = data.llm_auctions(tmp_path / "kv.npz", **settings)
     assert sources == [()]  # llm_auctions asked for the bundled default
