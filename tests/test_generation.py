@@ -243,6 +243,29 @@ def test_mixed_batch_sampled_with_per_auction_keys(tiny):
         np.testing.assert_allclose(alone.payments, batch.payments[a, :n], rtol=1e-4, atol=1e-6)
 
 
+def test_queries_batched_under_a_custom_rule_equal_per_query_calls(tiny):
+    """Auctions of two queries (2 and 3 agents) in one Auction-list call, keyed ``split(k_q, P_q)`` per
+    query, give what each query's prompt-form call ``generate(prompts_q, bids [P_q, n_q], key=k_q)``
+    gives (experiments/benchmark.py batches its runs this way): sampled under the certified power-mean
+    rule, so padded agents meet a rule that is not built in."""
+    from jaxauction import design
+
+    rule = design.fixed_rule(design.PowerMeanParams.create(rho=1.0, gamma=2.78, temperature=1.0))
+    prompt_sets = [PROMPTS[:2], PROMPTS]
+    profiles = [np.array([[0.5, 0.5], [0.2, 0.8]]), np.array([[0.3, 0.3, 0.4], [0.6, 0.1, 0.3]])]
+    query_keys = jax.random.split(jax.random.key(3), 2)
+    auctions = [Auction(agents, row) for agents, rows in zip(prompt_sets, profiles) for row in rows]
+    keys = jnp.concatenate([jax.random.split(k, len(rows)) for k, rows in zip(query_keys, profiles)])
+    common = dict(rule=rule, payment="second_price", max_new_tokens=4, model=tiny)
+    batch = generate(auctions, key=keys, **common)
+    assert batch.valid.all()
+    for q, (agents, bids) in enumerate(zip(prompt_sets, profiles)):
+        alone = generate(agents, bids, key=query_keys[q], **common)
+        rows, n = slice(2 * q, 2 * q + 2), len(agents)
+        np.testing.assert_array_equal(alone.tokens, batch.tokens[rows])
+        np.testing.assert_allclose(alone.payments, batch.payments[rows, :n], rtol=1e-5, atol=1e-7)
+
+
 def test_prompt_form_equals_auction_form(tiny):
     bids = np.array([[1.0, 0.5, 2.0], [0.2, 3.0, 0.1]])
     swept = generate(PROMPTS, bids, decoding="greedy", max_new_tokens=6, model=tiny, base_prompt=[2, 3], base_bid=0.4)
