@@ -189,25 +189,6 @@ SHARED_MIXED = [
 ]
 
 
-def test_shared_prefix_length_against_brute_force():
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        head = list(rng.integers(2, 4, rng.integers(0, 40)))
-        seqs = [head + list(rng.integers(2, 4, rng.integers(0, 6))) for _ in range(rng.integers(1, 5))]
-        distinct = {tuple(q) for q in seqs}
-        common = 0  # brute force: the longest c with one prefix and at least one own token per sequence
-        for c in range(min(map(len, distinct))):
-            if len({q[:c] for q in distinct}) == 1:
-                common = c
-        expected = common // 8 * 8 if len(distinct) > 1 else 0
-        assert prompts.shared_prefix_length(seqs) == (expected if expected >= prompts.SHARED_PREFIX_MIN else 0)
-    ids, mask = prompts.left_pad([[5, 6], [7]], 0, width=4)
-    np.testing.assert_array_equal(ids, [[0, 0, 5, 6], [0, 0, 0, 7]])
-    np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 1]])
-    with pytest.raises(ValueError, match="width: 1 is shorter than the longest sequence"):
-        prompts.left_pad([[5, 6]], 0, width=1)
-
-
 @pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
 def test_shared_prompt_prefix_is_prefilled_once_with_the_same_result(tiny, monkeypatch, x64):
     model, _ = tiny
