@@ -87,8 +87,8 @@ def program_count() -> int:
 
 
 def held_programs() -> list[tuple[Callable, tuple]]:
-    """``(function, static)`` of every compiled program held now, least recently used first (one
-    entry per program: a function and settings compiled for several argument shapes appear once each)."""
+    """``(function, static)`` of every compiled program held now, least recently used first; one entry
+    per program, so a function and settings compiled for two argument shapes appear twice."""
     return [(key[0], key[1]) for key in _PROGRAMS]
 
 
