@@ -20,9 +20,16 @@ import numpy as np
 _BID_HEADROOM = 1e8
 
 
-def is_concrete(*arrays: Any) -> bool:
-    """True when no argument is a tracer (values can be inspected)."""
-    return not any(isinstance(x, jax.core.Tracer) for x in arrays)
+def is_concrete(*trees: Any) -> bool:
+    """True when no leaf of the arguments is a tracer: values can be inspected on the host.
+
+    The package's one eager-vs-traced test. Eager calls get concrete arrays (check the values,
+    dispatch to a compiled program); under an enclosing ``jit``, ``vmap`` or ``grad`` some leaf is a
+    tracer (skip value checks, inline the computation). Arguments may be arrays, Python or NumPy
+    scalars, None or pytrees of them (a ``KVCache``, tuples); a pytree is concrete when all its
+    leaves are.
+    """
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
 
 
 def _shape(x: Any) -> tuple[int, ...]:

@@ -66,10 +66,6 @@ def _between_excess(p: jax.Array, q_new: jax.Array, q_old: jax.Array) -> jax.Arr
     return jnp.max(excess, axis=-1)
 
 
-def _is_traced(*arrays) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in arrays)
-
-
 def _hashable(rule) -> bool:
     try:
         hash(rule)
@@ -99,7 +95,7 @@ def monotonicity_violation(rule, logits: jax.Array, bids: jax.Array) -> jax.Arra
     fn = "monotonicity_violation"
     rule = base.as_rule(rule, argument=f"{fn}: rule")
     logits, bids = _validation.mechanism_inputs(fn, logits, bids)
-    if _is_traced(logits, bids) or not _hashable(rule):
+    if not _validation.is_concrete(logits, bids) or not _hashable(rule):
         return _violation(rule, logits, bids)
     return _violation_jit(rule, logits, bids)
 
@@ -194,7 +190,7 @@ def certify(
     fn = "certify"
     rule = base.as_rule(rule, argument=f"{fn}: rule")
     logits, bids = _validation.mechanism_inputs(fn, logits, bids)
-    if _is_traced(logits, bids):
+    if not _validation.is_concrete(logits, bids):
         raise ValueError(f"{fn}: needs concrete arrays (it returns host values); call it outside jax.jit.")
     try:
         factors = tuple(float(f) for f in factors)

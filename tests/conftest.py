@@ -24,6 +24,17 @@ def dtype(request):
         yield jnp.float32
 
 
+@pytest.fixture
+def empty_program_table():
+    """The engine's table of compiled programs starts empty for this test, so the programs of earlier
+    tests cannot hide which ones the test's calls compiled; afterwards the earlier table comes back
+    with the test's programs added (``jaxauction.engine.runtime.empty_program_table``)."""
+    from jaxauction.engine import runtime
+
+    with runtime.empty_program_table():
+        yield
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Frees every compiled program after each test module.

@@ -55,6 +55,21 @@ def test_single_winner_ad_and_second_price_per_token(tiny):
     assert alone.winners == 0 and alone.payments.tolist() == [0.0]  # n = 1: no second bid
 
 
+def test_single_winner_samples_profile_a_with_the_a_th_split_key(tiny):
+    """Each profile's ad is the winner's prompt alone sampled with ``split(key, A)[a]``: what a batch of
+    one-agent auctions (bid 1, linear rule, no payment) draws with those keys (experiments/benchmark.py
+    runs the single winner of many queries in one such batch)."""
+    from jaxauction import Auction, generate
+
+    bids = np.array([[1.0, 3.0, 2.0], [2.0, 2.0, 1.0], [0.5, 0.0, 4.0]])
+    key = jax.random.key(7)
+    result = compare.single_winner(PROMPTS3, bids, key=key, max_new_tokens=5, model=tiny)
+    auctions = [Auction([PROMPTS3[w]], [1.0]) for w in result.winners]
+    batch = generate(auctions, rule="linear", payment=None, key=jax.random.split(key, 3), max_new_tokens=5, model=tiny)
+    np.testing.assert_array_equal(result.tokens, batch.tokens)
+    np.testing.assert_array_equal(result.lengths, batch.lengths)
+
+
 def test_single_winner_bad_input_is_named(tiny):
     with pytest.raises(ValueError, match="bids"):
         compare.single_winner(PROMPTS, [1.0, -1.0], model=tiny)

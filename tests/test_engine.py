@@ -1,22 +1,19 @@
-"""The engine behind `jaxauction.generate` on a tiny random Llama: row sharing, chunking under a memory
-budget, the compiled programs it shares and bounds, and the disk cache of compiled programs.
+"""The engine behind `jaxauction.generate` as a whole on a tiny random Llama: chunking under a memory
+budget (same results, every chunk within the budget) and the compiled programs its calls share.
 
-The tests of what an auction produces (against a plain reference loop) are in test_generation.py.
+What an auction produces (against a plain reference loop) is tested in test_generation.py; the engine's
+modules on their own in test_engine_plan.py, test_engine_rows.py, test_engine_runtime.py and
+test_engine_request.py.
 """
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
+import collections
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny_llm import MIXED, PROMPTS, TinyTokenizer, tiny_llama
 
-from jaxauction.engine import generate, next_rows, parse_memory_budget, plan_chunks, row_capacities
+from jaxauction.engine import generate
 
 VOCAB = 16
 
@@ -24,64 +21,6 @@ VOCAB = 16
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_llama(VOCAB, seed=0), TinyTokenizer(VOCAB)
-
-
-@pytest.fixture
-def empty_program_table(monkeypatch):
-    """The engine's table of compiled programs starts empty for this test, so the programs of earlier
-    tests cannot hide which ones the test's calls compiled. Afterwards the earlier table comes back
-    with the test's programs added as the most recently used (the next compilation trims it to
-    ``MAX_PROGRAMS``), so later tests need not compile them again."""
-    import collections
-
-    from jaxauction.engine import runtime
-
-    earlier = runtime._PROGRAMS
-    monkeypatch.setattr(runtime, "_PROGRAMS", collections.OrderedDict())
-    yield
-    earlier.update(runtime._PROGRAMS)
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_next_rows_against_brute_force(seed):
-    """One row per distinct (row, token) continuation of a live slot, in rows 0 .. count - 1; a first
-    continuation keeps its row when that row is below count, every other one gets a copy of its
-    parent's cache into a row no continuation keeps."""
-    rng = np.random.default_rng(seed)
-    num_auctions, m = rng.integers(1, 7), rng.integers(1, 4)
-    num_rows = int(rng.integers(num_auctions * m, num_auctions * m + 4))
-    slot_rows = rng.integers(0, num_rows, (num_auctions, m))
-    token = rng.integers(0, 3, num_auctions)
-    live = rng.random((num_auctions, m)) < 0.7
-    out = jax.jit(next_rows, static_argnums=3)(jnp.asarray(slot_rows), jnp.asarray(token), jnp.asarray(live), num_rows)
-    new_rows, row_tokens, count, copy_from, copy_to, copies = (np.asarray(x) for x in out)
-    children = sorted({(slot_rows[a, j], token[a]) for a in range(num_auctions) for j in range(m) if live[a, j]})
-    assert count == len(children)
-    child_row = {}
-    for a in range(num_auctions):
-        for j in range(m):
-            if live[a, j]:
-                assert child_row.setdefault((slot_rows[a, j], token[a]), new_rows[a, j]) == new_rows[a, j]
-            else:
-                assert new_rows[a, j] == 0
-    assert sorted(child_row.values()) == list(range(count))  # distinct rows, compacted
-    for (_, t), row in child_row.items():
-        assert row_tokens[row] == t
-    assert np.all(row_tokens[count:] == 0)
-    kept = {parent for parent, _ in children}
-    for parent in kept:  # the first continuation (lowest token) keeps a row below count
-        first = min(t for p, t in children if p == parent)
-        assert (child_row[(parent, first)] == parent) == (parent < count)
-    expected = {(p, child_row[(p, t)]) for p, t in children if child_row[(p, t)] != p}
-    pairs = [(int(copy_from[i]), int(copy_to[i])) for i in range(copies)]
-    assert len(pairs) == len(expected) and set(pairs) == expected
-    assert not {target for _, target in pairs} & kept  # copies never overwrite a source
-
-
-def test_row_capacities():
-    assert row_capacities(2) == (2,) and row_capacities(4) == (4,) and row_capacities(5) == (4, 5)
-    assert row_capacities(22) == (4, 8, 16, 22)
-    assert row_capacities(16) == (4, 8, 16)
 
 
 def test_chunked_batch_equals_one_chunk(tiny):
@@ -114,10 +53,13 @@ def test_chunks_of_different_auctions_share_one_program(tiny, chunk_runs, empty_
     np.testing.assert_allclose(chunked.payments, whole.payments, rtol=1e-5, atol=1e-8)
 
 
-def _model_programs():
-    from jaxauction.engine import loop, runtime
+def _model_programs() -> collections.Counter:
+    """The held model programs: how many of each ``(graphdef, capacity, mesh)`` (one per argument shapes)."""
+    from jaxauction.engine import runtime
 
-    return {key: program for key, program in runtime._PROGRAMS.items() if key[0] is loop._model_program}
+    return collections.Counter(
+        static for function, static in runtime.held_programs() if function.__name__ == "_model_program"
+    )
 
 
 def test_every_rule_payment_and_decoding_shares_the_model_programs(tiny, empty_program_table):
@@ -142,11 +84,11 @@ def test_every_rule_payment_and_decoding_shares_the_model_programs(tiny, empty_p
         assert result.valid.all()
         grew = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
         now = _model_programs()
-        new_capacities = {key[1][1] for key in now} - {key[1][1] for key in models}
+        new_capacities = {static[1] for static in now} - {static[1] for static in models}
         # Only a row capacity no earlier call needed (sampling forks more rows) compiles the model.
         assert grew == {"_auction_program": 1, **({"_model_program": len(new_capacities)} if new_capacities else {})}
-        assert len(now) == len(models) + len(new_capacities), (variant, grew)
-        assert all(program is now.get(key) for key, program in models.items())
+        assert now.total() == models.total() + len(new_capacities), (variant, grew)
+        assert not models - now  # the earlier model programs are all still held
         models = now
 
 
@@ -165,39 +107,6 @@ def test_nearby_lengths_share_the_compiled_programs(tiny, empty_program_table):
     np.testing.assert_array_equal(short.tokens, long.tokens[:, :3])
     np.testing.assert_array_equal(short.lengths, np.minimum(long.lengths, 3))
     np.testing.assert_allclose(short.token_payments, long.token_payments[:, :3], rtol=1e-6)
-
-
-def test_compiled_programs_stay_bounded_over_many_shapes(tiny, empty_program_table, monkeypatch):
-    """Beyond ``MAX_PROGRAMS`` the least recently used program is dropped, and its memory mappings
-    with it: a process meeting many shapes holds a bounded number of programs and mappings. (On an
-    empty table, so the programs of earlier tests are kept for later ones instead of compiled again.)"""
-    from jaxauction.engine import runtime
-
-    def mappings():
-        with open("/proc/self/maps") as maps:
-            return sum(1 for _ in maps)
-
-    monkeypatch.setattr(runtime, "MAX_PROGRAMS", 6)
-    rng = np.random.default_rng(0)
-    rules = ["linear", "log_linear"]
-
-    def varied_call(i):
-        agents = int(rng.integers(1, 7))
-        prompts = [rng.integers(2, 16, int(rng.integers(5, 100))).tolist() for _ in range(agents)]
-        bids = rng.exponential(size=(int(rng.integers(1, 4)), agents))
-        generate(prompts, bids, rule=rules[i % 2], decoding="greedy", max_new_tokens=3, model=tiny)
-
-    for i in range(3):
-        varied_call(i)
-    settled, compiled_before = mappings(), sum(runtime.compilations().values())
-    for i in range(3, 12):
-        varied_call(i)
-    compiled = sum(runtime.compilations().values()) - compiled_before
-    assert runtime.program_count() <= 6
-    assert compiled >= 15, "precondition: the calls compiled many programs"
-    # Unbounded, every program kept about 170 mappings (8,557 more after 50 programs). Bounded, the
-    # count moves within about 130 mappings with the sizes of the programs the table happens to hold.
-    assert mappings() - settled < 5 * compiled, (settled, mappings(), compiled)
 
 
 @pytest.fixture
@@ -252,34 +161,6 @@ def test_chunks_fit_the_budget_when_auctions_differ_in_size(tiny, chunk_runs, mo
     np.testing.assert_allclose(chunked.payments, whole.payments, rtol=1e-5, atol=1e-8)
 
 
-def test_plan_chunks_respects_the_budget():
-    for num, each, budget, devices in [(20_000, 10**6, 4 * 1024**3, 1), (21, 50_000, 300_000, 1), (7, 1, 10**9, 4)]:
-        size, chunks = plan_chunks(num, each, budget, devices)
-        assert size * chunks >= num and size * (chunks - 1) < num
-        assert size % devices == 0
-        assert size * each <= max(budget, devices * each)
-    assert plan_chunks(20_000, 10**6, 4 * 1024**3) == (4096, 5)  # 4294 fit: 5 chunks of 4000 -> bucket 4096
-
-
-def test_plan_chunks_counts_the_bucketed_row_count():
-    """A chunk's cache rows are bucketed (21 rows -> 22): planned on ``size * auction_bytes`` alone,
-    seven three-row auctions of 1,000 bytes per row fill a 21,000-byte budget and their 22 rows
-    exceed it; with ``chunk_bytes`` the plan takes two chunks of four (12 rows each)."""
-    from jaxauction.engine.plan import bucket
-
-    def chunk_bytes(size):
-        return bucket(3 * size) * 1000
-
-    assert chunk_bytes(7) > 21_000, "precondition: the bucketed rows of a chunk of 7 exceed the budget"
-    assert plan_chunks(7, 3000, 21_000) == (7, 1)
-    size, chunks = plan_chunks(7, 3000, 21_000, chunk_bytes=chunk_bytes)
-    assert (size, chunks) == (4, 2)  # 2 chunks of ceil(7 / 2) = 4 auctions (12 rows)
-    for num, budget, devices in [(1000, 170_000, 1), (1000, 170_000, 4), (33, 10**5, 2), (5, 1000, 1)]:
-        size, chunks = plan_chunks(num, 3000, budget, devices, chunk_bytes=chunk_bytes)
-        assert size * chunks >= num and size * (chunks - 1) < num and size % devices == 0
-        assert chunk_bytes(size) <= budget or size == devices, (num, budget, devices, size)
-
-
 def test_generate_plans_with_the_bucketed_row_count(tiny, chunk_runs):
     """Through ``generate``: a budget that seven three-agent auctions fill exactly before their 21
     rows are bucketed to 22; every chunk run stays within it."""
@@ -300,17 +181,6 @@ def test_generate_plans_with_the_bucketed_row_count(tiny, chunk_runs):
     assert result.tokens.shape[0] == 7
 
 
-def test_memory_budget_strings_and_environment(tiny, monkeypatch):
-    assert parse_memory_budget("4GB") == 4 * 1024**3 and parse_memory_budget("512 MiB") == 512 * 1024**2
-    assert parse_memory_budget(2e9) == 2 * 10**9
-    for bad in ("lots", "-1GB", 0, True):
-        with pytest.raises(ValueError, match="memory_budget"):
-            parse_memory_budget(bad)
-    monkeypatch.setenv("JAXAUCTION_MEMORY_BUDGET", "plenty")
-    with pytest.raises(ValueError, match="JAXAUCTION_MEMORY_BUDGET: expected a positive size"):
-        generate(PROMPTS, [1.0, 1.0, 1.0], max_new_tokens=1, model=tiny)
-
-
 def test_a_20000_point_sweep_of_two_tokens_runs_in_chunks(tiny):
     bids = np.stack([np.linspace(0.0, 1.0, 20_000), np.linspace(1.0, 0.0, 20_000), np.full(20_000, 0.5)], axis=1)
     result = generate(PROMPTS, bids, decoding="greedy", max_new_tokens=2, model=tiny, memory_budget="8MB")
@@ -319,61 +189,3 @@ def test_a_20000_point_sweep_of_two_tokens_runs_in_chunks(tiny):
         alone = generate(PROMPTS, bids[a], decoding="greedy", max_new_tokens=2, model=tiny)
         np.testing.assert_array_equal(alone.tokens, result.tokens[a])
         np.testing.assert_allclose(alone.payments, result.payments[a], rtol=1e-5, atol=1e-8)
-
-
-# ---------------------------------------------------------------------------------------------- compilation cache
-
-CACHE_SCRIPT = textwrap.dedent("""
-    import json, sys, time
-    import jax
-    from flax import nnx
-    from jaxauction.engine import generate
-    from jaxauction.models import Llama, LlamaConfig
-
-    hits = []
-    jax.monitoring.register_event_listener(
-        lambda event, **kw: hits.append(1) if event == "/jax/compilation_cache/cache_hits" else None
-    )
-    from jaxauction.engine import enable_compilation_cache
-    enable_compilation_cache()
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # tiny programs are stored too
-
-    config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=8, max_position_embeddings=64, eos_token_ids=(1,), pad_token_id=0)
-
-    class Tok:
-        pad_token_id, eos_token_id = 0, 1
-        def __len__(self): return 16
-        def decode(self, ids, skip_special_tokens=True): return " ".join(map(str, ids))
-
-    model = (Llama(config, rngs=nnx.Rngs(0)), Tok())
-    start = time.perf_counter()
-    result = generate([[3, 4, 5], [6, 7]], [[1.0, 2.0], [0.5, 0.1]], max_new_tokens=4, model=model)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "dir": jax.config.jax_compilation_cache_dir, "hits": len(hits),
-                      "tokens": result.tokens.tolist()}))
-""")
-
-
-def _run_cache_script(cache_dir: str) -> dict:
-    env = dict(os.environ, JAXAUCTION_CACHE_DIR=cache_dir, JAX_PLATFORMS="cpu")
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    done = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def test_second_process_reuses_the_compiled_programs(tmp_path):
-    folder = tmp_path / "xla"
-    first = _run_cache_script(str(folder))
-    assert first["dir"] == str(folder) and any(folder.iterdir()), "the first process wrote the cache"
-    second = _run_cache_script(str(folder))
-    assert second["tokens"] == first["tokens"]
-    # The second process loads the prefill, auction and model programs instead of compiling them.
-    assert first["hits"] == 0 and second["hits"] >= 3, (first, second)
-    script = "import jax; from jaxauction import engine; print(engine.enable_compilation_cache(), jax.config.jax_compilation_cache_dir)"
-    for setting in ("off", ""):
-        env = dict(os.environ, JAXAUCTION_CACHE_DIR=setting, JAX_PLATFORMS="cpu")
-        env.pop("JAX_COMPILATION_CACHE_DIR", None)
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-        assert done.stdout.split() == ["None", "None"], (done.stdout, done.stderr[-2000:])

@@ -127,3 +127,35 @@ def test_host_bids_accepts_numbers_and_returns_float64():
     with pytest.raises(ValueError, match="above the largest accepted bid"):
         _validation.host_bids("bids", [2 * limit, 1.0], dtype=jnp.float32)
     assert _validation.max_bid(jnp.float64) > 1e300
+
+
+# ---------------------------------------------------------------------------------------------- eager or traced
+
+
+def test_is_concrete_on_host_values():
+    """Arrays, NumPy values, Python scalars, None and pytrees of them are concrete (nothing traced)."""
+    assert _validation.is_concrete()
+    assert _validation.is_concrete(jnp.ones(3), np.zeros((2, 2)), np.float32(1.0), 2.5, 3, True, None)
+    assert _validation.is_concrete({"a": (jnp.ones(2), [1.0, None])}, (np.arange(3),))
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap", "grad"])
+def test_is_concrete_is_false_under_every_transformation(transform):
+    """Any traced leaf (also inside a pytree, next to concrete values) makes the arguments traced; the
+    closed-over concrete array stays concrete under the same trace."""
+    seen = []
+    outer = jnp.arange(3.0)
+
+    def body(x):
+        seen.append(
+            (
+                _validation.is_concrete(x),
+                _validation.is_concrete(outer, 1.0, None),
+                _validation.is_concrete(outer, {"k": [x]}),
+            )
+        )
+        return jnp.sum(x * outer)
+
+    wrapped = {"jit": jax.jit(body), "vmap": jax.vmap(body), "grad": jax.grad(body)}[transform]
+    wrapped(jnp.ones((4, 3)) if transform == "vmap" else jnp.ones(3))
+    assert seen == [(False, True, False)]

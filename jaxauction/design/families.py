@@ -240,7 +240,7 @@ def power_mean(
 def _check_parameters(fn: str, dtype, **values) -> None:
     """Host-side checks of concrete family parameters (tracers pass through unchecked)."""
     for name, value in values.items():
-        if isinstance(value, jax.core.Tracer):
+        if not _validation.is_concrete(value):
             continue
         try:
             array = np.asarray(value, dtype=np.float64)

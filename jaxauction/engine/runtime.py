@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ __all__ = [
     "compile_seconds",
     "compiled",
     "default_cache_dir",
+    "empty_program_table",
     "enable_compilation_cache",
+    "held_programs",
     "program_count",
 ]
 
@@ -81,6 +84,29 @@ def compile_seconds() -> dict[str, float]:
 def program_count() -> int:
     """The compiled programs held now (at most :data:`MAX_PROGRAMS`)."""
     return len(_PROGRAMS)
+
+
+def held_programs() -> list[tuple[Callable, tuple]]:
+    """``(function, static)`` of every compiled program held now, least recently used first; one entry
+    per program, so a function and settings compiled for two argument shapes appear twice."""
+    return [(key[0], key[1]) for key in _PROGRAMS]
+
+
+@contextlib.contextmanager
+def empty_program_table() -> Iterator[None]:
+    """Runs the body with an empty table of compiled programs, as a new process would start.
+
+    Afterwards the earlier programs come back with the body's added as the most recently used (the
+    next compilation trims the table to :data:`MAX_PROGRAMS`), so nothing compiled in the body or
+    before it needs compiling again. For measuring which programs a call compiles (the tests).
+    """
+    global _PROGRAMS
+    earlier, _PROGRAMS = _PROGRAMS, collections.OrderedDict()
+    try:
+        yield
+    finally:
+        earlier.update(_PROGRAMS)
+        _PROGRAMS = earlier
 
 
 _CACHE_STATE: dict[str, Any] = {}

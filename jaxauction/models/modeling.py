@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from jaxauction._validation import is_concrete
 from jaxauction.models.base import compiler_options
 from jaxauction.models.config import LlamaConfig
 from jaxauction.models.kv_cache import KVCache, init_cache
@@ -433,7 +434,7 @@ class Llama(nnx.Module):
                 f"{self.config.max_position_embeddings}; truncate the prompt."
             )
         mask = _as_mask(attention_mask, input_ids.shape)
-        if not self._traced(input_ids, mask):
+        if is_concrete(input_ids, mask, self.embedding[...]):  # eager: one compiled program, not op by op
             return _compiled("forward", False)(*nnx.split(self), input_ids, mask)
         positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
         x, _, _ = self._layers(input_ids, positions, mask, None)
@@ -466,12 +467,12 @@ class Llama(nnx.Module):
                 f"input_ids has {T} tokens but the cache holds max_length={cache.max_length}; "
                 "truncate the prompt or allocate a longer cache with init_cache."
             )
-        if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + T > cache.max_length:
+        if is_concrete(cache.index) and int(cache.index) + T > cache.max_length:
             raise ValueError(
                 f"cache.index={int(cache.index)} plus {T} new tokens exceeds max_length={cache.max_length}."
             )
         mask = _as_mask(attention_mask, input_ids.shape)
-        if not self._traced(input_ids, mask, cache):
+        if is_concrete(input_ids, mask, cache, self.embedding[...]):  # eager: one compiled program, not op by op
             return _compiled("prefill", False)(*nnx.split(self), input_ids, mask, cache)
         positions = cache.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
         return self._step(input_ids, positions, mask, cache)
@@ -493,7 +494,7 @@ class Llama(nnx.Module):
         """
         token_ids = jnp.asarray(token_ids)
         rows = self._check_rows(token_ids, cache)
-        if not self._traced(token_ids, cache):
+        if is_concrete(token_ids, cache, self.embedding[...]):
             return _compiled("decode", False)(*nnx.split(self), token_ids, cache)
         mask = jnp.ones((rows, 1), bool)
         return self._step(token_ids[:, None], cache.positions[:rows, None], mask, cache, rows=rows)
@@ -512,7 +513,7 @@ class Llama(nnx.Module):
         """
         token_ids = jnp.asarray(token_ids)
         rows = self._check_rows(token_ids, cache)
-        if not self._traced(token_ids, cache):
+        if is_concrete(token_ids, cache, self.embedding[...]):
             return _compiled("decode_kv", False)(*nnx.split(self), token_ids, cache)
         first = cache.replace(valid=cache.valid[:rows], positions=cache.positions[:rows])
         mask = jnp.ones((rows, 1), bool)
@@ -530,12 +531,6 @@ class Llama(nnx.Module):
             )
         _check_cache(cache, cache.batch_size, self.config)
         return rows
-
-    def _traced(self, *arrays) -> bool:
-        """True inside a JAX transformation. Called eagerly, the methods run jit-compiled (without
-        donating the cache) instead of dispatching every operation one by one."""
-        leaves = jax.tree.leaves((arrays, self.embedding[...]))
-        return any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
 
     def _layers(self, input_ids, positions, mask, cache: KVCache | None, rows: int | None = None):
         """All blocks, attending to the cache (if any). Returns ``(hidden [B, T, D], keys, values)``,

@@ -1,0 +1,188 @@
+"""engine/plan.py: the memory plan and the batch layout of a generation (host-side arithmetic)."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from tiny_llm import PROMPTS, TinyTokenizer, tiny_llama
+
+from jaxauction import prompts as prompts_lib
+from jaxauction.engine import generate, parse_memory_budget, plan, plan_chunks
+from jaxauction.engine.request import EncodedAuction, GenerateOptions, Request
+
+VOCAB = 16
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(VOCAB, seed=0), TinyTokenizer(VOCAB)
+
+
+def test_bucket_pads_less_than_an_eighth_with_eight_sizes_per_octave():
+    sizes = range(1, 5000)
+    buckets = [plan.bucket(s) for s in sizes]
+    assert buckets[:16] == list(range(1, 17))  # exact up to 16
+    assert plan.bucket(17) == 18 and plan.bucket(100) == 104
+    for size, b in zip(sizes, buckets):
+        assert size <= b and (b - size) * 8 < size or size <= 16, (size, b)
+        assert plan.bucket(b) == b  # a bucket is its own bucket
+    assert all(a <= b for a, b in zip(buckets, buckets[1:]))
+    for k in range(5, 12):  # the octave [2^k, 2^(k+1)) holds 8 buckets
+        assert len({plan.bucket(s) for s in range(2**k + 1, 2 ** (k + 1) + 1)}) == 8
+
+
+def test_token_slots_round_up_to_a_multiple_of_eight():
+    for tokens in range(1, 200):
+        slots = plan.token_slots(tokens)
+        assert slots % 8 == 0 and tokens <= slots < tokens + 8
+
+
+def test_plan_chunks_respects_the_budget():
+    for num, each, budget, devices in [(20_000, 10**6, 4 * 1024**3, 1), (21, 50_000, 300_000, 1), (7, 1, 10**9, 4)]:
+        size, chunks = plan_chunks(num, each, budget, devices)
+        assert size * chunks >= num and size * (chunks - 1) < num
+        assert size % devices == 0
+        assert size * each <= max(budget, devices * each)
+    assert plan_chunks(20_000, 10**6, 4 * 1024**3) == (4096, 5)  # 4294 fit: 5 chunks of 4000 -> bucket 4096
+
+
+def test_plan_chunks_counts_the_bucketed_row_count():
+    """A chunk's cache rows are bucketed (21 rows -> 22): planned on ``size * auction_bytes`` alone,
+    seven three-row auctions of 1,000 bytes per row fill a 21,000-byte budget and their 22 rows
+    exceed it; with ``chunk_bytes`` the plan takes two chunks of four (12 rows each)."""
+    from jaxauction.engine.plan import bucket
+
+    def chunk_bytes(size):
+        return bucket(3 * size) * 1000
+
+    assert chunk_bytes(7) > 21_000, "precondition: the bucketed rows of a chunk of 7 exceed the budget"
+    assert plan_chunks(7, 3000, 21_000) == (7, 1)
+    size, chunks = plan_chunks(7, 3000, 21_000, chunk_bytes=chunk_bytes)
+    assert (size, chunks) == (4, 2)  # 2 chunks of ceil(7 / 2) = 4 auctions (12 rows)
+    for num, budget, devices in [(1000, 170_000, 1), (1000, 170_000, 4), (33, 10**5, 2), (5, 1000, 1)]:
+        size, chunks = plan_chunks(num, 3000, budget, devices, chunk_bytes=chunk_bytes)
+        assert size * chunks >= num and size * (chunks - 1) < num and size % devices == 0
+        assert chunk_bytes(size) <= budget or size == devices, (num, budget, devices, size)
+
+
+def test_memory_budget_strings_and_environment(tiny, monkeypatch):
+    assert parse_memory_budget("4GB") == 4 * 1024**3 and parse_memory_budget("512 MiB") == 512 * 1024**2
+    assert parse_memory_budget(2e9) == 2 * 10**9
+    for bad in ("lots", "-1GB", 0, True):
+        with pytest.raises(ValueError, match="memory_budget"):
+            parse_memory_budget(bad)
+    monkeypatch.setenv("JAXAUCTION_MEMORY_BUDGET", "plenty")
+    with pytest.raises(ValueError, match="JAXAUCTION_MEMORY_BUDGET: expected a positive size"):
+        generate(PROMPTS, [1.0, 1.0, 1.0], max_new_tokens=1, model=tiny)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("1.5k", 1536),
+        (" 4 gib ", 4 * 1024**3),
+        ("1TB", 1024**4),
+        ("100", 100),
+        ("100b", 100),
+        ("2e9", 2 * 10**9),
+        (np.int64(5), 5),
+        (1.9, 1),  # whole bytes
+    ],
+)
+def test_parse_memory_budget_accepts(value, expected):
+    assert parse_memory_budget(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value", ["", "0", "0KB", "inf", "nan", "1e400", "4 GBs", "1e3KB", float("nan"), float("inf"), -5, None, "4GB" * 2]
+)
+def test_parse_memory_budget_refuses_with_the_argument_named(value):
+    with pytest.raises(ValueError, match=r"^budget: expected a positive"):
+        parse_memory_budget(value, argument="budget")
+
+
+def test_default_memory_budget(monkeypatch):
+    monkeypatch.setenv("JAXAUCTION_MEMORY_BUDGET", "3MB")
+    assert plan.default_memory_budget() == 3 * 1024**2
+    monkeypatch.delenv("JAXAUCTION_MEMORY_BUDGET")
+    assert 64 * 1024**2 <= plan.default_memory_budget() <= plan.DEFAULT_MEMORY_BUDGET
+
+
+# ---------------------------------------------------------------------------------------------- make_plan
+
+
+def _request(*auctions: EncodedAuction) -> Request:
+    return Request(list(auctions), single=False, keys=jax.random.split(jax.random.key(0), len(auctions)))
+
+
+def _auction(*agents, bids=None, base=None, base_bid=0.0) -> EncodedAuction:
+    bids = np.ones(len(agents)) if bids is None else np.asarray(bids, float)
+    return EncodedAuction(tuple(map(tuple, agents)), bids, None if base is None else tuple(base), base_bid)
+
+
+def test_make_plan_refuses_prompts_that_leave_no_room_in_the_context(tiny):
+    request = _request(_auction([3] * 120, [4] * 5))
+    with pytest.raises(
+        ValueError,
+        match=r"longest prompt has 120 tokens; with max_new_tokens = 9 that is 129 > the model's context of 128",
+    ):
+        plan.make_plan(request, tiny[0], GenerateOptions.create(max_new_tokens=9), budget=10**9)
+    fits = plan.make_plan(request, tiny[0], GenerateOptions.create(max_new_tokens=8), budget=10**9)
+    assert fits.max_length == 128 and fits.token_slots == 8
+
+
+def test_make_plan_geometry_near_the_context(tiny):
+    """The token slots are rounded up only as far as the context allows; the prompt width is the
+    longest prompt bucketed to PROMPT_BUCKET, cut back to what the slots leave."""
+    short = plan.make_plan(
+        _request(_auction([3] * 40, [4] * 5)), tiny[0], GenerateOptions.create(max_new_tokens=3), 10**9
+    )
+    assert (short.width, short.token_slots, short.max_length) == (64, 8, 72)
+    assert short.width % prompts_lib.PROMPT_BUCKET == 0
+    tight = plan.make_plan(
+        _request(_auction([3] * 121, [4] * 5)), tiny[0], GenerateOptions.create(max_new_tokens=3), 10**9
+    )
+    assert (tight.width, tight.token_slots, tight.max_length) == (121, 7, 128)
+    assert tight.max_new_tokens == 3
+
+
+def test_make_plan_layout_prefills_each_distinct_sequence_once(tiny):
+    """Slots are the agents, then the base prompt in slot n_max; equal sequences (within and across
+    auctions of a chunk) share one prefilled row; absent slots are not real and bid 0."""
+    a = _auction([3, 4], [5], bids=[1.0, 2.0], base=[6, 7], base_bid=0.5)
+    b = _auction([5], bids=[3.0])  # one agent, no base prompt: its sequence [5] is a's second agent's
+    the_plan = plan.make_plan(_request(a, b), tiny[0], GenerateOptions.create(max_new_tokens=2), 10**9)
+    assert (the_plan.chunk_size, the_plan.num_chunks) == (2, 1)
+    (layout,) = the_plan.layouts
+    assert layout.unique == [(3, 4), (5,), (6, 7)]
+    np.testing.assert_array_equal(layout.source, [[0, 1, 2], [1, 0, 0]])
+    np.testing.assert_array_equal(layout.real, [[True, True, True], [True, False, False]])
+    np.testing.assert_array_equal(layout.bids, [[1.0, 2.0, 0.5], [3.0, 0.0, 0.0]])
+    assert the_plan.prefill_rows == plan.bucket(3) and the_plan.num_rows == plan.device_rows(4)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_make_plan_chunks_cover_the_batch_and_pad_with_the_last_auction(tiny, devices):
+    auctions = [_auction([3 + a % 5], [9], bids=[1.0, float(a)]) for a in range(7)]
+    options = GenerateOptions.create(max_new_tokens=2)
+    whole = plan.make_plan(_request(*auctions), tiny[0], options, 10**9, devices)
+    assert whole.devices == devices and whole.num_chunks == 1
+    assert whole.chunk_size == -(-7 // devices) * devices  # one chunk, a multiple of the devices
+    one = plan.make_plan(_request(*auctions), tiny[0], options, budget=1, devices=devices)
+    assert one.chunk_size == devices and one.num_chunks == -(-7 // devices)  # at least one auction per device
+    for the_plan in (whole, one):
+        bids = np.concatenate([layout.bids for layout in the_plan.layouts])
+        assert len(bids) == the_plan.chunk_size * the_plan.num_chunks
+        np.testing.assert_array_equal(bids[:7, 1], np.arange(7.0))
+        assert np.all(bids[7:, 1] == 6.0)  # padding: copies of the last auction
+        # Every device's part of every chunk fits the cache rows of one device.
+        for layout in the_plan.layouts:
+            assert layout.real.reshape(devices, -1).sum(axis=1).max() <= the_plan.num_rows
+
+
+def test_plan_is_frozen_and_max_length_derived(tiny):
+    the_plan = plan.make_plan(_request(_auction([3, 4])), tiny[0], GenerateOptions.create(max_new_tokens=5), 10**9)
+    assert the_plan.max_length == the_plan.width + the_plan.token_slots
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        the_plan.width = 1
