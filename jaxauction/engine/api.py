@@ -93,7 +93,8 @@ def _split_options(options, keywords: dict) -> tuple[request.GenerateOptions, di
 
 def _decode_spec(options: request.GenerateOptions, n_max: int, token_slots: int, llm, tokenizer) -> DecodeSpec:
     pad_id, eos_ids = int(prompts_lib.pad_id(tokenizer)), prompts_lib.eos_ids(llm, tokenizer)
-    return DecodeSpec(options.rule, options.payment, options.decoding, n_max, token_slots, pad_id, eos_ids)
+    mechanism = dataclasses.replace(options.mechanism, temperature=1.0)  # the temperature is an input array
+    return DecodeSpec(mechanism, n_max, token_slots, pad_id, eos_ids)
 
 
 def generate(prompts, bids=None, *, options=None, key=None, model=None, mesh=None, progress=False, **keywords):
