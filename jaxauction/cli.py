@@ -36,6 +36,16 @@ def _model_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _number(text: str):
+    """An int or float from a flag's text; other text is passed on, for the option's check to name it."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxauction", description="Token auctions among LLM advertisers (Duetting et al. 2024)."
@@ -72,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--rule", default="linear", help="aggregation rule (default linear)")
     batch.add_argument("--payment", default="second_price", help="second_price, kl or none (default second_price)")
     batch.add_argument("--decoding", default="sample", help="sample, greedy or stable (default sample)")
-    batch.add_argument("--max-new-tokens", type=int, default=48, help="tokens per ad (default 48)")
-    batch.add_argument("--temperature", type=float, default=1.0, help="the agents' temperature (default 1)")
+    batch.add_argument("--max-new-tokens", type=_number, default=48, help="tokens per ad (default 48)")
+    batch.add_argument("--temperature", type=_number, default=1.0, help="the agents' temperature (default 1)")
     batch.add_argument("--seed", type=int, default=0, help="PRNG seed; auction k uses split(key(seed))[k]")
     batch.add_argument(
         "--memory-budget",

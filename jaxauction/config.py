@@ -29,16 +29,16 @@ the placeholder (``{query``, ``{ name }``, ``{query!r}``, ``{name:>10}``) is rep
 placeholder, since it is almost always a typo.
 
 Limits: bids and ``base_bid`` are finite numbers in ``[0, MAX_BID]`` (:func:`jaxauction.payments.max_bid`
-in float32, about ``3.4e30``). ``rule``, ``payment``, ``decoding`` and ``temperature`` make a
-:class:`jaxauction.mechanism.MechanismSpec` and are checked by it, with the messages ``generate``
-gives (``temperature`` in ``[1e-30, 1e30]``: it and its reciprocal finite in float32; ``payment =
+in float32, about ``3.4e30``). ``rule``, ``payment``, ``decoding``, ``temperature`` and
+``max_new_tokens`` make a :class:`jaxauction.GenerateOptions` and are checked by it (by its
+:class:`~jaxauction.mechanism.MechanismSpec`), with the messages ``generate`` gives (``temperature`` in ``[1e-30, 1e30]``: it and its reciprocal finite in float32; ``payment =
 "none"`` is no payments). Advertiser names are non-empty. An advertiser is *mentioned* in a text when one of its
 keywords (default: its name) occurs as a whole word (or phrase), case-insensitively: "Alpha" matches
 "alpha's deal" but not "Alphabet". ``decoding = "stable"`` needs exactly two advertisers, the linear
 rule and no ``base_prompt`` (docs/maths.md §5's sampler: :func:`jaxauction.mechanism.stable_problem`).
 
-The known fields and their types are the fields of :class:`AuctionConfig` (the mechanism's from
-:class:`~jaxauction.mechanism.MechanismSpec`) and :class:`Advertiser`: the defaults are the schema.
+The known fields and their types are the fields of :class:`AuctionConfig` (those of its options from
+:class:`jaxauction.GenerateOptions`) and :class:`Advertiser`: the defaults are the schema.
 
 Every problem is reported as a :class:`ConfigError` naming the file, the line (where it can be found)
 and the field, when the file is loaded (before any model is loaded).
@@ -57,6 +57,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from jaxauction import _validation
+from jaxauction.engine.request import GenerateOptions
 from jaxauction.mechanism import MechanismSpec, SpecError, payment_from_text
 
 MAX_BID = _validation.max_bid(np.float32)
@@ -138,48 +139,57 @@ def malformed_placeholder(template: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class AuctionConfig:
-    """A checked configuration; its fields (the mechanism's spread out) are the TOML file's top-level keys.
+    """A checked configuration; its fields (those of ``options`` spread out) are the TOML file's top-level keys.
 
-    ``system`` is the default system message (already applied to the advertisers without one);
-    ``path`` where the configuration came from.
+    ``options``: the :class:`jaxauction.GenerateOptions` (rule, payment, decoding, temperature,
+    max_new_tokens); ``system`` the default system message (already applied to the advertisers
+    without one); ``path`` where the configuration came from.
     """
 
     query: str
     advertisers: tuple[Advertiser, ...]
-    mechanism: MechanismSpec = dataclasses.field(default_factory=MechanismSpec)
+    options: GenerateOptions = dataclasses.field(default_factory=GenerateOptions)
     seed: int = 0
-    max_new_tokens: int = 48
     system: str | None = None
     base_prompt: str | None = None
     base_bid: float = 0.0
     path: str = "<config>"
 
     @property
+    def mechanism(self) -> MechanismSpec:
+        return self.options.mechanism
+
+    @property
     def rule(self) -> str:
         """The rule's registered name."""
-        return self.mechanism.rule.name
+        return self.options.rule.name
 
     @property
     def payment(self) -> str | None:
-        return self.mechanism.payment
+        return self.options.payment
 
     @property
     def decoding(self) -> str:
-        return self.mechanism.decoding
+        return self.options.decoding
 
     @property
     def temperature(self) -> float:
-        return self.mechanism.temperature
+        return self.options.temperature
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.options.max_new_tokens
 
     def replace(self, **changes) -> AuctionConfig:
-        """A copy with fields changed, the mechanism's (``rule``, ``payment``, ...) among them, checked by
-        its spec (:class:`~jaxauction.mechanism.SpecError`), its decoding against the advertisers too."""
-        keys = {f.name for f in dataclasses.fields(MechanismSpec)}
-        mechanism = {k: changes.pop(k) for k in list(changes) if k in keys}
-        if mechanism:
-            changes["mechanism"] = MechanismSpec.create(**{**self.mechanism.keywords(), **mechanism})
+        """A copy with fields changed, those of ``options`` (``rule``, ``decoding``, ...) among them, checked
+        by :meth:`GenerateOptions.create` (:class:`~jaxauction.mechanism.SpecError`), the decoding against
+        the advertisers too."""
+        keys = {f.name for f in dataclasses.fields(GenerateOptions)}
+        options = {k: changes.pop(k) for k in list(changes) if k in keys}
+        if options:
+            changes["options"] = GenerateOptions.create(**{**self.options.keywords(), **options})
         config = dataclasses.replace(self, **changes)
-        config.mechanism.check_fits(len(config.advertisers), config.base_prompt is not None)
+        config.options.check_fits(len(config.advertisers), config.base_prompt is not None)
         return config
 
     @property
@@ -199,14 +209,13 @@ class AuctionConfig:
         return [{"role": "user", "content": fill_placeholders(self.base_prompt, query=self.query, name="")}]
 
     def generate_options(self) -> dict:
-        """The keyword arguments of :func:`jaxauction.generate` this configuration sets (the mechanism's
-        by name, so that a caller may override one, e.g. the rule)."""
+        """The keyword arguments of :func:`jaxauction.generate` this configuration sets (the options' by
+        name, so that a caller may override one, e.g. the rule)."""
         import jax
 
         return dict(
-            **self.mechanism.keywords(),
+            **self.options.keywords(),
             key=jax.random.key(self.seed),
-            max_new_tokens=self.max_new_tokens,
             base_prompt=self.base_messages(),
             base_bid=self.base_bid,
         )
@@ -265,10 +274,10 @@ def load_config(path: str | Path) -> AuctionConfig:
     return parse_config(raw, path=str(path), text=text)
 
 
-_MECHANISM_FIELDS = tuple(f.name for f in dataclasses.fields(MechanismSpec))
-_TOP_FIELDS = tuple(f.name for f in dataclasses.fields(AuctionConfig) if f.name not in ("mechanism", "path"))
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(GenerateOptions))
+_TOP_FIELDS = tuple(f.name for f in dataclasses.fields(AuctionConfig) if f.name not in ("options", "path"))
 _KNOWN = {
-    "top": sorted(_TOP_FIELDS + _MECHANISM_FIELDS),
+    "top": sorted(_TOP_FIELDS + _OPTION_FIELDS),
     "advertiser": sorted(f.name for f in dataclasses.fields(Advertiser)),
 }
 
@@ -342,13 +351,13 @@ def _check_placeholders(source: _Source, field: str, value: str | None, line: in
         )
 
 
-def _mechanism(source: _Source, raw: dict) -> MechanismSpec:
-    """The configuration's :class:`MechanismSpec` (``payment = "none"`` is None), checked by the spec."""
-    settings = {name: raw[name] for name in _MECHANISM_FIELDS if name in raw}
+def _options(source: _Source, raw: dict) -> GenerateOptions:
+    """The configuration's :class:`GenerateOptions` (``payment = "none"`` is None), checked by its ``create``."""
+    settings = {name: raw[name] for name in _OPTION_FIELDS if name in raw}
     if "payment" in settings:
         settings["payment"] = payment_from_text(settings["payment"])
     try:
-        return MechanismSpec.create(**settings)
+        return GenerateOptions.create(**settings)
     except SpecError as error:
         source.fail(error.argument, error.reason)
 
@@ -356,8 +365,6 @@ def _mechanism(source: _Source, raw: dict) -> MechanismSpec:
 def _top_level(source: _Source, raw: dict) -> dict[str, Any]:
     """The top-level fields other than the advertisers and the mechanism, range-checked."""
     values = _read_fields(source, raw, AuctionConfig, [f for f in _TOP_FIELDS if f != "advertisers"])
-    if values["max_new_tokens"] < 1:
-        source.fail("max_new_tokens", f"must be >= 1, got {values['max_new_tokens']}.")
     for field in ("system", "base_prompt"):
         _check_placeholders(source, field, values[field])
     if not 0 <= values["base_bid"] <= MAX_BID:
@@ -411,11 +418,11 @@ def parse_config(raw: dict[str, Any], *, path: str = "<config>", text: str = "")
     _check_known(source, raw, _KNOWN["top"])
     if "query" not in raw:
         source.fail("query", "missing; add `query = ...`.")
-    mechanism = _mechanism(source, raw)
+    options = _options(source, raw)
     values = _top_level(source, raw)
     advertisers = _advertisers(source, raw, values["system"])
     try:
-        mechanism.check_fits(len(advertisers), values["base_prompt"] is not None)
+        options.check_fits(len(advertisers), values["base_prompt"] is not None)
     except SpecError as error:
         source.fail(error.argument, error.reason)
-    return AuctionConfig(**values, advertisers=advertisers, mechanism=mechanism, path=path)
+    return AuctionConfig(**values, advertisers=advertisers, options=options, path=path)

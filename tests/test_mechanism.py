@@ -80,7 +80,7 @@ def test_stable_decoding_conditions_are_stated_once():
 
 def _reason(**setting) -> str:
     with pytest.raises(SpecError) as error:
-        MechanismSpec.create(**setting)
+        ja.GenerateOptions.create(**setting)
     return error.value.reason
 
 
@@ -103,20 +103,30 @@ def _config_error(tmp_path, field, value) -> str:
 def _cli_batch_error(tmp_path, capsys, field, value) -> str:
     source = tmp_path / "auctions.jsonl"
     source.write_text(json.dumps({"prompts": ["a", "b"], "bids": [1.0, 2.0]}) + "\n")
-    argv = ["batch", str(source), "--out", str(tmp_path / "out.jsonl"), f"--{field}", str(value)]
+    flag = "--" + field.replace("_", "-")
+    argv = ["batch", str(source), "--out", str(tmp_path / "out.jsonl"), flag, str(value)]
     assert cli.main([*argv, "--model", str(tmp_path / "no_model")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: --{field}: "), err
+    assert err.startswith(f"error: {flag}: "), err
     return err
 
 
 @pytest.mark.parametrize(
     "field, value",
-    [("payment", "first_price"), ("payment", "robust"), ("decoding", "beam"), ("temperature", 1e-40)],
+    [
+        ("payment", "first_price"),
+        ("payment", "robust"),
+        ("decoding", "beam"),
+        ("temperature", 1e-40),
+        ("temperature", 0),
+        ("temperature", "hot"),
+        ("max_new_tokens", 0),
+        ("max_new_tokens", 2.5),
+    ],
 )
 def test_a_bad_setting_gets_the_same_message_at_every_door(tmp_path, capsys, field, value):
     reason = _reason(**{field: value})
-    assert "expected" in reason and repr(value) in reason
+    assert "expected" in reason and repr(value) in reason and (field != "temperature" or "float32" in reason)
     doors = {
         "GenerateOptions.create": _generate_options_error(field, value),
         "TOML configuration": _config_error(tmp_path, field, value),

@@ -97,6 +97,10 @@ class GenerateOptions(MechanismSpec):
             raise SpecError("max_new_tokens", f"expected a positive integer; got {max_new_tokens!r}.")
         return cls(spec.rule, spec.payment, spec.decoding, spec.temperature, int(max_new_tokens))
 
+    def keywords(self) -> dict[str, Any]:
+        """The options as the keywords of :func:`jaxauction.generate` (a registered rule by its name)."""
+        return dict(super().keywords(), max_new_tokens=self.max_new_tokens)
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
