@@ -2,7 +2,8 @@
 
 Every argument check of ``generate`` lives here, so the rest of the engine receives valid input
 only: the two call forms are normalised to a list of :class:`EncodedAuction`, the mechanism to one
-frozen :class:`GenerateOptions`.
+frozen :class:`GenerateOptions` (a :class:`jaxauction.mechanism.MechanismSpec`, checked there, and a
+length).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ __all__ = [
     "EncodedAuction",
     "GenerateOptions",
     "Request",
-    "describe",
     "encode_request",
 ]
 
