@@ -19,7 +19,6 @@ the bid share for both rules: the paper's smooth transition (``outputs/hawaii_sa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -61,7 +60,7 @@ def main(argv=None) -> int:
         overrides["max_new_tokens"] = args.max_new_tokens
     if args.decoding is not None:
         overrides["decoding"] = args.decoding
-    config = dataclasses.replace(config, **overrides)
+    config = config.replace(**overrides)
 
     start = time.perf_counter()
     model = models.load(args.model)
@@ -83,7 +82,7 @@ def main(argv=None) -> int:
     )
     print(f"saved {out / 'hawaii_sweep.png'} and {out / 'hawaii_sweep.json'}")
     if args.sampled > 0:
-        sampled_config = dataclasses.replace(config, decoding="sample", max_new_tokens=args.sampled_tokens)
+        sampled_config = config.replace(decoding="sample", max_new_tokens=args.sampled_tokens)
         begin = time.perf_counter()
         sampled = run_sweep(sampled_config, points=args.sampled_points, samples=args.sampled, model=model)
         took = time.perf_counter() - begin

@@ -167,61 +167,44 @@ def write_results(path: str | Path, lines: list[BatchLine], result) -> None:
 def run_batch(
     source: str | Path,
     out: str | Path,
+    options=None,
     *,
-    rule: str = "linear",
-    payment: str | None = "second_price",
-    decoding: str = "sample",
-    max_new_tokens: int = 48,
     seed: int = 0,
     model=None,
     memory_budget=None,
-    temperature: float = 1.0,
     progress: bool = True,
 ) -> list[BatchLine]:
     """Reads ``source``, runs every auction in one batch (auction ``k`` uses key ``split(key(seed))[k]``),
-    writes ``out``. ``model`` is a ``(model, tokenizer)`` pair or a loader callable returning one (called
-    only after the input has been validated). Returns the input lines."""
-    lines = read_auctions(source)
+    writes ``out``. ``options``: a :class:`jaxauction.GenerateOptions` (default ``GenerateOptions.create()``),
+    checked against the auctions (e.g. ``decoding="stable"`` needs two agents and no base prompt in
+    every line) before the model loads. ``model`` is a ``(model, tokenizer)`` pair or a loader callable
+    returning one (called only after the input has been validated). Returns the input lines."""
     import jax
 
-    from jaxauction.engine import Auction, generate
+    from jaxauction.engine import Auction, GenerateOptions, generate
 
+    options = GenerateOptions.create() if options is None else options
+    if not isinstance(options, GenerateOptions):
+        raise ValueError(f"options: expected a jaxauction.GenerateOptions; got {type(options).__name__}.")
+    lines = read_auctions(source)
+    try:
+        options.check_fits([len(e.prompts) for e in lines], any(e.base_prompt is not None for e in lines))
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
     if callable(model):
         model = model()
     auctions = [Auction(e.prompts, e.bids, base_prompt=e.base_prompt, base_bid=e.base_bid) for e in lines]
     try:
-        result = _generate(
-            generate,
+        result = generate(
             auctions,
-            rule,
-            payment,
-            decoding,
-            jax.random.key(seed),
-            max_new_tokens,
-            model,
-            temperature,
-            progress,
-            memory_budget,
+            options=options,
+            key=jax.random.key(seed),
+            model=model,
+            progress=progress,
+            memory_budget=memory_budget,
         )
     except ValueError as error:  # name the input line, not the auction's index in the batch
         message = re.sub(r"auctions\[(\d+)\]", lambda m: f"{source}:{lines[int(m.group(1))].line}", str(error))
         raise ValueError(message) from None
     write_results(out, lines, result)
     return lines
-
-
-def _generate(
-    generate, auctions, rule, payment, decoding, key, max_new_tokens, model, temperature, progress, memory_budget
-):
-    return generate(
-        auctions,
-        rule=rule,
-        payment=payment,
-        decoding=decoding,
-        key=key,
-        max_new_tokens=max_new_tokens,
-        model=model,
-        temperature=temperature,
-        progress=progress,
-        memory_budget=memory_budget,
-    )

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxauction import base
-from jaxauction.config import AuctionConfig, ConfigError, check_decoding, load_config
+from jaxauction.config import AuctionConfig, ConfigError, load_config
+from jaxauction.mechanism import SpecError, payment_from_text
 from jaxauction.outputs import check_output_path, figure_suffixes
 
 
@@ -34,6 +34,16 @@ def _model_argument(parser: argparse.ArgumentParser) -> None:
         help="a Llama-family checkpoint folder (config.json, *.safetensors, "
         "tokenizer.json) or a hub id; default: the bundled SmolLM2-135M-Instruct",
     )
+
+
+def _number(text: str):
+    """An int or float from a flag's text; other text is passed on, for the option's check to name it."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--rule", default="linear", help="aggregation rule (default linear)")
     batch.add_argument("--payment", default="second_price", help="second_price, kl or none (default second_price)")
     batch.add_argument("--decoding", default="sample", help="sample, greedy or stable (default sample)")
-    batch.add_argument("--max-new-tokens", type=int, default=48, help="tokens per ad (default 48)")
-    batch.add_argument("--temperature", type=float, default=1.0, help="the agents' temperature (default 1)")
+    batch.add_argument("--max-new-tokens", type=_number, default=48, help="tokens per ad (default 48)")
+    batch.add_argument("--temperature", type=_number, default=1.0, help="the agents' temperature (default 1)")
     batch.add_argument("--seed", type=int, default=0, help="PRNG seed; auction k uses split(key(seed))[k]")
     batch.add_argument(
         "--memory-budget",
@@ -100,14 +110,7 @@ def command_run(args) -> int:
     from jaxauction.outputs import write_json
 
     model = _load_model(args.model)
-    result = generate(
-        config.prompts(),
-        config.bids,
-        rule=config.rule,
-        model=model,
-        progress=True,
-        **config.generate_options(),
-    )
+    result = generate(config.prompts(), config.bids, model=model, progress=True, **config.generate_options())
     print(f"query: {config.query}")
     print(f"rule: {config.rule}   payment: {config.payment}   decoding: {config.decoding}\n")
     print(result.text + "\n")
@@ -136,17 +139,11 @@ def command_run(args) -> int:
 
 
 def command_sweep(args) -> int:
+    from jaxauction.sweep import check_rules
+
     config = load_config(args.config)
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
-    unknown = [r for r in rules if r not in base.rule_names()]
-    if unknown or not rules:
-        raise ValueError(
-            f"--rules: unknown rule(s) {unknown}; use a comma-separated subset of {list(base.rule_names())}."
-        )
-    for rule in rules:
-        problem = check_decoding(config.decoding, rule, len(config.advertisers), config.base_prompt is not None)
-        if problem:
-            raise ValueError(f"--rules: {config.path}: {problem}")
+    check_rules(config, rules, argument="--rules")
     if args.points < 2:
         raise ValueError(f"--points: a sweep needs at least 2 points, got {args.points}.")
     if args.samples < 1:
@@ -172,19 +169,27 @@ def command_sweep(args) -> int:
     return 0
 
 
+def _batch_options(args):
+    """The :class:`jaxauction.GenerateOptions` of the batch flags (``--payment none``: no payments)."""
+    from jaxauction import engine
+
+    try:
+        return engine.GenerateOptions.create(
+            rule=args.rule,
+            payment=payment_from_text(args.payment),
+            decoding=args.decoding,
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens,
+        )
+    except SpecError as error:
+        raise ValueError(f"--{error.argument.replace('_', '-')}: {error.reason}") from None
+
+
 def command_batch(args) -> int:
     from jaxauction import batch, engine
-    from jaxauction.auction import payment_allocation
 
     check_output_path("--out", args.out, inputs=[args.auctions, args.model])
-    payment = None if args.payment == "none" else args.payment
-    payment_allocation(payment, "--payment")
-    if args.decoding not in engine.DECODINGS:
-        raise ValueError(f"--decoding: expected one of {list(engine.DECODINGS)}; got {args.decoding!r}.")
-    if args.rule not in base.rule_names():
-        raise ValueError(f"--rule: expected one of {list(base.rule_names())}; got {args.rule!r}.")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens: expected a positive integer; got {args.max_new_tokens}.")
+    options = _batch_options(args)
     budget = (
         None
         if args.memory_budget is None
@@ -193,14 +198,10 @@ def command_batch(args) -> int:
     lines = batch.run_batch(
         args.auctions,
         args.out,
-        rule=args.rule,
-        payment=payment,
-        decoding=args.decoding,
-        max_new_tokens=args.max_new_tokens,
+        options,
         seed=args.seed,
         model=lambda: _load_model(args.model),
         memory_budget=budget,
-        temperature=args.temperature,
     )
     print(f"wrote {len(lines)} results to {args.out}")
     return 0

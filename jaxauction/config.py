@@ -29,12 +29,16 @@ the placeholder (``{query``, ``{ name }``, ``{query!r}``, ``{name:>10}``) is rep
 placeholder, since it is almost always a typo.
 
 Limits: bids and ``base_bid`` are finite numbers in ``[0, MAX_BID]`` (:func:`jaxauction.payments.max_bid`
-in float32, about ``3.4e30``); ``temperature`` lies in
-``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` (``1e-30 .. 1e30``) so that it and its reciprocal are finite in
-float32. Advertiser names are non-empty. An advertiser is *mentioned* in a text when one of its
+in float32, about ``3.4e30``). ``rule``, ``payment``, ``decoding``, ``temperature`` and
+``max_new_tokens`` make a :class:`jaxauction.GenerateOptions` and are checked by it (by its
+:class:`~jaxauction.mechanism.MechanismSpec`), with the messages ``generate`` gives (``temperature`` in ``[1e-30, 1e30]``: it and its reciprocal finite in float32; ``payment =
+"none"`` is no payments). Advertiser names are non-empty. An advertiser is *mentioned* in a text when one of its
 keywords (default: its name) occurs as a whole word (or phrase), case-insensitively: "Alpha" matches
 "alpha's deal" but not "Alphabet". ``decoding = "stable"`` needs exactly two advertisers, the linear
-rule and no ``base_prompt`` (docs/maths.md §5's sampler).
+rule and no ``base_prompt`` (docs/maths.md §5's sampler: :func:`jaxauction.mechanism.stable_problem`).
+
+The known fields and their types are the fields of :class:`AuctionConfig` (those of its options from
+:class:`jaxauction.GenerateOptions`) and :class:`Advertiser`: the defaults are the schema.
 
 Every problem is reported as a :class:`ConfigError` naming the file, the line (where it can be found)
 and the field, when the file is loaded (before any model is loaded).
@@ -45,23 +49,23 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
-from jaxauction import _validation, base
+from jaxauction import _validation
+from jaxauction.engine.request import GenerateOptions
+from jaxauction.mechanism import MechanismSpec, SpecError, payment_from_text
 from jaxauction.text import mentions
 
 MAX_BID = _validation.max_bid(np.float32)
 """Largest bid (and ``base_bid``) a configuration accepts: the library's largest bid in float32, so a
 configuration that loads runs in either precision."""
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-30, 1e30
-"""Accepted ``temperature`` range: the temperature and its reciprocal stay finite in float32."""
 PLACEHOLDERS = ("query", "name")
 """The placeholders substituted in prompts, system messages and examples."""
-PAYMENT_NAMES = ("second_price", "kl", "none")
-DECODING_NAMES = ("sample", "greedy", "stable")
 
 
 class ConfigError(ValueError):
@@ -119,38 +123,60 @@ def malformed_placeholder(template: str) -> str | None:
     return None
 
 
-def check_decoding(decoding: str, rule: str, num_agents: int, has_base_prompt: bool) -> str | None:
-    """Why ``decoding`` cannot run with this rule, agent count and base prompt (None when it can)."""
-    if decoding != "stable":
-        return None
-    problems = []
-    if num_agents != 2:
-        problems.append(f"{num_agents} advertisers")
-    if base.as_rule(rule).name != "linear":
-        problems.append(f"rule {rule!r}")
-    if has_base_prompt:
-        problems.append("a base_prompt")
-    if not problems:
-        return None
-    return (
-        "decoding 'stable' is docs/maths.md §5's sampler for exactly two advertisers, the linear rule and no base_prompt; "
-        f"got {', '.join(problems)}. Use decoding 'sample' or 'greedy', or meet those conditions."
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class AuctionConfig:
+    """A checked configuration; its fields (those of ``options`` spread out) are the TOML file's top-level keys.
+
+    ``options``: the :class:`jaxauction.GenerateOptions` (rule, payment, decoding, temperature,
+    max_new_tokens); ``system`` the default system message (already applied to the advertisers
+    without one); ``path`` where the configuration came from.
+    """
+
     query: str
     advertisers: tuple[Advertiser, ...]
-    rule: str = "linear"
-    payment: str | None = "second_price"
-    decoding: str = "sample"
-    temperature: float = 1.0
+    options: GenerateOptions = dataclasses.field(default_factory=GenerateOptions)
     seed: int = 0
-    max_new_tokens: int = 48
+    system: str | None = None
     base_prompt: str | None = None
     base_bid: float = 0.0
     path: str = "<config>"
+
+    @property
+    def mechanism(self) -> MechanismSpec:
+        return self.options.mechanism
+
+    @property
+    def rule(self) -> str:
+        """The rule's registered name."""
+        return self.options.rule.name
+
+    @property
+    def payment(self) -> str | None:
+        return self.options.payment
+
+    @property
+    def decoding(self) -> str:
+        return self.options.decoding
+
+    @property
+    def temperature(self) -> float:
+        return self.options.temperature
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.options.max_new_tokens
+
+    def replace(self, **changes) -> AuctionConfig:
+        """A copy with fields changed, those of ``options`` (``rule``, ``decoding``, ...) among them, checked
+        by :meth:`GenerateOptions.create` (:class:`~jaxauction.mechanism.SpecError`), the decoding against
+        the advertisers too."""
+        keys = {f.name for f in dataclasses.fields(GenerateOptions)}
+        options = {k: changes.pop(k) for k in list(changes) if k in keys}
+        if options:
+            changes["options"] = GenerateOptions.create(**{**self.options.keywords(), **options})
+        config = dataclasses.replace(self, **changes)
+        config.options.check_fits(len(config.advertisers), config.base_prompt is not None)
+        return config
 
     @property
     def names(self) -> list[str]:
@@ -169,17 +195,15 @@ class AuctionConfig:
         return [{"role": "user", "content": fill_placeholders(self.base_prompt, query=self.query, name="")}]
 
     def generate_options(self) -> dict:
-        """The keyword arguments of :func:`jaxauction.generate` this configuration sets (rule excluded)."""
+        """The keyword arguments of :func:`jaxauction.generate` this configuration sets (the options' by
+        name, so that a caller may override one, e.g. the rule)."""
         import jax
 
         return dict(
-            payment=self.payment,
-            decoding=self.decoding,
+            **self.options.keywords(),
             key=jax.random.key(self.seed),
-            max_new_tokens=self.max_new_tokens,
             base_prompt=self.base_messages(),
             base_bid=self.base_bid,
-            temperature=self.temperature,
         )
 
 
@@ -236,154 +260,155 @@ def load_config(path: str | Path) -> AuctionConfig:
     return parse_config(raw, path=str(path), text=text)
 
 
-def parse_config(raw: dict[str, Any], *, path: str = "<config>", text: str = "") -> AuctionConfig:
-    """Validates a parsed configuration dictionary; ``text`` (the source) locates lines in errors."""
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(GenerateOptions))
+_TOP_FIELDS = tuple(f.name for f in dataclasses.fields(AuctionConfig) if f.name not in ("options", "path"))
+_KNOWN = {
+    "top": sorted(_TOP_FIELDS + _OPTION_FIELDS),
+    "advertiser": sorted(f.name for f in dataclasses.fields(Advertiser)),
+}
 
-    def fail(field, message, line=None):
-        raise ConfigError(path, field, message, line if line is not None else _line_of(text, field))
 
-    def check_placeholders(field, value, line=None):
-        bad = malformed_placeholder(value) if value else None
-        if bad is not None:
-            fail(
-                field,
-                f"malformed placeholder {bad!r}; write exactly {{query}} or {{name}} (no spaces, format specs or "
-                "missing '}'); every other brace is kept literally.",
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Where the raw configuration came from: errors name ``path``, and the line of a field in ``text``."""
+
+    path: str
+    text: str
+
+    def fail(self, field: str, message: str, line: int | None = None) -> NoReturn:
+        raise ConfigError(self.path, field, message, line if line is not None else _line_of(self.text, field))
+
+    def line(self, table: dict, field: str, index: int | None) -> int | None:
+        """The line of ``field`` (top level, or in the ``index``-th advertiser: its header if absent)."""
+        if index is None:
+            return _line_of(self.text, field)
+        return _line_of(self.text, field, index) if field in table else _advertiser_table_line(self.text, index)
+
+
+def _toml_types(hint) -> tuple[type, ...]:
+    """The TOML value types of a field annotation: ``str | None`` -> ``(str,)``, ``tuple[...]`` -> ``(list,)``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(t for arg in typing.get_args(hint) if arg is not type(None) for t in _toml_types(arg))
+    return (list,) if typing.get_origin(hint) is tuple else (hint,)
+
+
+def _read_fields(source: _Source, table: dict, cls, names, index: int | None = None) -> dict[str, Any]:
+    """The fields ``names`` of dataclass ``cls`` from a TOML ``table``: its defaults where absent, its
+    annotations' types checked (an int is accepted for a float)."""
+    hints, defaults = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    where = "" if index is None else f"advertisers[{index}]."
+    values = {}
+    for name in names:
+        field, line = defaults[name], source.line(table, name, index)
+        if name not in table:
+            if field.default is dataclasses.MISSING:
+                source.fail(where + name, f"missing; add `{name} = ...`.", line)
+            values[name] = field.default
+            continue
+        value, kinds = table[name], _toml_types(hints[name])
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+            source.fail(
+                where + name,
+                f"expected {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__} {value!r}.",
                 line,
             )
+        values[name] = value
+    return values
 
-    def get(table, field, kind, default=dataclasses.MISSING, *, where=None, line=None):
-        name = f"{where}.{field}" if where else field
-        if field not in table:
-            if default is dataclasses.MISSING:
-                fail(name, f"missing; add `{field} = ...`.", line)
-            return default
-        value = table[field]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            kinds = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            fail(name, f"expected {kinds}, got {type(value).__name__} {value!r}.", line)
-        return value
 
-    known = {
-        "query",
-        "advertisers",
-        "rule",
-        "payment",
-        "decoding",
-        "temperature",
-        "seed",
-        "max_new_tokens",
-        "system",
-        "base_prompt",
-        "base_bid",
-    }
-    for field in raw:
+def _check_known(source: _Source, table: dict, known: list[str], index: int | None = None) -> None:
+    where = "" if index is None else f"advertisers[{index}]."
+    for field in table:
         if field not in known:
-            fail(field, f"unknown field; known fields are {sorted(known)}.")
-    query = get(raw, "query", str)
-    rule = get(raw, "rule", str, "linear")
-    if rule not in base.rule_names():
-        fail("rule", f"unknown rule {rule!r}; use one of {list(base.rule_names())}.")
-    payment = get(raw, "payment", str, "second_price")
-    if payment not in PAYMENT_NAMES:
-        fail("payment", f"unknown payment {payment!r}; use one of {list(PAYMENT_NAMES)}.")
-    decoding = get(raw, "decoding", str, "sample")
-    if decoding not in DECODING_NAMES:
-        fail("decoding", f"unknown decoding {decoding!r}; use one of {list(DECODING_NAMES)}.")
-    temperature = get(raw, "temperature", float, 1.0)
-    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
-        fail(
-            "temperature",
-            f"must be a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (it and its reciprocal finite in "
-            f"float32), got {temperature}.",
+            line = _line_of(source.text, field, index)
+            source.fail(where + field, f"unknown field; known fields are {known}.", line)
+
+
+def _check_placeholders(source: _Source, field: str, value: str | None, line: int | None = None) -> None:
+    bad = malformed_placeholder(value) if value else None
+    if bad is not None:
+        source.fail(
+            field,
+            f"malformed placeholder {bad!r}; write exactly {{query}} or {{name}} (no spaces, format specs or "
+            "missing '}'); every other brace is kept literally.",
+            line,
         )
-    seed = get(raw, "seed", int, 0)
-    max_new_tokens = get(raw, "max_new_tokens", int, 48)
-    if max_new_tokens < 1:
-        fail("max_new_tokens", f"must be >= 1, got {max_new_tokens}.")
-    default_system = get(raw, "system", str, None)
-    base_prompt = get(raw, "base_prompt", str, None)
-    for field, value in (("system", default_system), ("base_prompt", base_prompt)):
-        check_placeholders(field, value)
-    base_bid = get(raw, "base_bid", float, 0.0)
-    if not 0 <= base_bid <= MAX_BID:
-        fail("base_bid", f"must be a finite number >= 0 and at most {MAX_BID:g}, got {base_bid}.")
 
+
+def _options(source: _Source, raw: dict) -> GenerateOptions:
+    """The configuration's :class:`GenerateOptions` (``payment = "none"`` is None), checked by its ``create``."""
+    settings = {name: raw[name] for name in _OPTION_FIELDS if name in raw}
+    if "payment" in settings:
+        settings["payment"] = payment_from_text(settings["payment"])
+    try:
+        return GenerateOptions.create(**settings)
+    except SpecError as error:
+        source.fail(error.argument, error.reason)
+
+
+def _top_level(source: _Source, raw: dict) -> dict[str, Any]:
+    """The top-level fields other than the advertisers and the mechanism, range-checked."""
+    values = _read_fields(source, raw, AuctionConfig, [f for f in _TOP_FIELDS if f != "advertisers"])
+    for field in ("system", "base_prompt"):
+        _check_placeholders(source, field, values[field])
+    if not 0 <= values["base_bid"] <= MAX_BID:
+        source.fail("base_bid", f"must be a finite number >= 0 and at most {MAX_BID:g}, got {values['base_bid']}.")
+    return values
+
+
+def _advertiser(source: _Source, table: Any, index: int, default_system: str | None) -> Advertiser:
+    where = f"advertisers[{index}]"
+    if not isinstance(table, dict):
+        source.fail(where, "expected a table [[advertisers]].", _advertiser_table_line(source.text, index))
+    _check_known(source, table, _KNOWN["advertiser"], index)
+    values = _read_fields(source, table, Advertiser, [f.name for f in dataclasses.fields(Advertiser)], index)
+    line = lambda field: source.line(table, field, index)  # noqa: E731
+    if not values["name"].strip():
+        source.fail(f"{where}.name", "the advertiser's name is empty; give it a non-empty name.", line("name"))
+    if not 0 <= values["bid"] <= MAX_BID:
+        source.fail(
+            f"{where}.bid",
+            f"bid of {values['name']!r} must be a finite number >= 0 and at most {MAX_BID:g}, got {values['bid']}.",
+            line("bid"),
+        )
+    if not all(isinstance(k, str) and k for k in values["keywords"]):
+        source.fail(f"{where}.keywords", "expected a list of non-empty strings.", line("keywords"))
+    for field in ("prompt", "system", "example", "example_query"):
+        if field in table:
+            _check_placeholders(source, f"{where}.{field}", values[field], line(field))
+    if values["system"] is None:
+        values["system"] = default_system
+    return Advertiser(**{**values, "keywords": tuple(values["keywords"])})
+
+
+def _advertisers(source: _Source, raw: dict, default_system: str | None) -> tuple[Advertiser, ...]:
     tables = raw.get("advertisers")
-
     if not isinstance(tables, list) or not tables:
-        fail(
+        source.fail(
             "advertisers",
             "no advertisers; add at least one [[advertisers]] table with name, prompt and bid.",
-            _line_of(text, "advertisers") or 0,
+            _line_of(source.text, "advertisers") or 0,
         )
-    advertisers = []
-    adv_known = {"name", "prompt", "bid", "system", "example", "example_query", "keywords"}
-    for index, table in enumerate(tables):
-        where = f"advertisers[{index}]"
-        line = _advertiser_table_line(text, index)
-        if not isinstance(table, dict):
-            fail(where, "expected a table [[advertisers]].", line)
-        for field in table:
-            if field not in adv_known:
-                fail(
-                    f"{where}.{field}",
-                    f"unknown field; known fields are {sorted(adv_known)}.",
-                    _line_of(text, field, index),
-                )
-
-        def field_line(field):
-            return _line_of(text, field, index) if field in table else line
-
-        name = get(table, "name", str, where=where, line=field_line("name"))
-        if not name.strip():
-            fail(f"{where}.name", "the advertiser's name is empty; give it a non-empty name.", field_line("name"))
-        prompt = get(table, "prompt", str, where=where, line=field_line("prompt"))
-        bid = get(table, "bid", float, where=where, line=field_line("bid"))
-        if not 0 <= bid <= MAX_BID:
-            fail(
-                f"{where}.bid",
-                f"bid of {name!r} must be a finite number >= 0 and at most {MAX_BID:g}, got {bid}.",
-                field_line("bid"),
-            )
-        keywords = get(table, "keywords", list, [], where=where, line=field_line("keywords"))
-        if not all(isinstance(k, str) and k for k in keywords):
-            fail(f"{where}.keywords", "expected a list of non-empty strings.", field_line("keywords"))
-        texts = {"prompt": prompt}
-        for field in ("system", "example", "example_query"):
-            texts[field] = get(table, field, str, None, where=where, line=field_line(field))
-        for field, value in texts.items():
-            if field in table:
-                check_placeholders(f"{where}.{field}", value, field_line(field))
-        advertisers.append(
-            Advertiser(
-                name=name,
-                prompt=prompt,
-                bid=bid,
-                system=texts["system"] if texts["system"] is not None else default_system,
-                example=texts["example"],
-                example_query=texts["example_query"],
-                keywords=tuple(keywords),
-            )
-        )
+    advertisers = tuple(_advertiser(source, table, index, default_system) for index, table in enumerate(tables))
     names = [a.name for a in advertisers]
     if len(set(names)) != len(names):
-        fail("advertisers", f"advertiser names must be distinct, got {names}.")
-    problem = check_decoding(decoding, rule, len(advertisers), base_prompt is not None)
-    if problem:
-        fail("decoding", problem)
-    return AuctionConfig(
-        query=query,
-        advertisers=tuple(advertisers),
-        rule=rule,
-        payment=None if payment == "none" else payment,
-        decoding=decoding,
-        temperature=temperature,
-        seed=seed,
-        max_new_tokens=max_new_tokens,
-        base_prompt=base_prompt,
-        base_bid=base_bid,
-        path=path,
-    )
+        source.fail("advertisers", f"advertiser names must be distinct, got {names}.")
+    return advertisers
+
+
+def parse_config(raw: dict[str, Any], *, path: str = "<config>", text: str = "") -> AuctionConfig:
+    """Validates a parsed configuration dictionary; ``text`` (the source) locates lines in errors."""
+    source = _Source(path, text)
+    _check_known(source, raw, _KNOWN["top"])
+    if "query" not in raw:
+        source.fail("query", "missing; add `query = ...`.")
+    options = _options(source, raw)
+    values = _top_level(source, raw)
+    advertisers = _advertisers(source, raw, values["system"])
+    try:
+        options.check_fits(len(advertisers), values["base_prompt"] is not None)
+    except SpecError as error:
+        source.fail(error.argument, error.reason)
+    return AuctionConfig(**values, advertisers=advertisers, options=options, path=path)

@@ -14,7 +14,10 @@ Allocations:
   :func:`~jaxauction.aggregation.linear` and ``-KL(q || p_i)`` for
   :func:`~jaxauction.aggregation.log_linear`. For any other rule pass the valuation itself.
 * a callable ``valuation(log_p, log_q) -> [...]`` (``log_p, log_q: [..., V]``): Myerson payments
-  for that valuation, e.g. :func:`forward_kl_value`.
+  for that valuation, e.g. :func:`forward_kl_value` (:data:`KL_VALUATIONS` names both KL valuations).
+
+The string allocations are the values of :data:`jaxauction.mechanism.ALLOCATIONS`, the one map from
+a mechanism's payment kind (``"second_price"``, ``"kl"``, None) to what it charges for.
 
 Rules are resolved with :func:`jaxauction.base.as_rule` (a name, a :class:`~jaxauction.base.Rule`,
 a ``jax.jit`` of one or a plain function). A rule with a closed-form robust payment (docs/maths.md §5:
@@ -47,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxauction import _validation, aggregation, base
+from jaxauction.mechanism import ALLOCATIONS
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
@@ -60,6 +64,8 @@ __all__ = [
     "power_weight_integral",
     "forward_kl_value",
     "reverse_kl_value",
+    "KL_VALUATIONS",
+    "kl_valuation",
 ]
 
 Valuation = Callable[[jax.Array, jax.Array], jax.Array]
@@ -161,6 +167,22 @@ def reverse_kl_value(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     return -jnp.sum(terms, axis=-1)
 
 
+KL_VALUATIONS = {"forward": forward_kl_value, "reverse": reverse_kl_value}
+"""The two KL valuations by the direction of the divergence: ``"forward"`` ``-KL(p || q)`` (the linear
+rule's), ``"reverse"`` ``-KL(q || p)`` (the log-linear rule's). A valuation, not a payment kind: the
+``"kl"`` payment kind uses the rule's own one."""
+
+
+def kl_valuation(direction: str, argument: str = "valuation") -> Valuation:
+    """The KL valuation of ``direction`` (:data:`KL_VALUATIONS`); ``ValueError`` naming ``argument`` otherwise."""
+    if isinstance(direction, str) and direction in KL_VALUATIONS:
+        return KL_VALUATIONS[direction]
+    raise ValueError(
+        f"{argument}: expected one of {list(KL_VALUATIONS)} ('forward': -KL(p || q), 'reverse': -KL(q || p)); "
+        f"got {direction!r}."
+    )
+
+
 def _probabilities(rule: base.Rule) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The rule in probability space: its ``probabilities`` form, else ``exp(rule(...))``."""
     if rule.probabilities is not None:
@@ -170,9 +192,9 @@ def _probabilities(rule: base.Rule) -> Callable[[jax.Array, jax.Array], jax.Arra
 
 def _resolve_allocation(fn: str, rule: base.Rule, allocation) -> Valuation | None:
     """None for the robust allocation, else the valuation ``(log_p, log_q) -> value``."""
-    if isinstance(allocation, str) and allocation == "robust":
+    if isinstance(allocation, str) and allocation == ALLOCATIONS["second_price"]:
         return None
-    if isinstance(allocation, str) and allocation == "kl":
+    if isinstance(allocation, str) and allocation == ALLOCATIONS["kl"]:
         if rule.valuation is not None:
             return rule.valuation
         raise ValueError(
@@ -184,7 +206,8 @@ def _resolve_allocation(fn: str, rule: base.Rule, allocation) -> Valuation | Non
     if callable(allocation):
         return allocation
     raise ValueError(
-        f"{fn}: allocation must be 'robust', 'kl' or a callable valuation(log_p, log_q); got {allocation!r}."
+        f"{fn}: allocation must be 'robust' (payment kind 'second_price'), 'kl' (payment kind 'kl') or a "
+        f"callable valuation(log_p, log_q); got {allocation!r}."
     )
 
 

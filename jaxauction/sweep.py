@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxauction.config import AuctionConfig, check_decoding
+from jaxauction.config import AuctionConfig
 from jaxauction.engine import GenerationResult, generate
+from jaxauction.mechanism import SpecError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,18 @@ def sweep_bids(config: AuctionConfig, points: int) -> tuple[np.ndarray, np.ndarr
     return shares, bids
 
 
+def check_rules(config: AuctionConfig, rules: Sequence[str], argument: str = "rules") -> None:
+    """Every rule of a sweep makes a valid mechanism with the configuration (e.g. ``decoding = "stable"``
+    needs the linear rule); ``ValueError`` naming ``argument`` and the configuration otherwise."""
+    if not rules:
+        raise ValueError(f"{argument}: expected at least one rule name, e.g. linear.")
+    for rule in rules:
+        try:
+            config.replace(rule=rule)
+        except SpecError as error:
+            raise ValueError(f"{argument}: {config.path}: {error.reason}") from None
+
+
 def run_sweep(
     config: AuctionConfig,
     *,
@@ -100,10 +113,7 @@ def run_sweep(
         raise ValueError(f"samples: expected a positive integer, got {samples!r}.")
     if isinstance(rules, str):
         raise ValueError(f"rules: expected a sequence of rule names such as ['linear'], got the string {rules!r}.")
-    for rule in rules:
-        problem = check_decoding(config.decoding, rule, len(config.advertisers), config.base_prompt is not None)
-        if problem:
-            raise ValueError(f"rules: {config.path}: {problem}")
+    check_rules(config, rules)
     shares, bids = sweep_bids(config, points)
     batch_bids = np.repeat(bids, samples, axis=0)
     texts, mentions, paid = {}, {}, {}
@@ -116,14 +126,8 @@ def run_sweep(
         for rule in rules:
             if bar is not None:
                 bar.set_postfix_str(rule)
-            result: GenerationResult = generate(
-                config.prompts(),
-                batch_bids,
-                rule=rule,
-                model=model,
-                progress=progress,
-                **config.generate_options(),
-            )
+            options = {**config.generate_options(), "rule": rule}
+            result: GenerationResult = generate(config.prompts(), batch_bids, model=model, progress=progress, **options)
             texts[rule] = [result.texts[p * samples : (p + 1) * samples] for p in range(points)]
             mentions[rule] = np.array([[a.mentioned_in(t) for a in config.advertisers] for t in result.texts]).reshape(
                 points, samples, -1

@@ -10,6 +10,7 @@ import jaxauction
 from jaxauction import AuctionOutcome, TokenAuction, aggregation
 
 call = jax.jit(lambda auction, logits, bids: auction(logits, bids))
+QUADRATURE = jaxauction.payments.Quadrature()
 
 
 def _case(seed=0, n=3, vocab=6):
@@ -91,7 +92,7 @@ def test_rule_may_be_a_name_a_rule_or_a_user_function():
     for rule in ("log_linear", aggregation.log_linear, jax.jit(jaxauction.log_linear)):
         out = TokenAuction(rule=rule, payment="kl")(jl, jb)
         np.testing.assert_allclose(out.payments, expected.payments, rtol=1e-6)
-    with pytest.raises(ValueError, match="allocation='kl' needs the rule's valuation"):
+    with pytest.raises(ValueError, match=r"^TokenAuction: payment: 'kl' needs the rule's valuation"):
         TokenAuction(rule=user, payment="kl")(jl, jb)
     out = TokenAuction(rule=user)(jl, jb)
     np.testing.assert_allclose(np.exp(out.log_q), ref_log_linear(logits, bids), rtol=1e-5)
@@ -100,7 +101,46 @@ def test_rule_may_be_a_name_a_rule_or_a_user_function():
 
 
 def test_payment_kinds_have_one_home():
-    assert set(jaxauction.auction.PAYMENT_KINDS) == {"second_price", "kl", None}
-    assert jaxauction.auction.payment_allocation("second_price") == "robust"
-    with pytest.raises(ValueError, match=r"^payment: expected one of"):
-        jaxauction.auction.payment_allocation("none")
+    assert jaxauction.mechanism.PAYMENTS == ("second_price", "kl", None)
+    with pytest.raises(ValueError, match=r"^TokenAuction: payment: expected one of \['second_price', 'kl', None\]"):
+        TokenAuction(payment="none")(*_case()[2:])
+
+
+def test_invalid_auctions_under_jit_get_nan_as_the_engine_flags_them():
+    """TokenAuction runs the engine's per-token step: where it is not ok, log_q and payments are NaN."""
+    _, _, jl, jb = _case(6)
+    logits = jnp.stack([jl, jl.at[0, 2].set(jnp.nan), jl, jnp.full_like(jl, -jnp.inf)])
+    bids = jnp.stack([jb, jb, jb.at[1].set(jnp.inf), jb])
+    out = call(TokenAuction(), logits, bids)
+    assert np.all(np.isfinite(out.payments[0])) and np.all(out.log_q[0] <= 0)
+    for a in (1, 2, 3):  # a NaN logit, an infinite bid, no token with positive probability
+        assert np.all(np.isnan(out.log_q[a])) and np.all(np.isnan(out.payments[a])), a
+    step = jax.jit(lambda l, b: jaxauction.auction.token_outcome(jaxauction.linear, "robust", QUADRATURE, l, b, 3))
+    _, charged, ok = step(logits, bids)
+    np.testing.assert_array_equal(ok, [True, False, False, False])
+    np.testing.assert_allclose(charged[0], out.payments[0])
+
+
+@pytest.mark.parametrize("payment", ["second_price", "kl", None])
+def test_the_engine_step_is_the_token_auction(payment):
+    """engine.auction_step runs TokenAuction's step: its payments and validity, then the draw from q."""
+    from jaxauction.engine import auction_step
+    from jaxauction.mechanism import MechanismSpec
+
+    _, _, jl, jb = _case(7, n=3, vocab=8)
+    logits = jnp.stack([jl, jl.at[1, 4].set(jnp.nan), jl.at[2].set(-jnp.inf)])  # the last: an absent agent
+    bids = jnp.stack([jb, jb, jb.at[2].set(0.0)])
+    keys = jax.random.split(jax.random.key(0), 3)
+    outcome = call(TokenAuction(payment=payment), logits, bids)
+    for decoding in ("greedy", "sample"):
+        mechanism = MechanismSpec.create(payment=payment, decoding=decoding)
+        step = jax.jit(lambda l, b, k: auction_step(l, b, k, mechanism=mechanism, num_charged=3))
+        token, charged, ok = step(logits, bids, keys)
+        np.testing.assert_array_equal(ok, [True, False, True])
+        np.testing.assert_array_equal(charged[ok], outcome.payments[ok])
+        assert np.all(np.isnan(outcome.payments[1])) and np.all(np.isnan(outcome.log_q[1]))
+        if decoding == "greedy":
+            np.testing.assert_array_equal(token[ok], np.argmax(outcome.log_q[ok], axis=-1))
+        else:
+            drawn = jax.vmap(jax.random.categorical)(keys, outcome.log_q)
+            np.testing.assert_array_equal(token[ok], drawn[ok])

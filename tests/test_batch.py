@@ -97,7 +97,7 @@ def test_batch_options_are_checked_first(tmp_path, capsys):
         (["--out", str(source)], "--out: .* is also an input"),
         (["--out", str(tmp_path)], "--out: .*folder"),
         (["--out", str(tmp_path / "o.jsonl"), "--payment", "first"], "--payment: expected one of"),
-        (["--out", str(tmp_path / "o.jsonl"), "--rule", "cubic"], "--rule: expected one of"),
+        (["--out", str(tmp_path / "o.jsonl"), "--rule", "cubic"], "--rule: unknown rule 'cubic'"),
         (["--out", str(tmp_path / "o.jsonl"), "--memory-budget", "lots"], "--memory-budget: expected a positive size"),
     ]:
         status = cli.main(["batch", str(source), *argv, "--model", str(tmp_path / "no_model")])

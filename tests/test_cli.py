@@ -142,7 +142,7 @@ def test_sweep_with_stable_decoding_checks_every_rule_first(tmp_path, capsys, no
     with pytest.raises(ModelLoaded):  # the linear rule alone is a valid stable sweep
         cli.main(["sweep", str(config), "--rules", "linear", "--plot", str(tmp_path / "p.png")])
     three = CONFIG.format(top='decoding = "stable"') + '\n[[advertisers]]\nname = "Gamma"\nbid = 1.0\nprompt = "x"\n'
-    fails(["run", write_config(tmp_path, text=three, name="three.toml")], capsys, "'decoding'", "3 advertisers")
+    fails(["run", write_config(tmp_path, text=three, name="three.toml")], capsys, "'decoding'", "3 agents")
     fails(["run", write_config(tmp_path, top='decoding = "stable"\nrule = "log_linear"', name="ll.toml")], capsys)
     assert len(no_model) == 1
 

@@ -145,7 +145,7 @@ def brute_force_payments(logits, bids, base, params, points=4001):
 def test_revenue_with_kl_valuations_at_linear_equals_core():
     logits, bids, base = batch_arrays()
     params = params_of(1.0, 1.0, 0.7, 1.0)
-    got = objectives.revenue(params, make_batch(), allocation="forward_kl")
+    got = objectives.revenue(params, make_batch(), payment="kl", valuation="forward")
     want = payments.second_price(aggregation.linear, logits, bids, "kl", base_logits=base, base_bid=0.7)
     np.testing.assert_allclose(got, want.sum(-1).mean(), rtol=1e-10)
 
@@ -214,7 +214,12 @@ def test_bad_choices_raise():
     batch = make_batch()
     with pytest.raises(ValueError, match="valuation"):
         objectives.welfare(PowerMeanParams.linear(), batch, valuation="sideways")
-    with pytest.raises(ValueError, match="allocation"):
-        objectives.revenue(PowerMeanParams.linear(), batch, allocation="kl")
+    for payment in ("robust", "forward_kl", "none"):  # the mechanism's payment kinds only, never silently "kl"
+        with pytest.raises(ValueError, match=r"^payment: expected one of \['second_price', 'kl', None\]"):
+            objectives.revenue(PowerMeanParams.linear(), batch, payment=payment)
+    with pytest.raises(ValueError, match="^payment: revenue needs a payment kind that charges"):
+        objectives.revenue(PowerMeanParams.linear(), batch, payment=None)
+    with pytest.raises(ValueError, match="^valuation: expected one of"):
+        objectives.revenue(PowerMeanParams.linear(), batch, payment="kl", valuation="forward_kl")
     with pytest.raises(ValueError, match="direction"):
         objectives.distance(PowerMeanParams.linear(), batch, direction="up")

@@ -123,7 +123,7 @@ def test_generate_options_are_hashable_and_equal_for_equal_settings():
         (dict(payment="first_price"), "payment: expected one of"),
         (dict(decoding="beam"), "decoding: expected one of"),
         (dict(max_new_tokens=0), "max_new_tokens: expected a positive integer"),
-        (dict(temperature=0.0), "temperature: expected a finite number > 0"),
+        (dict(temperature=0.0), r"temperature: expected a finite number in \[1e-30, 1e\+30\]"),
         (dict(base_bid=-1.0, base_prompt=[2]), "base_bid"),
         (dict(key=jax.random.split(jax.random.key(0), 5)), r"key: a batch of keys must have shape"),
         (dict(prompts=[[3, 4], [99], [5]]), r"prompts\[1\]: token ids \[99\] are outside the vocabulary"),
@@ -156,9 +156,9 @@ def wrong_shape_rule(logits, bids):
         (dict(max_new_tokens=True), r"max_new_tokens: expected a positive integer; got bool True"),
         (dict(max_new_tokens=2.0), r"max_new_tokens: expected a positive integer; got float 2.0"),
         (dict(key="abc"), r"key: expected a PRNG key .*got str 'abc'"),
-        (dict(temperature=None), r"temperature: expected a finite number > 0; got NoneType None"),
-        (dict(temperature="1"), r"temperature: expected a finite number > 0; got str '1'"),
-        (dict(temperature=1e-40), r"temperature: 1 / temperature overflows float32"),
+        (dict(temperature=None), r"temperature: expected a finite number in .*; got NoneType None"),
+        (dict(temperature="1"), r"temperature: expected a finite number in .*; got str '1'"),
+        (dict(temperature=1e-40), r"temperature: .*reciprocal finite in float32\); got 1e-40"),
         (dict(base_bid="x", base_prompt=[2]), r"base_bid: expected a number >= 0; got str 'x'"),
         (dict(base_bid=np.array([1.0, 2.0]), base_prompt=[2]), r"base_bid: expected a number >= 0; got ndarray"),
         (dict(rule=wrong_shape_rule), r"rule: expected rule\(logits \[A, m, V\], bids \[A, m\]\) to return .*\(2, 3\)"),
@@ -194,5 +194,5 @@ def test_auction_list_errors_name_the_auction(tiny):
         generate([Auction([], [])], model=tiny)
     with pytest.raises(ValueError, match=r"bids/base_prompt: with a list of jaxauction.Auction"):
         generate(MIXED, [1.0], model=tiny)
-    with pytest.raises(ValueError, match=r"decoding='stable'.*got n = \[1, 2, 3\]"):
+    with pytest.raises(ValueError, match=r"decoding: decoding 'stable' .*got agent counts \[1, 2, 3\]"):
         generate(MIXED, decoding="stable", model=tiny)

@@ -8,8 +8,9 @@ and has no value, so it is left out of the sums.
 * :func:`welfare`: bid-weighted welfare ``sum_i b_i v_i(q)`` under KL valuations (docs/maths.md §7):
   ``v_i = -KL(p_i || q)`` ("forward", the linear rule's) or ``-KL(q || p_i)`` ("reverse", the
   log-linear rule's). Bids are the agents' values (truthful bidding).
-* :func:`revenue`: ``sum_i z_i``, expected second-price payments computed by the core
-  ``jaxauction.payments.second_price`` (autodiff of the allocation in the own bid, and quadrature).
+* :func:`revenue`: ``sum_i z_i``, expected payments of a payment kind (``"second_price"`` or ``"kl"``,
+  :mod:`jaxauction.mechanism`'s vocabulary) computed by the core ``jaxauction.payments.second_price``
+  (autodiff of the allocation in the own bid, and quadrature).
 * :func:`violation`: ``sum_i`` of the core ``jaxauction.preferences.monotonicity_violation``
   (docs/maths.md §4), zero for a monotone rule.
 * :func:`distance`: ``KL(q_ref || q)`` ("forward") or ``KL(q || q_ref)`` ("reverse") to a reference
@@ -32,20 +33,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxauction import aggregation, payments, preferences
+from jaxauction import aggregation, mechanism, payments, preferences
 from jaxauction.design.data import AuctionBatch
 from jaxauction.design.families import PowerMeanParams, bind, fixed_rule
 
 Rule = Callable[[jax.Array, jax.Array], jax.Array]
 
-VALUATIONS = ("forward", "reverse")
-ALLOCATIONS = ("robust", "forward_kl", "reverse_kl")
-_KL_VALUATIONS = {"forward_kl": payments.forward_kl_value, "reverse_kl": payments.reverse_kl_value}
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+VALUATIONS = tuple(payments.KL_VALUATIONS)
+"""The KL directions (``"forward"``, ``"reverse"``) that name the agents' valuation in :func:`welfare` and
+:func:`revenue` (``payment="kl"``) and the divergence in :func:`distance`: not payment kinds."""
 
 
 def kl_divergence(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -71,27 +67,32 @@ def aggregate(params: PowerMeanParams, batch: AuctionBatch) -> jax.Array:
 @functools.partial(jax.jit, static_argnames="valuation")
 def welfare(params: PowerMeanParams, batch: AuctionBatch, valuation: str = "forward") -> jax.Array:
     """Mean over auctions of ``sum_i b_i v_i(q)`` with ``v_i = -KL(p_i || q)`` or ``-KL(q || p_i)``."""
-    _check_choice("valuation", valuation, VALUATIONS)
+    value = payments.kl_valuation(valuation)
     log_q = aggregate(params, batch)[..., None, :]
     log_p = jax.nn.log_softmax(batch.logits, axis=-1)
     log_q = jnp.broadcast_to(log_q, log_p.shape)
-    value = payments.forward_kl_value if valuation == "forward" else payments.reverse_kl_value
     return jnp.mean(jnp.sum(batch.bids * value(log_p, log_q), axis=-1))
 
 
-@functools.partial(jax.jit, static_argnames="allocation")
-def revenue(params: PowerMeanParams, batch: AuctionBatch, allocation: str = "robust") -> jax.Array:
-    """Mean over auctions of the agents' total expected second-price payment (the base pays nothing).
+@functools.partial(jax.jit, static_argnames=("payment", "valuation"))
+def revenue(
+    params: PowerMeanParams, batch: AuctionBatch, payment: str = "second_price", valuation: str = "forward"
+) -> jax.Array:
+    """Mean over auctions of the agents' total expected payment (the base pays nothing).
 
-    ``allocation``: ``"robust"`` (docs/maths.md §5), or Myerson payments for KL valuations (docs/maths.md §7),
-    ``"forward_kl"`` (``-KL(p_i || q)``) or ``"reverse_kl"`` (``-KL(q || p_i)``).
+    ``payment``: a payment kind that charges (:data:`jaxauction.mechanism.PAYMENTS`): ``"second_price"``
+    (the robust allocation, docs/maths.md §5) or ``"kl"``: Myerson payments for the KL valuation
+    ``valuation`` (docs/maths.md §7), ``"forward"`` (``-KL(p_i || q)``) or ``"reverse"``
+    (``-KL(q || p_i)``); the family's rule carries no valuation of its own, so it is named here.
     """
-    _check_choice("allocation", allocation, ALLOCATIONS)
+    kind = mechanism.allocation(payment)
+    if kind is None:
+        raise ValueError("payment: revenue needs a payment kind that charges, 'second_price' or 'kl'; got None.")
     charged = payments.second_price(
         bind(params),
         batch.logits,
         batch.bids,
-        _KL_VALUATIONS.get(allocation, allocation),
+        kind if kind != "kl" else payments.kl_valuation(valuation),
         base_logits=batch.base_logits,
         base_bid=params.base_bid,
     )
@@ -117,12 +118,10 @@ def distance(
 
     ``reference(batch.logits, batch.bids)`` sees the agents alone (no base distribution).
     """
-    _check_choice("direction", direction, VALUATIONS)
+    value = payments.kl_valuation(direction, argument="direction")
     log_q = aggregate(params, batch)
     log_reference = reference(batch.logits, batch.bids)
-    if direction == "forward":
-        return jnp.mean(-payments.forward_kl_value(log_reference, log_q))
-    return jnp.mean(-payments.reverse_kl_value(log_reference, log_q))
+    return jnp.mean(-value(log_reference, log_q))
 
 
 @jax.jit

@@ -11,6 +11,7 @@ from jaxauction import prompts as prompts_lib
 from jaxauction import sharding
 from jaxauction.engine import chunk, plan, request, runtime
 from jaxauction.engine.loop import DecodeSpec
+from jaxauction.mechanism import describe
 
 __all__ = ["GenerationResult", "generate"]
 
@@ -86,14 +87,15 @@ def _split_options(options, keywords: dict) -> tuple[request.GenerateOptions, di
     if not isinstance(options, request.GenerateOptions) or keywords:
         raise ValueError(
             f"options: expected a jaxauction.GenerateOptions and no option keywords beside it; got "
-            f"{request.describe(options)} with {sorted(keywords)}."
+            f"{describe(options)} with {sorted(keywords)}."
         )
     return options, form
 
 
 def _decode_spec(options: request.GenerateOptions, n_max: int, token_slots: int, llm, tokenizer) -> DecodeSpec:
     pad_id, eos_ids = int(prompts_lib.pad_id(tokenizer)), prompts_lib.eos_ids(llm, tokenizer)
-    return DecodeSpec(options.rule, options.payment, options.decoding, n_max, token_slots, pad_id, eos_ids)
+    mechanism = dataclasses.replace(options.mechanism, temperature=1.0)  # the temperature is an input array
+    return DecodeSpec(mechanism, n_max, token_slots, pad_id, eos_ids)
 
 
 def generate(prompts, bids=None, *, options=None, key=None, model=None, mesh=None, progress=False, **keywords):
@@ -145,7 +147,7 @@ def generate(prompts, bids=None, *, options=None, key=None, model=None, mesh=Non
     mesh = request.validate_mesh(mesh)
     budget = plan.default_memory_budget() if budget is None else plan.parse_memory_budget(budget)
     if not isinstance(progress, (bool, np.bool_)):
-        raise ValueError(f"progress: expected True or False; got {request.describe(progress)}.")
+        raise ValueError(f"progress: expected True or False; got {describe(progress)}.")
     req = request.encode_request(
         prompts, bids, **form, key=key, tokenizer=tokenizer, options=options, vocab=llm.config.vocab_size
     )

@@ -21,10 +21,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxauction import base, sharding
+from jaxauction import sharding
 from jaxauction.engine import runtime
 from jaxauction.engine.rows import RowUpdate, next_rows, row_capacities
 from jaxauction.engine.step import auction_step
+from jaxauction.mechanism import MechanismSpec
 from jaxauction.models.base import LanguageModel, RowCache
 
 __all__ = ["ChunkInputs", "DecodeSpec", "DecodeState", "decode", "prefill"]
@@ -35,15 +36,15 @@ class DecodeSpec:
     """The static settings of a decode loop (hashable: part of the auction program's key).
 
     Attributes:
-      rule, payment, decoding: the mechanism (see :func:`jaxauction.generate`).
+      mechanism: the rule, payment kind and decoding (see :func:`jaxauction.generate`). Its
+        temperature is 1: the temperature enters as an array (:attr:`ChunkInputs.temperature`), so
+        every temperature shares one compiled auction program.
       num_charged: ``n``, the slots that pay (the base slot never pays).
       token_slots: ``T``, the token columns of the state (at least the tokens generated).
       pad_id: the token of finished auctions. eos_ids: the stop tokens.
     """
 
-    rule: base.Rule
-    payment: str | None
-    decoding: str
+    mechanism: MechanismSpec
     num_charged: int
     token_slots: int
     pad_id: int
@@ -104,9 +105,7 @@ def auction_update(spec: DecodeSpec, state: DecodeState, logits, inputs: ChunkIn
             rows,
             inputs.bids,
             step_keys,
-            rule=spec.rule,
-            payment=spec.payment,
-            decoding=spec.decoding,
+            mechanism=spec.mechanism,
             num_charged=spec.num_charged,
         )
     done = state.done

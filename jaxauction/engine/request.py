@@ -2,14 +2,14 @@
 
 Every argument check of ``generate`` lives here, so the rest of the engine receives valid input
 only: the two call forms are normalised to a list of :class:`EncodedAuction`, the mechanism to one
-frozen :class:`GenerateOptions`.
+frozen :class:`GenerateOptions` (a :class:`jaxauction.mechanism.MechanismSpec`, checked there, and a
+length).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,15 +19,18 @@ import numpy as np
 
 from jaxauction import _validation, base, sharding
 from jaxauction import prompts as prompts_lib
-from jaxauction.auction import PAYMENT_KINDS, payment_allocation
+from jaxauction.mechanism import DECODINGS, PAYMENTS, MechanismSpec, SpecError, describe, real_scalar
 from jaxauction.models.base import LanguageModel, default_model, missing_members
 
-__all__ = ["DECODINGS", "PAYMENTS", "Auction", "EncodedAuction", "GenerateOptions", "Request", "encode_request"]
-
-DECODINGS = ("sample", "greedy", "stable")
-"""The decodings: draw from ``q``, its argmax, or docs/maths.md §5's stable sampler."""
-PAYMENTS = tuple(PAYMENT_KINDS)
-"""The payment kinds (``None``: no payments)."""
+__all__ = [
+    "DECODINGS",
+    "PAYMENTS",
+    "Auction",
+    "EncodedAuction",
+    "GenerateOptions",
+    "Request",
+    "encode_request",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +67,9 @@ class EncodedAuction:
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerateOptions:
-    """The mechanism and decoding settings of a generation (hashable, checked by :meth:`create`).
+class GenerateOptions(MechanismSpec):
+    """The mechanism and decoding settings of a generation: a :class:`~jaxauction.mechanism.MechanismSpec`
+    and a length (hashable, checked by :meth:`create`).
 
     Attributes:
       rule: ``"linear"`` (default), ``"log_linear"``, a :class:`jaxauction.base.Rule` or a function
@@ -76,34 +80,27 @@ class GenerateOptions:
         would change the mechanism), ``"greedy"`` (argmax of ``q``) or ``"stable"`` (two agents, linear
         rule, no base prompt: docs/maths.md §5's stable sampler; payments are the realized threshold
         payments).
-      temperature: the agents' sampling temperature (default 1): every row's logits are divided by it
-        before aggregation; the rule, the payments and the draw from ``q`` are applied unchanged.
+      temperature: the agents' sampling temperature (default 1), in ``[1e-30, 1e30]``: every row's
+        logits are divided by it before aggregation; the rule, the payments and the draw from ``q``
+        are applied unchanged.
       max_new_tokens: length limit (default 48); an auction also stops at EOS (which it pays for).
     """
 
-    rule: base.Rule
-    payment: str | None = "second_price"
-    decoding: str = "sample"
-    temperature: float = 1.0
     max_new_tokens: int = 48
 
     @classmethod
     def create(cls, rule="linear", payment="second_price", decoding="sample", temperature=1.0, max_new_tokens=48):
-        """Checks every setting; ValueError naming the argument otherwise."""
-        rule = base.as_rule(rule)
-        payment_allocation(payment)
-        if decoding not in DECODINGS:
-            raise ValueError(f"decoding: expected one of {DECODINGS}; got {decoding!r}.")
-        if payment == "kl" and rule.valuation is None:
-            raise ValueError(
-                f"payment: 'kl' needs the rule's valuation; rule {rule.name!r} has none. Use a built-in rule, a "
-                "jaxauction.base.Rule with a valuation, or payment='second_price'."
-            )
+        """Checks every setting (:meth:`MechanismSpec.create`); ValueError naming the argument otherwise."""
+        spec = MechanismSpec.create(rule, payment, decoding, temperature)
         if isinstance(max_new_tokens, (bool, np.bool_)) or not isinstance(max_new_tokens, (int, np.integer)):
-            raise ValueError(f"max_new_tokens: expected a positive integer; got {describe(max_new_tokens)}.")
+            raise SpecError("max_new_tokens", f"expected a positive integer; got {describe(max_new_tokens)}.")
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected a positive integer; got {max_new_tokens!r}.")
-        return cls(rule, payment, decoding, _checked_temperature(temperature), int(max_new_tokens))
+            raise SpecError("max_new_tokens", f"expected a positive integer; got {max_new_tokens!r}.")
+        return cls(spec.rule, spec.payment, spec.decoding, spec.temperature, int(max_new_tokens))
+
+    def keywords(self) -> dict[str, Any]:
+        """The options as the keywords of :func:`jaxauction.generate` (a registered rule by its name)."""
+        return dict(super().keywords(), max_new_tokens=self.max_new_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,37 +133,6 @@ class Request:
     def slots(self) -> int:
         """``m``, the slots of every auction in the batch layout: ``n_max`` (+ 1 with a base prompt)."""
         return self.n_max + int(self.has_base)
-
-
-def describe(value) -> str:
-    """A short ``type repr`` of a user value for error messages."""
-    text = repr(value)
-    return f"{type(value).__name__} {text[:80]}{'...' if len(text) > 80 else ''}"
-
-
-def real_scalar(value, argument: str, expected: str) -> float:
-    """A Python/NumPy real number (not bool, not a string, not an array), else ValueError."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0 and not isinstance(value, np.bool_):
-            if np.issubdtype(np.asarray(value).dtype, np.number) and np.asarray(value).dtype != bool:
-                return float(value)
-        raise ValueError(f"{argument}: expected {expected}; got {describe(value)}.")
-    return float(value)
-
-
-def _checked_temperature(temperature) -> float:
-    dtype = _validation.default_float_dtype()
-    temperature = real_scalar(temperature, "temperature", "a finite number > 0")
-    if not (math.isfinite(temperature) and temperature > 0 and np.isfinite(np.float64(1.0) / temperature)):
-        raise ValueError(f"temperature: expected a finite number > 0; got {temperature!r}.")
-    with np.errstate(over="ignore", divide="ignore"):
-        reciprocal = np.asarray(1.0, dtype) / np.asarray(temperature, dtype)
-    if not np.isfinite(reciprocal):
-        raise ValueError(
-            f"temperature: 1 / temperature overflows {jnp.dtype(dtype).name} for temperature = {temperature!r}; "
-            f"use a temperature of at least {float(1 / np.finfo(dtype).max):.3g} (or greedy decoding)."
-        )
-    return temperature
 
 
 def _checked_base_bid(value, argument: str) -> float:
@@ -317,15 +283,7 @@ def _encode_prompt_form(prompts, bids, base_prompt, base_bid, tokenizer) -> tupl
 
 
 def _check_options_fit(options: GenerateOptions, request: Request, vocab: int) -> None:
-    counts = request.num_agents
-    if options.decoding == "stable" and (
-        request.n_max != 2 or counts.min() != 2 or request.has_base or options.rule.name != "linear"
-    ):
-        raise ValueError(
-            "decoding='stable' is docs/maths.md §5's sampler for exactly two agents under the linear rule without a base "
-            f"prompt; got n = {sorted(set(counts.tolist()))}, rule = {options.rule.name!r}, base prompt "
-            f"{'set' if request.has_base else 'None'}."
-        )
+    options.check_fits(request.num_agents.tolist(), request.has_base)
     if all(options.rule is not base.as_rule(name) for name in base.rule_names()):
         validate_rule_output(options.rule, request.slots, vocab, _validation.default_float_dtype())
 
