@@ -74,7 +74,7 @@ def test_keys_default_split_and_per_auction():
             [[3], [4]],
             [1.0, 1.0],
             dict(options=GenerateOptions.create(decoding="stable"), base_prompt=[2]),
-            r"decoding='stable'.*base prompt set",
+            r"decoding: decoding 'stable' .*got a base prompt",
         ),
     ],
 )
