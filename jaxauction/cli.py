@@ -20,7 +20,7 @@ from jaxauction.mechanism import SpecError, payment_from_text
 from jaxauction.outputs import check_output_path, figure_suffixes
 
 
-def _load_model(source: str | None):
+def load_model(source: str | None):
     from jaxauction import models
 
     return models.load(source)
@@ -109,7 +109,7 @@ def command_run(args) -> int:
     from jaxauction.engine import generate
     from jaxauction.outputs import write_json
 
-    model = _load_model(args.model)
+    model = load_model(args.model)
     result = generate(config.prompts(), config.bids, model=model, progress=True, **config.generate_options())
     print(f"query: {config.query}")
     print(f"rule: {config.rule}   payment: {config.payment}   decoding: {config.decoding}\n")
@@ -157,7 +157,7 @@ def command_sweep(args) -> int:
     from jaxauction.outputs import write_json
     from jaxauction.sweep import format_table, plot_sweep, run_sweep
 
-    model = _load_model(args.model)
+    model = load_model(args.model)
     result = run_sweep(config, points=args.points, samples=args.samples, rules=rules, model=model)
     print(f"query: {config.query}\n")
     print(format_table(result))
@@ -200,7 +200,7 @@ def command_batch(args) -> int:
         args.out,
         options,
         seed=args.seed,
-        model=lambda: _load_model(args.model),
+        model=lambda: load_model(args.model),
         memory_budget=budget,
     )
     print(f"wrote {len(lines)} results to {args.out}")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxauction import _validation, engine
+from jaxauction import _validation, engine, mechanism
 from jaxauction import prompts as prompts_lib
 from jaxauction import text as text_lib
 from jaxauction.engine.request import validate_model
@@ -83,8 +83,11 @@ def single_winner(
 
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ValueError(f"prompts: expected a non-empty list with one prompt per advertiser; got {prompts!r:.80}.")
-    if decoding not in ("sample", "greedy"):
-        raise ValueError(f"decoding: expected 'sample' or 'greedy'; got {decoding!r}.")
+    if mechanism.check_decoding(decoding) == "stable":
+        raise ValueError(
+            "decoding: the single-winner baseline writes with one LLM, and 'stable' is the two-agent auction "
+            "sampler; use 'sample' or 'greedy'."
+        )
     n = len(prompts)
     bid_array = _validation.host_bids("bids", bids, num_agents=n)
     single = bid_array.ndim == 1

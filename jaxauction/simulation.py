@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxauction import _validation, aggregation, base, payments, sharding
+from jaxauction import _validation, aggregation, base, mechanism, payments, sharding
 from jaxauction.auction import TokenAuction
 from jaxauction.vocabulary import compress_vocabulary
 
@@ -109,7 +109,8 @@ def simulate(
       out of ``[0, K)``; a ``chunk_size`` that is not a positive int; a ``mesh`` that is not a
       ``jax.sharding.Mesh``.
     """
-    rule = _rule_with_valuation(rule)
+    spec = mechanism.MechanismSpec.create(rule=rule, payment=payment)  # the one validator, before any work
+    rule, payment = _rule_with_valuation(spec.rule), spec.payment
     logit_sets = np.asarray(logits)
     if logit_sets.ndim == 2:
         logit_sets = logit_sets[None]

@@ -1,5 +1,5 @@
 """The command line on bad input: exit status 2, one ``error:`` line, and no model loaded for anything that can
-be checked before loading (configuration, options, output paths). No LLM is needed: ``cli._load_model`` is
+be checked before loading (configuration, options, output paths). No LLM is needed: ``cli.load_model`` is
 replaced by a stub that records whether it was called."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def no_model(monkeypatch):
         calls.append(source)
         raise ModelLoaded("the model would load now")
 
-    monkeypatch.setattr(cli, "_load_model", fail)
+    monkeypatch.setattr(cli, "load_model", fail)
     return calls
 
 
@@ -121,7 +121,7 @@ def hand_made_sweep() -> SweepResult:
 
 def test_a_failing_plot_does_not_lose_the_json(tmp_path, capsys, monkeypatch):
     config = write_config(tmp_path)
-    monkeypatch.setattr(cli, "_load_model", lambda source: None)
+    monkeypatch.setattr(cli, "load_model", lambda source: None)
     monkeypatch.setattr(jaxauction.sweep, "run_sweep", lambda config, **kwargs: hand_made_sweep())
 
     def broken_plot(result, path):
@@ -194,7 +194,7 @@ def test_braces_in_prompts_reach_the_model_literally(tmp_path, monkeypatch):
         seen.append(prompts)
         raise ModelLoaded("stop before decoding")
 
-    monkeypatch.setattr(cli, "_load_model", lambda source: None)
+    monkeypatch.setattr(cli, "load_model", lambda source: None)
     monkeypatch.setattr(jaxauction.engine, "generate", fake_generate)
     with pytest.raises(ModelLoaded):
         cli.main(["run", str(write_config(tmp_path, text=text))])

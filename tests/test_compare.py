@@ -10,6 +10,7 @@ import pytest
 from test_reply import BASE, PROMPTS, VOCAB, tiny_model
 from tiny_llm import EOS, TinyTokenizer
 
+import jaxauction
 from jaxauction import compare
 from jaxauction.models import jit_forward
 
@@ -73,8 +74,14 @@ def test_single_winner_samples_profile_a_with_the_a_th_split_key(tiny):
 def test_single_winner_bad_input_is_named(tiny):
     with pytest.raises(ValueError, match="bids"):
         compare.single_winner(PROMPTS, [1.0, -1.0], model=tiny)
-    with pytest.raises(ValueError, match="decoding"):
+    with pytest.raises(ValueError, match="decoding: the single-winner baseline writes with one LLM"):
         compare.single_winner(PROMPTS, [1.0, 1.0], decoding="stable", model=tiny)
+    # An unknown decoding gets the mechanism spec's message, the same as generate's.
+    with pytest.raises(ValueError) as spec_error:
+        jaxauction.GenerateOptions.create(decoding="beam")
+    with pytest.raises(ValueError) as compare_error:
+        compare.single_winner(PROMPTS, [1.0, 1.0], decoding="beam", model=tiny)
+    assert str(compare_error.value) == str(spec_error.value)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -55,7 +55,7 @@ prompt = "Write a short ad for {{query}} by {{name}}."
 
 
 def test_cli_run_prints_the_ad_and_writes_json(llm, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_load_model", lambda source: llm)
+    monkeypatch.setattr(cli, "load_model", lambda source: llm)
     out = tmp_path / "run.json"
     assert cli.main(["run", str(write_config(tmp_path)), "--json", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -70,7 +70,7 @@ def test_cli_run_prints_the_ad_and_writes_json(llm, tmp_path, capsys, monkeypatc
 
 
 def test_cli_sweep_writes_plot_and_table(llm, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_load_model", lambda source: llm)
+    monkeypatch.setattr(cli, "load_model", lambda source: llm)
     plot, out = tmp_path / "sweep.png", tmp_path / "sweep.json"
     argv = [
         "sweep",

@@ -141,3 +141,15 @@ def test_a_user_rule_with_a_valuation_runs_and_one_without_is_refused():
 
     with pytest.raises(ValueError, match="rule: simulate .* needs the rule's valuation; rule 'plain' has none"):
         run(rule=plain)
+
+
+@pytest.mark.parametrize("setting", [dict(payment="first_price"), dict(payment="none"), dict(rule="quadratic")])
+def test_bad_mechanism_settings_get_the_spec_message(setting):
+    """simulate checks its rule and payment with the one validator (jaxauction.mechanism), before any work."""
+    from jaxauction import mechanism
+
+    with pytest.raises(ValueError) as spec_error:
+        mechanism.MechanismSpec.create(**setting)
+    with pytest.raises(ValueError) as simulate_error:
+        run(**setting)
+    assert str(simulate_error.value) == str(spec_error.value)
