@@ -19,7 +19,7 @@ from jaxauction import _validation, engine, mechanism
 from jaxauction import prompts as prompts_lib
 from jaxauction import text as text_lib
 from jaxauction.engine.request import validate_model
-from jaxauction.scoring import token_log_probs
+from jaxauction.engine.scoring import token_log_probs
 
 __all__ = ["AdMetrics", "SingleWinnerResult", "ad_metrics", "mentions", "single_winner", "single_winner_payments"]
 
@@ -194,7 +194,7 @@ def ad_metrics(model, prompts, base_prompt, bids, ad_tokens, payments, names) ->
 
     Returns:
       An :class:`AdMetrics`. The ``(n + 1) A`` rows (every ad under every prompt) are scored by
-      :func:`jaxauction.scoring.token_log_probs`.
+      :func:`jaxauction.engine.scoring.token_log_probs`.
     """
     model = validate_model(model)
     tokenizer = model[1]

@@ -7,7 +7,7 @@ those of :mod:`jaxauction.reply_mechanism`. As ``M -> inf`` the chosen reply fol
 ``pi* ∝ pi_ref^(1 - sum_i b_i/tau) prod_i pi_i^(b_i/tau)``.
 
 This module is the workflow: :func:`auction` draws the candidates with the engine, scores them with
-:func:`jaxauction.scoring.token_log_probs` and allocates. It re-exports the array-level mechanism
+:func:`jaxauction.engine.scoring.token_log_probs` and allocates. It re-exports the array-level mechanism
 (:func:`allocation`, :func:`payments`, :func:`welfare`) and the scorer (:func:`token_log_probs`), so
 ``jaxauction.reply.*`` keeps its names.
 """
@@ -24,8 +24,8 @@ import numpy as np
 from jaxauction import _validation, engine, reply_mechanism
 from jaxauction import prompts as prompts_lib
 from jaxauction.engine.request import validate_model
+from jaxauction.engine.scoring import token_log_probs
 from jaxauction.reply_mechanism import allocation, payments, welfare
-from jaxauction.scoring import token_log_probs
 
 __all__ = ["PROPOSALS", "ReplyResult", "allocation", "auction", "payments", "token_log_probs", "welfare"]
 

@@ -26,9 +26,9 @@ CORE = {
     "vocabulary",
 }
 """The mechanism maths (add the mechanism-spec module here when it lands; a ``core/`` package counts whole)."""
-SHARED = {"prompts", "sharding", "text"}
+SHARED = {"outputs", "prompts", "sharding", "text"}
 """Helpers of the engine and the application with no mechanism, model or command-line knowledge."""
-APPLICATION = {"batch", "cli", "compare", "config", "outputs", "reply", "scoring", "simulation", "sweep"}
+APPLICATION = {"batch", "cli", "compare", "config", "reply", "simulation", "sweep"}
 PACKAGES = {"core": "core", "models": "models", "engine": "engine", "design": "design"}
 """Subpackages and the layer all their modules belong to."""
 
@@ -158,6 +158,11 @@ def test_models_import_nothing_of_engine_design_or_the_application():
 
 def test_the_engine_imports_nothing_of_design_or_the_application():
     assert not violations("engine", lambda target: layer(target) in ("core", "shared", "models", "engine"))
+
+
+def test_design_imports_nothing_of_the_application():
+    """Rule design runs on the core, and on the engine for auctions drawn from an LLM."""
+    assert not violations("design", lambda target: layer(target) in ("core", "shared", "models", "engine", "design"))
 
 
 def test_the_engine_reaches_models_only_through_the_protocol():

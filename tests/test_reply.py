@@ -1,6 +1,6 @@
 """The reply-level auction with an LLM (docs/maths.md §8): the allocation against pi* enumerated on a tiny
 vocabulary, the chosen reply against the allocation, and named errors. The array-level mechanism is tested in
-test_reply_mechanism.py, the teacher-forced scorer in test_scoring.py.
+test_reply_mechanism.py, the teacher-forced scorer in test_engine_scoring.py.
 """
 
 import itertools

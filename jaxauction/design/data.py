@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxauction import base, engine, rules, scoring
+from jaxauction import base, engine, rules
 from jaxauction import prompts as prompts_lib
 from jaxauction.design.checkpoint import atomic_savez, file_errors
+from jaxauction.engine import scoring
 from jaxauction.engine.request import validate_model
 from jaxauction.vocabulary import compress_vocabulary
 
@@ -206,7 +207,7 @@ def llm_auctions(
     continuation is decoded greedily under the linear rule with equal bids, its end tokens excluded, for
     ``steps - 1`` tokens (one batched :func:`jaxauction.generate` call); the agents' next-token
     distributions before each of its tokens and after the last (``steps`` in all, from one
-    teacher-forced pass, :func:`jaxauction.scoring.next_token_log_probs`) form one auction each, and the
+    teacher-forced pass, :func:`jaxauction.engine.scoring.next_token_log_probs`) form one auction each, and the
     base distribution is the LLM's distribution for the bare ``query`` followed by the same tokens. Each
     auction's outcomes are coarsened to the ``top_k`` most likely tokens plus one "other" outcome
     (:func:`coarsen`). Every auction is paired with ``num_bid_profiles`` log-normal bid profiles drawn

@@ -79,6 +79,15 @@ class LanguageModel(Protocol):
     def init_cache(self, batch_size: int, max_length: int) -> RowCache:
         """An empty cache of ``B = batch_size`` rows and ``S = max_length`` slots (index 0)."""
 
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """The full forward pass without a cache (the engine's teacher-forced scorer).
+
+        Args:
+          input_ids: ``[B, T]`` int. attention_mask: ``[B, T]`` (1 = real token), or None for all ones.
+        Returns:
+          ``logits [B, T, V]`` at every position.
+        """
+
     def prefill(self, input_ids: jax.Array, attention_mask: jax.Array | None, cache: RowCache) -> tuple[Any, Any]:
         """``T`` new tokens of every row written at slots ``index .. index + T - 1``.
 

@@ -6,7 +6,8 @@ import pytest
 from test_reply import BASE, PROMPTS, VOCAB, tiny_model
 from tiny_llm import EOS, TinyTokenizer
 
-from jaxauction import reply, scoring
+from jaxauction import reply
+from jaxauction.engine import scoring
 from jaxauction.models import jit_forward
 
 
