@@ -61,6 +61,16 @@ def encode_prompt(tokenizer, prompt, *, argument: str = "prompts") -> list[int]:
             f"{argument}: each prompt must be a non-empty string, a list of chat messages "
             f"({{'role': ..., 'content': ...}}) or a non-empty list of token ids; got {prompt!r:.80}."
         )
+    for j, message in enumerate(messages):
+        for key in ("role", "content"):
+            try:
+                message[key].encode("utf-8")
+            except UnicodeEncodeError as error:
+                where = argument if isinstance(prompt, str) else f"{argument}[{j}].{key}"
+                raise ValueError(
+                    f"{where}: character {error.start} ({message[key][error.start]!r}) cannot be encoded as UTF-8 "
+                    "(a lone UTF-16 surrogate?); give valid text."
+                ) from None
     return _chat_ids(tokenizer, messages, argument)
 
 

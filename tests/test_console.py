@@ -108,6 +108,7 @@ def test_an_interrupt_dropped_in_a_gc_callback_is_delivered_again():
         if phase == "start":
             signal.raise_signal(signal.SIGINT)
 
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in a fresh process
     with console._guard() as guard:
         assert guard is not None
         guard.running = True
@@ -122,7 +123,7 @@ def test_an_interrupt_dropped_in_a_gc_callback_is_delivered_again():
         finally:
             if drop in gc.callbacks:
                 gc.callbacks.remove(drop)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.signal(signal.SIGINT, previous) is signal.default_int_handler  # restored
 
 
 def test_other_unraisable_exceptions_still_reach_the_previous_hook(monkeypatch):

@@ -138,3 +138,10 @@ def test_checkpoint_folders_tokenizers_are_unchanged_for_plain_text(name):
     assert encode_prompt(tokenizer, messages) == reference(tokenizer, messages)
     ids = encode_prompt(tokenizer, "a<|endoftext|>b")
     assert control(tokenizer, ids) == control(tokenizer, encode_prompt(tokenizer, "ab"))
+
+
+def test_a_lone_surrogate_is_a_value_error_naming_the_argument(tokenizer):
+    with pytest.raises(ValueError, match=r"prompts\[2\]: character 1 \('\\ud800'\) cannot be encoded as UTF-8"):
+        encode_prompt(tokenizer, "a\ud800b", argument="prompts[2]")
+    with pytest.raises(ValueError, match=r"base_prompt\[0\]\.role: character 4"):
+        encode_prompt(tokenizer, [{"role": "user\udc00", "content": "x"}], argument="base_prompt")
