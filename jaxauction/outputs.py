@@ -52,13 +52,13 @@ def destination(path: str | os.PathLike, *, option: str = "path") -> Destination
     descriptor: the chain stops there and the write goes into it. Raises ``ValueError`` naming ``option``
     for a socket, a block device or a symlink loop.
     """
-    path = Path(os.path.abspath(path))
+    path = Path(path).absolute()  # no lexical ".." folding: the kernel resolves "link/.." through the link
     for _ in range(_MAX_LINKS):
         if not path.is_symlink():
             break
         if _is_descriptor_link(path):
             return Destination(path, False)  # open() follows the descriptor; its kind decides below
-        path = Path(os.path.abspath(path.parent / os.readlink(path)))
+        path = path.parent / os.readlink(path)
     else:
         raise ValueError(f"{option}: {path}: too many levels of symbolic links (a loop?); give a file path.")
     try:

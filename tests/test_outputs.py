@@ -126,6 +126,10 @@ def test_a_chain_of_links_and_a_dangling_link(tmp_path):
     assert destination(tmp_path / "a") == (final, True)  # dangling: the write creates the target, as open() would
     write_json(tmp_path / "a", 1)
     assert final.read_text() == "1\n" and (tmp_path / "a").is_symlink() and (tmp_path / "b").is_symlink()
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "up").symlink_to(tmp_path / "deep" / "er")
+    write_json(tmp_path / "up" / ".." / "x.json", 2)  # ".." after a link goes up from the link's target
+    assert (tmp_path / "deep" / "x.json").read_text() == "2\n" and not (tmp_path / "x.json").exists()
 
 
 def test_a_regular_file_is_replaced_atomically_as_before(tmp_path):
