@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -71,8 +72,8 @@ if TYPE_CHECKING:  # the names as static analysis should see them
 
 
 def __getattr__(name: str):
-    if name in _SUBMODULES:
-        return importlib.import_module(f"jaxauction.{name}")
+    if name in _SUBMODULES or (not name.startswith("__") and importlib.util.find_spec(f"jaxauction.{name}")):
+        return importlib.import_module(f"jaxauction.{name}")  # any submodule, as the eager import gave them
     if name in _NAMES:
         value = getattr(importlib.import_module(f"jaxauction.{_NAMES[name]}"), name)
         globals()[name] = value

@@ -98,8 +98,17 @@ def test_the_console_script_is_the_guarded_entry_point():
     assert scripts == {"jaxauction": "jaxauction.console:main"}
 
 
-def test_import_jaxauction_does_not_start_jax():
-    code = "import sys, jaxauction.console; assert 'jax' not in sys.modules, sorted(sys.modules)"
+def test_import_jaxauction_does_not_start_jax_and_every_name_still_resolves():
+    code = (
+        "import sys, jaxauction as ja, jaxauction.console; assert 'jax' not in sys.modules, sorted(sys.modules)\n"
+        "assert ja.linear is ja.rules.linear and ja.generate is ja.engine.generate and ja.auction.TokenAuction\n"
+        "assert all(getattr(ja, name) is not None for name in ja.__all__) and 'jax' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_the_rule_registry_has_the_built_in_rules_whatever_is_imported_first():
+    code = "from jaxauction.base import rule_names; assert rule_names() == ('linear', 'log_linear'), rule_names()"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
