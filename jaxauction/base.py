@@ -71,15 +71,23 @@ def register(rule: Rule, *, overwrite: bool = False) -> Rule:
     """Adds ``rule`` to the registry under ``rule.name`` and returns it."""
     if not isinstance(rule, Rule):
         raise ValueError(f"register: expected a jaxauction.base.Rule, got {type(rule).__name__}.")
-    if rule.name in _REGISTRY and not overwrite and _REGISTRY[rule.name] is not rule:
+    registry = _registry()  # the built-ins first, so that a new rule cannot take their names
+    if rule.name in registry and not overwrite and registry[rule.name] is not rule:
         raise ValueError(f"register: a rule named {rule.name!r} exists already; pass overwrite=True to replace it.")
     _REGISTRY[rule.name] = rule
     return rule
 
 
+def _registry() -> dict[str, Rule]:
+    """The registry, with the built-in rules in it (``import jaxauction`` is lazy, so they register here)."""
+    import jaxauction.rules  # noqa: F401  (registers linear and log_linear; a dict lookup after the first call)
+
+    return _REGISTRY
+
+
 def rule_names() -> tuple[str, ...]:
     """The registered rule names, sorted."""
-    return tuple(sorted(_REGISTRY))
+    return tuple(sorted(_registry()))
 
 
 def _registered_for(function) -> Rule | None:
@@ -89,7 +97,7 @@ def _registered_for(function) -> Rule | None:
         seen.add(id(function))
         if isinstance(function, Rule):
             return function
-        for rule in _REGISTRY.values():
+        for rule in _registry().values():
             if function is rule.log_aggregate:
                 return rule
         function = getattr(function, "__wrapped__", None)
@@ -105,7 +113,7 @@ def as_rule(rule, *, argument: str = "rule") -> Rule:
     if isinstance(rule, Rule):
         return rule
     if isinstance(rule, str):
-        if rule not in _REGISTRY:
+        if rule not in _registry():
             raise ValueError(
                 f"{argument}: unknown rule {rule!r}; use one of {list(rule_names())}, a jaxauction.base.Rule "
                 "or a callable rule(logits [..., n, V], bids [..., n]) -> log q [..., V]."

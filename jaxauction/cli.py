@@ -15,9 +15,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxauction.config import AuctionConfig, ConfigError, load_config
-from jaxauction.mechanism import SpecError, payment_from_text
-from jaxauction.outputs import check_output_path, figure_suffixes
+if __name__ == "__main__":  # `python -m jaxauction.cli`: through the Ctrl-C guard, before JAX is imported
+    from jaxauction.console import main as _guarded_main
+
+    sys.exit(_guarded_main())
+
+from jaxauction.config import AuctionConfig, ConfigError, load_config  # noqa: E402
+from jaxauction.console import interrupted  # noqa: E402
+from jaxauction.mechanism import SpecError, payment_from_text  # noqa: E402
+from jaxauction.outputs import check_output_path, figure_suffixes  # noqa: E402
 
 
 def load_model(source: str | None):
@@ -220,9 +226,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; no half-written output file is left behind", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return interrupted()

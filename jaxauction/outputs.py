@@ -4,6 +4,12 @@ and up-front path checks (a bad output path fails before any work starts, naming
 ``atomic_path(path)`` yields a temporary path that is renamed onto ``path`` on success (removed on any
 exception); ``write_json(path, data)`` and ``save_figure(figure, path)`` write through it;
 ``check_output_path(option, path, inputs=(), suffixes=None)`` refuses a path that cannot be written.
+
+Atomic replacement is for regular files and new paths. A symlink is followed: the file it points to is
+replaced atomically and the link stays a link. A FIFO, a character device (``/dev/null``, a terminal) or a
+file descriptor (``/dev/stdout``, ``/proc/self/fd/1``, ``/dev/fd/3``) is written into directly, as
+``open(path, "w")`` would, never replaced. A socket or a block device is refused. :func:`destination`
+is the one home of that decision.
 """
 
 from __future__ import annotations
@@ -11,12 +17,67 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["atomic_path", "check_output_path", "figure_suffixes", "save_figure", "write_json"]
+__all__ = [
+    "Destination",
+    "atomic_path",
+    "check_output_path",
+    "destination",
+    "figure_suffixes",
+    "save_figure",
+    "write_json",
+]
+
+
+class Destination(NamedTuple):
+    """Where a write to an output path lands: ``path`` (symlinks followed) and whether it is replaced
+    atomically (a regular file or a new path) or written into (a FIFO, a character device, a descriptor)."""
+
+    path: Path
+    atomic: bool
+
+
+_MAX_LINKS = 40  # as the kernel's limit on symbolic links followed in one lookup
+
+
+def destination(path: str | os.PathLike, *, option: str = "path") -> Destination:
+    """Follows the symlinks of ``path`` and says how to write there (see the module docstring).
+
+    A link in a ``/proc/<pid>/fd`` folder (what ``/dev/stdout`` and ``/dev/fd/N`` lead to) is a file
+    descriptor: the chain stops there and the write goes into it. Raises ``ValueError`` naming ``option``
+    for a socket, a block device or a symlink loop.
+    """
+    path = Path(path).absolute()  # no lexical ".." folding: the kernel resolves "link/.." through the link
+    for _ in range(_MAX_LINKS):
+        if not path.is_symlink():
+            break
+        if _is_descriptor_link(path):
+            return Destination(path, False)  # open() follows the descriptor; its kind decides below
+        path = path.parent / os.readlink(path)
+    else:
+        raise ValueError(f"{option}: {path}: too many levels of symbolic links (a loop?); give a file path.")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return Destination(path, True)
+    except OSError as error:
+        raise ValueError(f"{option}: cannot write {path}: {error.strerror or error}.") from None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):  # a folder is refused by check_output_path
+        return Destination(path, True)
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        return Destination(path, False)
+    kind = "a socket" if stat.S_ISSOCK(mode) else "a block device" if stat.S_ISBLK(mode) else "not a file"
+    raise ValueError(f"{option}: {path} is {kind}, which cannot take the output; give a file path.")
+
+
+def _is_descriptor_link(path: Path) -> bool:
+    folder = Path(os.path.realpath(path.parent))
+    return folder.name == "fd" and folder.parts[:2] == ("/", "proc")
 
 
 @contextlib.contextmanager
@@ -24,16 +85,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; on success it is renamed onto ``path``.
 
     On any exception (KeyboardInterrupt included) the temporary file is removed and ``path`` is left
-    as it was.
+    as it was. ``path`` is resolved by :func:`destination`: through a symlink the file it points to is
+    replaced (the link stays); a FIFO, a character device or a file descriptor is yielded itself, to be
+    written into (not atomic: a reader sees what was written before a failure).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    target, atomic = destination(path)
+    if not atomic:
+        yield target
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
     os.close(handle)
     try:
         yield Path(temporary)
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give what open() would
-        os.replace(temporary, path)
+        os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
@@ -48,9 +114,10 @@ def check_output_path(
     Refused with a ``ValueError`` naming ``option``: an empty path; a path onto an existing folder; a path
     equal to one of ``inputs`` (e.g. the configuration being read, or another output); a suffix not in
     ``suffixes`` (lower-case, with the dot, e.g. ``(".png", ".pdf")``; None accepts any); a folder on the
-    way that is a file; a place where no file can be created (probed with a temporary file that is
-    removed again). Missing parent folders are fine: :func:`atomic_path` creates them when it writes.
-    Nothing is created or changed by the check.
+    way that is a file; a place where no file can be created (probed with an unnamed temporary file); a
+    socket, a block device or a symlink loop (:func:`destination`); a FIFO, character device or file
+    descriptor without write permission (not opened by the check). Missing parent folders are fine:
+    :func:`atomic_path` creates them when it writes. Nothing is created or changed by the check.
     """
     if path is None:
         return None
@@ -69,21 +136,32 @@ def check_output_path(
             f"{option}: {path} has suffix {path.suffix or '(none)'!r}; expected one of {sorted(suffixes)} "
             f"(the suffix picks the file format), e.g. {path.with_suffix(sorted(suffixes)[0])}."
         )
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ValueError(f"{option}: cannot write {path}: {folder} is a file, not a folder.")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".jaxauction-write-check.", dir=folder)
+    _existing_folder(option, path)
+    target, atomic = destination(path, option=option)
+    if not atomic:  # written into: opening it now could block (a FIFO without a reader) or consume it
+        if not os.access(target, os.W_OK):
+            raise ValueError(f"{option}: cannot write {path}: permission denied; choose a writable place.")
+        return path
+    folder = _existing_folder(option, target)
+    try:  # an unnamed file where the system allows (O_TMPFILE): even Ctrl-C here leaves nothing behind
+        with tempfile.TemporaryFile(prefix=".jaxauction-write-check.", dir=folder):
+            pass
     except OSError as error:
         raise ValueError(
             f"{option}: cannot write {path}: no file can be created in {folder} ({error.strerror or error}); "
             "choose a writable place."
         ) from None
-    os.close(handle)
-    os.remove(probe)
     return path
+
+
+def _existing_folder(option: str, path: Path) -> Path:
+    """The nearest existing folder above ``path`` (where its missing folders would be created)."""
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option}: cannot write {path}: {folder} is a file, not a folder.")
+    return folder
 
 
 def _same_file(a: Path, b: Path) -> bool:

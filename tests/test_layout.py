@@ -28,7 +28,7 @@ CORE = {
 """The mechanism maths (add the mechanism-spec module here when it lands; a ``core/`` package counts whole)."""
 SHARED = {"outputs", "prompts", "sharding", "text"}
 """Helpers of the engine and the application with no mechanism, model or command-line knowledge."""
-APPLICATION = {"batch", "cli", "compare", "config", "reply", "simulation", "sweep"}
+APPLICATION = {"__main__", "batch", "cli", "compare", "config", "console", "reply", "simulation", "sweep"}
 PACKAGES = {"core": "core", "models": "models", "engine": "engine", "design": "design"}
 """Subpackages and the layer all their modules belong to."""
 

@@ -139,7 +139,7 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
     Those are ``.{name}.*`` beside ``path`` (the names :func:`jaxauction.outputs.atomic_path` and earlier
     versions of this module give them). Only one search should write a given checkpoint at a time.
     """
-    path = Path(path)
+    path = outputs.destination(path).path  # where atomic_path puts them: beside a symlink's target
     if not path.parent.is_dir():
         return []
     removed = []
