@@ -29,6 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from jaxauction import prompts as prompts_lib
 from jaxauction.outputs import atomic_path
 
 __all__ = ["BatchLine", "read_auctions", "run_batch", "write_results"]
@@ -52,28 +53,6 @@ def _number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_prompt(prompt, field: str) -> None:
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError(f"{field}: a prompt must be a non-empty string; got {prompt!r}.")
-        return
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        for j, message in enumerate(prompt):
-            if not (isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
-                raise ValueError(
-                    f"{field}[{j}]: a chat message needs string 'role' and 'content' keys; got {json.dumps(message)[:80]}."
-                )
-        return
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        if min(prompt) < 0:
-            raise ValueError(f"{field}: token ids must be >= 0; got {min(prompt)}.")
-        return
-    raise ValueError(
-        f"{field}: expected a non-empty string, a list of chat messages or a list of token ids; "
-        f"got {json.dumps(prompt)[:80]}."
-    )
-
-
 def _parse_line(text: str, line: int) -> BatchLine:
     try:
         data = json.loads(text)
@@ -93,7 +72,7 @@ def _parse_line(text: str, line: int) -> BatchLine:
             f"prompts: expected a non-empty list with one prompt per advertiser; got {json.dumps(prompts)[:80]}."
         )
     for i, prompt in enumerate(prompts):
-        _check_prompt(prompt, f"prompts[{i}]")
+        prompts_lib.check_prompt(prompt, argument=f"prompts[{i}]")
     if not isinstance(bids, list) or len(bids) != len(prompts) or not all(_number(b) and b >= 0 for b in bids):
         raise ValueError(
             f"bids: expected a list of {len(prompts)} finite numbers >= 0 (one per prompt); got {json.dumps(bids)[:80]}."
@@ -109,7 +88,7 @@ def _parse_line(text: str, line: int) -> BatchLine:
         )
     base_prompt = data.get("base_prompt")
     if base_prompt is not None:
-        _check_prompt(base_prompt, "base_prompt")
+        prompts_lib.check_prompt(base_prompt, argument="base_prompt")
     base_bid = data.get("base_bid", 0.0)
     if not (_number(base_bid) and base_bid >= 0):
         raise ValueError(f"base_bid: expected a finite number >= 0; got {json.dumps(base_bid)[:40]}.")

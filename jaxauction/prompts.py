@@ -24,18 +24,17 @@ def pad_id(tokenizer) -> int:
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
-def encode_prompt(tokenizer, prompt, *, argument: str = "prompts") -> list[int]:
-    """Turns one prompt into token ids.
+def check_prompt(prompt, *, argument: str = "prompts") -> list[dict] | list[int]:
+    """The one check of a prompt's form, without a tokenizer (so before any model loads).
 
-    A string becomes one user message passed through the tokenizer's chat template (with the
-    assistant turn opened); a list of ``{"role", "content"}`` messages goes through the chat template
-    as it is; a list of ints is used exactly as given (the way to send control tokens on purpose).
-
-    Message text is untrusted: only the template's own structure becomes control tokens. A
-    ``<|im_end|>`` (or any special token's string) inside a content is encoded as text, so it cannot
-    close the turn; a role containing one is refused (see :func:`_chat_ids`).
+    Returns the chat messages of a string (one user message) or of a list of ``{"role", "content"}``
+    messages, or the token ids of a non-empty list of non-negative ints (NumPy ints and arrays too).
+    ValueError naming ``argument`` otherwise: an empty or blank string, a message without string
+    ``role`` and ``content``, a negative id, text that is not valid UTF-8 (a lone UTF-16 surrogate).
     """
     if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"{argument}: a prompt must be a non-empty string; got {prompt!r}.")
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         messages = list(prompt)
@@ -48,13 +47,11 @@ def encode_prompt(tokenizer, prompt, *, argument: str = "prompts") -> list[int]:
     elif (
         isinstance(prompt, (list, tuple, np.ndarray))
         and len(prompt) > 0
-        and all(isinstance(t, (int, np.integer)) for t in prompt)
+        and all(isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)) for t in prompt)
     ):
         ids = [int(t) for t in prompt]
-        vocab = len(tokenizer)
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"{argument}: token ids {bad[:5]} are outside the vocabulary [0, {vocab}).")
+        if min(ids) < 0:
+            raise ValueError(f"{argument}: token ids must be >= 0; got {min(ids)}.")
         return ids
     else:
         raise ValueError(
@@ -71,7 +68,29 @@ def encode_prompt(tokenizer, prompt, *, argument: str = "prompts") -> list[int]:
                     f"{where}: character {error.start} ({message[key][error.start]!r}) cannot be encoded as UTF-8 "
                     "(a lone UTF-16 surrogate?); give valid text."
                 ) from None
-    return _chat_ids(tokenizer, messages, argument)
+    return messages
+
+
+def encode_prompt(tokenizer, prompt, *, argument: str = "prompts") -> list[int]:
+    """Turns one prompt into token ids (its form checked by :func:`check_prompt`).
+
+    A string becomes one user message passed through the tokenizer's chat template (with the
+    assistant turn opened); a list of ``{"role", "content"}`` messages goes through the chat template
+    as it is; a list of ints is used exactly as given (the way to send control tokens on purpose), and
+    must lie in the vocabulary.
+
+    Message text is untrusted: only the template's own structure becomes control tokens. A
+    ``<|im_end|>`` (or any special token's string) inside a content is encoded as text, so it cannot
+    close the turn; a role containing one is refused (see :func:`_chat_ids`).
+    """
+    checked = check_prompt(prompt, argument=argument)
+    if checked and isinstance(checked[0], dict):
+        return _chat_ids(tokenizer, checked, argument)
+    vocab = len(tokenizer)
+    bad = [t for t in checked if t >= vocab]
+    if bad:
+        raise ValueError(f"{argument}: token ids {bad[:5]} are outside the vocabulary [0, {vocab}).")
+    return checked
 
 
 def _chat_ids(tokenizer, messages: list[dict], argument: str) -> list[int]:

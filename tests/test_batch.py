@@ -75,8 +75,16 @@ def test_batch_command_writes_one_result_per_line_in_order(tmp_path, capsys):
         ({"prompts": ["a"], "bids": ["1"]}, r"auctions.jsonl:2: bids: expected a list of 1 finite numbers"),
         ({"prompts": ["a"], "bids": [1.0], "names": [""]}, r"auctions.jsonl:2: names: expected a list of 1 non-empty"),
         ({"prompts": ["a"], "bids": [1.0], "base_bid": -1}, r"auctions.jsonl:2: base_bid: expected a finite number"),
-        ({"prompts": [[{"text": "x"}]], "bids": [1.0]}, r"auctions.jsonl:2: prompts\[0\]\[0\]: a chat message needs"),
+        (
+            {"prompts": [[{"text": "x"}]], "bids": [1.0]},
+            r"auctions.jsonl:2: prompts\[0\]\[0\]: a chat message must be a dict",
+        ),
         ({"prompts": ["a"], "bids": [1.0], "seed": 3}, r"auctions.jsonl:2: unknown field\(s\) \['seed'\]"),
+        (
+            {"prompts": ["a\ud800"], "bids": [1.0]},
+            r"auctions.jsonl:2: prompts\[0\]: character 1 .*cannot be encoded as UTF-8",
+        ),
+        ({"prompts": ["  "], "bids": [1.0]}, r"auctions.jsonl:2: prompts\[0\]: a prompt must be a non-empty string"),
         ([1, 2], r"auctions.jsonl:2: expected a JSON object"),
     ],
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tiny_llm import TinyTokenizer
 
@@ -72,6 +72,7 @@ def test_prompts_without_special_strings_encode_as_the_template_does(tokenizer, 
 @settings(max_examples=60, deadline=None)
 @given(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="<"), max_size=40))
 def test_any_text_without_special_strings_encodes_as_the_template_does(tokenizer, text):
+    assume(text.strip())  # a blank prompt string is refused (test_one_prompt_check_before_any_tokenizer)
     assert encode_prompt(tokenizer, text) == reference(tokenizer, [{"role": "user", "content": text}])
 
 
@@ -207,7 +208,9 @@ def test_encode_prompt_forms():
     [
         ([], r"^p\[2\]: each prompt must be a non-empty string"),
         ([3, 16], r"^p\[2\]: token ids \[16\] are outside the vocabulary \[0, 16\)"),
-        ([3, -1], r"token ids \[-1\] are outside"),
+        ([3, -1], r"^p\[2\]: token ids must be >= 0; got -1"),
+        ("  ", r"^p\[2\]: a prompt must be a non-empty string"),
+        ([True, 3], r"each prompt must be"),
         ([3.0, 4.0], r"each prompt must be"),
         ([{"role": "user"}], r"^p\[2\]\[0\]: a chat message must be a dict with string 'role' and 'content'"),
         (None, r"each prompt must be"),
@@ -226,3 +229,18 @@ def test_pad_id_and_eos_ids():
     assert prompts.eos_ids(llm, tokenizer) == (2, 7)
     llm = types.SimpleNamespace(config=types.SimpleNamespace(eos_token_id=np.int64(5)))
     assert prompts.eos_ids(llm, types.SimpleNamespace(eos_token_id=None)) == (5,)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["", " \n", [3, -2], [{"role": "user"}], [{"role": "user", "content": "bad \ud800"}], "bad \udfff", 4, [True]],
+)
+def test_one_prompt_check_before_any_tokenizer(prompt):
+    """check_prompt needs no tokenizer (the batch reader calls it before the model loads), and
+    encode_prompt refuses with the very same message."""
+    with pytest.raises(ValueError) as checked:
+        prompts.check_prompt(prompt, argument="p[0]")
+    with pytest.raises(ValueError) as encoded:
+        prompts.encode_prompt(TOKENIZER, prompt, argument="p[0]")
+    assert str(checked.value) == str(encoded.value)
+    assert str(checked.value).startswith("p[0]")
