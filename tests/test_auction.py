@@ -119,28 +119,3 @@ def test_invalid_auctions_under_jit_get_nan_as_the_engine_flags_them():
     _, charged, ok = step(logits, bids)
     np.testing.assert_array_equal(ok, [True, False, False, False])
     np.testing.assert_allclose(charged[0], out.payments[0])
-
-
-@pytest.mark.parametrize("payment", ["second_price", "kl", None])
-def test_the_engine_step_is_the_token_auction(payment):
-    """engine.auction_step runs TokenAuction's step: its payments and validity, then the draw from q."""
-    from jaxauction.engine import auction_step
-    from jaxauction.mechanism import MechanismSpec
-
-    _, _, jl, jb = _case(7, n=3, vocab=8)
-    logits = jnp.stack([jl, jl.at[1, 4].set(jnp.nan), jl.at[2].set(-jnp.inf)])  # the last: an absent agent
-    bids = jnp.stack([jb, jb, jb.at[2].set(0.0)])
-    keys = jax.random.split(jax.random.key(0), 3)
-    outcome = call(TokenAuction(payment=payment), logits, bids)
-    for decoding in ("greedy", "sample"):
-        mechanism = MechanismSpec.create(payment=payment, decoding=decoding)
-        step = jax.jit(lambda l, b, k: auction_step(l, b, k, mechanism=mechanism, num_charged=3))
-        token, charged, ok = step(logits, bids, keys)
-        np.testing.assert_array_equal(ok, [True, False, True])
-        np.testing.assert_array_equal(charged[ok], outcome.payments[ok])
-        assert np.all(np.isnan(outcome.payments[1])) and np.all(np.isnan(outcome.log_q[1]))
-        if decoding == "greedy":
-            np.testing.assert_array_equal(token[ok], np.argmax(outcome.log_q[ok], axis=-1))
-        else:
-            drawn = jax.vmap(jax.random.categorical)(keys, outcome.log_q)
-            np.testing.assert_array_equal(token[ok], drawn[ok])
