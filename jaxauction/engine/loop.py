@@ -194,16 +194,29 @@ def _rows_program(num_rows, mesh, slot_rows, token, live):
 def _model_program(graphdef, capacity, mesh, weights, cache, rows):
     if mesh is None:
         return model_step(graphdef, capacity, weights, cache, rows)
+    # Manual over "auctions" only: a "model" axis stays automatic, so XLA partitions the model over it
+    # from its weights' and cache's shardings and inserts the collectives.
     split = PartitionSpec(sharding.AXIS)
-    weight_specs, cache_specs = nnx.merge(graphdef, weights).partition_specs(sharding.AXIS)
+    cache_specs = _auction_only(nnx.merge(graphdef, weights).partition_specs(sharding.AXIS)[1])
     body = jax.shard_map(
         lambda w, c, r: model_step(graphdef, capacity, w, c, r),
         mesh=mesh,
-        in_specs=(weight_specs, cache_specs, split),
+        in_specs=(PartitionSpec(), cache_specs, split),
         out_specs=(split, cache_specs),
+        axis_names={sharding.AXIS},
         check_vma=False,
     )
     return body(weights, cache, rows)
+
+
+def _auction_only(specs):
+    """``specs`` (a tree of ``PartitionSpec``) with every mesh axis but ``"auctions"`` dropped: the
+    specs of ``shard_map``'s manual axis (the weights are never split over ``"auctions"``)."""
+
+    def keep(spec):
+        return PartitionSpec(*(name if name == sharding.AXIS else None for name in spec))
+
+    return jax.tree.map(keep, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def prefill(graphdef, weights, cache: RowCache, prompt_arrays: tuple):
@@ -242,7 +255,7 @@ def decode(
         raise ValueError(f"max_new_tokens: expected 1 to spec.token_slots = {spec.token_slots}; got {max_new_tokens}.")
     graphdef, weights = model
     mesh, progress = context
-    num_rows = cache.batch_size if mesh is None else cache.batch_size // mesh.size
+    num_rows = cache.batch_size // sharding.auction_devices(mesh)
     capacities = row_capacities(num_rows)
     auction = runtime.compiled(_auction_program, (spec, mesh), (state, logits, inputs), donate=(0,))
     rows_program = None

@@ -237,15 +237,9 @@ def validate_model(model):
 
 
 def validate_mesh(mesh):
-    """None, or a ``jax.sharding.Mesh`` with the auction axis."""
-    if mesh is None:
-        return None
-    if not isinstance(mesh, jax.sharding.Mesh) or sharding.AXIS not in mesh.axis_names:
-        raise ValueError(
-            f"mesh: expected None or a jax.sharding.Mesh with an {sharding.AXIS!r} axis, e.g. "
-            f"jaxauction.sharding.auction_mesh() or auction_mesh(jax.devices()[:4]); got {describe(mesh)}."
-        )
-    return mesh
+    """None, or a ``jax.sharding.Mesh`` with axes ``("auctions",)`` or ``("auctions", "model")``
+    (:func:`jaxauction.sharding.check_mesh`)."""
+    return sharding.check_mesh(mesh)
 
 
 def validate_rule_output(rule_fn: base.Rule, rows: int, vocab: int, dtype) -> None:
