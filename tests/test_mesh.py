@@ -7,6 +7,7 @@ before JAX starts); the refusals run here on one device.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -21,12 +22,12 @@ from jaxauction import sharding, simulation
 
 MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
 
-SCRIPT = textwrap.dedent("""
-    import json, sys
+SCRIPT = textwrap.dedent(r"""
+    import json, re, sys
     import jax, numpy as np
     from flax import nnx
     from jaxauction import sharding, simulation
-    from jaxauction.engine import generate
+    from jaxauction.engine import generate, loop, runtime
     from jaxauction.models import Llama, LlamaConfig
 
     assert len(jax.devices()) == 8, jax.devices()
@@ -52,10 +53,33 @@ SCRIPT = textwrap.dedent("""
                    decoding="greedy")
       return [r.tokens.tolist(), r.token_payments.tolist()]
 
-    model = tiny(4)
-    out["gen_none"] = run(model, None)
-    for a, t in MESHES:
-      out[f"gen_{a}x{t}"] = run(model, sharding.make_mesh(auctions=a, model=t))
+    def shard_bytes(model, mesh):
+      # Bytes of one layer's weights on one device (the stacked layers' shards over L) and in all.
+      _, weights = loop.shard_weights(nnx.split(model[0]), mesh)
+      layers = jax.tree.leaves(weights["layers"])
+      local = sum(x.addressable_shards[0].data.nbytes for x in layers)
+      return [local, sum(x.nbytes for x in layers)]
+
+    def collectives(mesh):
+      # The collectives of the compiled model program of the last generation (one layer's scan body).
+      texts = [p.as_text() for key, p in runtime._PROGRAMS.items() if key[0].__name__ == "_model_program"]
+      ops = re.findall(r"= (\S+) (all-gather|all-reduce|all-to-all|reduce-scatter)[\.\d]*\(", texts[-1])
+      return [[op, shape] for shape, op in ops]
+
+    for kv_heads, meshes in ((4, MESHES), (2, ((2, 4),))):
+      model = tiny(kv_heads)
+      out[f"gen{kv_heads}_none"] = run(model, None)
+      for a, t in meshes:
+        mesh = sharding.make_mesh(auctions=a, model=t)
+        runtime._PROGRAMS.clear()
+        out[f"gen{kv_heads}_{a}x{t}"] = run(model, mesh)
+        out[f"bytes{kv_heads}_{a}x{t}"] = shard_bytes(model, mesh)
+        out[f"ops{kv_heads}_{a}x{t}"] = collectives(mesh)
+
+    try:
+      run(tiny(4), sharding.make_mesh(auctions=2, model=3))
+    except ValueError as error:
+      out["refused"] = str(error)
 
     logits = rng.normal(size=(3, 2, 50)) * 2
     sim_bids = rng.exponential(size=(10, 2))
@@ -74,14 +98,50 @@ def eight_devices():
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("shape", MESHES)
-def test_model_axis_meshes_give_one_device_results(eight_devices, shape):
-    tokens, payments = eight_devices["gen_none"]
-    got_tokens, got_payments = eight_devices["gen_{}x{}".format(*shape)]
+CASES = [(4, shape) for shape in MESHES] + [(2, (2, 4))]
+
+
+@pytest.mark.parametrize(("kv_heads", "shape"), CASES)
+def test_model_axis_meshes_give_one_device_results(eight_devices, kv_heads, shape):
+    """Greedy tokens equal to mesh=None's, payments within 1e-5 of the largest (8 query heads; 4 or 2
+    key/value heads, which do not divide by t = 4 and are then replicated)."""
+    tokens, payments = eight_devices[f"gen{kv_heads}_none"]
+    got_tokens, got_payments = eight_devices["gen{}_{}x{}".format(kv_heads, *shape)]
     assert got_tokens == tokens
     largest = np.abs(np.asarray(payments)).max()
     assert largest > 0
     np.testing.assert_allclose(got_payments, payments, rtol=0, atol=1e-5 * largest)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_each_device_holds_its_share_of_the_layers(eight_devices, shape):
+    """With 4 key/value heads and t = 1, 2, 4 every layer weight but the norms splits: a device holds
+    1/t of a layer's bytes (norms excepted); at t = 8 the q|k|v projection is replicated."""
+    t = shape[1]
+    local, total = eight_devices["bytes4_{}x{}".format(*shape)]
+    D, L = 64, 2
+    norms = 2 * D * 4 * L  # two [D] float32 norms per layer, replicated
+    qkv = D * (8 + 2 * 4) * 8 * 4 * L
+    expected = (total - norms) / t + norms if t < 8 else (total - norms - qkv) / t + norms + qkv
+    assert local == expected
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (2, 4)])
+def test_the_model_program_gathers_no_weight(eight_devices, shape):
+    """Megatron's collectives: one all-reduce for the vocabulary-split embedding, two per layer (o_proj
+    and down, in the layer scan's body) of ``[R, 1, D]`` activations, one all-gather of the ``[R, V]``
+    logits; no weight (shape with the layer axis, or D x anything) is gathered."""
+    ops = eight_devices["ops4_{}x{}".format(*shape)]
+    reduces = [shape for op, shape in ops if op == "all-reduce"]
+    gathers = [shape for op, shape in ops if op == "all-gather"]
+    assert len(reduces) == 3 and all(re.match(r"f32\[\d+,1,64\]", s) for s in reduces), ops
+    assert len(gathers) == 1 and re.match(r"f32\[\d+,32\]", gathers[0]), ops
+    assert not [op for op, _ in ops if op not in ("all-reduce", "all-gather")], ops
+
+
+def test_bytes_and_mesh_sizes_of_the_2_kv_head_model(eight_devices):
+    local, total = eight_devices["bytes2_2x4"]
+    assert local < total / 2  # the MLP, o_proj and the vocabulary still split; q|k|v replicated
 
 
 def test_simulation_on_a_model_axis_mesh(eight_devices):
@@ -118,3 +178,12 @@ def test_meshes_with_other_axes_are_refused():
             generate([[3], [4]], [1.0, 1.0], mesh=mesh, model=(tiny_llama(16), TinyTokenizer(16)))
     with pytest.raises(ValueError, match="expected None or a jax.sharding.Mesh"):
         sharding.check_mesh("auctions")
+
+
+def test_a_model_axis_the_heads_do_not_divide_is_refused(eight_devices):
+    assert eight_devices["refused"].startswith(
+        "mesh: the model's 8 query heads do not split over a 'model' axis of 3 devices"
+    )
+    assert "one of [1, 2, 4, 8]" in eight_devices["refused"]
+    with pytest.raises(ValueError, match="query heads do not split"):
+        tiny_llama(16).partition_specs("auctions", "model", 3)

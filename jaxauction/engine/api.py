@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxauction import prompts as prompts_lib
 from jaxauction import sharding
-from jaxauction.engine import chunk, plan, request, runtime
+from jaxauction.engine import chunk, loop, plan, request, runtime
 from jaxauction.engine.loop import DecodeSpec
 
 __all__ = ["GenerationResult", "generate"]
@@ -144,7 +144,7 @@ def generate(prompts, bids=None, *, options=None, key=None, model=None, mesh=Non
     llm, tokenizer = request.validate_model(model)
     budget = keywords.pop("memory_budget", None)
     options, form = _split_options(options, keywords)
-    mesh = request.validate_mesh(mesh)
+    mesh = request.validate_mesh(mesh, llm)
     budget = plan.default_memory_budget() if budget is None else plan.parse_memory_budget(budget)
     if not isinstance(progress, (bool, np.bool_)):
         raise ValueError(f"progress: expected True or False; got {request.describe(progress)}.")
@@ -155,7 +155,7 @@ def generate(prompts, bids=None, *, options=None, key=None, model=None, mesh=Non
     spec = _decode_spec(options, req.n_max, the_plan.token_slots, llm, tokenizer)
     runtime.enable_compilation_cache()
     graphdef, weights = nnx.split(llm)
-    model_parts = (graphdef, sharding.replicate(weights, mesh))
+    model_parts = loop.shard_weights((graphdef, weights), mesh)
     keys = sharding.pad_batch(req.keys, the_plan.chunk_size * the_plan.num_chunks)
     outputs = []
     with runtime.TokenProgress(options.max_new_tokens, the_plan.num_chunks, bool(progress)) as bar:

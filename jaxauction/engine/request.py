@@ -236,10 +236,14 @@ def validate_model(model):
     return llm, tokenizer
 
 
-def validate_mesh(mesh):
+def validate_mesh(mesh, llm: LanguageModel | None = None):
     """None, or a ``jax.sharding.Mesh`` with axes ``("auctions",)`` or ``("auctions", "model")``
-    (:func:`jaxauction.sharding.check_mesh`)."""
-    return sharding.check_mesh(mesh)
+    (:func:`jaxauction.sharding.check_mesh`) whose ``"model"`` axis ``llm`` can split over (its
+    ``partition_specs`` raise the reason otherwise)."""
+    mesh = sharding.check_mesh(mesh)
+    if llm is not None and sharding.model_devices(mesh) > 1:
+        llm.partition_specs(sharding.AXIS, sharding.MODEL_AXIS, sharding.model_devices(mesh))
+    return mesh
 
 
 def validate_rule_output(rule_fn: base.Rule, rows: int, vocab: int, dtype) -> None:

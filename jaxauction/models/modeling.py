@@ -9,8 +9,13 @@ Each layer computes, with ``RMSNorm(x) = w * x / sqrt(mean(x**2) + eps)``::
     h = x + W_o Attention(RoPE(W_q n), RoPE(W_k n), W_v n),   n = RMSNorm_1(x)
     y = h + W_down (silu(W_gate m) * (W_up m)),                 m = RMSNorm_2(h)
 
-with ``W_q|W_k|W_v`` fused into one ``[D, (H + 2K) hd]`` kernel and ``W_gate|W_up`` into one
-``[D, 2F]`` kernel. Logits are ``RMSNorm(x) @ E.T`` with ``E`` the tied embedding or the LM head.
+with ``W_q|W_k|W_v`` fused into one ``[D, (H + 2K) hd]`` kernel laid out per key/value group
+(``[D, K, G + 2, hd]``: each group's ``G`` query heads, then its key head, then its value head;
+:func:`fused_qkv_columns`) and ``W_gate|W_up`` into one ``[D, 2F]`` kernel with gate and up columns
+interleaved (``[D, F, 2]``; :func:`fused_gate_up_columns`): a contiguous split of the columns over
+devices then gives each device whole groups and matching gate/up pairs (tensor parallelism,
+:meth:`Llama.partition_specs`). Logits are ``RMSNorm(x) @ E.T`` with ``E`` the tied embedding or the
+LM head.
 
 With a cache, every layer attends to its cached slots and to the new tokens (one softmax over both);
 the new keys/values are written into the cache once, after the last layer, so a donated cache is
@@ -87,6 +92,27 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x1, x2 = x[..., :half], x[..., half:]
     cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------- fused layouts
+
+
+def fused_qkv_columns(config: LlamaConfig) -> np.ndarray:
+    """``[(H + 2K) hd]`` int: column ``j`` of the fused q|k|v kernel is column ``order[j]`` of the
+    concatenation ``[W_q | W_k | W_v]`` (Hugging Face order). The fused kernel is grouped per key/value
+    head ``[K, G + 2, hd]``: query heads ``k G .. k G + G - 1``, key head ``k``, value head ``k``."""
+    H, K, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    G = H // K
+    heads = np.arange(H).reshape(K, G)
+    blocks = np.concatenate([heads, H + np.arange(K)[:, None], H + K + np.arange(K)[:, None]], axis=1)
+    return (blocks.reshape(-1, 1) * hd + np.arange(hd)).reshape(-1)
+
+
+def fused_gate_up_columns(intermediate_size: int) -> np.ndarray:
+    """``[2F]`` int: column ``j`` of the fused gate|up kernel is column ``order[j]`` of ``[W_gate |
+    W_up]``; gate and up columns alternate (``[F, 2]``)."""
+    F = intermediate_size
+    return np.stack([np.arange(F), F + np.arange(F)], axis=1).reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------- layers
@@ -262,18 +288,18 @@ class Attention(nnx.Module):
         ``qk_norm``, then rotated)."""
         B, T, _ = x.shape
         H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)
-        q = qkv[..., : H * hd].reshape(B, T, H, hd)
-        k = qkv[..., H * hd : (H + K) * hd].reshape(B, T, K, hd)
-        v = qkv[..., (H + K) * hd :].reshape(B, T, K, hd)
+        G = H // K
+        qkv = self.qkv_proj(x).reshape(B, T, K, G + 2, hd)  # per group: G query heads, key, value
+        q, k, v = qkv[..., :G, :].reshape(B, T, H, hd), qkv[..., G, :], qkv[..., G + 1, :]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q.reshape(B, T, K, H // K, hd), k, v
+        return q.reshape(B, T, K, G, hd), k, v
 
 
 class MLP(nnx.Module):
-    """SwiGLU: ``W_down (silu(W_gate x) * W_up x)`` with ``W_gate|W_up`` fused as ``[D, 2F]``."""
+    """SwiGLU: ``W_down (silu(W_gate x) * W_up x)`` with ``W_gate|W_up`` fused as ``[D, 2F]``, gate
+    and up columns alternating (:func:`fused_gate_up_columns`)."""
 
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, quantization=None):
         self.intermediate_size = config.intermediate_size
@@ -282,8 +308,8 @@ class MLP(nnx.Module):
         self.down_proj = linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate_up = self.gate_up_proj(x)
-        gate, up = gate_up[..., : self.intermediate_size], gate_up[..., self.intermediate_size :]
+        gate_up = self.gate_up_proj(x).reshape(*x.shape[:-1], self.intermediate_size, 2)
+        gate, up = gate_up[..., 0], gate_up[..., 1]
         return self.down_proj(jax.nn.silu(gate) * up)
 
 
@@ -588,10 +614,59 @@ class Llama(nnx.Module):
         """Bytes of the model's arrays: parameters, quantized blocks and the derived ``[D, V]`` head copy."""
         return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(nnx.state(self)))
 
-    def partition_specs(self, axis: str) -> tuple[PartitionSpec, KVCache]:
-        """``(weights, cache)`` specs: the weights replicated (``PartitionSpec()``, a prefix of
-        ``nnx.split(self)[1]``), the cache's rows split over mesh axis ``axis``."""
-        return PartitionSpec(), KVCache.partition_specs(axis)
+    def partition_specs(
+        self, axis: str, model_axis: str | None = None, model_size: int = 1
+    ) -> tuple[PartitionSpec | nnx.State, KVCache]:
+        """``(weights, cache)`` specs: the cache's rows split over mesh axis ``axis``; with a
+        ``model_axis`` of ``model_size > 1`` devices the weights (a tree like ``nnx.split(self)[1]``)
+        and the cache's key/value heads split over it as :data:`TENSOR_PARALLEL` says, else the
+        weights replicated (``PartitionSpec()``).
+
+        When ``K`` key/value heads do not divide by ``model_size`` the q|k|v projection and the
+        cache are replicated over ``model_axis`` (every device computes every head; ``o_proj``, the
+        MLP and the vocabulary stay split); a weight axis that does not divide is replicated.
+        Raises ``ValueError`` with the reason when the ``H`` query heads do not divide.
+        """
+        config = self.config
+        if model_axis is None or model_size == 1:
+            return PartitionSpec(), KVCache.partition_specs(axis)
+        if config.num_heads % model_size:
+            sizes = [t for t in range(1, config.num_heads + 1) if config.num_heads % t == 0]
+            raise ValueError(
+                f"mesh: the model's {config.num_heads} query heads do not split over a {model_axis!r} axis of "
+                f"{model_size} devices (tensor parallelism gives each device whole heads); use a {model_axis!r} "
+                f"axis size that divides {config.num_heads}: one of {sizes}."
+            )
+        split_heads = config.num_kv_heads % model_size == 0
+
+        def spec(path, leaf) -> PartitionSpec:
+            names = [key.key for key in path if hasattr(key, "key")]
+            dim = next((d for name, d in TENSOR_PARALLEL.items() if set(name.split("/")) <= set(names)), None)
+            if dim is None or (dim == -2 and names[-1] == "bias") or (not split_heads and "qkv_proj" in names):
+                return PartitionSpec()
+            if leaf.ndim < -dim or leaf.shape[dim] % model_size:
+                return PartitionSpec()
+            entries = [None] * leaf.ndim
+            entries[dim] = model_axis
+            return PartitionSpec(*entries)
+
+        weights = jax.tree_util.tree_map_with_path(spec, nnx.split(self)[1])
+        return weights, KVCache.partition_specs(axis, model_axis if split_heads else None)
+
+
+TENSOR_PARALLEL = {
+    "embedding": -2,  # [V, D] by vocabulary: each device looks up its rows, one all-reduce joins them
+    "lm_head": -2,  # [V, D] by vocabulary
+    "head_transposed": -1,  # [D, V] by vocabulary: logits split by vocabulary, gathered for the auction
+    "attention/qkv_proj": -1,  # [D, K (G + 2) hd] by key/value group (its query heads, key and value)
+    "attention/o_proj": -2,  # [H hd, D] by input rows (head), then an all-reduce XLA inserts
+    "mlp/gate_up_proj": -1,  # [D, F 2] by intermediate column (gate and up pairs)
+    "mlp/down_proj": -2,  # [F, D] by input rows, then an all-reduce
+}
+"""Llama's tensor-parallel layout (Megatron-LM's): the axis of each weight (``"group/name"`` in the
+model's state; from the end, so the layer axis of stacked layers does not count) split over the
+``"model"`` mesh axis. It applies to the kernel and, for a quantized kernel, to its packed codes,
+scales and minima (same axes), and to column-split biases; norms and row-split biases are replicated."""
 
 
 # ---------------------------------------------------------------------------------------- checks
