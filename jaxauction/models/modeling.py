@@ -202,6 +202,12 @@ class Linear(nnx.Module):
         return y if self.bias is None else y + self.bias[...]
 
 
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """The dtype scores and logits are accumulated in: float32, or ``dtype`` if wider (float64). A
+    bfloat16 model's attention scores and logits are never rounded to bfloat16."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def attend(
     q: jax.Array,
     k_new: jax.Array,
@@ -225,16 +231,16 @@ def attend(
     B, T = q.shape[:2]
     if T == 1 and old is not None:
         return _attend_one(q[:, 0], k_new[:, 0], v_new[:, 0], new_mask[:, 0, 0], *old)[:, None]
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_new) * scale
-    scores = jnp.where(new_mask[:, None, None], scores.astype(jnp.float32), _MASK_VALUE)
+    scale, wide = q.shape[-1] ** -0.5, accumulation_dtype(q.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_new, preferred_element_type=wide) * scale
+    scores = jnp.where(new_mask[:, None, None], scores, _MASK_VALUE)
     if old is None:
         weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", weights, v_new)
         return out.reshape(B, T, -1)
     k_old, v_old, old_mask = old
-    old_scores = jnp.einsum("btkgd,bkds->bkgts", q, k_old.astype(q.dtype)) * scale
-    old_scores = jnp.where(old_mask[:, None, None], old_scores.astype(jnp.float32), _MASK_VALUE)
+    old_scores = jnp.einsum("btkgd,bkds->bkgts", q, k_old.astype(q.dtype), preferred_element_type=wide) * scale
+    old_scores = jnp.where(old_mask[:, None, None], old_scores, _MASK_VALUE)
     weights = jax.nn.softmax(jnp.concatenate([old_scores, scores], axis=-1), axis=-1).astype(q.dtype)
     S = v_old.shape[2]
     out = jnp.einsum("bkgts,bksd->btkgd", weights[..., :S], v_old.astype(q.dtype))
@@ -253,11 +259,11 @@ def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Ar
     than broadcast multiply-and-sums, which XLA rewrites into windowed tree reductions for sums of 32
     entries or more (docs/performance.md).
     """
-    scale = q.shape[-1] ** -0.5
-    old_scores = jnp.einsum("bkgd,bkds->bkgs", q, k_old.astype(q.dtype)) * scale
-    old_scores = jnp.where(old_mask[:, 0, None, None, :], old_scores.astype(jnp.float32), _MASK_VALUE)
-    self_scores = jnp.sum(q * k_new[:, :, None, :], axis=-1) * scale  # [B, K, G]
-    self_scores = jnp.where(self_allowed[:, None, None], self_scores.astype(jnp.float32), _MASK_VALUE)
+    scale, wide = q.shape[-1] ** -0.5, accumulation_dtype(q.dtype)
+    old_scores = jnp.einsum("bkgd,bkds->bkgs", q, k_old.astype(q.dtype), preferred_element_type=wide) * scale
+    old_scores = jnp.where(old_mask[:, 0, None, None, :], old_scores, _MASK_VALUE)
+    self_scores = jnp.sum(q.astype(wide) * k_new[:, :, None, :].astype(wide), axis=-1) * scale
+    self_scores = jnp.where(self_allowed[:, None, None], self_scores, _MASK_VALUE)  # [B, K, G]
     peak = jnp.maximum(old_scores.max(axis=-1), self_scores)
     old_weights = jnp.exp(old_scores - peak[..., None])
     self_weights = jnp.exp(self_scores - peak)
@@ -429,12 +435,14 @@ class Llama(nnx.Module):
         return jnp.take(self.embedding[...], token_ids, axis=0)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """``[..., D]`` -> ``[..., V]``: final RMSNorm, then ``hidden @ head.T`` (head: the tied embedding or
-        the LM head, ``[V, D]``), computed with its ``[D, V]`` copy ``head_transposed``: on XLA:CPU (2-core
-        x86, V = 49152, D = 576) the product with the transposed ``[V, D]`` operand measured 2-3x slower
+        """``[..., D]`` -> ``[..., V]`` float32 (float64 for a float64 model): final RMSNorm, then
+        ``hidden @ head.T`` (head: the tied embedding or the LM head, ``[V, D]``) accumulated in float32
+        whatever the model's dtype (the logits feed the mechanism, which runs in float32), computed
+        with its ``[D, V]`` copy ``head_transposed``: on XLA:CPU (2-core x86, V = 49152, D = 576) the product with the transposed ``[V, D]`` operand measured 2-3x slower
         from 8 to 256 rows (24 against 10 ms at 8 rows) and 18-30x slower at 2 and 4 rows.
         """
-        return jnp.dot(self.final_norm(hidden), self.head_transposed[...])
+        head = self.head_transposed[...]
+        return jnp.dot(self.final_norm(hidden), head, preferred_element_type=accumulation_dtype(head.dtype))
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         """An empty ``KVCache`` for ``batch_size`` rows of up to ``max_length`` tokens (model dtype by default)."""
