@@ -24,7 +24,7 @@ MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
 
 SCRIPT = textwrap.dedent(r"""
     import json, re, sys
-    import jax, numpy as np
+    import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from jaxauction import sharding, simulation
     from jaxauction.engine import generate, loop, runtime
@@ -38,11 +38,11 @@ SCRIPT = textwrap.dedent(r"""
       def __len__(self): return 32
       def decode(self, ids, skip_special_tokens=True): return " ".join(map(str, ids))
 
-    def tiny(kv_heads):
+    def tiny(kv_heads, dtype=jnp.float32):
       config = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=8,
                            num_kv_heads=kv_heads, head_dim=8, max_position_embeddings=64, eos_token_ids=(1,),
                            pad_token_id=0)
-      return Llama(config, rngs=nnx.Rngs(kv_heads)), Tok()
+      return Llama(config, dtype=dtype, rngs=nnx.Rngs(kv_heads)), Tok()
 
     rng = np.random.default_rng(0)
     bids = rng.exponential(size=(6, 2))
@@ -75,6 +75,9 @@ SCRIPT = textwrap.dedent(r"""
         out[f"gen{kv_heads}_{a}x{t}"] = run(model, mesh)
         out[f"bytes{kv_heads}_{a}x{t}"] = shard_bytes(model, mesh)
         out[f"ops{kv_heads}_{a}x{t}"] = collectives(mesh)
+
+    half = tiny(4, jnp.bfloat16)
+    out["half_none"], out["half_4x2"] = run(half, None), run(half, sharding.make_mesh(auctions=4, model=2))
 
     try:
       run(tiny(4), sharding.make_mesh(auctions=2, model=3))
@@ -142,6 +145,18 @@ def test_the_model_program_gathers_no_weight(eight_devices, shape):
 def test_bytes_and_mesh_sizes_of_the_2_kv_head_model(eight_devices):
     local, total = eight_devices["bytes2_2x4"]
     assert local < total / 2  # the MLP, o_proj and the vocabulary still split; q|k|v replicated
+
+
+def test_bfloat16_model_split_over_the_model_axis(eight_devices):
+    """A bfloat16 model on (4, 2): its projections accumulate and all-reduce in float32 and round
+    once, so only the float32 summation order differs from one device: the same greedy tokens and
+    payments within 1% of the largest (measured 0.5%; summing bfloat16 partial products instead
+    changed tokens)."""
+    tokens, payments = eight_devices["half_none"]
+    got_tokens, got_payments = eight_devices["half_4x2"]
+    assert got_tokens == tokens
+    largest = np.abs(np.asarray(payments)).max()
+    np.testing.assert_allclose(got_payments, payments, rtol=0, atol=1e-2 * largest)
 
 
 def test_simulation_on_a_model_axis_mesh(eight_devices):

@@ -118,6 +118,12 @@ def fused_gate_up_columns(intermediate_size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- layers
 
 
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """The dtype scores and logits are accumulated in: float32, or ``dtype`` if wider (float64). A
+    bfloat16 model's attention scores and logits are never rounded to bfloat16."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 class DerivedWeight(nnx.Variable):
     """An array computed from parameters (not a parameter itself: never exported or counted)."""
 
@@ -198,14 +204,9 @@ class Linear(nnx.Module):
         return dequantize_q4_1(self.packed[...], self.scale[...], self.minimum[...], self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x, self.weight())
+        # Accumulated (and, split over devices, summed) in float32 or wider, rounded once to x's dtype.
+        y = jnp.dot(x, self.weight(), preferred_element_type=accumulation_dtype(x.dtype)).astype(x.dtype)
         return y if self.bias is None else y + self.bias[...]
-
-
-def accumulation_dtype(dtype) -> jnp.dtype:
-    """The dtype scores and logits are accumulated in: float32, or ``dtype`` if wider (float64). A
-    bfloat16 model's attention scores and logits are never rounded to bfloat16."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def attend(
