@@ -202,3 +202,77 @@ def test_a_model_axis_the_heads_do_not_divide_is_refused(eight_devices):
     assert "one of [1, 2, 4, 8]" in eight_devices["refused"]
     with pytest.raises(ValueError, match="query heads do not split"):
         tiny_llama(16).partition_specs("auctions", "model", 3)
+
+
+def _config(kv_heads=4):
+    from jaxauction.models import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=32,
+        hidden_size=64,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=kv_heads,
+        head_dim=8,
+        max_position_embeddings=64,
+        eos_token_ids=(1,),
+        pad_token_id=0,
+        qkv_bias=True,
+        out_bias=True,
+    )
+
+
+def test_the_tensor_parallel_specs_of_each_weight():
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+
+    from jaxauction.models import KVCache, Llama
+
+    model = Llama(_config(), rngs=nnx.Rngs(0))
+    specs, cache = model.partition_specs("auctions", "model", 2)
+    attention, mlp = specs["layers"]["attention"], specs["layers"]["mlp"]
+    assert attention["qkv_proj"]["kernel"].get_value() == P(None, None, "model")  # [L, D, K (G + 2) hd] by group
+    assert attention["qkv_proj"]["bias"].get_value() == P(None, "model")
+    assert attention["o_proj"]["kernel"].get_value() == P(None, "model", None)  # [L, H hd, D] by input rows
+    assert attention["o_proj"]["bias"].get_value() == P()
+    assert mlp["gate_up_proj"]["kernel"].get_value() == P(None, None, "model")
+    assert mlp["down_proj"]["kernel"].get_value() == P(None, "model", None)
+    assert specs["embedding"].get_value() == P("model", None) and specs["head_transposed"].get_value() == P(
+        None, "model"
+    )
+    assert (
+        specs["final_norm"]["weight"].get_value() == P() and specs["layers"]["input_norm"]["weight"].get_value() == P()
+    )
+    assert cache.k == P(None, "auctions", "model") and cache.valid == P("auctions")
+    # 2 key/value heads over t = 4: q|k|v and the cache replicated over "model", the rest split.
+    specs, cache = Llama(_config(2), rngs=nnx.Rngs(0)).partition_specs("auctions", "model", 4)
+    assert specs["layers"]["attention"]["qkv_proj"]["kernel"].get_value() == P()
+    assert specs["layers"]["attention"]["o_proj"]["kernel"].get_value() == P(None, "model", None)
+    assert cache == KVCache.partition_specs("auctions")
+
+
+def test_quantized_kernels_split_their_blocks_or_replicate_them():
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+
+    from jaxauction.models import Llama
+
+    model = Llama(_config(), rngs=nnx.Rngs(0), quantization="q4_1")
+    for t, scale in ((2, P(None, "model", None)), (4, P())):  # o_proj's 64 input rows are 2 blocks of 32
+        o_proj = model.partition_specs("auctions", "model", t)[0]["layers"]["attention"]["o_proj"]
+        assert o_proj["packed"].get_value() == P(None, "model", None)
+        assert o_proj["scale"].get_value() == o_proj["minimum"].get_value() == scale
+
+
+def test_fused_layouts_against_a_loop():
+    from jaxauction.models import modeling
+
+    config = _config(2)  # H = 8, K = 2, G = 4, hd = 8
+    H, K, hd = 8, 2, 8
+    expected = []
+    for k in range(K):
+        heads = [k * 4 + g for g in range(4)] + [H + k, H + K + k]  # in [q | k | v] head units
+        expected += [h * hd + i for h in heads for i in range(hd)]
+    np.testing.assert_array_equal(modeling.fused_qkv_columns(config), expected)
+    np.testing.assert_array_equal(modeling.fused_gate_up_columns(3), [0, 3, 1, 4, 2, 5])
