@@ -62,7 +62,11 @@ def make_mesh(auctions: int | None = None, model: int = 1, *, devices: Sequence[
 
 def check_mesh(mesh, argument: str = "mesh") -> Mesh | None:
     """``mesh`` if it is None or a ``jax.sharding.Mesh`` whose axes are ``("auctions",)`` or
-    ``("auctions", "model")``; else ``ValueError`` naming the axes and the fix."""
+    ``("auctions", "model")``; else ``ValueError`` naming the axes and the fix.
+
+    A mesh whose axes are not ``Auto`` (``jax.make_mesh`` makes them ``Explicit`` by default) comes
+    back as the same devices and names with ``Auto`` axes: the engine places arrays itself and lets
+    XLA's partitioner propagate the model's shardings."""
     if mesh is None:
         return None
     fix = (
@@ -79,6 +83,8 @@ def check_mesh(mesh, argument: str = "mesh") -> Mesh | None:
             f"{argument}: expected a mesh with axes ({AXIS!r},) or ({AXIS!r}, {MODEL_AXIS!r}); got axes "
             f"{tuple(mesh.axis_names)} of sizes {tuple(mesh.devices.shape)}. Fix: {fix}."
         )
+    if any(kind != jax.sharding.AxisType.Auto for kind in mesh.axis_types):
+        return Mesh(mesh.devices, mesh.axis_names)
     return mesh
 
 

@@ -77,7 +77,8 @@ SCRIPT = textwrap.dedent(r"""
         out[f"ops{kv_heads}_{a}x{t}"] = collectives(mesh)
 
     half = tiny(4, jnp.bfloat16)
-    out["half_none"], out["half_4x2"] = run(half, None), run(half, sharding.make_mesh(auctions=4, model=2))
+    out["half_none"] = run(half, None)
+    out["half_4x2"] = run(half, jax.make_mesh((4, 2), ("auctions", "model")))  # Explicit axes
 
     try:
       run(tiny(4), sharding.make_mesh(auctions=2, model=3))
@@ -148,7 +149,7 @@ def test_bytes_and_mesh_sizes_of_the_2_kv_head_model(eight_devices):
 
 
 def test_bfloat16_model_split_over_the_model_axis(eight_devices):
-    """A bfloat16 model on (4, 2): its projections accumulate and all-reduce in float32 and round
+    """A bfloat16 model on (4, 2) (a ``jax.make_mesh`` mesh, Explicit axes): its projections accumulate and all-reduce in float32 and round
     once, so only the float32 summation order differs from one device: the same greedy tokens and
     payments within 1% of the largest (measured 0.5%; summing bfloat16 partial products instead
     changed tokens)."""
@@ -276,3 +277,16 @@ def test_fused_layouts_against_a_loop():
         expected += [h * hd + i for h in heads for i in range(hd)]
     np.testing.assert_array_equal(modeling.fused_qkv_columns(config), expected)
     np.testing.assert_array_equal(modeling.fused_gate_up_columns(3), [0, 3, 1, 4, 2, 5])
+
+
+def test_explicit_meshes_are_used_with_auto_axes():
+    """``jax.make_mesh`` makes Explicit axes by default (where a gather on a split axis needs an
+    ``out_sharding``: generate and simulate failed on one of (4, 2)): the same devices with Auto axes."""
+    from jax.sharding import AxisType
+
+    explicit = jax.make_mesh((1, 1), ("auctions", "model"), axis_types=(AxisType.Explicit,) * 2)
+    mesh = sharding.check_mesh(explicit)
+    assert mesh.axis_types == (AxisType.Auto, AxisType.Auto) and mesh.axis_names == explicit.axis_names
+    assert np.array_equal(mesh.devices, explicit.devices)
+    auto = sharding.make_mesh(auctions=1)
+    assert sharding.check_mesh(auto) is auto
