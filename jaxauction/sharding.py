@@ -1,9 +1,11 @@
-"""Sharding the auction batch axis over devices with ``jax.sharding``.
+"""Sharding the auction batch axis (and a model's weights) over devices with ``jax.sharding``.
 
-Auctions are independent, so the batch axis is split over a one-dimensional device mesh (axis name
-``"auctions"``) and everything else (model weights, shared agent distributions) is replicated. The
-same code runs on one CPU, one GPU or many accelerators: with one device the mesh has one entry and
-sharding is a no-op. On several hosts (TPU pods, GPU clusters) call ``jax.distributed.initialize()``
+Auctions are independent, so the batch axis is split over the mesh axis ``"auctions"``; an optional
+second axis ``"model"`` splits each model's weights and cache heads (tensor parallelism, declared by
+the model's ``partition_specs``), everything else (shared agent distributions) is replicated.
+:func:`make_mesh` builds such a mesh and :func:`check_mesh` is the one check every entry point that
+takes a mesh applies. The same code runs on one CPU, one GPU or many accelerators: with one device the
+mesh has one entry and sharding is a no-op. On several hosts (TPU pods, GPU clusters) call ``jax.distributed.initialize()``
 first on every host; ``jax.devices()`` then lists every host's devices and :func:`auction_mesh`
 spans them all (each host feeds and reads its own shards, see the README).
 """
@@ -18,6 +20,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "auctions"
+"""The mesh axis the auctions (and their cache rows) are split over."""
+MODEL_AXIS = "model"
+"""The mesh axis a model's weights are split over (tensor parallelism)."""
 
 
 def auction_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -26,6 +31,71 @@ def auction_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     if not devices:
         raise ValueError("devices: expected at least one device; got an empty list.")
     return Mesh(np.asarray(devices), (AXIS,))
+
+
+def make_mesh(auctions: int | None = None, model: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh of ``auctions x model`` devices with axes ``("auctions", "model")``.
+
+    Args:
+      auctions: devices the auctions are split over (default: all the devices ``model`` leaves).
+      model: devices each model is split over (tensor parallelism; 1 replicates the weights).
+      devices: the devices to use, the first ``auctions * model`` of them (default ``jax.devices()``).
+    Raises ``ValueError`` naming the fix when the sizes are not positive integers or need more devices
+    than given.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    for name, size in (("auctions", auctions), ("model", model)):
+        if size is None and name == "auctions":
+            continue
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"{name}: expected a positive integer (devices along the {name!r} axis); got {size!r}.")
+    if auctions is None:
+        auctions = max(1, len(devices) // model)
+    if auctions * model > len(devices):
+        raise ValueError(
+            f"make_mesh: auctions * model = {auctions} * {model} = {auctions * model} devices, but only "
+            f"{len(devices)} are given; choose sizes whose product is at most {len(devices)}."
+        )
+    grid = np.asarray(devices[: auctions * model], dtype=object).reshape(auctions, model)
+    return Mesh(grid, (AXIS, MODEL_AXIS))
+
+
+def check_mesh(mesh, argument: str = "mesh") -> Mesh | None:
+    """``mesh`` if it is None or a ``jax.sharding.Mesh`` whose axes are ``("auctions",)`` or
+    ``("auctions", "model")``; else ``ValueError`` naming the axes and the fix.
+
+    A mesh whose axes are not ``Auto`` (``jax.make_mesh`` makes them ``Explicit`` by default) comes
+    back as the same devices and names with ``Auto`` axes: the engine places arrays itself and lets
+    XLA's partitioner propagate the model's shardings."""
+    if mesh is None:
+        return None
+    fix = (
+        f"build one with jaxauction.sharding.make_mesh(auctions=a, model=t) (axes {AXIS!r}, {MODEL_AXIS!r}) "
+        "or jaxauction.sharding.auction_mesh()"
+    )
+    if not isinstance(mesh, Mesh):
+        text = repr(mesh)
+        raise ValueError(
+            f"{argument}: expected None or a jax.sharding.Mesh; got {type(mesh).__name__} {text[:60]}. Fix: {fix}."
+        )
+    if tuple(mesh.axis_names) not in ((AXIS,), (AXIS, MODEL_AXIS)):
+        raise ValueError(
+            f"{argument}: expected a mesh with axes ({AXIS!r},) or ({AXIS!r}, {MODEL_AXIS!r}); got axes "
+            f"{tuple(mesh.axis_names)} of sizes {tuple(mesh.devices.shape)}. Fix: {fix}."
+        )
+    if any(kind != jax.sharding.AxisType.Auto for kind in mesh.axis_types):
+        return Mesh(mesh.devices, mesh.axis_names)
+    return mesh
+
+
+def auction_devices(mesh: Mesh | None) -> int:
+    """Devices along the ``"auctions"`` axis (1 without a mesh): each holds ``1 / a`` of the auctions."""
+    return 1 if mesh is None else int(mesh.shape[AXIS])
+
+
+def model_devices(mesh: Mesh | None) -> int:
+    """Devices along the ``"model"`` axis (1 without a mesh or without that axis)."""
+    return 1 if mesh is None else int(dict(mesh.shape).get(MODEL_AXIS, 1))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
@@ -41,8 +111,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def padded_size(size: int, mesh: Mesh | None) -> int:
-    """``size`` rounded up to a multiple of the number of devices in ``mesh``."""
-    devices = 1 if mesh is None else mesh.size
+    """``size`` rounded up to a multiple of the devices along ``mesh``'s ``"auctions"`` axis."""
+    devices = auction_devices(mesh)
     return -(-size // devices) * devices
 
 
@@ -60,17 +130,18 @@ def pad_batch(x, size: int, axis: int = 0):
 
 
 def shard_batch(x, mesh: Mesh | None, axis: int = 0):
-    """Places ``x`` with its ``axis`` split over ``mesh`` (unchanged when ``mesh`` is None).
+    """Places ``x`` with its ``axis`` split over ``mesh``'s ``"auctions"`` axis (replicated over
+    ``"model"``; unchanged when ``mesh`` is None).
 
     Raises ``ValueError`` naming the fix when the batch does not divide evenly (pad it first with
     :func:`pad_batch` and :func:`padded_size`).
     """
     if mesh is None:
         return x
-    if x.shape[axis] % mesh.size:
+    if x.shape[axis] % auction_devices(mesh):
         raise ValueError(
-            f"shard_batch: axis {axis} of shape {x.shape} does not divide over "
-            f"{mesh.size} devices; pad it to padded_size({x.shape[axis]}, mesh) first."
+            f"shard_batch: axis {axis} of shape {x.shape} does not divide over the "
+            f"{auction_devices(mesh)} devices of the {AXIS!r} axis; pad it to padded_size({x.shape[axis]}, mesh) first."
         )
     return jax.device_put(x, batch_sharding(mesh, x.ndim, axis))
 

@@ -98,7 +98,8 @@ def simulate(
       payment: ``"second_price"``, ``"kl"`` or ``None``.
       chunk_size: auctions per compiled step (a multiple of the device count is used); bounds memory
         to about ``chunk_size * n * V`` floats plus the payments' working set.
-      mesh: optional mesh from :func:`jaxauction.sharding.auction_mesh`; each chunk is split over it.
+      mesh: optional mesh from :func:`jaxauction.sharding.make_mesh` or :func:`~jaxauction.sharding.auction_mesh`;
+        each chunk is split over its ``"auctions"`` axis (replicated over a ``"model"`` axis).
       progress: show a progress bar over the chunks.
       quadrature: the payments' integration rule (see :class:`jaxauction.payments.Quadrature`).
 
@@ -107,7 +108,7 @@ def simulate(
       (an agent with no allowed token); bids of the wrong shape, with no auctions (``A = 0``), or
       negative/non-finite; an ``index`` that is not integer-typed (floats are refused, not truncated) or
       out of ``[0, K)``; a ``chunk_size`` that is not a positive int; a ``mesh`` that is not a
-      ``jax.sharding.Mesh``.
+      ``jax.sharding.Mesh`` with axes ``("auctions",)`` or ``("auctions", "model")``.
     """
     spec = mechanism.MechanismSpec.create(rule=rule, payment=payment)  # the one validator, before any work
     rule, payment = _rule_with_valuation(spec.rule), spec.payment
@@ -129,11 +130,7 @@ def simulate(
     index = _check_index(index, len(bids), num_sets)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {type(chunk_size).__name__} {chunk_size!r}.")
-    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-        raise ValueError(
-            f"mesh: expected None or a jax.sharding.Mesh (e.g. jaxauction.sharding.auction_mesh()), got "
-            f"{type(mesh).__name__} {mesh!r:.60}."
-        )
+    mesh = sharding.check_mesh(mesh)
 
     dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     chunk = sharding.padded_size(min(chunk_size, len(bids)), mesh)

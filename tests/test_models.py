@@ -120,8 +120,9 @@ def test_parity_breaks_without_qk_unpermutation(smollm):
     weights = float_weights(model)
     stacked = np.asarray(weights["layers"]["attention"]["qkv_proj"]["kernel"])  # [L, in, out]
     permuted = []
+    columns = jm.modeling.fused_qkv_columns(config)  # the fused kernel's columns in [q | k | v] rows
     for i in range(config.num_layers):
-        kernel = stacked[i].T  # [out, in]
+        kernel = stacked[i].T[np.argsort(columns)]  # [out, in], [q | k | v] order
         kernel = np.concatenate(
             [
                 _reference_permute(kernel[: H * hd], H),
@@ -129,7 +130,7 @@ def test_parity_breaks_without_qk_unpermutation(smollm):
                 kernel[(H + K) * hd :],
             ]
         )
-        permuted.append(kernel.T)
+        permuted.append(kernel[columns].T)
     weights["layers"]["attention"]["qkv_proj"]["kernel"] = jnp.asarray(np.stack(permuted))
     graphdef, broken = nnx.split(nnx.eval_shape(lambda: jm.Llama(config, rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(broken, weights)

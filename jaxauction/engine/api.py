@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxauction import prompts as prompts_lib
 from jaxauction import sharding
-from jaxauction.engine import chunk, plan, request, runtime
+from jaxauction.engine import chunk, loop, plan, request, runtime
 from jaxauction.engine.loop import DecodeSpec
 from jaxauction.mechanism import describe
 
@@ -122,9 +122,11 @@ def generate(prompts, bids=None, *, options=None, key=None, model=None, mesh=Non
         batch gives what each auction gives alone with its key). Default ``jax.random.key(0)``.
       model: ``(model, tokenizer)`` from :func:`jaxauction.models.load`; ``None`` uses the bundled
         SmolLM2-135M-Instruct, loaded once per process.
-      mesh: optional ``jax.sharding.Mesh`` from :func:`jaxauction.sharding.auction_mesh`: the auctions
-        are split over its devices (the batch is padded to a multiple of the device count and the
-        padding sliced off) and the model is replicated; the result equals the unsharded one.
+      mesh: optional ``jax.sharding.Mesh`` from :func:`jaxauction.sharding.make_mesh` (axes
+        ``"auctions"`` and ``"model"``) or :func:`~jaxauction.sharding.auction_mesh` (``"auctions"``
+        only): the auctions are split over the ``"auctions"`` axis (the batch is padded to a multiple
+        of its size and the padding sliced off) and the model over the ``"model"`` axis as its
+        ``partition_specs`` declare; the result equals the unsharded one. Other axes are refused.
       progress: show one progress bar over the generated tokens of the whole batch (all chunks).
 
     Keywords: the fields of :class:`GenerateOptions` (``rule``, ``payment``, ``decoding``,
@@ -144,18 +146,18 @@ def generate(prompts, bids=None, *, options=None, key=None, model=None, mesh=Non
     llm, tokenizer = request.validate_model(model)
     budget = keywords.pop("memory_budget", None)
     options, form = _split_options(options, keywords)
-    mesh = request.validate_mesh(mesh)
+    mesh = request.validate_mesh(mesh, llm)
     budget = plan.default_memory_budget() if budget is None else plan.parse_memory_budget(budget)
     if not isinstance(progress, (bool, np.bool_)):
         raise ValueError(f"progress: expected True or False; got {describe(progress)}.")
     req = request.encode_request(
         prompts, bids, **form, key=key, tokenizer=tokenizer, options=options, vocab=llm.config.vocab_size
     )
-    the_plan = plan.make_plan(req, llm, options, budget, 1 if mesh is None else mesh.size)
+    the_plan = plan.make_plan(req, llm, options, budget, sharding.auction_devices(mesh))
     spec = _decode_spec(options, req.n_max, the_plan.token_slots, llm, tokenizer)
     runtime.enable_compilation_cache()
     graphdef, weights = nnx.split(llm)
-    model_parts = (graphdef, sharding.replicate(weights, mesh))
+    model_parts = loop.shard_weights((graphdef, weights), mesh)
     keys = sharding.pad_batch(req.keys, the_plan.chunk_size * the_plan.num_chunks)
     outputs = []
     with runtime.TokenProgress(options.max_new_tokens, the_plan.num_chunks, bool(progress)) as bar:

@@ -52,8 +52,8 @@ def _prefilled(model, layout: ChunkLayout, plan: Plan, gather: np.ndarray, pad_i
 def run_chunk(model, layout: ChunkLayout, keys, plan: Plan, spec: loop.DecodeSpec, *, mesh, temperature, progress):
     """Decodes one chunk's auctions (``keys: [C]``); returns its :class:`ChunkOutput` (host arrays).
 
-    ``model`` is ``(graphdef, weights)`` (replicated over ``mesh`` if given); each device holds its
-    share of the auctions and ``plan.num_rows`` cache rows, at least any device's count of real slots,
+    ``model`` is ``(graphdef, weights)`` (placed on ``mesh`` by :func:`loop.shard_weights` if given);
+    each device along the mesh's ``"auctions"`` axis holds its share of the auctions and ``plan.num_rows`` cache rows, at least any device's count of real slots,
     which no step can exceed. Both counts are the batch's, so every chunk runs the same programs.
     """
     dtype = _validation.default_float_dtype()

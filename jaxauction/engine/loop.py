@@ -193,16 +193,32 @@ def _rows_program(num_rows, mesh, slot_rows, token, live):
 def _model_program(graphdef, capacity, mesh, weights, cache, rows):
     if mesh is None:
         return model_step(graphdef, capacity, weights, cache, rows)
+    # Manual over "auctions" only: a "model" axis stays automatic, so XLA partitions the model over it
+    # from its weights' and cache's shardings and inserts the collectives.
+    # The logits (split by vocabulary under a "model" axis) are gathered for the auction program, and
+    # the cache keeps the layout it came with (the next step's program was compiled for it).
     split = PartitionSpec(sharding.AXIS)
-    weight_specs, cache_specs = nnx.merge(graphdef, weights).partition_specs(sharding.AXIS)
+    cache_specs = model_specs((graphdef, weights), mesh)[1]
     body = jax.shard_map(
         lambda w, c, r: model_step(graphdef, capacity, w, c, r),
         mesh=mesh,
-        in_specs=(weight_specs, cache_specs, split),
-        out_specs=(split, cache_specs),
+        in_specs=(PartitionSpec(), _auction_only(cache_specs), split),
+        out_specs=(split, _auction_only(cache_specs)),
+        axis_names={sharding.AXIS},
         check_vma=False,
     )
-    return body(weights, cache, rows)
+    logits, cache = body(weights, cache, rows)
+    return jax.lax.with_sharding_constraint((logits, cache), _shardings((split, cache_specs), mesh))
+
+
+def _auction_only(specs):
+    """``specs`` (a tree of ``PartitionSpec``) with every mesh axis but ``"auctions"`` dropped: the
+    specs of ``shard_map``'s manual axis (the weights are never split over ``"auctions"``)."""
+
+    def keep(spec):
+        return PartitionSpec(*(name if name == sharding.AXIS else None for name in spec))
+
+    return jax.tree.map(keep, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def prefill(graphdef, weights, cache: RowCache, prompt_arrays: tuple):
@@ -211,13 +227,39 @@ def prefill(graphdef, weights, cache: RowCache, prompt_arrays: tuple):
     return runtime.compiled(prefill_body, (graphdef,), args)(*args)
 
 
+def model_specs(model: tuple, mesh) -> tuple:
+    """``(weights, cache)`` partition specs of ``model = (graphdef, weights)`` on ``mesh``: the cache
+    rows over ``"auctions"``, the model split over a ``"model"`` axis as it declares
+    (:meth:`~jaxauction.models.base.LanguageModel.partition_specs`; ValueError if it cannot)."""
+    llm = nnx.merge(*model)
+    if sharding.model_devices(mesh) == 1:
+        return llm.partition_specs(sharding.AXIS)
+    return llm.partition_specs(sharding.AXIS, sharding.MODEL_AXIS, sharding.model_devices(mesh))
+
+
+def _shardings(specs, mesh):
+    """The ``NamedSharding`` tree of a ``PartitionSpec`` tree on ``mesh``."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _place(tree, specs, mesh):
+    return jax.device_put(tree, _shardings(specs, mesh))
+
+
+def shard_weights(model: tuple, mesh) -> tuple:
+    """``model = (graphdef, weights)`` with its weights placed on ``mesh`` as the model's partition
+    specs say: replicated, or split over a ``"model"`` axis (unchanged without a mesh)."""
+    if mesh is None:
+        return model
+    return model[0], _place(model[1], model_specs(model, mesh)[0], mesh)
+
+
 def shard_cache(model: tuple, cache: RowCache, mesh) -> RowCache:
-    """The cache with its rows split over ``mesh`` as the model's partition specs say (unchanged
-    without a mesh); ``model`` is ``(graphdef, weights)``."""
+    """The cache with its rows split over ``mesh`` (and its heads over a ``"model"`` axis) as the
+    model's partition specs say (unchanged without a mesh); ``model`` is ``(graphdef, weights)``."""
     if mesh is None:
         return cache
-    _, specs = nnx.merge(*model).partition_specs(sharding.AXIS)
-    return jax.device_put(cache, jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs))
+    return _place(cache, model_specs(model, mesh)[1], mesh)
 
 
 def decode(
@@ -241,7 +283,7 @@ def decode(
         raise ValueError(f"max_new_tokens: expected 1 to spec.token_slots = {spec.token_slots}; got {max_new_tokens}.")
     graphdef, weights = model
     mesh, progress = context
-    num_rows = cache.batch_size if mesh is None else cache.batch_size // mesh.size
+    num_rows = cache.batch_size // sharding.auction_devices(mesh)
     capacities = row_capacities(num_rows)
     auction = runtime.compiled(_auction_program, (spec, mesh), (state, logits, inputs), donate=(0,))
     rows_program = None

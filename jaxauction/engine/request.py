@@ -202,15 +202,13 @@ def validate_model(model):
     return llm, tokenizer
 
 
-def validate_mesh(mesh):
-    """None, or a ``jax.sharding.Mesh`` with the auction axis."""
-    if mesh is None:
-        return None
-    if not isinstance(mesh, jax.sharding.Mesh) or sharding.AXIS not in mesh.axis_names:
-        raise ValueError(
-            f"mesh: expected None or a jax.sharding.Mesh with an {sharding.AXIS!r} axis, e.g. "
-            f"jaxauction.sharding.auction_mesh() or auction_mesh(jax.devices()[:4]); got {describe(mesh)}."
-        )
+def validate_mesh(mesh, llm: LanguageModel | None = None):
+    """None, or a ``jax.sharding.Mesh`` with axes ``("auctions",)`` or ``("auctions", "model")``
+    (:func:`jaxauction.sharding.check_mesh`) whose ``"model"`` axis ``llm`` can split over (its
+    ``partition_specs`` raise the reason otherwise)."""
+    mesh = sharding.check_mesh(mesh)
+    if llm is not None and sharding.model_devices(mesh) > 1:
+        llm.partition_specs(sharding.AXIS, sharding.MODEL_AXIS, sharding.model_devices(mesh))
     return mesh
 
 

@@ -109,10 +109,12 @@ class LanguageModel(Protocol):
           cache, so a donated cache is updated in place.
         """
 
-    def partition_specs(self, axis: str) -> tuple[Any, Any]:
+    def partition_specs(self, axis: str, model_axis: str | None = None, model_size: int = 1) -> tuple[Any, Any]:
         """``(weights, cache)``: ``PartitionSpec`` trees (or prefixes of them) for the model's split
-        weights (``nnx.split(model)[1]``) and for its cache with the rows split over mesh axis
-        ``axis``. Today the weights are replicated (``PartitionSpec()``)."""
+        weights (``nnx.split(model)[1]``) and for its cache, with the cache rows split over mesh axis
+        ``axis`` (never the weights) and, given ``model_axis`` of ``model_size`` devices, the model
+        split over it as it chooses (tensor parallelism; the partitioner inserts the collectives).
+        Raises ``ValueError`` with the reason when the model cannot split over ``model_size``."""
 
 
 def missing_members(model: object) -> list[str]:

@@ -101,10 +101,12 @@ class KVCache:
         )
 
     @staticmethod
-    def partition_specs(axis: str) -> KVCache:
-        """The cache's ``PartitionSpec`` tree with its rows split over mesh axis ``axis`` (for
+    def partition_specs(axis: str, heads: str | None = None) -> KVCache:
+        """The cache's ``PartitionSpec`` tree with its rows split over mesh axis ``axis`` and, if
+        ``heads`` is given, its key/value heads over mesh axis ``heads`` (for
         ``shard_map``/``NamedSharding``); ``index`` is replicated."""
-        rows, leading = PartitionSpec(None, axis), PartitionSpec(axis)
+        rows = PartitionSpec(None, axis) if heads is None else PartitionSpec(None, axis, heads)
+        leading = PartitionSpec(axis)
         return KVCache(k=rows, v=rows, valid=leading, positions=leading, index=PartitionSpec())
 
 

@@ -9,8 +9,13 @@ Each layer computes, with ``RMSNorm(x) = w * x / sqrt(mean(x**2) + eps)``::
     h = x + W_o Attention(RoPE(W_q n), RoPE(W_k n), W_v n),   n = RMSNorm_1(x)
     y = h + W_down (silu(W_gate m) * (W_up m)),                 m = RMSNorm_2(h)
 
-with ``W_q|W_k|W_v`` fused into one ``[D, (H + 2K) hd]`` kernel and ``W_gate|W_up`` into one
-``[D, 2F]`` kernel. Logits are ``RMSNorm(x) @ E.T`` with ``E`` the tied embedding or the LM head.
+with ``W_q|W_k|W_v`` fused into one ``[D, (H + 2K) hd]`` kernel laid out per key/value group
+(``[D, K, G + 2, hd]``: each group's ``G`` query heads, then its key head, then its value head;
+:func:`fused_qkv_columns`) and ``W_gate|W_up`` into one ``[D, 2F]`` kernel with gate and up columns
+interleaved (``[D, F, 2]``; :func:`fused_gate_up_columns`): a contiguous split of the columns over
+devices then gives each device whole groups and matching gate/up pairs (tensor parallelism,
+:meth:`Llama.partition_specs`). Logits are ``RMSNorm(x) @ E.T`` with ``E`` the tied embedding or the
+LM head.
 
 With a cache, every layer attends to its cached slots and to the new tokens (one softmax over both);
 the new keys/values are written into the cache once, after the last layer, so a donated cache is
@@ -90,7 +95,34 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+# ---------------------------------------------------------------------------------------- fused layouts
+
+
+def fused_qkv_columns(config: LlamaConfig) -> np.ndarray:
+    """``[(H + 2K) hd]`` int: column ``j`` of the fused q|k|v kernel is column ``order[j]`` of the
+    concatenation ``[W_q | W_k | W_v]`` (Hugging Face order). The fused kernel is grouped per key/value
+    head ``[K, G + 2, hd]``: query heads ``k G .. k G + G - 1``, key head ``k``, value head ``k``."""
+    H, K, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    G = H // K
+    heads = np.arange(H).reshape(K, G)
+    blocks = np.concatenate([heads, H + np.arange(K)[:, None], H + K + np.arange(K)[:, None]], axis=1)
+    return (blocks.reshape(-1, 1) * hd + np.arange(hd)).reshape(-1)
+
+
+def fused_gate_up_columns(intermediate_size: int) -> np.ndarray:
+    """``[2F]`` int: column ``j`` of the fused gate|up kernel is column ``order[j]`` of ``[W_gate |
+    W_up]``; gate and up columns alternate (``[F, 2]``)."""
+    F = intermediate_size
+    return np.stack([np.arange(F), F + np.arange(F)], axis=1).reshape(-1)
+
+
 # ---------------------------------------------------------------------------------------- layers
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """The dtype scores and logits are accumulated in: float32, or ``dtype`` if wider (float64). A
+    bfloat16 model's attention scores and logits are never rounded to bfloat16."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 class DerivedWeight(nnx.Variable):
@@ -173,7 +205,8 @@ class Linear(nnx.Module):
         return dequantize_q4_1(self.packed[...], self.scale[...], self.minimum[...], self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x, self.weight())
+        # Accumulated (and, split over devices, summed) in float32 or wider, rounded once to x's dtype.
+        y = jnp.dot(x, self.weight(), preferred_element_type=accumulation_dtype(x.dtype)).astype(x.dtype)
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -200,16 +233,16 @@ def attend(
     B, T = q.shape[:2]
     if T == 1 and old is not None:
         return _attend_one(q[:, 0], k_new[:, 0], v_new[:, 0], new_mask[:, 0, 0], *old)[:, None]
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_new) * scale
-    scores = jnp.where(new_mask[:, None, None], scores.astype(jnp.float32), _MASK_VALUE)
+    scale, wide = q.shape[-1] ** -0.5, accumulation_dtype(q.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_new, preferred_element_type=wide) * scale
+    scores = jnp.where(new_mask[:, None, None], scores, _MASK_VALUE)
     if old is None:
         weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", weights, v_new)
         return out.reshape(B, T, -1)
     k_old, v_old, old_mask = old
-    old_scores = jnp.einsum("btkgd,bkds->bkgts", q, k_old.astype(q.dtype)) * scale
-    old_scores = jnp.where(old_mask[:, None, None], old_scores.astype(jnp.float32), _MASK_VALUE)
+    old_scores = jnp.einsum("btkgd,bkds->bkgts", q, k_old.astype(q.dtype), preferred_element_type=wide) * scale
+    old_scores = jnp.where(old_mask[:, None, None], old_scores, _MASK_VALUE)
     weights = jax.nn.softmax(jnp.concatenate([old_scores, scores], axis=-1), axis=-1).astype(q.dtype)
     S = v_old.shape[2]
     out = jnp.einsum("bkgts,bksd->btkgd", weights[..., :S], v_old.astype(q.dtype))
@@ -228,11 +261,11 @@ def _attend_one(q, k_new, v_new, self_allowed, k_old, v_old, old_mask) -> jax.Ar
     than broadcast multiply-and-sums, which XLA rewrites into windowed tree reductions for sums of 32
     entries or more (docs/performance.md).
     """
-    scale = q.shape[-1] ** -0.5
-    old_scores = jnp.einsum("bkgd,bkds->bkgs", q, k_old.astype(q.dtype)) * scale
-    old_scores = jnp.where(old_mask[:, 0, None, None, :], old_scores.astype(jnp.float32), _MASK_VALUE)
-    self_scores = jnp.sum(q * k_new[:, :, None, :], axis=-1) * scale  # [B, K, G]
-    self_scores = jnp.where(self_allowed[:, None, None], self_scores.astype(jnp.float32), _MASK_VALUE)
+    scale, wide = q.shape[-1] ** -0.5, accumulation_dtype(q.dtype)
+    old_scores = jnp.einsum("bkgd,bkds->bkgs", q, k_old.astype(q.dtype), preferred_element_type=wide) * scale
+    old_scores = jnp.where(old_mask[:, 0, None, None, :], old_scores, _MASK_VALUE)
+    self_scores = jnp.sum(q.astype(wide) * k_new[:, :, None, :].astype(wide), axis=-1) * scale
+    self_scores = jnp.where(self_allowed[:, None, None], self_scores, _MASK_VALUE)  # [B, K, G]
     peak = jnp.maximum(old_scores.max(axis=-1), self_scores)
     old_weights = jnp.exp(old_scores - peak[..., None])
     self_weights = jnp.exp(self_scores - peak)
@@ -263,18 +296,18 @@ class Attention(nnx.Module):
         ``qk_norm``, then rotated)."""
         B, T, _ = x.shape
         H, K, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)
-        q = qkv[..., : H * hd].reshape(B, T, H, hd)
-        k = qkv[..., H * hd : (H + K) * hd].reshape(B, T, K, hd)
-        v = qkv[..., (H + K) * hd :].reshape(B, T, K, hd)
+        G = H // K
+        qkv = self.qkv_proj(x).reshape(B, T, K, G + 2, hd)  # per group: G query heads, key, value
+        q, k, v = qkv[..., :G, :].reshape(B, T, H, hd), qkv[..., G, :], qkv[..., G + 1, :]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q.reshape(B, T, K, H // K, hd), k, v
+        return q.reshape(B, T, K, G, hd), k, v
 
 
 class MLP(nnx.Module):
-    """SwiGLU: ``W_down (silu(W_gate x) * W_up x)`` with ``W_gate|W_up`` fused as ``[D, 2F]``."""
+    """SwiGLU: ``W_down (silu(W_gate x) * W_up x)`` with ``W_gate|W_up`` fused as ``[D, 2F]``, gate
+    and up columns alternating (:func:`fused_gate_up_columns`)."""
 
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, quantization=None):
         self.intermediate_size = config.intermediate_size
@@ -283,8 +316,8 @@ class MLP(nnx.Module):
         self.down_proj = linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate_up = self.gate_up_proj(x)
-        gate, up = gate_up[..., : self.intermediate_size], gate_up[..., self.intermediate_size :]
+        gate_up = self.gate_up_proj(x).reshape(*x.shape[:-1], self.intermediate_size, 2)
+        gate, up = gate_up[..., 0], gate_up[..., 1]
         return self.down_proj(jax.nn.silu(gate) * up)
 
 
@@ -404,12 +437,14 @@ class Llama(nnx.Module):
         return jnp.take(self.embedding[...], token_ids, axis=0)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """``[..., D]`` -> ``[..., V]``: final RMSNorm, then ``hidden @ head.T`` (head: the tied embedding or
-        the LM head, ``[V, D]``), computed with its ``[D, V]`` copy ``head_transposed``: on XLA:CPU (2-core
-        x86, V = 49152, D = 576) the product with the transposed ``[V, D]`` operand measured 2-3x slower
+        """``[..., D]`` -> ``[..., V]`` float32 (float64 for a float64 model): final RMSNorm, then
+        ``hidden @ head.T`` (head: the tied embedding or the LM head, ``[V, D]``) accumulated in float32
+        whatever the model's dtype (the logits feed the mechanism, which runs in float32), computed
+        with its ``[D, V]`` copy ``head_transposed``: on XLA:CPU (2-core x86, V = 49152, D = 576) the product with the transposed ``[V, D]`` operand measured 2-3x slower
         from 8 to 256 rows (24 against 10 ms at 8 rows) and 18-30x slower at 2 and 4 rows.
         """
-        return jnp.dot(self.final_norm(hidden), self.head_transposed[...])
+        head = self.head_transposed[...]
+        return jnp.dot(self.final_norm(hidden), head, preferred_element_type=accumulation_dtype(head.dtype))
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         """An empty ``KVCache`` for ``batch_size`` rows of up to ``max_length`` tokens (model dtype by default)."""
@@ -583,10 +618,59 @@ class Llama(nnx.Module):
         """Bytes of the model's arrays: parameters, quantized blocks and the derived ``[D, V]`` head copy."""
         return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(nnx.state(self)))
 
-    def partition_specs(self, axis: str) -> tuple[PartitionSpec, KVCache]:
-        """``(weights, cache)`` specs: the weights replicated (``PartitionSpec()``, a prefix of
-        ``nnx.split(self)[1]``), the cache's rows split over mesh axis ``axis``."""
-        return PartitionSpec(), KVCache.partition_specs(axis)
+    def partition_specs(
+        self, axis: str, model_axis: str | None = None, model_size: int = 1
+    ) -> tuple[PartitionSpec | nnx.State, KVCache]:
+        """``(weights, cache)`` specs: the cache's rows split over mesh axis ``axis``; with a
+        ``model_axis`` of ``model_size > 1`` devices the weights (a tree like ``nnx.split(self)[1]``)
+        and the cache's key/value heads split over it as :data:`TENSOR_PARALLEL` says, else the
+        weights replicated (``PartitionSpec()``).
+
+        When ``K`` key/value heads do not divide by ``model_size`` the q|k|v projection and the
+        cache are replicated over ``model_axis`` (every device computes every head; ``o_proj``, the
+        MLP and the vocabulary stay split); a weight axis that does not divide is replicated.
+        Raises ``ValueError`` with the reason when the ``H`` query heads do not divide.
+        """
+        config = self.config
+        if model_axis is None or model_size == 1:
+            return PartitionSpec(), KVCache.partition_specs(axis)
+        if config.num_heads % model_size:
+            sizes = [t for t in range(1, config.num_heads + 1) if config.num_heads % t == 0]
+            raise ValueError(
+                f"mesh: the model's {config.num_heads} query heads do not split over a {model_axis!r} axis of "
+                f"{model_size} devices (tensor parallelism gives each device whole heads); use a {model_axis!r} "
+                f"axis size that divides {config.num_heads}: one of {sizes}."
+            )
+        split_heads = config.num_kv_heads % model_size == 0
+
+        def spec(path, leaf) -> PartitionSpec:
+            names = [key.key for key in path if hasattr(key, "key")]
+            dim = next((d for name, d in TENSOR_PARALLEL.items() if set(name.split("/")) <= set(names)), None)
+            if dim is None or (dim == -2 and names[-1] == "bias") or (not split_heads and "qkv_proj" in names):
+                return PartitionSpec()
+            if leaf.ndim < -dim or leaf.shape[dim] % model_size:
+                return PartitionSpec()
+            entries = [None] * leaf.ndim
+            entries[dim] = model_axis
+            return PartitionSpec(*entries)
+
+        weights = jax.tree_util.tree_map_with_path(spec, nnx.split(self)[1])
+        return weights, KVCache.partition_specs(axis, model_axis if split_heads else None)
+
+
+TENSOR_PARALLEL = {
+    "embedding": -2,  # [V, D] by vocabulary: each device looks up its rows, one all-reduce joins them
+    "lm_head": -2,  # [V, D] by vocabulary
+    "head_transposed": -1,  # [D, V] by vocabulary: logits split by vocabulary, gathered for the auction
+    "attention/qkv_proj": -1,  # [D, K (G + 2) hd] by key/value group (its query heads, key and value)
+    "attention/o_proj": -2,  # [H hd, D] by input rows (head), then an all-reduce XLA inserts
+    "mlp/gate_up_proj": -1,  # [D, F 2] by intermediate column (gate and up pairs)
+    "mlp/down_proj": -2,  # [F, D] by input rows, then an all-reduce
+}
+"""Llama's tensor-parallel layout (Megatron-LM's): the axis of each weight (``"group/name"`` in the
+model's state; from the end, so the layer axis of stacked layers does not count) split over the
+``"model"`` mesh axis. It applies to the kernel and, for a quantized kernel, to its packed codes,
+scales and minima (same axes), and to column-split biases; norms and row-split biases are replicated."""
 
 
 # ---------------------------------------------------------------------------------------- checks

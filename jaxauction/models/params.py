@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxauction.models.config import LlamaConfig
-from jaxauction.models.modeling import Q4_1_BLOCK, Llama
+from jaxauction.models.modeling import Q4_1_BLOCK, Llama, fused_gate_up_columns, fused_qkv_columns
 
 # ---------------------------------------------------------------------------------------- q/k permutation
 
@@ -432,14 +432,17 @@ def build_model(
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         return _expect(name, read(name), shape, source)
 
-    def kernel(names: list[str], shapes: list[tuple[int, int]]) -> dict[str, np.ndarray]:
-        """A fused ``[in, out]`` kernel of the ``[out, in]`` tensors ``names`` (quantized or float)."""
+    def kernel(names: list[str], shapes: list[tuple[int, int]], columns=None) -> dict[str, np.ndarray]:
+        """A fused ``[in, out]`` kernel of the ``[out, in]`` tensors ``names`` (quantized or float),
+        its columns in the order ``columns`` (indices into the concatenation; None keeps it)."""
         if read_q4_1 is None:
-            return {"kernel": np.concatenate([get(name, shape) for name, shape in zip(names, shapes)]).T}
-        parts = [read_q4_1(name) for name in names]
-        for name, shape, part in zip(names, shapes, parts):
-            _expect(name, part[0], shape, source)
-        return q4_1_kernel(parts)
+            fused = {"kernel": np.concatenate([get(name, shape) for name, shape in zip(names, shapes)]).T}
+        else:
+            parts = [read_q4_1(name) for name in names]
+            for name, shape, part in zip(names, shapes, parts):
+                _expect(name, part[0], shape, source)
+            fused = q4_1_kernel(parts)
+        return fused if columns is None else {key: value[:, columns] for key, value in fused.items()}
 
     stacked = _stacked_host_layers(config.num_layers, lambda p: _layer_arrays(config, p, get, kernel))
     # Each layer leaf gets the module's dtype for it (uint8 codes and float16 scales when quantized).
@@ -473,20 +476,20 @@ def _layer_arrays(config: LlamaConfig, p: str, get: Callable, kernel: Callable) 
     H, K = config.num_heads, config.num_kv_heads
     qkv_names = [p + f"self_attn.{proj}_proj.weight" for proj in "qkv"]
     attention: dict[str, Any] = {
-        "qkv_proj": kernel(qkv_names, [(H * hd, D), (K * hd, D), (K * hd, D)]),
+        "qkv_proj": kernel(qkv_names, [(H * hd, D), (K * hd, D), (K * hd, D)], fused_qkv_columns(config)),
         "o_proj": kernel([p + "self_attn.o_proj.weight"], [(D, H * hd)]),
     }
     if config.qkv_bias:
         widths = {"q": H * hd, "k": K * hd, "v": K * hd}
         attention["qkv_proj"]["bias"] = np.concatenate(
             [get(p + f"self_attn.{proj}_proj.bias", (width,)) for proj, width in widths.items()]
-        )
+        )[fused_qkv_columns(config)]
     if config.out_bias:
         attention["o_proj"]["bias"] = get(p + "self_attn.o_proj.bias", (D,))
     if config.qk_norm:
         for proj in "qk":
             attention[f"{proj}_norm"] = {"weight": get(p + f"self_attn.{proj}_norm.weight", (hd,))}
-    gate_up = kernel([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], [(F, D), (F, D)])
+    gate_up = kernel([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], [(F, D), (F, D)], fused_gate_up_columns(F))
     return {
         "input_norm": {"weight": get(p + "input_layernorm.weight", (D,))},
         "post_attention_norm": {"weight": get(p + "post_attention_layernorm.weight", (D,))},
@@ -513,6 +516,7 @@ def hf_state_dict(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
     """``(hf_name, float array [out, in])`` pairs of the model, the fused kernels split again."""
     config = model.config
     H, K, hd, F = config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
+    qkv_order, gate_up_order = np.argsort(fused_qkv_columns(config)), np.argsort(fused_gate_up_columns(F))
     yield "model.embed_tokens.weight", np.asarray(model.embedding[...])
     layer_graphdef, stacked = nnx.split(model.layers)  # weights [L, ...]
     for i in range(config.num_layers):
@@ -523,19 +527,19 @@ def hf_state_dict(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
         if config.qk_norm:
             yield p + "self_attn.q_norm.weight", np.asarray(layer.attention.q_norm.weight[...])
             yield p + "self_attn.k_norm.weight", np.asarray(layer.attention.k_norm.weight[...])
-        qkv = np.asarray(layer.attention.qkv_proj.weight()).T
+        qkv = np.asarray(layer.attention.qkv_proj.weight()).T[qkv_order]  # rows back in [q | k | v] order
         splits = {"q": qkv[: H * hd], "k": qkv[H * hd : (H + K) * hd], "v": qkv[(H + K) * hd :]}
         for proj, weight in splits.items():
             yield f"{p}self_attn.{proj}_proj.weight", np.ascontiguousarray(weight)
         if config.qkv_bias:
-            bias = np.asarray(layer.attention.qkv_proj.bias[...])
+            bias = np.asarray(layer.attention.qkv_proj.bias[...])[qkv_order]
             yield p + "self_attn.q_proj.bias", bias[: H * hd]
             yield p + "self_attn.k_proj.bias", bias[H * hd : (H + K) * hd]
             yield p + "self_attn.v_proj.bias", bias[(H + K) * hd :]
         yield p + "self_attn.o_proj.weight", np.ascontiguousarray(np.asarray(layer.attention.o_proj.weight()).T)
         if config.out_bias:
             yield p + "self_attn.o_proj.bias", np.asarray(layer.attention.o_proj.bias[...])
-        gate_up = np.asarray(layer.mlp.gate_up_proj.weight()).T
+        gate_up = np.asarray(layer.mlp.gate_up_proj.weight()).T[gate_up_order]
         yield p + "mlp.gate_proj.weight", np.ascontiguousarray(gate_up[:F])
         yield p + "mlp.up_proj.weight", np.ascontiguousarray(gate_up[F:])
         yield p + "mlp.down_proj.weight", np.ascontiguousarray(np.asarray(layer.mlp.down_proj.weight()).T)
