@@ -183,25 +183,6 @@ def test_base_prompt_braces_are_literal(tmp_path):
     assert config.base_messages() == [{"role": "user", "content": 'Vacations in Hawaii as {"a": 1}'}]
 
 
-@pytest.mark.parametrize(
-    "text, word, expected",
-    [
-        ("Fly Alpha today", "Alpha", True),
-        ("fly ALPHA's planes", "alpha", True),
-        ("Alphabet soup", "Alpha", False),
-        ("the Betamax", "Beta", False),
-        ("Stay at beta   resort", "Beta Resort", True),
-        ("Stay at BETA RESORT.", "Beta Resort", True),
-        ("Café Ünïcode", "ünïcode", True),
-        ("anything", "", False),
-    ],
-)
-def test_mentions_match_whole_words_case_insensitively(text, word, expected):
-    from jaxauction.config import mentions
-
-    assert mentions(text, word) is expected
-
-
 def test_advertiser_mentioned_in_uses_whole_words(tmp_path):
     alpha, beta = load_config(write(tmp_path, GOOD)).advertisers
     assert alpha.mentioned_in("Alpha flies") and not alpha.mentioned_in("Alphabet flies")
