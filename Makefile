@@ -57,6 +57,7 @@ bench: $(BENCH_STAMP)
 	$(BENCH_PY) experiments/bench_attention.py --json outputs/bench_attention.json
 	$(BENCH_PY) experiments/bench_quantized.py --json outputs/bench_quantized.json
 	$(BENCH_PY) experiments/bench_compile.py --json outputs/bench_compile.json
+	$(BENCH_PY) experiments/bench_accelerator.py --json outputs/bench_accelerator.json
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info .pytest_cache

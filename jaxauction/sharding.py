@@ -7,7 +7,10 @@ the model's ``partition_specs``), everything else (shared agent distributions) i
 takes a mesh applies. The same code runs on one CPU, one GPU or many accelerators: with one device the
 mesh has one entry and sharding is a no-op. On several hosts (TPU pods, GPU clusters) call ``jax.distributed.initialize()``
 first on every host; ``jax.devices()`` then lists every host's devices and :func:`auction_mesh`
-spans them all (each host feeds and reads its own shards, see the README).
+spans them all. Every process then runs the same program on the same inputs: :func:`put` places
+an array every process holds whole onto a mesh that spans several processes, and :func:`host_value`
+reads an array back on every process, gathering the shards other processes hold (run on two
+processes of 4 CPU devices each by ``tests/test_multihost.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "auctions"
@@ -143,11 +147,48 @@ def shard_batch(x, mesh: Mesh | None, axis: int = 0):
             f"shard_batch: axis {axis} of shape {x.shape} does not divide over the "
             f"{auction_devices(mesh)} devices of the {AXIS!r} axis; pad it to padded_size({x.shape[axis]}, mesh) first."
         )
-    return jax.device_put(x, batch_sharding(mesh, x.ndim, axis))
+    return put(x, batch_sharding(mesh, x.ndim, axis))
 
 
 def replicate(tree, mesh: Mesh | None):
     """Places every leaf of ``tree`` on every device of ``mesh`` (unchanged when ``mesh`` is None)."""
     if mesh is None:
         return tree
-    return jax.device_put(tree, replicated(mesh))
+    return put(tree, replicated(mesh))
+
+
+def put(tree, shardings):
+    """``jax.device_put(tree, shardings)`` (``shardings`` one ``NamedSharding`` or a matching tree), also when
+    the mesh spans several processes: there ``device_put`` refuses an array already on a device, so a
+    leaf that this process holds whole (every process computed the same value) is placed from its host
+    copy, each process filling the shards on its own devices (``jax.make_array_from_callback``)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    if isinstance(shardings, NamedSharding):
+        return jax.tree.map(lambda x: _put_global(x, shardings), tree)
+    return jax.tree.map(_put_global, tree, shardings)
+
+
+def _put_global(x, target: NamedSharding):
+    if not isinstance(x, jax.Array) or not x.is_fully_addressable or target.is_fully_addressable:
+        return jax.device_put(x, target)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _put_global(jax.random.key_data(x), target)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
+def host_value(tree):
+    """Every leaf of ``tree`` as a numpy array on the host (``jax.device_get``). When the arrays are
+    split over several processes (a multi-host mesh), each process gathers the shards the others
+    hold (a collective: every process must call it at the same point) and gets the whole value."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+
+    def read(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(read, tree)

@@ -148,7 +148,7 @@ def simulate(
         chunk_bids = sharding.shard_batch(sharding.pad_batch(chunk_bids, chunk), mesh)
         chunk_index = sharding.shard_batch(sharding.pad_batch(chunk_index, chunk), mesh)
         out = _simulate_chunk(logit_sets, chunk_index, chunk_bids, rule=rule, payment=payment, quadrature=quadrature)
-        outputs.append(tuple(np.asarray(x)[:size] for x in jax.device_get(out)))
+        outputs.append(tuple(np.asarray(x)[:size] for x in sharding.host_value(out)))
     paid, values, welfare, favoured = (np.concatenate(parts) for parts in zip(*outputs))
     return SimulationResult(bids=bids, index=index, payments=paid, values=values, welfare=welfare, favoured=favoured)
 

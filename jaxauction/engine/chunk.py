@@ -79,7 +79,7 @@ def run_chunk(model, layout: ChunkLayout, keys, plan: Plan, spec: loop.DecodeSpe
         state = jax.tree.map(lambda x: sharding.shard_batch(x, mesh) if x.ndim else sharding.replicate(x, mesh), state)
     state = loop.decode(model, cache, logits, state, inputs, spec, plan.max_new_tokens, (mesh, progress))
     progress.finish_chunk()
-    tokens, token_payments, lengths, valid = jax.device_get(
+    tokens, token_payments, lengths, valid = sharding.host_value(
         (state.tokens, state.token_payments, state.lengths, state.valid)
     )
     length = plan.max_new_tokens  # the columns past it (plan.token_slots) were never written

@@ -243,7 +243,7 @@ def _shardings(specs, mesh):
 
 
 def _place(tree, specs, mesh):
-    return jax.device_put(tree, _shardings(specs, mesh))
+    return sharding.put(tree, _shardings(specs, mesh))
 
 
 def shard_weights(model: tuple, mesh) -> tuple:
@@ -295,7 +295,7 @@ def decode(
         rows = rows_program(state.slot_rows, token, live)
         state = state.replace(slot_rows=rows.slot_rows)
         progress.advance()
-        count = int(np.max(np.asarray(rows.count)))
+        count = int(np.max(sharding.host_value(rows.count)))
         if count == 0 or step + 1 == max_new_tokens:
             break
         capacity = capacities[int(np.searchsorted(capacities, count))]
