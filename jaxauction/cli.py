@@ -20,6 +20,7 @@ if __name__ == "__main__":  # `python -m jaxauction.cli`: through the Ctrl-C gua
 
     sys.exit(_guarded_main())
 
+from jaxauction._validation import check_seed  # noqa: E402
 from jaxauction.config import AuctionConfig, ConfigError, load_config  # noqa: E402
 from jaxauction.console import interrupted  # noqa: E402
 from jaxauction.mechanism import SpecError, payment_from_text  # noqa: E402
@@ -30,6 +31,28 @@ def load_model(source: str | None):
     from jaxauction import models
 
     return models.load(source)
+
+
+def check_environment() -> None:
+    """The environment's settings, before the model loads: ``JAXAUCTION_MEMORY_BUDGET`` parses, and JAX
+    starts on the platform ``JAX_PLATFORMS`` names (``cuda`` without a GPU is a ``ValueError`` naming it)."""
+    import os
+
+    from jaxauction.engine import plan
+
+    plan.default_memory_budget()
+    import jax
+
+    try:
+        jax.devices()
+    except Exception as error:  # noqa: BLE001 - JAX raises RuntimeError or AssertionError, depending on the plugin
+        platforms = os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME")
+        setting = f"JAX_PLATFORMS={platforms!r}" if platforms else "JAX's platform"
+        reason = str(error).split("\n")[0][:160] or type(error).__name__
+        raise ValueError(
+            f"{setting}: JAX cannot start that platform on this machine ({reason}). Fix: unset JAX_PLATFORMS "
+            "(JAX picks an available device) or set JAX_PLATFORMS=cpu."
+        ) from None
 
 
 def _model_argument(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +134,7 @@ def _payment_table(config: AuctionConfig, result) -> str:
 def command_run(args) -> int:
     config = load_config(args.config)
     check_output_path("--json", args.json, inputs=[args.config, args.model])
+    check_environment()
 
     from jaxauction.engine import generate
     from jaxauction.outputs import write_json
@@ -160,6 +184,7 @@ def command_sweep(args) -> int:
         )
     check_output_path("--json", args.json, inputs=[args.config, args.model])
     check_output_path("--plot", args.plot, inputs=[args.config, args.model, args.json], suffixes=figure_suffixes())
+    check_environment()
     from jaxauction.outputs import write_json
     from jaxauction.sweep import format_table, plot_sweep, run_sweep
 
@@ -196,6 +221,7 @@ def command_batch(args) -> int:
 
     check_output_path("--out", args.out, inputs=[args.auctions, args.model])
     options = _batch_options(args)
+    seed = check_seed(args.seed, "--seed")
     budget = (
         None
         if args.memory_budget is None
@@ -205,15 +231,24 @@ def command_batch(args) -> int:
         args.auctions,
         args.out,
         options,
-        seed=args.seed,
-        model=lambda: load_model(args.model),
+        seed=seed,
+        model=lambda: (check_environment(), load_model(args.model))[1],  # after the input's checks
         memory_budget=budget,
     )
     print(f"wrote {len(lines)} results to {args.out}")
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning at the command line: one ``warning:`` line (no source line), on standard error."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    if warnings.showwarning is getattr(warnings, "_showwarning_orig", None):  # not while a caller records them
+        warnings.showwarning = _show_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
