@@ -39,6 +39,27 @@ def check_seed(seed: Any, argument: str = "seed") -> int:
     return int(seed)
 
 
+def check_count(value: Any, argument: str, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum`` (a Python or NumPy integer, not a bool, float or string), else
+    ``ValueError`` naming ``argument``: the one check of counts, sizes and seeds of NumPy generators."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{argument}: expected an integer >= {minimum}; got {type(value).__name__} {value!r:.60}.")
+    return int(value)
+
+
+def check_real_number(value: Any, argument: str) -> float:
+    """``value`` as a float (a real Python or NumPy scalar, not a bool or string), else ``ValueError``."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or np.ndim(value) != 0:
+        raise ValueError(f"{argument}: expected a real number; got {type(value).__name__} {value!r:.60}.")
+    try:
+        number = np.asarray(value)
+        if not (np.issubdtype(number.dtype, np.integer) or np.issubdtype(number.dtype, np.floating)):
+            raise TypeError
+        return float(number)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{argument}: expected a real number; got {type(value).__name__} {value!r:.60}.") from None
+
+
 def check_base_pair(base_prompt: Any, base_bid: Any, *, where: str = "") -> None:
     """A nonzero ``base_bid`` needs a ``base_prompt`` (alone it would be ignored): ``ValueError`` naming both.
 
@@ -76,7 +97,7 @@ def as_array(x: Any) -> Any:
 
 
 def check_real(fn: str, name: str, x: Any) -> None:
-    """``ValueError`` unless ``x`` has a real dtype (integer or floating; not complex, bool-free checks elsewhere)."""
+    """``ValueError`` unless ``x`` has a real dtype (integer or floating; not complex, bool or string)."""
     dtype = getattr(x, "dtype", None)
     if dtype is not None and not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
         if jnp.issubdtype(dtype, jnp.complexfloating):
@@ -84,8 +105,8 @@ def check_real(fn: str, name: str, x: Any) -> None:
                 f"{fn}: {name} has the complex dtype {jnp.dtype(dtype).name}; expected real numbers (bids, logits "
                 f"and probabilities are real). Fix: pass the real part (x.real) if the imaginary part is zero."
             )
-        if not jnp.issubdtype(dtype, jnp.bool_):
-            raise ValueError(f"{fn}: {name} has dtype {jnp.dtype(dtype).name}; expected real numbers (int or float).")
+        fix = "x.astype(float) if 0 and 1 are meant" if jnp.issubdtype(dtype, jnp.bool_) else "int or float numbers"
+        raise ValueError(f"{fn}: {name} has dtype {jnp.dtype(dtype).name}; expected real numbers. Fix: pass {fix}.")
 
 
 def float_dtype(*arrays: Any) -> jnp.dtype:
@@ -110,8 +131,12 @@ def max_bid(dtype: Any = None) -> float:
     bids are rejected at the public boundary. Only bid ratios matter to the outcome, so divide all
     bids by a common unit instead.
     """
-    dtype = default_float_dtype() if dtype is None else jnp.dtype(dtype)
-    return float(jnp.finfo(dtype).max) / _BID_HEADROOM
+    try:
+        dtype = default_float_dtype() if dtype is None else jnp.dtype(dtype)
+        largest = float(jnp.finfo(dtype).max)
+    except (TypeError, ValueError):
+        raise ValueError(f"dtype: expected a floating dtype such as float32 or float64; got {dtype!r:.60}.") from None
+    return largest / _BID_HEADROOM
 
 
 def host_bids(

@@ -186,11 +186,11 @@ def command_sweep(args) -> int:
     check_output_path("--plot", args.plot, inputs=[args.config, args.model, args.json], suffixes=figure_suffixes())
     check_environment()
     from jaxauction.outputs import write_json
-    from jaxauction.sweep import format_table, plot_sweep, run_sweep
+    from jaxauction.sweep import format_table, payment_note, plot_sweep, run_sweep
 
     model = load_model(args.model)
     result = run_sweep(config, points=args.points, samples=args.samples, rules=rules, model=model)
-    print(f"query: {config.query}\n")
+    print(f"query: {config.query}\n{payment_note(result)}\n")
     print(format_table(result))
     if args.json:
         write_json(args.json, {"config": args.config, "query": config.query, **result.to_json()})

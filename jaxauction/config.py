@@ -333,8 +333,9 @@ def _read_fields(source: _Source, table: dict, cls, names, index: int | None = N
             try:
                 value = float(value)
             except OverflowError:
+                digits = len(str(abs(value)))
                 source.fail(
-                    where + name, f"the integer of {len(str(abs(value)))} digits is too large for a number.", line
+                    where + name, f"the integer of {digits} digits is too large; give at most {MAX_BID:g}.", line
                 )
         if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
             source.fail(

@@ -99,7 +99,10 @@ def real_scalar(value, argument: str, expected: str) -> float:
             if np.issubdtype(dtype, np.number):
                 return float(value)
         raise SpecError(argument, f"expected {expected}; got {describe(value)}.")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int of hundreds of digits
+        raise SpecError(argument, f"expected {expected}; got an integer of {len(str(abs(value)))} digits.") from None
 
 
 def check_payment(payment, argument: str = "payment") -> str | None:

@@ -105,6 +105,10 @@ class Quadrature:
     zero_ratio: float = math.exp(-2.0)
 
     def __post_init__(self):
+        for name in ("order", "body_panels", "tail_panels", "zero_panels"):
+            _validation.check_count(getattr(self, name), f"Quadrature: {name}", minimum=0)
+        for name in ("body_ratio", "zero_ratio"):
+            _validation.check_real_number(getattr(self, name), f"Quadrature: {name}")
         if self.order < 1 or self.body_panels < 1 or self.tail_panels < 1 or self.zero_panels < 0:
             raise ValueError(f"Quadrature: order, body_panels, tail_panels >= 1 and zero_panels >= 0; got {self}.")
         if not (self.body_ratio > 0 and 0 < self.zero_ratio < 1):
