@@ -138,7 +138,7 @@ def read_auctions(path: str | Path) -> list[BatchLine]:
     except IsADirectoryError:
         raise ValueError(f"{path}: is a folder; expected a JSONL file with one auction per line.") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark (Windows editors) is not JSON
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text (byte {error.start}).") from None
     lines, errors = [], []
@@ -208,6 +208,7 @@ def run_batch(
         options.check_fits([len(e.prompts) for e in lines], any(e.base_prompt is not None for e in lines))
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None
+    options.warn_payment(stacklevel=3)  # once the input is valid, before the model loads
     if callable(model):
         model = model()
     auctions = [Auction(e.prompts, e.bids, base_prompt=e.base_prompt, base_bid=e.base_bid) for e in lines]

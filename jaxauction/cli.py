@@ -204,8 +204,8 @@ def _batch_options(args):
     """The :class:`jaxauction.GenerateOptions` of the batch flags (``--payment none``: no payments)."""
     from jaxauction import engine
 
-    try:
-        return engine.GenerateOptions.create(
+    try:  # built (and checked) here; its payment warning once the auctions fit it (batch.run_batch)
+        return engine.GenerateOptions(
             rule=args.rule,
             payment=payment_from_text(args.payment),
             decoding=args.decoding,
@@ -239,16 +239,22 @@ def command_batch(args) -> int:
     return 0
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning at the command line: one ``warning:`` line (no source line), on standard error."""
-    print(f"warning: {message}", file=sys.stderr if file is None else file)
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning at the command line: one ``warning:`` line (no source location or line)."""
+    return f"warning: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
-    if warnings.showwarning is getattr(warnings, "_showwarning_orig", None):  # not while a caller records them
-        warnings.showwarning = _show_warning
+    formatting, warnings.formatwarning = warnings.formatwarning, _format_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = formatting
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

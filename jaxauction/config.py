@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import re
 import tomllib
 import types
@@ -253,7 +254,7 @@ def load_config(path: str | Path) -> AuctionConfig:
             path, "<file>", "no such file; pass the path of a TOML configuration (see experiments/configs/hawaii.toml)."
         )
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not TOML
     except UnicodeDecodeError as error:
         line = path.read_bytes()[: error.start].count(b"\n") + 1
         raise ConfigError(
@@ -315,10 +316,16 @@ def _toml_types(hint) -> tuple[type, ...]:
     return (list,) if typing.get_origin(hint) is tuple else (hint,)
 
 
+@functools.cache
+def _schema(cls) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
+    """The annotations and fields of a configuration dataclass (computed once: not per advertiser)."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+
+
 def _read_fields(source: _Source, table: dict, cls, names, index: int | None = None) -> dict[str, Any]:
     """The fields ``names`` of dataclass ``cls`` from a TOML ``table``: its defaults where absent, its
     annotations' types checked (an int is accepted for a float)."""
-    hints, defaults = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    hints, defaults = _schema(cls)
     where = "" if index is None else f"advertisers[{index}]."
     values = {}
     for name in names:
@@ -371,8 +378,8 @@ def _options(source: _Source, raw: dict) -> GenerateOptions:
     settings = {name: raw[name] for name in _OPTION_FIELDS if name in raw}
     if "payment" in settings:
         settings["payment"] = payment_from_text(settings["payment"])
-    try:
-        return GenerateOptions.create(**settings)
+    try:  # checked here; the payment warning once the whole configuration is valid (parse_config)
+        return GenerateOptions(**settings)
     except SpecError as error:
         source.fail(error.argument, error.reason)
 
@@ -446,4 +453,5 @@ def parse_config(raw: dict[str, Any], *, path: str = "<config>", text: str = "")
         options.check_fits(len(advertisers), values["base_prompt"] is not None)
     except SpecError as error:
         source.fail(error.argument, error.reason)
+    options.warn_payment(stacklevel=3)
     return AuctionConfig(**values, advertisers=advertisers, options=options, path=path)

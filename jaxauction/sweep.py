@@ -114,6 +114,11 @@ def check_rules(config: AuctionConfig, rules: Sequence[str], argument: str = "ru
     needs the linear rule); ``ValueError`` naming ``argument`` and the configuration otherwise."""
     if not rules:
         raise ValueError(f"{argument}: expected at least one rule name, e.g. linear.")
+    repeated = sorted({rule for rule in rules if list(rules).count(rule) > 1}, key=str)
+    if repeated:
+        raise ValueError(
+            f"{argument}: rule(s) {repeated} given twice; each rule is swept once (its results by its name)."
+        )
     for rule in rules:
         try:
             rule_config(config, rule)

@@ -297,7 +297,7 @@ def _validation_seconds(tmp_path, count: int) -> float:
     path = tmp_path / f"many{count}.toml"
     path.write_text(_advertisers_toml(count))
     best = float("inf")
-    for _ in range(3):
+    for _ in range(5):  # the best of five: other processes on the machine only ever add time
         start = time.perf_counter()
         config = load_config(path)
         best = min(best, time.perf_counter() - start)
@@ -437,3 +437,38 @@ def test_the_demo_charges_log_linear_kl(tmp_path, monkeypatch, capsys):
 def test_strings_and_odd_values_where_numbers_belong_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_a_rule_swept_twice_is_refused(tmp_path, capsys):
+    line = cli_error(["sweep", write_config(tmp_path), "--rules", "linear,linear", *no_model(tmp_path)], capsys)
+    assert line.startswith("error: --rules: rule(s) ['linear'] given twice"), line
+
+
+def test_a_byte_order_mark_is_not_a_syntax_error(tmp_path):
+    path = write_config(tmp_path)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert load_config(path).names == ["Alpha Airlines", "Beta Resort"]
+    source = tmp_path / "a.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompts": ["a", "b"], "bids": [1, 2]}).encode() + b"\r\n")
+    assert [line.bids for line in batch.read_auctions(source)] == [[1.0, 2.0]]
+
+
+def test_the_payment_warning_comes_after_the_input_is_valid(tmp_path, capsys):
+    # an invalid configuration: one error line, no warning before it
+    config = write_config(tmp_path, top='rule = "log_linear"\ndecoding = "stable"')
+    status = cli.main(["run", str(config), *no_model(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    with pytest.warns(PaymentWarning, match="rule 'log_linear'"):
+        load_config(write_config(tmp_path, top='rule = "log_linear"', name="ll.toml"))
+
+
+def test_the_command_line_prints_the_payment_warning_as_one_line(tmp_path):
+    config = write_config(tmp_path, top='rule = "log_linear"')
+    command = [sys.executable, "-m", "jaxauction", "run", str(config), "--model", str(tmp_path / "no_model")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 2, done.stderr
+    assert lines[0].startswith("warning: payment 'second_price' with rule 'log_linear'") and "'kl'" in lines[0]
+    assert lines[1].startswith("error: ") and "no_model" in lines[1]
