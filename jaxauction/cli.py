@@ -266,5 +266,8 @@ def _main(argv: list[str] | None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("error: out of memory; lower --points, --samples or the number of auctions.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return interrupted()

@@ -472,3 +472,15 @@ def test_the_command_line_prints_the_payment_warning_as_one_line(tmp_path):
     assert done.returncode == 2 and len(lines) == 2, done.stderr
     assert lines[0].startswith("warning: payment 'second_price' with rule 'log_linear'") and "'kl'" in lines[0]
     assert lines[1].startswith("error: ") and "no_model" in lines[1]
+
+
+def test_a_checkpoint_under_a_file_is_refused_before_the_search_runs(tmp_path):
+    from jaxauction import design
+
+    (tmp_path / "a file").write_text("")
+    data = design.dirichlet_auctions(0, 4, 2, 8)
+    params = design.PowerMeanParams.create()
+    with pytest.raises(ValueError, match=r"^checkpoint: cannot write .*a file is a file, not a folder"):
+        design.search(design.revenue, params, data, steps=2, checkpoint=tmp_path / "a file" / "s.npz", progress=False)
+    with pytest.raises(ValueError, match=r"^checkpoint: .* is a folder"):
+        design.search(design.revenue, params, data, steps=2, checkpoint=tmp_path, progress=False)

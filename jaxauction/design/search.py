@@ -269,6 +269,7 @@ def search(
       FloatingPointError: a non-finite step (named); the checkpoint keeps the last finite state.
     """
     _check_settings(steps, checkpoint_every, batch_size, optimizer, learning_rate, params, data)
+    checkpoint_lib.check_path(checkpoint)  # before any step: a place that cannot be written
     bounds = _as_bounds(bounds)
     if monotone:
         params, trainable = _monotone_part(params, trainable, bounds)
