@@ -6,7 +6,12 @@ Input: one auction per line, a JSON object with
   chat messages, or a list of token ids;
 * ``bids`` (required): one non-negative number per prompt;
 * ``names`` (optional): one non-empty string per prompt (default ``"agent 0"``, ``"agent 1"``, ...);
-* ``base_prompt`` (optional): the platform's prompt, never charged; ``base_bid`` (optional, default 0).
+* ``base_prompt`` (optional): the platform's prompt, never charged; ``base_bid`` (optional, default 0;
+  a nonzero one needs a ``base_prompt``: alone it would have no effect, so it is refused).
+
+Bids and base bids are finite numbers in ``[0, max_bid()]``; names are text UTF-8 can hold (the output is
+UTF-8). A UTF-8 byte-order mark is ignored; JSON nested too deeply or a number of thousands of digits is
+a bad line like any other.
 
 Blank lines are skipped. Every line is checked before the model loads; the first bad line is
 reported with its line number (``AUCTIONS.jsonl:7: bids: ...``). All auctions then run as one

@@ -28,7 +28,9 @@ Placeholders: exactly ``{query}`` and ``{name}`` are substituted in ``prompt``, 
 the placeholder (``{query``, ``{ name }``, ``{query!r}``, ``{name:>10}``) is reported as a malformed
 placeholder, since it is almost always a typo.
 
-Limits: bids and ``base_bid`` are finite numbers in ``[0, MAX_BID]`` (:func:`jaxauction.payments.max_bid`
+Limits: ``seed`` is an integer in ``[0, 2**32 - 1]`` (the seeds the PRNG tells apart:
+:func:`jaxauction._validation.check_seed`); a nonzero ``base_bid`` needs a ``base_prompt`` (alone it would
+be ignored); bids and ``base_bid`` are finite numbers in ``[0, MAX_BID]`` (:func:`jaxauction.payments.max_bid`
 in float32, about ``3.4e30``). ``rule``, ``payment``, ``decoding``, ``temperature`` and
 ``max_new_tokens`` make a :class:`jaxauction.GenerateOptions` and are checked by it (by its
 :class:`~jaxauction.mechanism.MechanismSpec`), with the messages ``generate`` gives (``temperature`` in ``[1e-30, 1e30]``: it and its reciprocal finite in float32; ``payment =
@@ -41,7 +43,9 @@ The known fields and their types are the fields of :class:`AuctionConfig` (those
 :class:`jaxauction.GenerateOptions`) and :class:`Advertiser`: the defaults are the schema.
 
 Every problem is reported as a :class:`ConfigError` naming the file, the line (where it can be found)
-and the field, when the file is loaded (before any model is loaded).
+and the field, when the file is loaded (before any model is loaded), in time linear in the file's size
+(one scan locates every field's line). A valid configuration whose payment its rule does not justify
+(``"second_price"`` under ``log_linear``) loads with a :class:`jaxauction.mechanism.PaymentWarning`.
 """
 
 from __future__ import annotations

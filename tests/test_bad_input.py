@@ -484,3 +484,12 @@ def test_a_checkpoint_under_a_file_is_refused_before_the_search_runs(tmp_path):
         design.search(design.revenue, params, data, steps=2, checkpoint=tmp_path / "a file" / "s.npz", progress=False)
     with pytest.raises(ValueError, match=r"^checkpoint: .* is a folder"):
         design.search(design.revenue, params, data, steps=2, checkpoint=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("seed", [2**32, -1, "0"])
+def test_a_search_seed_outside_the_prngs_range_is_refused(seed):
+    from jaxauction import design
+
+    data = design.dirichlet_auctions(0, 4, 2, 8)
+    with pytest.raises(ValueError, match=r"^seed: expected an integer seed in \[0, 4294967295\]"):
+        design.search(design.revenue, design.PowerMeanParams.create(), data, steps=1, seed=seed, progress=False)
