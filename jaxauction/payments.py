@@ -220,7 +220,13 @@ METHODS = ("auto", "quadrature")
 ``"quadrature"`` always runs the generic autodiff + quadrature path (to check one against the other)."""
 
 
-def _check_method(fn: str, method: str) -> None:
+def _check_method(fn: str, method: str, quadrature=None) -> None:
+    """``method`` one of :data:`METHODS` and ``quadrature`` a :class:`Quadrature` (static: fine under ``jit``)."""
+    if quadrature is not None and not isinstance(quadrature, Quadrature):
+        raise ValueError(
+            f"{fn}: quadrature: expected a jaxauction.payments.Quadrature (e.g. Quadrature(order=8)); got "
+            f"{type(quadrature).__name__} {quadrature!r:.60}."
+        )
     if not (isinstance(method, str) and method in METHODS):
         raise ValueError(
             f"{fn}: method must be one of {METHODS} ('auto': a rule's closed form when it has one, "
@@ -417,7 +423,7 @@ def charged_payments(
     fn = "charged_payments"
     rule = base.as_rule(rule, argument=f"{fn}: rule")
     _resolve_allocation(fn, rule, allocation)
-    _check_method(fn, method)
+    _check_method(fn, method, quadrature)
     return _dispatch(
         rule,
         logits,
@@ -477,7 +483,7 @@ def second_price(
     fn = "second_price"
     resolved = base.as_rule(rule, argument=f"{fn}: rule")
     _resolve_allocation(fn, resolved, allocation)
-    _check_method(fn, method)
+    _check_method(fn, method, quadrature)
     logits, bids = _validation.mechanism_inputs(fn, logits, bids)
     base_logits, base_bid = _validation.base_inputs(fn, logits, base_logits, base_bid)
     return _dispatch(

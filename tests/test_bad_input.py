@@ -425,6 +425,14 @@ def test_the_demo_charges_log_linear_kl(tmp_path, monkeypatch, capsys):
         (lambda: jaxauction.preferences.certify(jaxauction.linear, np.zeros((2, 3)), "b"), "^certify: bids"),
         (lambda: jaxauction.payments.max_bid("float32x"), "^dtype: expected a floating dtype"),
         (lambda: jaxauction.payments.Quadrature("8"), "^Quadrature: order: expected an integer"),
+        (
+            lambda: jaxauction.payments.second_price(jaxauction.log_linear, np.zeros((2, 3)), [1, 2], quadrature=8),
+            "^second_price: quadrature: expected a jaxauction.payments.Quadrature",
+        ),
+        (
+            lambda: jaxauction.TokenAuction(rule="log_linear", payment="kl", quadrature="x")(np.zeros((2, 3)), [1, 2]),
+            "^TokenAuction: quadrature: expected",
+        ),
         (lambda: jaxauction.payments.Quadrature(body_ratio="1"), "^Quadrature: body_ratio: expected a real number"),
         (lambda: jaxauction.design.dirichlet_auctions("0", 8, 3, 16), "^seed: expected an integer >= 0"),
         (lambda: jaxauction.design.dirichlet_auctions(0, 8, 3.5, 16), "^num_agents: expected an integer >= 1"),
