@@ -60,15 +60,20 @@ def check_real_number(value: Any, argument: str) -> float:
         raise ValueError(f"{argument}: expected a real number; got {type(value).__name__} {value!r:.60}.") from None
 
 
-def check_base_pair(base_prompt: Any, base_bid: Any, *, where: str = "") -> None:
-    """A nonzero ``base_bid`` needs a ``base_prompt`` (alone it would be ignored): ``ValueError`` naming both.
+def check_base_pair(
+    base: Any, base_bid: Any, *, where: str = "", base_field: str = "base_prompt", fn: str = ""
+) -> None:
+    """A nonzero ``base_bid`` needs a base (``base_field``: the ``base_prompt``, or ``base_logits`` for the
+    mechanism alone); alone it would be ignored: ``ValueError`` naming both fields.
 
-    ``base_bid`` must already be a checked number; ``where`` prefixes the field names (``auctions[2].``).
+    ``base_bid`` must already be a checked number or array; ``where`` prefixes the field names
+    (``auctions[2].``), ``fn`` the message (``TokenAuction: ``).
     """
-    if base_prompt is None and base_bid != 0:
+    if base is None and np.any(np.asarray(base_bid) != 0):
+        bid = repr(float(base_bid)) if np.ndim(base_bid) == 0 else "nonzero values"
         raise ValueError(
-            f"{where}base_bid: {base_bid!r} without a {where}base_prompt: the base bid weighs the base prompt's "
-            f"distribution and has no effect without one. Fix: add {where}base_prompt, or drop {where}base_bid "
+            f"{fn}{where}base_bid: {bid} without a {where}{base_field}: the base bid weighs the base's "
+            f"distribution and has no effect without one. Fix: add {where}{base_field}, or drop {where}base_bid "
             "(or set it to 0)."
         )
 

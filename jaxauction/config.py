@@ -182,6 +182,8 @@ class AuctionConfig:
             changes["options"] = GenerateOptions.create(**{**self.options.keywords(), **options})
         config = dataclasses.replace(self, **changes)
         config.options.check_fits(len(config.advertisers), config.base_prompt is not None)
+        _validation.check_seed(config.seed)
+        _validation.check_base_pair(config.base_prompt, config.base_bid)
         return config
 
     @property

@@ -501,3 +501,21 @@ def test_a_search_seed_outside_the_prngs_range_is_refused(seed):
     data = design.dirichlet_auctions(0, 4, 2, 8)
     with pytest.raises(ValueError, match=r"^seed: expected an integer seed in \[0, 4294967295\]"):
         design.search(design.revenue, design.PowerMeanParams.create(), data, steps=1, seed=seed, progress=False)
+
+
+def test_a_replaced_configuration_is_checked_as_a_loaded_one(tmp_path):
+    config = load_config(write_config(tmp_path))
+    with pytest.raises(ValueError, match=r"^seed: expected an integer seed"):
+        config.replace(seed=2**32)
+    with pytest.raises(ValueError, match=r"^base_bid: 0\.5 without a base_prompt"):
+        config.replace(base_bid=0.5)
+    assert config.replace(base_bid=0.5, base_prompt="Ad for {query}").base_bid == 0.5
+
+
+def test_a_mechanism_base_bid_without_base_logits_is_refused():
+    logits, bids = np.zeros((2, 3)), np.array([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"^TokenAuction: base_bid: 0\.5 without a base_logits"):
+        jaxauction.TokenAuction(base_bid=0.5)(logits, bids)
+    with pytest.raises(ValueError, match=r"^TokenAuction: base_bid: nonzero values without a base_logits"):
+        jaxauction.TokenAuction(base_bid=np.array([0.0, 1.0]))(logits, bids)
+    jaxauction.TokenAuction(base_bid=0.0)(logits, bids)  # zero: nothing ignored
