@@ -3,7 +3,9 @@
 Duetting et al. (WWW 2024), the paper's Hawaii demonstration. The bid moves from Beta Resort (share 0) to Alpha Airlines
 (share 1) in 11 points; every point is one token auction among the two advertisers' LLM agents
 (the bundled SmolLM2-135M-Instruct, each conditioned on its advertiser's prompt), under the linear
-and the log-linear rule, with second-price payments. All points of a rule run as one batch in one
+and the log-linear rule, each charged the payment it justifies: second-price payments under the
+(monotone) linear rule, KL (Myerson) payments under the log-linear rule, where a second-price payment
+has no incentive meaning (jaxauction.sweep.rule_config). All points of a rule run as one batch in one
 compiled decode loop.
 
 Greedy decoding gives one ad per bid point and an abrupt switch between the advertisers. The demo then
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     from jaxauction import models
     from jaxauction.config import ConfigError, load_config
     from jaxauction.outputs import write_json
-    from jaxauction.sweep import format_table, plot_sweep, run_sweep
+    from jaxauction.sweep import format_table, payment_note, plot_sweep, run_sweep
 
     try:
         config = load_config(args.config)
@@ -69,8 +71,8 @@ def main(argv=None) -> int:
     result = run_sweep(config, points=args.points, samples=args.samples, model=model)
     swept = time.perf_counter()
     print(
-        f"\nquery: {config.query!r}; advertisers: {', '.join(config.names)}; payment: "
-        f"{config.payment}; decoding: {config.decoding}, temperature {config.temperature}\n"
+        f"\nquery: {config.query!r}; advertisers: {', '.join(config.names)}; decoding: {config.decoding}, "
+        f"temperature {config.temperature}\n{payment_note(result)}\n"
     )
     print(format_table(result))
     out = Path(args.out)

@@ -18,6 +18,64 @@ import numpy as np
 # (Myerson) payments (at most about 100 times the bid in float32, where KL values are floored near
 # -87 nats per token) and sums of payments over thousands of generated tokens must stay finite.
 _BID_HEADROOM = 1e8
+MAX_SEED = 2**32 - 1
+"""The largest seed: ``jax.random.key`` takes 32-bit seeds (``seed`` and ``seed + 2**32`` give the same key)."""
+
+
+def check_seed(seed: Any, argument: str = "seed") -> int:
+    """``seed`` as an int in ``[0, MAX_SEED]`` (the seeds the PRNG tells apart), else ``ValueError`` naming
+    ``argument``. Outside that range ``jax.random.key`` wraps seeds around (``0`` and ``2**32`` are the same
+    key) or fails with an OverflowError (beyond int64), so one rule holds at every door."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(
+            f"{argument}: expected an integer seed in [0, {MAX_SEED}]; got {type(seed).__name__} {seed!r:.60}."
+        )
+    if not 0 <= seed <= MAX_SEED:
+        text = repr(int(seed)) if len(str(seed)) <= 40 else f"an integer of {len(str(abs(int(seed))))} digits"
+        raise ValueError(
+            f"{argument}: expected an integer seed in [0, {MAX_SEED}] (the PRNG takes 32-bit seeds: larger ones "
+            f"would wrap around and repeat a smaller seed's draws); got {text}."
+        )
+    return int(seed)
+
+
+def check_count(value: Any, argument: str, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum`` (a Python or NumPy integer, not a bool, float or string), else
+    ``ValueError`` naming ``argument``: the one check of counts, sizes and seeds of NumPy generators."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{argument}: expected an integer >= {minimum}; got {type(value).__name__} {value!r:.60}.")
+    return int(value)
+
+
+def check_real_number(value: Any, argument: str) -> float:
+    """``value`` as a float (a real Python or NumPy scalar, not a bool or string), else ``ValueError``."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or np.ndim(value) != 0:
+        raise ValueError(f"{argument}: expected a real number; got {type(value).__name__} {value!r:.60}.")
+    try:
+        number = np.asarray(value)
+        if not (np.issubdtype(number.dtype, np.integer) or np.issubdtype(number.dtype, np.floating)):
+            raise TypeError
+        return float(number)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{argument}: expected a real number; got {type(value).__name__} {value!r:.60}.") from None
+
+
+def check_base_pair(
+    base: Any, base_bid: Any, *, where: str = "", base_field: str = "base_prompt", fn: str = ""
+) -> None:
+    """A nonzero ``base_bid`` needs a base (``base_field``: the ``base_prompt``, or ``base_logits`` for the
+    mechanism alone); alone it would be ignored: ``ValueError`` naming both fields.
+
+    ``base_bid`` must already be a checked number or array; ``where`` prefixes the field names
+    (``auctions[2].``), ``fn`` the message (``TokenAuction: ``).
+    """
+    if base is None and np.any(np.asarray(base_bid) != 0):
+        bid = repr(float(base_bid)) if np.ndim(base_bid) == 0 else "nonzero values"
+        raise ValueError(
+            f"{fn}{where}base_bid: {bid} without a {where}{base_field}: the base bid weighs the base's "
+            f"distribution and has no effect without one. Fix: add {where}{base_field}, or drop {where}base_bid "
+            "(or set it to 0)."
+        )
 
 
 def is_concrete(*trees: Any) -> bool:
@@ -43,6 +101,19 @@ def as_array(x: Any) -> Any:
     return np.asarray(x)
 
 
+def check_real(fn: str, name: str, x: Any) -> None:
+    """``ValueError`` unless ``x`` has a real dtype (integer or floating; not complex, bool or string)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            raise ValueError(
+                f"{fn}: {name} has the complex dtype {jnp.dtype(dtype).name}; expected real numbers (bids, logits "
+                f"and probabilities are real). Fix: pass the real part (x.real) if the imaginary part is zero."
+            )
+        fix = "x.astype(float) if 0 and 1 are meant" if jnp.issubdtype(dtype, jnp.bool_) else "int or float numbers"
+        raise ValueError(f"{fn}: {name} has dtype {jnp.dtype(dtype).name}; expected real numbers. Fix: pass {fix}.")
+
+
 def float_dtype(*arrays: Any) -> jnp.dtype:
     """The floating dtype shared by the arguments (float32 by default, float64 under x64)."""
     dtype = jnp.result_type(*arrays)
@@ -65,8 +136,12 @@ def max_bid(dtype: Any = None) -> float:
     bids are rejected at the public boundary. Only bid ratios matter to the outcome, so divide all
     bids by a common unit instead.
     """
-    dtype = default_float_dtype() if dtype is None else jnp.dtype(dtype)
-    return float(jnp.finfo(dtype).max) / _BID_HEADROOM
+    try:
+        dtype = default_float_dtype() if dtype is None else jnp.dtype(dtype)
+        largest = float(jnp.finfo(dtype).max)
+    except (TypeError, ValueError):
+        raise ValueError(f"dtype: expected a floating dtype such as float32 or float64; got {dtype!r:.60}.") from None
+    return largest / _BID_HEADROOM
 
 
 def host_bids(
@@ -137,6 +212,8 @@ def mechanism_inputs(fn: str, logits: Any, bids: Any, *, n_agents: int | None = 
     Leading axes must broadcast against each other. ``n_agents`` demands a fixed ``n``.
     """
     logits, bids = as_array(logits), as_array(bids)
+    check_real(fn, "logits", logits)
+    check_real(fn, "bids", bids)
     logits_shape, bids_shape = _shape(logits), _shape(bids)
     if len(logits_shape) < 2:
         raise ValueError(
@@ -242,10 +319,12 @@ def base_inputs(fn: str, logits: jax.Array, base_logits: Any, base_bid: Any) -> 
     """Check the optional base distribution: ``base_logits: [..., V]`` and ``base_bid: [...]``."""
     dtype = logits.dtype
     base_bid = as_array(base_bid)
+    check_real(fn, "base_bid", base_bid)
     base_bid_shape = _shape(base_bid)
     if base_logits is None:
         return None, jnp.asarray(base_bid, dtype)
     base_logits = as_array(base_logits)
+    check_real(fn, "base_logits", base_logits)
     base_shape = _shape(base_logits)
     if len(base_shape) < 1 or base_shape[-1] != logits.shape[-1]:
         raise ValueError(
@@ -271,6 +350,7 @@ def base_inputs(fn: str, logits: jax.Array, base_logits: Any, base_bid: Any) -> 
 def probabilities(fn: str, name: str, p: Any) -> jax.Array:
     """Check a probability vector ``[..., V]`` (non-negative, finite); returns a float array."""
     p = as_array(p)
+    check_real(fn, name, p)
     shape = _shape(p)
     if len(shape) < 1 or shape[-1] == 0:
         raise ValueError(f"{fn}: {name} must have shape [..., V] with V >= 1; got shape {shape}.")

@@ -68,6 +68,9 @@ class TokenAuction:
             spec = MechanismSpec.create(rule=self.rule, payment=self.payment)
         except SpecError as error:
             raise ValueError(f"{fn}: {error}") from None
+        payments._check_method(fn, "auto", self.quadrature)  # the quadrature's check, named for this door
+        if self.base_logits is None and _validation.is_concrete(self.base_bid):  # a base bid alone is ignored
+            _validation.check_base_pair(None, self.base_bid, base_field="base_logits", fn=f"{fn}: ")
         logits, bids = _validation.mechanism_inputs(fn, logits, bids)
         base_logits, base_bid = _validation.base_inputs(fn, logits, self.base_logits, self.base_bid)
         arrays = (logits, bids, base_logits, base_bid)

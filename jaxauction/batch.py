@@ -6,7 +6,12 @@ Input: one auction per line, a JSON object with
   chat messages, or a list of token ids;
 * ``bids`` (required): one non-negative number per prompt;
 * ``names`` (optional): one non-empty string per prompt (default ``"agent 0"``, ``"agent 1"``, ...);
-* ``base_prompt`` (optional): the platform's prompt, never charged; ``base_bid`` (optional, default 0).
+* ``base_prompt`` (optional): the platform's prompt, never charged; ``base_bid`` (optional, default 0;
+  a nonzero one needs a ``base_prompt``: alone it would have no effect, so it is refused).
+
+Bids and base bids are finite numbers in ``[0, max_bid()]``; names are text UTF-8 can hold (the output is
+UTF-8). A UTF-8 byte-order mark is ignored; JSON nested too deeply or a number of thousands of digits is
+a bad line like any other.
 
 Blank lines are skipped. Every line is checked before the model loads; the first bad line is
 reported with its line number (``AUCTIONS.jsonl:7: bids: ...``). All auctions then run as one
@@ -29,12 +34,16 @@ import re
 from pathlib import Path
 from typing import Any
 
+from jaxauction import _validation
 from jaxauction import prompts as prompts_lib
 from jaxauction.outputs import atomic_path
 
 __all__ = ["BatchLine", "read_auctions", "run_batch", "write_results"]
 
 _KEYS = {"prompts", "bids", "names", "base_prompt", "base_bid"}
+_MAX_BID = _validation.max_bid()
+"""The largest bid a line may hold: the library's (:func:`jaxauction.payments.max_bid`), checked here so that
+a bid ``generate`` would refuse is reported before the model loads."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +59,18 @@ class BatchLine:
 
 
 def _number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number (not a bool); an int too large for a float (hundreds of digits) is not."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _shown(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters (a number of hundreds of digits stays readable)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _parse_line(text: str, line: int) -> BatchLine:
@@ -58,6 +78,8 @@ def _parse_line(text: str, line: int) -> BatchLine:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"not valid JSON ({error.msg} at column {error.colno}).") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply; an auction is an object of lists and strings.") from None
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object with 'prompts' and 'bids'; got a JSON {type(data).__name__}.")
     unknown = sorted(set(data) - _KEYS)
@@ -73,9 +95,14 @@ def _parse_line(text: str, line: int) -> BatchLine:
         )
     for i, prompt in enumerate(prompts):
         prompts_lib.check_prompt(prompt, argument=f"prompts[{i}]")
-    if not isinstance(bids, list) or len(bids) != len(prompts) or not all(_number(b) and b >= 0 for b in bids):
+    if (
+        not isinstance(bids, list)
+        or len(bids) != len(prompts)
+        or not all(_number(b) and 0 <= b <= _MAX_BID for b in bids)
+    ):
         raise ValueError(
-            f"bids: expected a list of {len(prompts)} finite numbers >= 0 (one per prompt); got {json.dumps(bids)[:80]}."
+            f"bids: expected a list of {len(prompts)} finite numbers in [0, {_MAX_BID:.3g}] (one per prompt); got "
+            f"{_shown(json.dumps(bids), 80)}."
         )
     names = data.get("names", [f"agent {i}" for i in range(len(prompts))])
     if (
@@ -86,12 +113,23 @@ def _parse_line(text: str, line: int) -> BatchLine:
         raise ValueError(
             f"names: expected a list of {len(prompts)} non-empty strings (one per prompt); got {json.dumps(names)[:80]}."
         )
+    for i, name in enumerate(names):
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"names[{i}]: {error.reason} at character {error.start} ({name[error.start]!r}: a lone UTF-16 "
+                "surrogate, which the output (UTF-8) cannot hold); fix the \\u escape in the input."
+            ) from None
     base_prompt = data.get("base_prompt")
     if base_prompt is not None:
         prompts_lib.check_prompt(base_prompt, argument="base_prompt")
     base_bid = data.get("base_bid", 0.0)
-    if not (_number(base_bid) and base_bid >= 0):
-        raise ValueError(f"base_bid: expected a finite number >= 0; got {json.dumps(base_bid)[:40]}.")
+    if not (_number(base_bid) and 0 <= base_bid <= _MAX_BID):
+        raise ValueError(
+            f"base_bid: expected a finite number in [0, {_MAX_BID:.3g}]; got {_shown(json.dumps(base_bid), 40)}."
+        )
+    _validation.check_base_pair(base_prompt, base_bid)
     return BatchLine(line, prompts, [float(b) for b in bids], names, base_prompt, float(base_bid))
 
 
@@ -105,7 +143,7 @@ def read_auctions(path: str | Path) -> list[BatchLine]:
     except IsADirectoryError:
         raise ValueError(f"{path}: is a folder; expected a JSONL file with one auction per line.") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark (Windows editors) is not JSON
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text (byte {error.start}).") from None
     lines, errors = [], []
@@ -160,16 +198,22 @@ def run_batch(
     returning one (called only after the input has been validated). Returns the input lines."""
     import jax
 
-    from jaxauction.engine import Auction, GenerateOptions, generate
+    from jaxauction.engine import Auction, GenerateOptions, generate, plan
 
     options = GenerateOptions.create() if options is None else options
     if not isinstance(options, GenerateOptions):
         raise ValueError(f"options: expected a jaxauction.GenerateOptions; got {type(options).__name__}.")
+    seed = _validation.check_seed(seed)
+    if memory_budget is None:
+        plan.default_memory_budget()  # JAXAUCTION_MEMORY_BUDGET's check, before the model loads
+    else:
+        memory_budget = plan.parse_memory_budget(memory_budget)
     lines = read_auctions(source)
     try:
         options.check_fits([len(e.prompts) for e in lines], any(e.base_prompt is not None for e in lines))
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None
+    options.warn_payment(stacklevel=3)  # once the input is valid, before the model loads
     if callable(model):
         model = model()
     auctions = [Auction(e.prompts, e.bids, base_prompt=e.base_prompt, base_bid=e.base_bid) for e in lines]

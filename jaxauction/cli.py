@@ -20,6 +20,7 @@ if __name__ == "__main__":  # `python -m jaxauction.cli`: through the Ctrl-C gua
 
     sys.exit(_guarded_main())
 
+from jaxauction._validation import check_seed  # noqa: E402
 from jaxauction.config import AuctionConfig, ConfigError, load_config  # noqa: E402
 from jaxauction.console import interrupted  # noqa: E402
 from jaxauction.mechanism import SpecError, payment_from_text  # noqa: E402
@@ -30,6 +31,28 @@ def load_model(source: str | None):
     from jaxauction import models
 
     return models.load(source)
+
+
+def check_environment() -> None:
+    """The environment's settings, before the model loads: ``JAXAUCTION_MEMORY_BUDGET`` parses, and JAX
+    starts on the platform ``JAX_PLATFORMS`` names (``cuda`` without a GPU is a ``ValueError`` naming it)."""
+    import os
+
+    from jaxauction.engine import plan
+
+    plan.default_memory_budget()
+    import jax
+
+    try:
+        jax.devices()
+    except Exception as error:  # noqa: BLE001 - JAX raises RuntimeError or AssertionError, depending on the plugin
+        platforms = os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME")
+        setting = f"JAX_PLATFORMS={platforms!r}" if platforms else "JAX's platform"
+        reason = str(error).split("\n")[0][:160] or type(error).__name__
+        raise ValueError(
+            f"{setting}: JAX cannot start that platform on this machine ({reason}). Fix: unset JAX_PLATFORMS "
+            "(JAX picks an available device) or set JAX_PLATFORMS=cpu."
+        ) from None
 
 
 def _model_argument(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +134,7 @@ def _payment_table(config: AuctionConfig, result) -> str:
 def command_run(args) -> int:
     config = load_config(args.config)
     check_output_path("--json", args.json, inputs=[args.config, args.model])
+    check_environment()
 
     from jaxauction.engine import generate
     from jaxauction.outputs import write_json
@@ -160,12 +184,13 @@ def command_sweep(args) -> int:
         )
     check_output_path("--json", args.json, inputs=[args.config, args.model])
     check_output_path("--plot", args.plot, inputs=[args.config, args.model, args.json], suffixes=figure_suffixes())
+    check_environment()
     from jaxauction.outputs import write_json
-    from jaxauction.sweep import format_table, plot_sweep, run_sweep
+    from jaxauction.sweep import format_table, payment_note, plot_sweep, run_sweep
 
     model = load_model(args.model)
     result = run_sweep(config, points=args.points, samples=args.samples, rules=rules, model=model)
-    print(f"query: {config.query}\n")
+    print(f"query: {config.query}\n{payment_note(result)}\n")
     print(format_table(result))
     if args.json:
         write_json(args.json, {"config": args.config, "query": config.query, **result.to_json()})
@@ -179,8 +204,8 @@ def _batch_options(args):
     """The :class:`jaxauction.GenerateOptions` of the batch flags (``--payment none``: no payments)."""
     from jaxauction import engine
 
-    try:
-        return engine.GenerateOptions.create(
+    try:  # built (and checked) here; its payment warning once the auctions fit it (batch.run_batch)
+        return engine.GenerateOptions(
             rule=args.rule,
             payment=payment_from_text(args.payment),
             decoding=args.decoding,
@@ -196,6 +221,7 @@ def command_batch(args) -> int:
 
     check_output_path("--out", args.out, inputs=[args.auctions, args.model])
     options = _batch_options(args)
+    seed = check_seed(args.seed, "--seed")
     budget = (
         None
         if args.memory_budget is None
@@ -205,15 +231,30 @@ def command_batch(args) -> int:
         args.auctions,
         args.out,
         options,
-        seed=args.seed,
-        model=lambda: load_model(args.model),
+        seed=seed,
+        model=lambda: (check_environment(), load_model(args.model))[1],  # after the input's checks
         memory_budget=budget,
     )
     print(f"wrote {len(lines)} results to {args.out}")
     return 0
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning at the command line: one ``warning:`` line (no source location or line)."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    formatting, warnings.formatwarning = warnings.formatwarning, _format_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = formatting
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -224,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         return command_sweep(args)
     except (ConfigError, ValueError, FileNotFoundError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory; lower --points, --samples or the number of auctions.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return interrupted()

@@ -28,7 +28,9 @@ Placeholders: exactly ``{query}`` and ``{name}`` are substituted in ``prompt``, 
 the placeholder (``{query``, ``{ name }``, ``{query!r}``, ``{name:>10}``) is reported as a malformed
 placeholder, since it is almost always a typo.
 
-Limits: bids and ``base_bid`` are finite numbers in ``[0, MAX_BID]`` (:func:`jaxauction.payments.max_bid`
+Limits: ``seed`` is an integer in ``[0, 2**32 - 1]`` (the seeds the PRNG tells apart:
+:func:`jaxauction._validation.check_seed`); a nonzero ``base_bid`` needs a ``base_prompt`` (alone it would
+be ignored); bids and ``base_bid`` are finite numbers in ``[0, MAX_BID]`` (:func:`jaxauction.payments.max_bid`
 in float32, about ``3.4e30``). ``rule``, ``payment``, ``decoding``, ``temperature`` and
 ``max_new_tokens`` make a :class:`jaxauction.GenerateOptions` and are checked by it (by its
 :class:`~jaxauction.mechanism.MechanismSpec`), with the messages ``generate`` gives (``temperature`` in ``[1e-30, 1e30]``: it and its reciprocal finite in float32; ``payment =
@@ -41,12 +43,16 @@ The known fields and their types are the fields of :class:`AuctionConfig` (those
 :class:`jaxauction.GenerateOptions`) and :class:`Advertiser`: the defaults are the schema.
 
 Every problem is reported as a :class:`ConfigError` naming the file, the line (where it can be found)
-and the field, when the file is loaded (before any model is loaded).
+and the field, when the file is loaded (before any model is loaded), in time linear in the file's size
+(one scan locates every field's line). A valid configuration whose payment its rule does not justify
+(``"second_price"`` under ``log_linear``) loads with a :class:`jaxauction.mechanism.PaymentWarning`.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import re
 import tomllib
 import types
@@ -176,6 +182,8 @@ class AuctionConfig:
             changes["options"] = GenerateOptions.create(**{**self.options.keywords(), **options})
         config = dataclasses.replace(self, **changes)
         config.options.check_fits(len(config.advertisers), config.base_prompt is not None)
+        _validation.check_seed(config.seed)
+        _validation.check_base_pair(config.base_prompt, config.base_bid)
         return config
 
     @property
@@ -208,26 +216,40 @@ class AuctionConfig:
 
 
 _TABLE_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*advertisers[ \t]*\]\]", re.MULTILINE)
+_KEY = re.compile(r"^[ \t]*([A-Za-z0-9_-]+)[ \t]*=", re.MULTILINE)
 
 
-def _line_of(text: str, field: str, table: int | None = None) -> int | None:
-    """1-based line of ``field = ...`` in ``text``: top level, or inside the ``table``-th advertiser."""
-    key = field.split(".")[-1].split("[")[0]
-    headers = [m.start() for m in _TABLE_HEADER.finditer(text)]
-    if table is None:
-        start, stop = 0, headers[0] if headers else len(text)
-    elif table < len(headers):
-        start = headers[table]
-        stop = headers[table + 1] if table + 1 < len(headers) else len(text)
-    else:
-        return None
-    match = re.compile(rf"^[ \t]*{re.escape(key)}[ \t]*=", re.MULTILINE).search(text, start, stop)
-    return text.count("\n", 0, match.start()) + 1 if match else None
+@dataclasses.dataclass(frozen=True)
+class _Lines:
+    """Where each ``key = ...`` line and each ``[[advertisers]]`` header of a TOML text is: one scan of the
+    text, then every lookup is a dictionary access (validating ``N`` advertisers is linear in ``N``).
+
+    ``keys[table]``: ``{key: line}`` of the top level (``table`` None) or of the ``table``-th advertiser
+    (its first occurrence); ``headers``: the line of each ``[[advertisers]]`` header.
+    """
+
+    keys: dict[int | None, dict[str, int]]
+    headers: list[int]
+
+    @classmethod
+    def scan(cls, text: str) -> _Lines:
+        starts = [m.start() for m in _TABLE_HEADER.finditer(text)]
+        newlines = [m.start() for m in re.finditer("\n", text)]
+        line_at = lambda offset: bisect.bisect_right(newlines, offset - 1) + 1  # noqa: E731
+        keys: dict[int | None, dict[str, int]] = {None: {}}
+        for match in _KEY.finditer(text):
+            table = bisect.bisect_right(starts, match.start()) - 1
+            keys.setdefault(None if table < 0 else table, {}).setdefault(match.group(1), line_at(match.start()))
+        return cls(keys, [line_at(start) for start in starts])
 
 
-def _advertiser_table_line(text: str, index: int) -> int | None:
-    headers = list(_TABLE_HEADER.finditer(text))
-    return text.count("\n", 0, headers[index].start()) + 1 if index < len(headers) else None
+def _line_of(lines: _Lines, field: str, table: int | None = None) -> int | None:
+    """1-based line of ``field = ...``: top level, or inside the ``table``-th advertiser."""
+    return lines.keys.get(table, {}).get(field.split(".")[-1].split("[")[0])
+
+
+def _advertiser_table_line(lines: _Lines, index: int) -> int | None:
+    return lines.headers[index] if index < len(lines.headers) else None
 
 
 def load_config(path: str | Path) -> AuctionConfig:
@@ -238,7 +260,7 @@ def load_config(path: str | Path) -> AuctionConfig:
             path, "<file>", "no such file; pass the path of a TOML configuration (see experiments/configs/hawaii.toml)."
         )
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not TOML
     except UnicodeDecodeError as error:
         line = path.read_bytes()[: error.start].count(b"\n") + 1
         raise ConfigError(
@@ -251,6 +273,10 @@ def load_config(path: str | Path) -> AuctionConfig:
         raise ConfigError(path, "<file>", f"cannot read the file ({error.strerror or error}).") from None
     try:
         raw = tomllib.loads(text)
+    except RecursionError:
+        raise ConfigError(
+            path, "<syntax>", "nested too deeply; a configuration is flat tables of strings and numbers."
+        ) from None
     except tomllib.TOMLDecodeError as error:
         line = getattr(error, "lineno", None)
         if line is None:
@@ -274,15 +300,19 @@ class _Source:
 
     path: str
     text: str
+    lines: _Lines = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "lines", _Lines.scan(self.text))
 
     def fail(self, field: str, message: str, line: int | None = None) -> NoReturn:
-        raise ConfigError(self.path, field, message, line if line is not None else _line_of(self.text, field))
+        raise ConfigError(self.path, field, message, line if line is not None else _line_of(self.lines, field))
 
     def line(self, table: dict, field: str, index: int | None) -> int | None:
         """The line of ``field`` (top level, or in the ``index``-th advertiser: its header if absent)."""
         if index is None:
-            return _line_of(self.text, field)
-        return _line_of(self.text, field, index) if field in table else _advertiser_table_line(self.text, index)
+            return _line_of(self.lines, field)
+        return _line_of(self.lines, field, index) if field in table else _advertiser_table_line(self.lines, index)
 
 
 def _toml_types(hint) -> tuple[type, ...]:
@@ -292,10 +322,16 @@ def _toml_types(hint) -> tuple[type, ...]:
     return (list,) if typing.get_origin(hint) is tuple else (hint,)
 
 
+@functools.cache
+def _schema(cls) -> tuple[dict[str, Any], dict[str, dataclasses.Field]]:
+    """The annotations and fields of a configuration dataclass (computed once: not per advertiser)."""
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+
+
 def _read_fields(source: _Source, table: dict, cls, names, index: int | None = None) -> dict[str, Any]:
     """The fields ``names`` of dataclass ``cls`` from a TOML ``table``: its defaults where absent, its
     annotations' types checked (an int is accepted for a float)."""
-    hints, defaults = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    hints, defaults = _schema(cls)
     where = "" if index is None else f"advertisers[{index}]."
     values = {}
     for name in names:
@@ -307,7 +343,13 @@ def _read_fields(source: _Source, table: dict, cls, names, index: int | None = N
             continue
         value, kinds = table[name], _toml_types(hints[name])
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                digits = len(str(abs(value)))
+                source.fail(
+                    where + name, f"the integer of {digits} digits is too large; give at most {MAX_BID:g}.", line
+                )
         if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
             source.fail(
                 where + name,
@@ -322,7 +364,7 @@ def _check_known(source: _Source, table: dict, known: list[str], index: int | No
     where = "" if index is None else f"advertisers[{index}]."
     for field in table:
         if field not in known:
-            line = _line_of(source.text, field, index)
+            line = _line_of(source.lines, field, index)
             source.fail(where + field, f"unknown field; known fields are {known}.", line)
 
 
@@ -342,8 +384,8 @@ def _options(source: _Source, raw: dict) -> GenerateOptions:
     settings = {name: raw[name] for name in _OPTION_FIELDS if name in raw}
     if "payment" in settings:
         settings["payment"] = payment_from_text(settings["payment"])
-    try:
-        return GenerateOptions.create(**settings)
+    try:  # checked here; the payment warning once the whole configuration is valid (parse_config)
+        return GenerateOptions(**settings)
     except SpecError as error:
         source.fail(error.argument, error.reason)
 
@@ -355,13 +397,19 @@ def _top_level(source: _Source, raw: dict) -> dict[str, Any]:
         _check_placeholders(source, field, values[field])
     if not 0 <= values["base_bid"] <= MAX_BID:
         source.fail("base_bid", f"must be a finite number >= 0 and at most {MAX_BID:g}, got {values['base_bid']}.")
+    try:
+        _validation.check_seed(values["seed"])
+        _validation.check_base_pair(values["base_prompt"], values["base_bid"])
+    except ValueError as error:
+        field, _, message = str(error).partition(": ")
+        source.fail(field, message)
     return values
 
 
 def _advertiser(source: _Source, table: Any, index: int, default_system: str | None) -> Advertiser:
     where = f"advertisers[{index}]"
     if not isinstance(table, dict):
-        source.fail(where, "expected a table [[advertisers]].", _advertiser_table_line(source.text, index))
+        source.fail(where, "expected a table [[advertisers]].", _advertiser_table_line(source.lines, index))
     _check_known(source, table, _KNOWN["advertiser"], index)
     values = _read_fields(source, table, Advertiser, [f.name for f in dataclasses.fields(Advertiser)], index)
     line = lambda field: source.line(table, field, index)  # noqa: E731
@@ -389,7 +437,7 @@ def _advertisers(source: _Source, raw: dict, default_system: str | None) -> tupl
         source.fail(
             "advertisers",
             "no advertisers; add at least one [[advertisers]] table with name, prompt and bid.",
-            _line_of(source.text, "advertisers") or 0,
+            _line_of(source.lines, "advertisers") or 0,
         )
     advertisers = tuple(_advertiser(source, table, index, default_system) for index, table in enumerate(tables))
     names = [a.name for a in advertisers]
@@ -411,4 +459,5 @@ def parse_config(raw: dict[str, Any], *, path: str = "<config>", text: str = "")
         options.check_fits(len(advertisers), values["base_prompt"] is not None)
     except SpecError as error:
         source.fail(error.argument, error.reason)
+    options.warn_payment(stacklevel=3)
     return AuctionConfig(**values, advertisers=advertisers, options=options, path=path)

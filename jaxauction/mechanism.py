@@ -17,6 +17,11 @@ Vocabulary:
   kind is a ``ValueError``, never silently one of them.
 * decodings :data:`DECODINGS`: ``"sample"``, ``"greedy"``, ``"stable"``; :func:`stable_problem` is the
   one statement of when ``"stable"`` can run (two agents, the linear rule, no base prompt).
+* the payment a rule justifies (:func:`justified_payment`): the expected second-price payment is the
+  threshold payment of a *monotone* rule (docs/maths.md §4-5); for a rule whose ``monotone`` is False
+  (``log_linear``, a plain function) it has no incentive meaning and can be negative, so
+  :meth:`MechanismSpec.create` warns (:class:`PaymentWarning`) naming the rule and the payment that
+  fits it (``"kl"``, Myerson payments for the rule's valuation, where it has one).
 * temperature: a finite number in ``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` (``1e-30 .. 1e30``), so that
   it and its reciprocal are finite in float32 and a setting that is accepted runs in either precision
   (:func:`check_temperature`).
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,12 +49,14 @@ __all__ = [
     "MIN_TEMPERATURE",
     "PAYMENTS",
     "MechanismSpec",
+    "PaymentWarning",
     "SpecError",
     "allocation",
     "check_decoding",
     "check_payment",
     "check_temperature",
     "describe",
+    "justified_payment",
     "payment_from_text",
     "stable_problem",
 ]
@@ -73,6 +81,10 @@ class SpecError(ValueError):
         self.argument, self.reason = argument, reason
 
 
+class PaymentWarning(UserWarning):
+    """A payment kind the rule does not justify (``"second_price"`` with a rule that is not monotone)."""
+
+
 def describe(value) -> str:
     """A short ``type repr`` of a user value for error messages."""
     text = repr(value)
@@ -87,7 +99,10 @@ def real_scalar(value, argument: str, expected: str) -> float:
             if np.issubdtype(dtype, np.number):
                 return float(value)
         raise SpecError(argument, f"expected {expected}; got {describe(value)}.")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int of hundreds of digits
+        raise SpecError(argument, f"expected {expected}; got an integer of {len(str(abs(value)))} digits.") from None
 
 
 def check_payment(payment, argument: str = "payment") -> str | None:
@@ -146,6 +161,31 @@ def check_rule(rule, argument: str = "rule") -> base.Rule:
         raise SpecError(argument, str(error).removeprefix("rule: ")) from None
 
 
+def justified_payment(rule: base.Rule) -> str | None:
+    """The payment kind ``rule`` justifies: ``"second_price"`` for a monotone rule (the threshold payment,
+    docs/maths.md §5), else ``"kl"`` where it has a valuation (Myerson payments, docs/maths.md §7), else None."""
+    if rule.monotone:
+        return "second_price"
+    return "kl" if rule.valuation is not None else None
+
+
+def payment_problem(rule: base.Rule, payment: str | None) -> str | None:
+    """Why ``payment`` has no incentive meaning under ``rule`` (None if it has): second price needs a monotone rule."""
+    if payment != "second_price" or rule.monotone:
+        return None
+    fits = justified_payment(rule)
+    fix = (
+        f"use payment {fits!r} (Myerson payments for the rule's valuation, docs/maths.md §7)"
+        if fits
+        else "use payment None, or a jaxauction.base.Rule with monotone=True if the rule is proven monotone"
+    )
+    return (
+        f"payment 'second_price' with rule {rule.name!r}: the second-price payment is the threshold payment of a "
+        f"monotone rule (docs/maths.md §4-5); rule {rule.name!r} is not monotone, so it has no incentive meaning "
+        f"and can be negative. Fix: {fix}."
+    )
+
+
 def stable_problem(rule: base.Rule | str, num_agents: int | Sequence[int], has_base: bool) -> str | None:
     """Why ``decoding = "stable"`` cannot run with this rule, agent count(s) and base prompt (None if it can).
 
@@ -172,7 +212,9 @@ def stable_problem(rule: base.Rule | str, num_agents: int | Sequence[int], has_b
 class MechanismSpec:
     """What decides each token: rule, payment kind, decoding and the agents' temperature (hashable).
 
-    Build it with :meth:`create`, which checks every field; the constructor trusts its arguments.
+    Build it with :meth:`create`, which checks every field and warns (:class:`PaymentWarning`) about a
+    payment the rule does not justify. The constructor checks the fields too (a rule name or function
+    is resolved, a bad value is a :class:`SpecError`), so a spec built directly is never invalid.
 
     Attributes:
       rule: a :class:`jaxauction.base.Rule` (:meth:`create` resolves names and functions).
@@ -186,18 +228,36 @@ class MechanismSpec:
     decoding: str = "sample"
     temperature: float = 1.0
 
-    @classmethod
-    def create(cls, rule="linear", payment="second_price", decoding="sample", temperature=1.0):
-        """Checks every setting; :class:`SpecError` (a ``ValueError``) naming the argument and the fix."""
-        rule = check_rule(rule)
-        payment = check_payment(payment)
+    def __post_init__(self):
+        """Checks (and normalises) every field: :class:`SpecError` naming the argument and the fix."""
+        rule = check_rule(self.rule)
+        payment = check_payment(self.payment)
         if payment == "kl" and rule.valuation is None:
             raise SpecError(
                 "payment",
                 f"'kl' needs the rule's valuation; rule {rule.name!r} has none. Use a built-in rule, a "
                 "jaxauction.base.Rule with a valuation, or payment 'second_price'.",
             )
-        return cls(rule, payment, check_decoding(decoding), check_temperature(temperature))
+        object.__setattr__(self, "rule", rule)
+        object.__setattr__(self, "decoding", check_decoding(self.decoding))
+        object.__setattr__(self, "temperature", check_temperature(self.temperature))
+
+    @classmethod
+    def create(cls, rule="linear", payment="second_price", decoding="sample", temperature=1.0):
+        """Checks every setting; :class:`SpecError` (a ``ValueError``) naming the argument and the fix.
+
+        Warns once per spec (:class:`PaymentWarning`, :func:`payment_problem`) when the payment has no
+        incentive meaning under the rule (``"second_price"`` with a rule that is not monotone).
+        """
+        spec = cls(rule, payment, decoding, temperature)
+        spec.warn_payment()
+        return spec
+
+    def warn_payment(self, stacklevel: int = 4) -> None:
+        """Issues :class:`PaymentWarning` when the payment kind is not the one the rule justifies."""
+        problem = payment_problem(self.rule, self.payment)
+        if problem:
+            warnings.warn(problem, PaymentWarning, stacklevel=stacklevel)
 
     @property
     def allocation(self) -> str | None:

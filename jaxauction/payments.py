@@ -105,6 +105,10 @@ class Quadrature:
     zero_ratio: float = math.exp(-2.0)
 
     def __post_init__(self):
+        for name in ("order", "body_panels", "tail_panels", "zero_panels"):
+            _validation.check_count(getattr(self, name), f"Quadrature: {name}", minimum=0)
+        for name in ("body_ratio", "zero_ratio"):
+            _validation.check_real_number(getattr(self, name), f"Quadrature: {name}")
         if self.order < 1 or self.body_panels < 1 or self.tail_panels < 1 or self.zero_panels < 0:
             raise ValueError(f"Quadrature: order, body_panels, tail_panels >= 1 and zero_panels >= 0; got {self}.")
         if not (self.body_ratio > 0 and 0 < self.zero_ratio < 1):
@@ -216,7 +220,13 @@ METHODS = ("auto", "quadrature")
 ``"quadrature"`` always runs the generic autodiff + quadrature path (to check one against the other)."""
 
 
-def _check_method(fn: str, method: str) -> None:
+def _check_method(fn: str, method: str, quadrature=None) -> None:
+    """``method`` one of :data:`METHODS` and ``quadrature`` a :class:`Quadrature` (static: fine under ``jit``)."""
+    if quadrature is not None and not isinstance(quadrature, Quadrature):
+        raise ValueError(
+            f"{fn}: quadrature: expected a jaxauction.payments.Quadrature (e.g. Quadrature(order=8)); got "
+            f"{type(quadrature).__name__} {quadrature!r:.60}."
+        )
     if not (isinstance(method, str) and method in METHODS):
         raise ValueError(
             f"{fn}: method must be one of {METHODS} ('auto': a rule's closed form when it has one, "
@@ -413,7 +423,7 @@ def charged_payments(
     fn = "charged_payments"
     rule = base.as_rule(rule, argument=f"{fn}: rule")
     _resolve_allocation(fn, rule, allocation)
-    _check_method(fn, method)
+    _check_method(fn, method, quadrature)
     return _dispatch(
         rule,
         logits,
@@ -473,7 +483,7 @@ def second_price(
     fn = "second_price"
     resolved = base.as_rule(rule, argument=f"{fn}: rule")
     _resolve_allocation(fn, resolved, allocation)
-    _check_method(fn, method)
+    _check_method(fn, method, quadrature)
     logits, bids = _validation.mechanism_inputs(fn, logits, bids)
     base_logits, base_bid = _validation.base_inputs(fn, logits, base_logits, base_bid)
     return _dispatch(

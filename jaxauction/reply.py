@@ -23,8 +23,9 @@ import numpy as np
 
 from jaxauction import _validation, engine, reply_mechanism
 from jaxauction import prompts as prompts_lib
-from jaxauction.engine.request import validate_model
+from jaxauction.engine.request import GenerateOptions, validate_model
 from jaxauction.engine.scoring import token_log_probs
+from jaxauction.mechanism import real_scalar
 from jaxauction.reply_mechanism import allocation, payments, welfare
 
 __all__ = ["PROPOSALS", "ReplyResult", "allocation", "auction", "payments", "token_log_probs", "welfare"]
@@ -115,8 +116,9 @@ def auction(
     Returns:
       A :class:`ReplyResult`.
     """
-    model = validate_model(model)
     bid_array = _check_arguments(prompts, bids, base_prompt, num_candidates, proposal, tau)
+    GenerateOptions.create(max_new_tokens=max_new_tokens)  # its check, before the model loads
+    model = validate_model(model)
     key = jax.random.key(0) if key is None else key
     draw_key, mix_key, choice_key = jax.random.split(key, 3)
     candidates = _draw_candidates(
@@ -162,9 +164,14 @@ def _check_arguments(prompts, bids, base_prompt, num_candidates, proposal, tau) 
         raise ValueError("base_prompt: required; its LLM is the reference pi_ref (e.g. the user's query alone).")
     if proposal not in PROPOSALS:
         raise ValueError(f"proposal: expected one of {PROPOSALS}; got {proposal!r}.")
-    if not isinstance(num_candidates, (int, np.integer)) or num_candidates < 1:
-        raise ValueError(f"num_candidates: expected a positive integer; got {num_candidates!r}.")
-    if not (np.ndim(tau) == 0 and np.isfinite(tau) and tau > 0):
+    if (
+        isinstance(num_candidates, (bool, np.bool_))
+        or not isinstance(num_candidates, (int, np.integer))
+        or num_candidates < 1
+    ):
+        raise ValueError(f"num_candidates: expected a positive integer (a count, not a bool); got {num_candidates!r}.")
+    value = real_scalar(tau, "tau", "a finite number > 0")
+    if not (np.isfinite(value) and value > 0):
         raise ValueError(f"tau: expected a finite number > 0; got {tau!r}.")
     return _validation.host_bids("bids", bids, num_agents=len(prompts))
 

@@ -1,6 +1,10 @@
 """Bid-ratio sweeps: the same advertisers, the bid moving from one advertiser to the other.
 
-All points (and samples) of one rule run as one batch of auctions in one compiled decode loop.
+All points (and samples) of one rule run as one batch of auctions in one compiled decode loop. Each
+rule is charged the payment it justifies (:func:`rule_config`): the configuration's payment, except
+``"second_price"`` under a rule that is not monotone (``log_linear``), which is charged
+:func:`jaxauction.mechanism.justified_payment` (``"kl"``) instead: the second-price payment is the
+threshold payment of a monotone rule only (docs/maths.md §5, §7).
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxauction.base import as_rule
 from jaxauction.config import AuctionConfig
 from jaxauction.engine import GenerationResult, generate
-from jaxauction.mechanism import SpecError
+from jaxauction.mechanism import SpecError, justified_payment, payment_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +33,7 @@ class SweepResult:
       texts: ``texts[rule][p][s]`` the ad of sample ``s`` at point ``p``.
       mentions: ``mentions[rule]: [P, S, n]`` whether each ad mentions each advertiser.
       payments: ``payments[rule]: [P, S, n]`` each advertiser's total payment.
+      payment_kinds: ``payment_kinds[rule]`` the payment kind charged under that rule (:func:`rule_config`).
     """
 
     names: list[str]
@@ -37,6 +43,7 @@ class SweepResult:
     texts: dict[str, list[list[str]]]
     mentions: dict[str, np.ndarray]
     payments: dict[str, np.ndarray]
+    payment_kinds: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -44,9 +51,11 @@ class SweepResult:
             "shares": self.shares,
             "bids": self.bids,
             "rules": self.rules,
+            "payment_kinds": self.payment_kinds,
             "points": [
                 {
                     "rule": rule,
+                    "payment": self.payment_kinds.get(rule),
                     "share": float(self.shares[p]),
                     "bids": self.bids[p],
                     "samples": [
@@ -83,16 +92,40 @@ def sweep_bids(config: AuctionConfig, points: int) -> tuple[np.ndarray, np.ndarr
     return shares, bids
 
 
+def rule_config(config: AuctionConfig, rule: str) -> AuctionConfig:
+    """``config`` with ``rule`` and the payment that rule justifies: the configuration's payment, or, where
+    that is ``"second_price"`` and the rule is not monotone, :func:`jaxauction.mechanism.justified_payment`
+    (``"kl"`` for ``log_linear``). :class:`~jaxauction.mechanism.SpecError` when the rule does not fit."""
+    resolved = as_rule(rule)
+    payment = config.payment
+    if payment_problem(resolved, payment):
+        payment = justified_payment(resolved)
+    return config.replace(rule=rule, payment=payment)
+
+
+def payment_note(result: SweepResult) -> str:
+    """One line naming the payment each rule of a sweep was charged, e.g. ``payments: linear: second_price, ...``."""
+    kinds = ", ".join(f"{rule}: {result.payment_kinds.get(rule) or 'none'}" for rule in result.rules)
+    return f"payments (the one each rule justifies): {kinds}"
+
+
 def check_rules(config: AuctionConfig, rules: Sequence[str], argument: str = "rules") -> None:
     """Every rule of a sweep makes a valid mechanism with the configuration (e.g. ``decoding = "stable"``
     needs the linear rule); ``ValueError`` naming ``argument`` and the configuration otherwise."""
     if not rules:
         raise ValueError(f"{argument}: expected at least one rule name, e.g. linear.")
+    repeated = sorted({rule for rule in rules if list(rules).count(rule) > 1}, key=str)
+    if repeated:
+        raise ValueError(
+            f"{argument}: rule(s) {repeated} given twice; each rule is swept once (its results by its name)."
+        )
     for rule in rules:
         try:
-            config.replace(rule=rule)
+            rule_config(config, rule)
         except SpecError as error:
             raise ValueError(f"{argument}: {config.path}: {error.reason}") from None
+        except ValueError as error:
+            raise ValueError(f"{argument}: {error}") from None
 
 
 def run_sweep(
@@ -116,7 +149,7 @@ def run_sweep(
     check_rules(config, rules)
     shares, bids = sweep_bids(config, points)
     batch_bids = np.repeat(bids, samples, axis=0)
-    texts, mentions, paid = {}, {}, {}
+    texts, mentions, paid, kinds = {}, {}, {}, {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -126,7 +159,9 @@ def run_sweep(
         for rule in rules:
             if bar is not None:
                 bar.set_postfix_str(rule)
-            options = {**config.generate_options(), "rule": rule}
+            rule_setup = rule_config(config, rule)
+            kinds[rule] = rule_setup.payment
+            options = {**rule_setup.generate_options(), "rule": rule}
             result: GenerationResult = generate(config.prompts(), batch_bids, model=model, progress=progress, **options)
             texts[rule] = [result.texts[p * samples : (p + 1) * samples] for p in range(points)]
             mentions[rule] = np.array([[a.mentioned_in(t) for a in config.advertisers] for t in result.texts]).reshape(
@@ -139,7 +174,14 @@ def run_sweep(
         if bar is not None:
             bar.close()
     return SweepResult(
-        names=config.names, shares=shares, bids=bids, rules=list(rules), texts=texts, mentions=mentions, payments=paid
+        names=config.names,
+        shares=shares,
+        bids=bids,
+        rules=list(rules),
+        texts=texts,
+        mentions=mentions,
+        payments=paid,
+        payment_kinds=kinds,
     )
 
 
@@ -186,7 +228,7 @@ def plot_sweep(result: SweepResult, path) -> None:
                 color=color,
                 marker="o",
                 ms=3,
-                label=f"{name} ({rule})",
+                label=f"{name} ({rule}, {result.payment_kinds.get(rule) or 'no'} payment)",
             )
             right.plot(
                 result.shares,
@@ -198,10 +240,11 @@ def plot_sweep(result: SweepResult, path) -> None:
                 label=f"{name} ({rule})",
             )
     share_label = f"bid share of {result.names[0]}"
-    left.set(xlabel=share_label, ylabel="total second-price payment", title="Payments")
+    left.set(xlabel=share_label, ylabel="total payment (the rule's payment kind in the legend)", title="Payments")
     right.set(xlabel=share_label, ylabel="share of ads that mention it", title="Mentions", ylim=(-0.05, 1.05))
     for axis in (left, right):
         axis.grid(alpha=0.3)
+    left.legend(fontsize=7)
     right.legend(fontsize=8, loc="center right")
     save_figure(figure, path, dpi=120)
     plt.close(figure)

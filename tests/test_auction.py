@@ -85,6 +85,9 @@ def test_exports():
         assert hasattr(jaxauction, module)
 
 
+@pytest.mark.filterwarnings(
+    "ignore::jaxauction.mechanism.PaymentWarning"
+)  # second_price under a rule that is not monotone
 def test_rule_may_be_a_name_a_rule_or_a_user_function():
     logits, bids, jl, jb = _case(5)
     expected = TokenAuction(rule=jaxauction.log_linear, payment="kl")(jl, jb)

@@ -65,6 +65,9 @@ def test_one_temperature_rule_whatever_the_precision(temperature, ok):
         MechanismSpec.create(temperature=temperature)
 
 
+@pytest.mark.filterwarnings(
+    "ignore::jaxauction.mechanism.PaymentWarning"
+)  # second_price under a rule that is not monotone
 def test_stable_decoding_conditions_are_stated_once():
     assert mechanism.stable_problem("linear", 2, False) is None
     assert mechanism.stable_problem(ja.linear, [2, 2], False) is None
@@ -148,6 +151,9 @@ def test_no_payment_is_spelled_none_in_text_and_None_in_python(tmp_path):
         ja.GenerateOptions.create(payment="none")
 
 
+@pytest.mark.filterwarnings(
+    "ignore::jaxauction.mechanism.PaymentWarning"
+)  # second_price under a rule that is not monotone
 def test_stable_decoding_gets_the_same_message_from_config_sweep_and_batch(tmp_path, capsys):
     reason = mechanism.stable_problem("log_linear", 2, False)
     path = tmp_path / "stable.toml"

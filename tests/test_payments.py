@@ -314,6 +314,9 @@ def test_linear_kl_payments_match_scipy_for_bid_ratios_1e_minus_12_to_1e12(dtype
     np.testing.assert_allclose(got, expected, rtol=rtol, atol=0)
 
 
+@pytest.mark.filterwarnings(
+    "ignore::jaxauction.mechanism.PaymentWarning"
+)  # second_price under a rule that is not monotone
 def test_jitted_rules_names_and_user_functions_work_everywhere():
     logits, bids = random_auction(np.random.default_rng(14), 3, 5)
     jl, jb = jnp.asarray(logits, jnp.float32), jnp.asarray(bids, jnp.float32)

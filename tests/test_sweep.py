@@ -33,6 +33,7 @@ def hand_made(dtype=np.float64) -> SweepResult:
             "linear": np.array([[[0.0, 0.25], [0.0, 0.125]], [[0.5, 0.0], [0.75, 0.0]]], dtype),
             "log_linear": np.array([[[0.0, 1.0], [0.0, 2.0]], [[3.0, 0.0], [0.0625, 0.0]]], dtype),
         },
+        payment_kinds={"linear": "second_price", "log_linear": "kl"},
     )
 
 
@@ -84,9 +85,11 @@ def test_to_json_written_through_write_json(tmp_path, dtype):
         "shares": [0.0, 1.0],
         "bids": [[0.0, 1.5], [1.5, 0.0]],
         "rules": ["linear", "log_linear"],
+        "payment_kinds": {"linear": "second_price", "log_linear": "kl"},
         "points": [
             {
                 "rule": "linear",
+                "payment": "second_price",
                 "share": 0.0,
                 "bids": [0.0, 1.5],
                 "samples": [
@@ -96,6 +99,7 @@ def test_to_json_written_through_write_json(tmp_path, dtype):
             },
             {
                 "rule": "linear",
+                "payment": "second_price",
                 "share": 1.0,
                 "bids": [1.5, 0.0],
                 "samples": [
@@ -105,12 +109,14 @@ def test_to_json_written_through_write_json(tmp_path, dtype):
             },
             {
                 "rule": "log_linear",
+                "payment": "kl",
                 "share": 0.0,
                 "bids": [0.0, 1.5],
                 "samples": [sample("Beta.", [False, True], [0.0, 1.0]), sample("Nothing.", [False, False], [0.0, 2.0])],
             },
             {
                 "rule": "log_linear",
+                "payment": "kl",
                 "share": 1.0,
                 "bids": [1.5, 0.0],
                 "samples": [

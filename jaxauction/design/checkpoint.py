@@ -120,6 +120,13 @@ def _load(path: Path, params_template: Any, opt_state_template: Any, settings: d
     return SearchState(trees[0], trees[1], int(meta["step"]), float(meta["multiplier"]), history)
 
 
+def check_path(path: str | Path | None, argument: str = "checkpoint") -> Path | None:
+    """Before any step runs: ``path`` can be written (:func:`jaxauction.outputs.check_output_path`: not a
+    folder, no file on the way, a writable place), else ``ValueError`` naming ``argument``. An existing
+    checkpoint is fine (it is resumed); None is no checkpoint."""
+    return outputs.check_output_path(argument, path)
+
+
 def atomic_savez(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
     """``np.savez`` to ``path`` atomically (through :func:`jaxauction.outputs.atomic_path`).
 

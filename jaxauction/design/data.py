@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxauction import base, engine, rules
+from jaxauction import _validation, base, engine, rules
 from jaxauction import prompts as prompts_lib
 from jaxauction.design.checkpoint import atomic_savez, file_errors
 from jaxauction.engine import scoring
@@ -101,10 +101,12 @@ def dirichlet_auctions(
     Bids are ``exp(bid_sigma * N(0, 1))`` (median 1). The base distribution (``with_base``) is another
     Dirichlet draw. Drawn with NumPy's ``default_rng(seed)``: same seed, same batch.
     """
+    seed = _validation.check_count(seed, "seed", minimum=0)
     for name, value in dict(num_auctions=num_auctions, num_agents=num_agents, vocab_size=vocab_size).items():
-        if int(value) < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}.")
-    if concentration <= 0 or bid_sigma < 0:
+        _validation.check_count(value, name)
+    concentration = _validation.check_real_number(concentration, "concentration")
+    bid_sigma = _validation.check_real_number(bid_sigma, "bid_sigma")
+    if not concentration > 0 or not bid_sigma >= 0:
         raise ValueError(f"need concentration > 0 and bid_sigma >= 0, got {concentration}, {bid_sigma}.")
     rng = np.random.default_rng(seed)
     logits = _log_dirichlet(rng, concentration, (num_auctions, num_agents, vocab_size))

@@ -69,7 +69,7 @@ class PowerMeanParams:
         """Builds parameters as scalar arrays (``dtype`` defaults to JAX's default float)."""
         values = dict(rho=rho, gamma=gamma, base_bid=base_bid, temperature=temperature)
         for name, value in values.items():
-            if np.ndim(value) != 0 or not np.isfinite(value):
+            if np.ndim(value) != 0 or not np.isfinite(_validation.check_real_number(value, name)):
                 raise ValueError(f"{name} must be a finite scalar, got {value!r}.")
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma!r}.")

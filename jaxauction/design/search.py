@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxauction import preferences
+from jaxauction import _validation, preferences
 from jaxauction.design import checkpoint as checkpoint_lib
 from jaxauction.design.data import AuctionBatch
 from jaxauction.design.families import Bounds, PowerMeanParams, trainable_mask
@@ -269,6 +269,7 @@ def search(
       FloatingPointError: a non-finite step (named); the checkpoint keeps the last finite state.
     """
     _check_settings(steps, checkpoint_every, batch_size, optimizer, learning_rate, params, data)
+    checkpoint_lib.check_path(checkpoint)  # before any step
     bounds = _as_bounds(bounds)
     if monotone:
         params, trainable = _monotone_part(params, trainable, bounds)
@@ -358,7 +359,7 @@ def _checkpoint_settings(tag, maximize, seed, batch_size, constraint: Constraint
     settings = dict(
         tag=tag,
         maximize=maximize,
-        seed=seed,
+        seed=_validation.check_seed(seed),  # before any step: the seeds the PRNG tells apart
         batch_size=batch_size,
         budget=None if constraint is None else float(constraint.budget),
         penalty=None if constraint is None else float(constraint.penalty),

@@ -88,15 +88,22 @@ class GenerateOptions(MechanismSpec):
 
     max_new_tokens: int = 48
 
+    def __post_init__(self):
+        """Checks every field (the spec's, then the length): :class:`SpecError` naming the argument."""
+        super().__post_init__()
+        length = self.max_new_tokens
+        if isinstance(length, (bool, np.bool_)) or not isinstance(length, (int, np.integer)):
+            raise SpecError("max_new_tokens", f"expected a positive integer; got {describe(length)}.")
+        if length < 1:
+            raise SpecError("max_new_tokens", f"expected a positive integer; got {length!r}.")
+        object.__setattr__(self, "max_new_tokens", int(length))
+
     @classmethod
     def create(cls, rule="linear", payment="second_price", decoding="sample", temperature=1.0, max_new_tokens=48):
         """Checks every setting (:meth:`MechanismSpec.create`); ValueError naming the argument otherwise."""
-        spec = MechanismSpec.create(rule, payment, decoding, temperature)
-        if isinstance(max_new_tokens, (bool, np.bool_)) or not isinstance(max_new_tokens, (int, np.integer)):
-            raise SpecError("max_new_tokens", f"expected a positive integer; got {describe(max_new_tokens)}.")
-        if max_new_tokens < 1:
-            raise SpecError("max_new_tokens", f"expected a positive integer; got {max_new_tokens!r}.")
-        return cls(spec.rule, spec.payment, spec.decoding, spec.temperature, int(max_new_tokens))
+        options = cls(rule, payment, decoding, temperature, max_new_tokens)
+        options.warn_payment()
+        return options
 
     def keywords(self) -> dict[str, Any]:
         """The options as the keywords of :func:`jaxauction.generate` (a registered rule by its name)."""
@@ -250,6 +257,7 @@ def _encode_auctions(auctions, tokenizer) -> list[EncodedAuction]:
             )
         bids = _validation.host_bids(f"{name}.bids", auction.bids, num_agents=len(prompts), ndim=1)
         base_bid = _checked_base_bid(auction.base_bid, f"{name}.base_bid")
+        _validation.check_base_pair(auction.base_prompt, base_bid, where=f"{name}.")
         agents = tuple(
             tuple(prompts_lib.encode_prompt(tokenizer, p, argument=f"{name}.prompts[{i}]"))
             for i, p in enumerate(prompts)
@@ -271,6 +279,7 @@ def _encode_prompt_form(prompts, bids, base_prompt, base_bid, tokenizer) -> tupl
         raise ValueError("bids: expected [n] or [A, n] bids for the prompts; got None.")
     bid_array = _validation.host_bids("bids", bids, num_agents=len(prompts))
     base_bid = _checked_base_bid(base_bid, "base_bid")
+    _validation.check_base_pair(base_prompt, base_bid)
     agents = tuple(
         tuple(prompts_lib.encode_prompt(tokenizer, p, argument=f"prompts[{i}]")) for i, p in enumerate(prompts)
     )
