@@ -1,9 +1,11 @@
 """Weights: GGUF and safetensors readers, llama.cpp's q/k permutation, and export to a Hugging Face folder.
 
 Every source is first seen as Hugging Face-named float arrays in torch layout (``[out, in]``), e.g.
-``model.layers.3.self_attn.q_proj.weight``. ``build_model`` turns those, one tensor at a time, into the
-fused NNX parameters (``[in, out]`` kernels, ``q|k|v`` and ``gate|up`` concatenated), so the peak memory
-stays near one copy of the model.
+``model.layers.3.self_attn.q_proj.weight``, read part by part (a :class:`TensorSource`: safetensors
+slices, GGUF rows). ``build_model`` reads each device's part of each fused NNX parameter (``[in, out]``
+kernels, ``q|k|v`` per key/value group and ``gate|up`` interleaved, layers stacked ``[L, ...]``) from
+the rows it needs, in the model's dtype, straight into its shard (:mod:`jaxauction.models.placement`):
+the host holds at most about the largest tensor plus one layer's shard, never the model.
 """
 
 from __future__ import annotations
