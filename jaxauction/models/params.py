@@ -1,28 +1,34 @@
 """Weights: GGUF and safetensors readers, llama.cpp's q/k permutation, and export to a Hugging Face folder.
 
 Every source is first seen as Hugging Face-named float arrays in torch layout (``[out, in]``), e.g.
-``model.layers.3.self_attn.q_proj.weight``. ``build_model`` turns those, one tensor at a time, into the
-fused NNX parameters (``[in, out]`` kernels, ``q|k|v`` and ``gate|up`` concatenated), so the peak memory
-stays near one copy of the model.
+``model.layers.3.self_attn.q_proj.weight``, read part by part (a :class:`TensorSource`: safetensors
+slices, GGUF rows). ``build_model`` reads each device's part of each fused NNX parameter (``[in, out]``
+kernels, ``q|k|v`` per key/value group and ``gate|up`` interleaved, layers stacked ``[L, ...]``) from
+the rows it needs, in the model's dtype, straight into its shard (:mod:`jaxauction.models.placement`):
+the host holds at most about the largest tensor plus one layer's shard, never the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxauction import sharding
+from jaxauction.models import placement
 from jaxauction.models.config import LlamaConfig
 from jaxauction.models.modeling import Q4_1_BLOCK, Llama, fused_gate_up_columns, fused_qkv_columns
 
@@ -227,21 +233,42 @@ def gguf_tensor_name(hf_name: str) -> str:
     return f"blk.{layer}.{inverse[module]}.{kind}"
 
 
-def gguf_weight_reader(file: GGUFFile, config: LlamaConfig, *, unpermute: bool = True) -> Callable[[str], np.ndarray]:
-    """``hf_name -> float32 [out, in]`` reader over a GGUF file.
-
-    For ``general.architecture == "llama"`` the q and k rows are permuted back per head
-    (``llama_cpp_unpermute``); ``unpermute=False`` skips that (only to show the logits then break).
+class GGUFWeights:
+    """Hugging Face-named tensors of a GGUF file, read part by part (``shape`` and ``read``, like
+    :class:`SafetensorsFolder`): a part's rows are dequantized alone (a row of a quantized tensor is
+    whole blocks), and for ``general.architecture == "llama"`` the q and k rows are permuted back per
+    head (``llama_cpp_unpermute``; ``unpermute=False`` skips that, only to show the logits then break).
     """
-    restore = _row_order_restorer(file, config, unpermute)
 
-    def read(hf_name: str) -> np.ndarray:
+    def __init__(self, file: GGUFFile, config: LlamaConfig, *, unpermute: bool = True):
+        self.file = file
+        self.permuted = unpermute and file.metadata.get("general.architecture") == "llama"
+        self.heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
+
+    def _info(self, hf_name: str) -> GGUFTensor:
         name = gguf_tensor_name(hf_name)
-        if name not in file.tensors:
-            raise ValueError(f"{file.path}: tensor {name!r} (for {hf_name}) is missing.")
-        return restore(name, check_finite(file.tensor(name), name, file.path))
+        if name not in self.file.tensors:
+            raise ValueError(f"{self.file.path}: tensor {name!r} (for {hf_name}) is missing.")
+        return self.file.tensors[name]
 
-    return read
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        return self._info(hf_name).shape
+
+    def read(self, hf_name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """``tensor[index]`` as float32 (``index``: concrete slices; None reads it whole)."""
+        info = self._info(hf_name)
+        index = tuple(slice(0, n) for n in info.shape) if index is None else index
+        rows = index[0]
+        kind = info.name.split(".")[-2]  # blk.{i}.attn_q.weight -> attn_q
+        heads = self.heads.get(kind) if self.permuted and info.name.startswith("blk.") else None
+        width = info.shape[0] // heads if heads else 1  # rows of one head: a permuted part is whole heads
+        first, last = rows.start // width * width, -(-rows.stop // width) * width
+        raw = self.file.raw(info.name)[first:last] if len(info.shape) > 1 else self.file.raw(info.name)
+        values = np.array(gguf.quants.dequantize(raw, info.ggml_type), np.float32).reshape(-1, *info.shape[1:])
+        if heads:
+            values = llama_cpp_unpermute(values, (last - first) // width)
+        part = values[(slice(rows.start - first, rows.stop - first), *index[1:])]
+        return check_finite(np.ascontiguousarray(part), info.name, self.file.path, index)
 
 
 def _row_order_restorer(
@@ -350,28 +377,43 @@ class SafetensorsFolder:
     def __contains__(self, name: str) -> bool:
         return name in self.location
 
-    def read(self, hf_name: str) -> np.ndarray:
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        return tuple(self._slice(hf_name).get_shape())
+
+    def _slice(self, hf_name: str):
         if hf_name not in self.location:
             raise ValueError(f"{self.folder}: tensor {hf_name!r} is missing from the safetensors files.")
+        return self._handles[self.location[hf_name]].get_slice(hf_name)
+
+    def read(self, hf_name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """``tensor[index]`` in its stored dtype (``index``: concrete slices; None reads it whole): only
+        that part is read from the file."""
+        path = self.folder / self.location.get(hf_name, "")
+        part = self._slice(hf_name)
         try:
-            tensor = self._handles[self.location[hf_name]].get_tensor(hf_name)
+            tensor = part[index if index is not None else tuple(slice(None) for _ in part.get_shape())]
         except Exception as error:
-            raise ValueError(f"{self.folder / self.location[hf_name]}: cannot read {hf_name!r} ({error}).") from None
-        return check_finite(np.asarray(tensor, np.float32), hf_name, self.folder / self.location[hf_name])
+            raise ValueError(f"{path}: cannot read {hf_name!r} ({error}).") from None
+        return check_finite(np.asarray(tensor), hf_name, path, index)
 
 
-def check_finite(array: np.ndarray, name: str, file: str | os.PathLike) -> np.ndarray:
-    """``array`` unchanged if every entry is finite; otherwise a ``ValueError`` naming the tensor and the file.
+def check_finite(
+    array: np.ndarray, name: str, file: str | os.PathLike, index: tuple[slice, ...] | None = None
+) -> np.ndarray:
+    """``array`` unchanged if every entry is finite; otherwise a ``ValueError`` naming the tensor, the file
+    and the first bad entry's index in the tensor (``array`` is ``tensor[index]``; None: the whole tensor).
 
     A checkpoint with NaN or inf weights would load and generate garbage with zero payments, so every
     tensor is checked as it is read (one ``np.isfinite(...).all()`` pass, cheap next to the read itself).
     """
     if not np.isfinite(array).all():
         bad = ~np.isfinite(array)
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        local = tuple(int(i) for i in np.argwhere(bad)[0])
+        first = tuple(i + (0 if index is None else index[axis].start) for axis, i in enumerate(local))
+        part = "" if index is None else " in the part " + ", ".join(f"{s.start}:{s.stop}" for s in index) + " read"
         raise ValueError(
-            f"{file}: tensor {name!r} (shape {tuple(array.shape)}) holds {int(bad.sum())} non-finite value(s) "
-            f"(first {float(array[first])} at index {first}); the checkpoint is corrupted. Re-download or "
+            f"{file}: tensor {name!r} holds {int(bad.sum())} non-finite value(s){part} (first "
+            f"{float(array[local])} at index {first}); the checkpoint is corrupted. Re-download or "
             "re-export the model."
         )
     return array
@@ -398,10 +440,53 @@ def hf_weight_names(config: LlamaConfig) -> Iterator[str]:
         yield "lm_head.weight"
 
 
-def _expect(name: str, array: np.ndarray, shape: tuple[int, ...], source: str) -> np.ndarray:
-    if tuple(array.shape) != shape:
-        raise ValueError(f"{source}: tensor {name} has shape {tuple(array.shape)}, expected {shape} from the config.")
-    return array
+@runtime_checkable
+class TensorSource(Protocol):
+    """Hugging Face-named tensors (torch layout ``[out, in]``) read part by part:
+    :class:`SafetensorsFolder`, :class:`GGUFWeights` or :class:`ArrayWeights`."""
+
+    def shape(self, hf_name: str) -> tuple[int, ...]: ...
+
+    def read(self, hf_name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """``tensor[index]`` (concrete slices, finite-checked; None: the whole tensor)."""
+        ...
+
+
+class ArrayWeights:
+    """A :class:`TensorSource` over ``read(hf_name) -> [out, in]`` whole arrays (a dict's ``__getitem__``)."""
+
+    def __init__(self, read: Callable[[str], np.ndarray]):
+        self._read = read
+
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        return tuple(np.shape(self._read(hf_name)))
+
+    def read(self, hf_name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        array = np.asarray(self._read(hf_name))
+        return array if index is None else array[index]
+
+
+def hf_weight_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face tensor the model needs (:func:`hf_weight_names`) and its ``[out, in]`` shape."""
+    D, F, hd, V = config.hidden_size, config.intermediate_size, config.head_dim, config.vocab_size
+    H, K = config.num_heads * hd, config.num_kv_heads * hd
+    weights = {"embed_tokens": (V, D), "lm_head": (V, D), "q_proj": (H, D), "k_proj": (K, D), "v_proj": (K, D)}
+    weights |= {"o_proj": (D, H), "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F)}
+    weights |= {"q_norm": (hd,), "k_norm": (hd,)}
+
+    def shape(name: str) -> tuple[int, ...]:
+        module, kind = name.split(".")[-2:]
+        return (weights[module][0],) if kind == "bias" else weights.get(module, (D,))  # the rest: [D] norms
+
+    return {name: shape(name) for name in hf_weight_names(config)}
+
+
+def check_shapes(config: LlamaConfig, weights: TensorSource, source: str) -> None:
+    """Every tensor the model needs is there with the shape its config gives (ValueError naming it)."""
+    for name, shape in hf_weight_shapes(config).items():
+        got = tuple(weights.shape(name))
+        if got != shape:
+            raise ValueError(f"{source}: tensor {name} has shape {got}, expected {shape} from the config.")
 
 
 def q4_1_kernel(parts: list[Q4_1Blocks]) -> dict[str, np.ndarray]:
@@ -414,102 +499,158 @@ def q4_1_kernel(parts: list[Q4_1Blocks]) -> dict[str, np.ndarray]:
 
 def build_model(
     config: LlamaConfig,
-    read: Callable[[str], np.ndarray],
+    read: TensorSource | Callable[[str], np.ndarray],
     *,
     dtype=jnp.float32,
     source: str = "weights",
     read_q4_1: Callable[[str], Q4_1Blocks] | None = None,
+    mesh: Mesh | None = None,
 ) -> Llama:
-    """A ``Llama`` whose parameters come from ``read(hf_name) -> [out, in]`` arrays, one tensor at a time.
+    """A ``Llama`` whose parameters are read from ``read`` (a :class:`TensorSource`, or a function
+    ``hf_name -> [out, in]`` array), straight into each device's shard (:mod:`~jaxauction.models.placement`).
+
+    Each shard is read from its part of the Hugging Face tensors (a column range of the fused q|k|v
+    kernel from the right rows of q, k and v; one layer of a stacked ``[L, ...]`` weight at a time),
+    cast to ``dtype`` and copied to its device: the host never holds the model, only one tensor's
+    part at a time. With ``mesh`` (axes ``"auctions"`` and optionally ``"model"``) every weight is
+    placed as :meth:`Llama.partition_specs` says (split over ``"model"``, replicated over
+    ``"auctions"``), as the engine would place it; without, on the default device.
 
     With ``read_q4_1`` (``hf_name -> Q4_1Blocks``, see :func:`gguf_q4_1_reader`) the layers' projection
-    kernels are read from it and held quantized (``Llama(..., quantization="q4_1")``)."""
+    kernels are read from it and held quantized (``Llama(..., quantization="q4_1")``): each layer's
+    fused kernel is built whole on the host (a sixth of its float32 bytes), then split."""
+    weights = read if isinstance(read, TensorSource) else ArrayWeights(read)
+    check_shapes(config, weights, source)
     quantization = None if read_q4_1 is None else "q4_1"
     abstract = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0), quantization=quantization))
     graphdef, abstract_state = nnx.split(abstract)
-    D = config.hidden_size
-
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        return _expect(name, read(name), shape, source)
-
-    def kernel(names: list[str], shapes: list[tuple[int, int]], columns=None) -> dict[str, np.ndarray]:
-        """A fused ``[in, out]`` kernel of the ``[out, in]`` tensors ``names`` (quantized or float),
-        its columns in the order ``columns`` (indices into the concatenation; None keeps it)."""
-        if read_q4_1 is None:
-            fused = {"kernel": np.concatenate([get(name, shape) for name, shape in zip(names, shapes)]).T}
-        else:
-            parts = [read_q4_1(name) for name in names]
-            for name, shape, part in zip(names, shapes, parts):
-                _expect(name, part[0], shape, source)
-            fused = q4_1_kernel(parts)
-        return fused if columns is None else {key: value[:, columns] for key, value in fused.items()}
-
-    stacked = _stacked_host_layers(config.num_layers, lambda p: _layer_arrays(config, p, get, kernel))
-    # Each layer leaf gets the module's dtype for it (uint8 codes and float16 scales when quantized).
-    layer_specs = nnx.to_pure_dict(abstract_state)["layers"]
-    layers = jax.tree.map(lambda spec, array: _to_device(array, spec.dtype), layer_specs, stacked)
-    del stacked
-    pure: dict[str, Any] = {
-        "embedding": _to_device(get("model.embed_tokens.weight", (config.vocab_size, D)), dtype),
-        "layers": layers,
-        "final_norm": {"weight": _to_device(get("model.norm.weight", (D,)), dtype)},
+    shapes = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_state))
+    shardings = _weight_shardings(abstract, mesh)
+    quantized = None if read_q4_1 is None else _q4_1_layer_kernels(config, read_q4_1)
+    leaves = {
+        path: (leaf, shardings.get(path), _leaf_reader(config, weights, path, leaf.dtype, quantized))
+        for path, leaf in shapes.items()
     }
-    if not config.tie_word_embeddings:
-        pure["lm_head"] = _to_device(get("lm_head.weight", (config.vocab_size, D)), dtype)
-    head = pure["embedding"] if config.tie_word_embeddings else pure["lm_head"]
-    pure["head_transposed"] = jnp.asarray(head.T).block_until_ready()
-    nnx.replace_by_pure_dict(abstract_state, pure)
+    arrays = placement.place(leaves, stacked=lambda path: path[0] == "layers")
+    nnx.replace_by_pure_dict(abstract_state, traverse_util.unflatten_dict(arrays))
     return nnx.merge(graphdef, abstract_state)
 
 
-def _to_device(array: np.ndarray, dtype) -> jax.Array:
-    """``array`` on the device as ``dtype``, waiting for the copy: on a busy machine queued host-to-device
-    copies kept their transient numpy copies alive (that roughly doubled the peak memory of a load)."""
-    return jnp.asarray(np.ascontiguousarray(array), dtype).block_until_ready()
+def _weight_shardings(abstract: Llama, mesh: Mesh | None) -> dict[tuple[str, ...], NamedSharding]:
+    """``path -> NamedSharding`` of each weight on ``mesh`` (the model's partition specs; empty without)."""
+    if mesh is None:
+        return {}
+    mesh = sharding.check_mesh(mesh)
+    size = sharding.model_devices(mesh)
+    if size > 1:
+        specs = traverse_util.flatten_dict(
+            nnx.to_pure_dict(abstract.partition_specs(sharding.AXIS, sharding.MODEL_AXIS, size)[0])
+        )
+    else:
+        specs = dict.fromkeys(traverse_util.flatten_dict(nnx.to_pure_dict(nnx.split(abstract)[1])), PartitionSpec())
+    return {path: NamedSharding(mesh, spec) for path, spec in specs.items()}
 
 
-def _layer_arrays(config: LlamaConfig, p: str, get: Callable, kernel: Callable) -> dict[str, Any]:
-    """One layer's host arrays in the module's layout (kernels ``[in, out]``), its tensors named with
-    prefix ``p`` (``model.layers.{i}.``); ``get(name, shape)`` reads a tensor and ``kernel(names,
-    shapes)`` a fused kernel (see :func:`build_model`)."""
+def _kernel_parts(config: LlamaConfig) -> dict[str, tuple[list[str], list[int], np.ndarray]]:
+    """Each layer kernel (``"attention/qkv_proj"``...) as ``(modules, rows, order)``: the Hugging Face
+    modules whose ``[rows_j, in]`` weights (and ``[rows_j]`` biases) are concatenated, and the kernel's
+    columns as indices into that concatenation (:func:`fused_qkv_columns`, :func:`fused_gate_up_columns`)."""
     D, F, hd = config.hidden_size, config.intermediate_size, config.head_dim
-    H, K = config.num_heads, config.num_kv_heads
-    qkv_names = [p + f"self_attn.{proj}_proj.weight" for proj in "qkv"]
-    attention: dict[str, Any] = {
-        "qkv_proj": kernel(qkv_names, [(H * hd, D), (K * hd, D), (K * hd, D)], fused_qkv_columns(config)),
-        "o_proj": kernel([p + "self_attn.o_proj.weight"], [(D, H * hd)]),
-    }
-    if config.qkv_bias:
-        widths = {"q": H * hd, "k": K * hd, "v": K * hd}
-        attention["qkv_proj"]["bias"] = np.concatenate(
-            [get(p + f"self_attn.{proj}_proj.bias", (width,)) for proj, width in widths.items()]
-        )[fused_qkv_columns(config)]
-    if config.out_bias:
-        attention["o_proj"]["bias"] = get(p + "self_attn.o_proj.bias", (D,))
-    if config.qk_norm:
-        for proj in "qk":
-            attention[f"{proj}_norm"] = {"weight": get(p + f"self_attn.{proj}_norm.weight", (hd,))}
-    gate_up = kernel([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], [(F, D), (F, D)], fused_gate_up_columns(F))
+    H, K = config.num_heads * hd, config.num_kv_heads * hd
     return {
-        "input_norm": {"weight": get(p + "input_layernorm.weight", (D,))},
-        "post_attention_norm": {"weight": get(p + "post_attention_layernorm.weight", (D,))},
-        "attention": attention,
-        "mlp": {"gate_up_proj": gate_up, "down_proj": kernel([p + "mlp.down_proj.weight"], [(D, F)])},
+        "attention/qkv_proj": ([f"self_attn.{p}_proj" for p in "qkv"], [H, K, K], fused_qkv_columns(config)),
+        "attention/o_proj": (["self_attn.o_proj"], [D], np.arange(D)),
+        "mlp/gate_up_proj": (["mlp.gate_proj", "mlp.up_proj"], [F, F], fused_gate_up_columns(F)),
+        "mlp/down_proj": (["mlp.down_proj"], [D], np.arange(D)),
     }
 
 
-def _stacked_host_layers(num_layers: int, layer: Callable[[str], dict[str, Any]]) -> Any:
-    """The layers' host arrays stacked on a leading axis ``[L, ...]`` (the model scans over them):
-    each layer is read into its slice of one array per tensor, so one layer's copy is alive at a time
-    besides the stack (copied to the device once per tensor afterwards)."""
-    stacked: Any = None
-    for i in range(num_layers):
-        arrays = layer(f"model.layers.{i}.")
-        if stacked is None:
-            stacked = jax.tree.map(lambda a: np.empty((num_layers, *a.shape), a.dtype), arrays)
-        jax.tree.map(lambda whole, a: whole.__setitem__(i, a), stacked, arrays)
-        del arrays
-    return stacked
+def fused_part(
+    weights: TensorSource, names: list[str], sizes: list[int], order: np.ndarray, index, dtype
+) -> np.ndarray:
+    """Part ``index`` of a kernel ``[in, out]`` (``index = (in, out)`` slices) or bias ``[out]``
+    (``index = (out,)``) whose column ``j`` is row ``order[j]`` of the concatenated ``[size_k, in]``
+    tensors ``names``, as ``dtype``: from each tensor only the rows that part needs are read (one
+    contiguous range; in the fused layouts a device's columns are whole key/value groups, gate/up pairs)."""
+    wanted = order[index[-1]]
+    rest = index[:-1]
+    out = np.empty((*(part.stop - part.start for part in rest), wanted.size), dtype)
+    start = 0
+    for name, size in zip(names, sizes):
+        hit = np.flatnonzero((wanted >= start) & (wanted < start + size))
+        if hit.size:
+            local = wanted[hit] - start
+            low, high = int(local.min()), int(local.max()) + 1
+            slab = weights.read(name, (slice(low, high), *rest))
+            rows = slab if np.array_equal(local, np.arange(low, high)) else slab[local - low]
+            out[..., hit] = np.moveaxis(rows, 0, -1)
+            del slab, rows
+        start += size
+    return out
+
+
+def _transposed(weights: TensorSource, name: str, index, dtype) -> np.ndarray:
+    """Part ``index = (rows, columns)`` of the ``[in, out]`` transpose of the ``[out, in]`` tensor ``name``."""
+    part = weights.read(name, (index[1], index[0]))
+    out = np.empty(part.shape[::-1], dtype)
+    out[...] = part.T
+    return out
+
+
+_LAYER_TENSORS = {
+    ("input_norm", "weight"): "input_layernorm.weight",
+    ("post_attention_norm", "weight"): "post_attention_layernorm.weight",
+    ("attention", "q_norm", "weight"): "self_attn.q_norm.weight",
+    ("attention", "k_norm", "weight"): "self_attn.k_norm.weight",
+}
+
+
+def _leaf_reader(config: LlamaConfig, weights: TensorSource, path: tuple[str, ...], dtype, quantized) -> placement.Read:
+    """``index -> part`` of the model weight at ``path`` (of ``nnx.to_pure_dict(state)``) as ``dtype``;
+    for a stacked layer weight the index's first slice is one layer ``(i, i + 1)`` and the part ``[1, ...]``."""
+    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    whole = {
+        ("embedding",): "model.embed_tokens.weight",
+        ("lm_head",): "lm_head.weight",
+        ("final_norm", "weight"): "model.norm.weight",
+    }
+    if path in whole:
+        return lambda index: np.asarray(weights.read(whole[path], index), dtype)
+    if path == ("head_transposed",):
+        return lambda index: _transposed(weights, head, index, dtype)
+    if path[0] != "layers":
+        raise ValueError(f"build_model: no Hugging Face tensor for the weight {'/'.join(path)}.")
+    path = path[1:]
+
+    def prefix(index) -> str:
+        return f"model.layers.{index[0].start}."
+
+    if path in _LAYER_TENSORS:
+        return lambda index: np.asarray(weights.read(prefix(index) + _LAYER_TENSORS[path], index[1:]), dtype)[None]
+    names, sizes, order = _kernel_parts(config)["/".join(path[:2])]
+    if path[-1] in ("kernel", "bias"):
+        suffix = ".weight" if path[-1] == "kernel" else ".bias"
+
+        def read(index):
+            tensors = [prefix(index) + name + suffix for name in names]
+            return fused_part(weights, tensors, sizes, order, index[1:], dtype)[None]
+
+        return read
+    return lambda index: quantized(prefix(index), "/".join(path[:2]))[path[-1]][index[1:]][None]
+
+
+def _q4_1_layer_kernels(config: LlamaConfig, read_q4_1: Callable[[str], Q4_1Blocks]) -> Callable:
+    """``(layer prefix, kernel) -> {"packed", "scale", "minimum"}`` of one layer's Q4_1 kernel, fused
+    and in its column order; the last one is kept (its three parts and every shard read it)."""
+    parts = _kernel_parts(config)
+
+    @functools.lru_cache(maxsize=1)
+    def kernel(prefix: str, name: str) -> dict[str, np.ndarray]:
+        names, _, order = parts[name]
+        fused = q4_1_kernel([read_q4_1(prefix + module + ".weight") for module in names])
+        return {key: np.ascontiguousarray(value[:, order]) for key, value in fused.items()}
+
+    return kernel
 
 
 def hf_state_dict(model: Llama) -> Iterator[tuple[str, np.ndarray]]:
