@@ -46,7 +46,7 @@ def test_chunks_of_different_auctions_share_one_program(tiny, chunk_runs, empty_
     chunked = generate(auctions, decoding="greedy", max_new_tokens=7, model=tiny, memory_budget=60_000)
     after = runtime.compilations()
     assert len(chunk_runs) >= 3, "precondition: the batch runs in several chunks"
-    for name in ("prefill_body", "_auction_program"):
+    for name in ("_prefill_program", "_auction_program"):
         assert after.get(name, 0) - before.get(name, 0) == 1, (name, before, after)
     whole = generate(auctions, decoding="greedy", max_new_tokens=7, model=tiny)
     np.testing.assert_array_equal(chunked.tokens, whole.tokens)

@@ -221,10 +221,31 @@ def _auction_only(specs):
     return jax.tree.map(keep, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def prefill(graphdef, weights, cache: RowCache, prompt_arrays: tuple):
-    """:func:`prefill_body` compiled (once per shape); ``prompt_arrays`` are its four array arguments."""
+def _prefill_program(graphdef, mesh, weights, prefix_ids, input_ids, attention_mask, rows, cache):
+    if mesh is None:
+        return prefill_body(graphdef, weights, prefix_ids, input_ids, attention_mask, rows, cache)
+    # Each device prefills its own sequences into its own rows (manual over "auctions"; a "model"
+    # axis stays automatic as in the model program); the shared prefix is replicated.
+    split = PartitionSpec(sharding.AXIS)
+    cache_specs = model_specs((graphdef, weights), mesh)[1]
+    body = jax.shard_map(
+        lambda w, p, i, m, r, c: prefill_body(graphdef, w, p, i, m, r, c),
+        mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec(), split, split, split, _auction_only(cache_specs)),
+        out_specs=(split, _auction_only(cache_specs)),
+        axis_names={sharding.AXIS},
+        check_vma=False,
+    )
+    logits, cache = body(weights, prefix_ids, input_ids, attention_mask, rows, cache)
+    return jax.lax.with_sharding_constraint((logits, cache), _shardings((split, cache_specs), mesh))
+
+
+def prefill(graphdef, weights, cache: RowCache, prompt_arrays: tuple, mesh=None):
+    """:func:`prefill_body` compiled (once per shape); ``prompt_arrays`` are its four array arguments.
+    With a ``mesh`` every argument but the weights and the prefix is split over its ``"auctions"``
+    axis and each device prefills its own rows (the cache as :func:`shard_cache` places it)."""
     args = (weights, *prompt_arrays, cache)
-    return runtime.compiled(prefill_body, (graphdef,), args)(*args)
+    return runtime.compiled(_prefill_program, (graphdef, mesh), args)(*args)
 
 
 def model_specs(model: tuple, mesh) -> tuple:
