@@ -157,8 +157,7 @@ def generate(prompts, bids=None, *, options=None, key=None, model=None, mesh=Non
     model_parts = loop.shard_weights(nnx.split(llm), mesh)  # before the budget: the weights are in use
     if budget is None:
         budget = plan.default_memory_budget(None if mesh is None else mesh.devices.flat)
-    devices = (sharding.auction_devices(mesh), sharding.model_devices(mesh))
-    the_plan = plan.make_plan(req, llm, options, budget, *devices)
+    the_plan = plan.make_plan(req, llm, options, budget, sharding.auction_devices(mesh), sharding.model_devices(mesh))
     spec = _decode_spec(options, req.n_max, the_plan.token_slots, llm, tokenizer)
     runtime.enable_compilation_cache()
     keys = sharding.pad_batch(req.keys, the_plan.chunk_size * the_plan.num_chunks)
