@@ -216,6 +216,9 @@ def test_default_budget_from_device_memory_or_host_ram(monkeypatch):
     assert plan.default_memory_budget([_Device(None)] * 4) == host // 4
     assert plan.default_memory_budget([gpus[0], _Device({})]) == host // 2  # not every device reports its memory
     assert plan.default_memory_budget(jax.devices()[:1]) == host  # this machine's CPU reports none
+    remote = _Device(None)
+    remote.process_index = 1  # another host's device: its memory is that host's to count
+    assert plan.default_memory_budget([gpus[1], remote]) == int(plan.DEVICE_MEMORY_FRACTION * 16 * 2**30)
     monkeypatch.setenv("JAXAUCTION_MEMORY_BUDGET", "3MB")
     assert plan.default_memory_budget(gpus) == 3 * 1024**2
 

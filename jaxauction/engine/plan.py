@@ -121,7 +121,7 @@ def default_memory_budget(devices=None) -> int:
     """The working-memory budget of one device's part of a chunk, in bytes.
 
     ``JAXAUCTION_MEMORY_BUDGET`` if set. Else, when every device of ``devices`` (default: JAX's first
-    device) reports its memory (GPU, TPU: ``memory_stats()["bytes_limit"]``),
+    device) this process holds reports its memory (GPU, TPU: ``memory_stats()["bytes_limit"]``),
     :data:`DEVICE_MEMORY_FRACTION` of the least free memory among them (what the weights already
     placed there leave), at least 64 MiB. Else (CPU) from host RAM: 4 GiB, lowered to a quarter of the
     address space a ``ulimit -v``/``prlimit --as`` leaves this process (XLA's temporary buffers and
@@ -130,13 +130,13 @@ def default_memory_budget(devices=None) -> int:
     env = os.environ.get("JAXAUCTION_MEMORY_BUDGET")
     if env:
         return parse_memory_budget(env, argument="JAXAUCTION_MEMORY_BUDGET")
-    devices = list(devices) if devices is not None else jax.devices()[:1]
-    free = [_free_device_bytes(device) for device in devices]
-    if devices and all(f is not None for f in free):
+    devices = jax.devices()[:1] if devices is None else list(devices)
+    local = [device for device in devices if getattr(device, "process_index", 0) == jax.process_index()]
+    free = [_free_device_bytes(device) for device in local]  # another host's devices report to it
+    if local and all(f is not None for f in free):
         return int(max(64 * 1024**2, DEVICE_MEMORY_FRACTION * min(free)))
     host = int(max(64 * 1024**2, min(DEFAULT_MEMORY_BUDGET, _address_space_left() / 4)))
-    local = sum(1 for device in devices if getattr(device, "process_index", 0) == jax.process_index())
-    return host // max(local, 1)
+    return host // max(len(local), 1)
 
 
 @dataclasses.dataclass(frozen=True)
