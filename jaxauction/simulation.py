@@ -3,8 +3,9 @@
 Each simulated auction picks one set of agent logits (``[n, V]``, e.g. the agents' next-token
 logits at one position of an ad) and one bid profile, and reports what the mechanism does there:
 every agent's payment and value, the bid-weighted welfare and which agent the outcome favours.
-The batch axis is processed in fixed-size chunks (one compiled program) and each chunk is split
-over the devices of a mesh (:mod:`jaxauction.sharding`). :func:`compress_vocabulary` (from
+The batch axis is processed in fixed-size chunks (one compiled program, :func:`chunk_program`) and
+each chunk is split over the devices of a mesh (:mod:`jaxauction.sharding`): every device computes
+its own auctions only. :func:`compress_vocabulary` (from
 :mod:`jaxauction.vocabulary`) shrinks the logits first.
 """
 
@@ -16,12 +17,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from jaxauction import _validation, aggregation, base, mechanism, payments, sharding
 from jaxauction.auction import TokenAuction
 from jaxauction.vocabulary import compress_vocabulary
 
-__all__ = ["SimulationResult", "compress_vocabulary", "simulate"]
+__all__ = ["SimulationResult", "chunk_program", "compress_vocabulary", "simulate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,16 +53,28 @@ class SimulationResult:
         return self.payments.sum(axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "payment", "quadrature"))
-def _simulate_chunk(logit_sets, index, bids, *, rule, payment, quadrature=payments.Quadrature()):
-    """One chunk of auctions under ``rule`` (a :class:`~jaxauction.base.Rule` with a valuation, or its name)."""
-    rule = base.as_rule(rule)
+def _auctions(logit_sets, index, bids, *, rule, payment, quadrature):
+    """The auctions ``index [C], bids [C, n]`` (a :class:`~jaxauction.base.Rule` with a valuation)."""
     logits = jnp.take(logit_sets, index, axis=0)
     outcome = TokenAuction(rule=rule, payment=payment, quadrature=quadrature)(logits, bids)
     log_p = aggregation.agent_log_probs(logits)
     values = rule.valuation(log_p, outcome.log_q[..., None, :])
     welfare = jnp.sum(bids * values, axis=-1)
     return outcome.payments, values, welfare, jnp.argmax(values, axis=-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _chunk_function(rule: base.Rule, payment, quadrature, mesh):
+    """The jitted chunk of :func:`simulate`: with a ``mesh``, a ``shard_map`` over its ``"auctions"``
+    axis, so each device computes its own auctions (the logits sets replicated; a ``"model"`` axis
+    unused, its devices computing the same auctions)."""
+    body = functools.partial(_auctions, rule=rule, payment=payment, quadrature=quadrature)
+    if mesh is not None:
+        split = PartitionSpec(sharding.AXIS)
+        body = jax.shard_map(
+            body, mesh=mesh, in_specs=(PartitionSpec(), split, split), out_specs=split, check_vma=False
+        )
+    return jax.jit(body)
 
 
 def _rule_with_valuation(rule) -> base.Rule:
@@ -110,6 +124,57 @@ def simulate(
       out of ``[0, K)``; a ``chunk_size`` that is not a positive int; a ``mesh`` that is not a
       ``jax.sharding.Mesh`` with axes ``("auctions",)`` or ``("auctions", "model")``.
     """
+    logit_sets, bids, index, setting = _checked(logits, bids, index, rule, payment, chunk_size, mesh, quadrature)
+    rule, _, _, mesh, chunk = setting
+    program = _chunk_function(*setting[:4])
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    logit_sets = sharding.replicate(jnp.asarray(logit_sets, dtype), mesh)
+    outputs = []
+    starts = range(0, len(bids), chunk)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"auctions ({rule.name})", unit="chunk")
+    for start in starts:
+        chunk_index, chunk_bids = _placed_chunk(index[start : start + chunk], bids[start : start + chunk], chunk, mesh)
+        out = program(logit_sets, chunk_index, chunk_bids)
+        outputs.append(tuple(np.asarray(x)[: len(bids[start : start + chunk])] for x in sharding.host_value(out)))
+    paid, values, welfare, favoured = (np.concatenate(parts) for parts in zip(*outputs))
+    return SimulationResult(bids=bids, index=index, payments=paid, values=values, welfare=welfare, favoured=favoured)
+
+
+def chunk_program(
+    logits,
+    bids,
+    *,
+    index=None,
+    rule: str | base.Rule = "linear",
+    payment: str | None = "second_price",
+    chunk_size: int = 256,
+    mesh=None,
+    quadrature: payments.Quadrature = payments.Quadrature(),
+) -> jax.stages.Compiled:
+    """The compiled program :func:`simulate` runs on every chunk of these arguments (the same ones,
+    checked the same way), for inspection: ``.as_text()`` (e.g. that a mesh's devices gather no
+    auctions), ``.input_shardings``, ``.output_shardings``, ``.cost_analysis()``."""
+    logit_sets, bids, index, setting = _checked(logits, bids, index, rule, payment, chunk_size, mesh, quadrature)
+    mesh, chunk = setting[3:]
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    logit_sets = sharding.replicate(jnp.asarray(logit_sets, dtype), mesh)
+    chunk_index, chunk_bids = _placed_chunk(index[:chunk], bids[:chunk], chunk, mesh)
+    return _chunk_function(*setting[:4]).lower(logit_sets, chunk_index, chunk_bids).compile()
+
+
+def _placed_chunk(index: np.ndarray, bids: np.ndarray, chunk: int, mesh):
+    """``(index [C], bids [C, n])`` of one chunk, padded to ``C = chunk`` auctions and split over ``mesh``."""
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    placed = (sharding.pad_batch(jnp.asarray(index), chunk), sharding.pad_batch(jnp.asarray(bids, dtype), chunk))
+    return tuple(sharding.shard_batch(x, mesh) for x in placed)
+
+
+def _checked(logits, bids, index, rule, payment, chunk_size, mesh, quadrature):
+    """:func:`simulate`'s arguments checked: ``(logit_sets [K, n, V], bids [A, n], index [A], (rule,
+    payment, quadrature, mesh, chunk))`` (numpy arrays; ``chunk`` a multiple of the auction devices)."""
     spec = mechanism.MechanismSpec.create(rule=rule, payment=payment)  # the one validator, before any work
     rule, payment = _rule_with_valuation(spec.rule), spec.payment
     logit_sets = np.asarray(logits)
@@ -131,26 +196,8 @@ def simulate(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {type(chunk_size).__name__} {chunk_size!r}.")
     mesh = sharding.check_mesh(mesh)
-
-    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     chunk = sharding.padded_size(min(chunk_size, len(bids)), mesh)
-    logit_sets = sharding.replicate(jnp.asarray(logit_sets, dtype), mesh)
-    outputs = []
-    starts = range(0, len(bids), chunk)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=f"auctions ({rule.name})", unit="chunk")
-    for start in starts:
-        chunk_bids = jnp.asarray(bids[start : start + chunk], dtype)
-        chunk_index = jnp.asarray(index[start : start + chunk])
-        size = chunk_bids.shape[0]
-        chunk_bids = sharding.shard_batch(sharding.pad_batch(chunk_bids, chunk), mesh)
-        chunk_index = sharding.shard_batch(sharding.pad_batch(chunk_index, chunk), mesh)
-        out = _simulate_chunk(logit_sets, chunk_index, chunk_bids, rule=rule, payment=payment, quadrature=quadrature)
-        outputs.append(tuple(np.asarray(x)[:size] for x in sharding.host_value(out)))
-    paid, values, welfare, favoured = (np.concatenate(parts) for parts in zip(*outputs))
-    return SimulationResult(bids=bids, index=index, payments=paid, values=values, welfare=welfare, favoured=favoured)
+    return logit_sets, bids, index, (rule, payment, quadrature, mesh, chunk)
 
 
 def _check_index(index, num_auctions: int, num_sets: int) -> np.ndarray:

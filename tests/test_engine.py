@@ -46,7 +46,7 @@ def test_chunks_of_different_auctions_share_one_program(tiny, chunk_runs, empty_
     chunked = generate(auctions, decoding="greedy", max_new_tokens=7, model=tiny, memory_budget=60_000)
     after = runtime.compilations()
     assert len(chunk_runs) >= 3, "precondition: the batch runs in several chunks"
-    for name in ("prefill_body", "_auction_program"):
+    for name in ("_prefill_program", "_auction_program"):
         assert after.get(name, 0) - before.get(name, 0) == 1, (name, before, after)
     whole = generate(auctions, decoding="greedy", max_new_tokens=7, model=tiny)
     np.testing.assert_array_equal(chunked.tokens, whole.tokens)
@@ -189,3 +189,61 @@ def test_a_20000_point_sweep_of_two_tokens_runs_in_chunks(tiny):
         alone = generate(PROMPTS, bids[a], decoding="greedy", max_new_tokens=2, model=tiny)
         np.testing.assert_array_equal(alone.tokens, result.tokens[a])
         np.testing.assert_allclose(alone.payments, result.payments[a], rtol=1e-5, atol=1e-8)
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Every blocking read of the decode loop (``loop.row_counts``), the rest of the loop running
+    under ``jax.transfer_guard_device_to_host("disallow")`` (on an accelerator any other read from
+    the devices then fails; JAX does not enforce the guard on CPU, whose arrays are host memory)."""
+    from jaxauction.engine import loop
+
+    reads = []
+    row_counts, decode = loop.row_counts, loop.decode
+
+    def counted(sizes):
+        with jax.transfer_guard_device_to_host("allow"):
+            reads.append(row_counts(sizes))
+        return reads[-1]
+
+    def guarded(*args, **kwargs):
+        with jax.transfer_guard_device_to_host("disallow"):
+            return decode(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "row_counts", counted)
+    monkeypatch.setattr(loop, "decode", guarded)
+    return reads
+
+
+def test_the_decode_loop_reads_the_devices_once_every_k_tokens(tiny, host_reads, monkeypatch):
+    """Three agents with their own prompts (rows never shared: the capacity is settled from the first
+    step): 48 tokens read the row counts at most ceil(48 / READ_EVERY) times, with the tokens and
+    payments of reading after every token (today's loop read 47 times)."""
+    from jaxauction.engine import loop
+
+    model = (tiny_llama(VOCAB, seed=3, sharpness=0.2), tiny[1])  # flat: no EOS in 48 tokens
+    few = generate(PROMPTS, [1.0, 0.5, 2.0], decoding="greedy", max_new_tokens=48, model=model)
+    assert few.lengths == 48, "precondition: the auction runs all 48 tokens"
+    assert len(host_reads) <= -(-48 // loop.READ_EVERY) and loop.READ_EVERY > 1
+    host_reads.clear()
+    monkeypatch.setattr(loop, "READ_EVERY", 1)
+    every = generate(PROMPTS, [1.0, 0.5, 2.0], decoding="greedy", max_new_tokens=48, model=model)
+    assert len(host_reads) == 47  # after every token but the last
+    np.testing.assert_array_equal(few.tokens, every.tokens)
+    np.testing.assert_allclose(few.token_payments, every.token_payments, rtol=1e-6, atol=1e-9)
+
+
+def test_unsettled_rows_are_read_every_token_with_the_same_results(tiny, host_reads, monkeypatch):
+    """A sampled batch whose auctions share prompts (their rows fork as the tokens differ) and end at
+    different lengths: the same tokens and payments as reading after every token."""
+    from jaxauction.engine import loop
+
+    keys = jax.random.split(jax.random.key(5), len(MIXED) * 2)
+    few = generate(MIXED * 2, key=keys, max_new_tokens=12, model=tiny, payment="kl")
+    assert len(set(few.lengths.tolist())) > 1, "precondition: auctions end at different steps"
+    reads = len(host_reads)
+    monkeypatch.setattr(loop, "READ_EVERY", 1)
+    every = generate(MIXED * 2, key=keys, max_new_tokens=12, model=tiny, payment="kl")
+    assert reads <= len(host_reads)
+    np.testing.assert_array_equal(few.tokens, every.tokens)
+    np.testing.assert_allclose(few.token_payments, every.token_payments, rtol=1e-5, atol=1e-8)

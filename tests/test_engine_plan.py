@@ -186,3 +186,118 @@ def test_plan_is_frozen_and_max_length_derived(tiny):
     assert the_plan.max_length == the_plan.width + the_plan.token_slots
     with pytest.raises(dataclasses.FrozenInstanceError):
         the_plan.width = 1
+
+
+# ------------------------------------------------------------------------------------- per-device memory
+
+
+class _Device:
+    """A device as ``default_memory_budget`` sees it: ``memory_stats()`` and ``process_index``."""
+
+    process_index = 0
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_default_budget_from_device_memory_or_host_ram(monkeypatch):
+    """An accelerator that reports its memory gives a share of its free bytes (the least free device
+    of the mesh); a CPU device (``memory_stats()`` None) shares the host's budget with the other
+    devices of this process."""
+    monkeypatch.delenv("JAXAUCTION_MEMORY_BUDGET", raising=False)
+    gpus = [_Device({"bytes_limit": 16 * 2**30, "bytes_in_use": 6 * 2**30}), _Device({"bytes_limit": 16 * 2**30})]
+    assert plan.default_memory_budget(gpus) == int(plan.DEVICE_MEMORY_FRACTION * 10 * 2**30)
+    assert plan.default_memory_budget(gpus[1:]) == int(plan.DEVICE_MEMORY_FRACTION * 16 * 2**30)
+    host = plan.default_memory_budget([_Device(None)])
+    assert 64 * 1024**2 <= host <= plan.DEFAULT_MEMORY_BUDGET
+    assert plan.default_memory_budget([_Device(None)] * 4) == host // 4
+    assert plan.default_memory_budget([gpus[0], _Device({})]) == host // 2  # not every device reports its memory
+    assert plan.default_memory_budget(jax.devices()[:1]) == host  # this machine's CPU reports none
+    remote = _Device(None)
+    remote.process_index = 1  # another host's device: its memory is that host's to count
+    assert plan.default_memory_budget([gpus[1], remote]) == int(plan.DEVICE_MEMORY_FRACTION * 16 * 2**30)
+    monkeypatch.setenv("JAXAUCTION_MEMORY_BUDGET", "3MB")
+    assert plan.default_memory_budget(gpus) == 3 * 1024**2
+
+
+def _split_llama(kv_heads: int):
+    from flax import nnx
+
+    from jaxauction.models import Llama, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=64,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=kv_heads,
+        head_dim=8,
+        max_position_embeddings=64,
+        eos_token_ids=(1,),
+        pad_token_id=0,
+    )
+    return Llama(config, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_device_memory_on_a_2x4_mesh_against_one_device(kv_heads):
+    """Eight two-agent auctions with the same two prompts, counted on one device of a (2, 4) mesh and
+    on one device alone: weights / 4 (the norms replicated, and q|k|v with 2 heads), the cache / 4 when the key/value heads
+    split (4 heads: yes; 2 heads: replicated), half the auctions and rows per device, each device
+    prefilling only its two distinct prompts."""
+    L, D, F, H, K, hd, V = 2, 64, 64, 8, kv_heads, 8, 32
+    llm = _split_llama(kv_heads)
+    auctions = [_auction([3, 4, 5], [6, 7], bids=[1.0, 0.1 * a]) for a in range(8)]
+    options = GenerateOptions.create(max_new_tokens=8)
+    one = plan.make_plan(_request(*auctions), llm, options, 10**9)
+    mesh = plan.make_plan(_request(*auctions), llm, options, 10**9, devices=2, model_devices=4)
+    # Replicated over "model": the norms, and the q|k|v projection when the K heads do not split.
+    replicated = 4 * (2 * L * D + D) + (4 * L * D * (H + 2 * K) * hd if K % 4 else 0)
+    total = 4 * (llm.config.num_parameters() + D * V)  # float32 parameters and the [D, V] head copy
+    S, W, T = one.max_length, one.suffix_width, one.token_slots
+    assert (mesh.max_length, mesh.suffix_width, T) == (S, W, 8)
+    for the_plan, a, t, rows in ((one, 1, 1, 16), (mesh, 2, 4, 8)):
+        assert (the_plan.chunk_size, the_plan.num_chunks, the_plan.num_rows, the_plan.prefill_rows) == (8, 1, rows, 2)
+        kv = 2 * L * S * K * hd * 4 // (t if K % t == 0 else 1)
+        decode_row = kv + 4 * (8 * D + (3 * F + H * S) // t)
+        prefill_row = kv + 4 * W * (8 * D + (3 * F + H * S) // t)
+        auction = 2 * 4 * V * (8 + 2 * 2) + 4 * T * (2 + 2)
+        expected = plan.DeviceMemory(
+            weights=total if t == 1 else (total - replicated) // t + replicated,
+            cache=rows * decode_row,
+            prefill=2 * prefill_row,
+            logits=4 * V * (rows + 2),
+            auctions=8 // a * auction,
+        )
+        assert the_plan.memory == expected
+    assert mesh.memory.working < one.memory.working
+    # A per-device budget that one (2, 4) device's part fits splits the batch on one device.
+    tight = plan.make_plan(_request(*auctions), llm, options, mesh.memory.working, devices=2, model_devices=4)
+    assert (tight.chunk_size, tight.num_chunks) == (8, 1)
+    assert plan.make_plan(_request(*auctions), llm, options, mesh.memory.working).num_chunks > 1
+
+
+def test_each_device_prefills_its_own_distinct_sequences():
+    """Two devices: the first device's auctions hold sequences 0, 1; the second's 1, 2, 3."""
+    auctions = [_auction([3], [4]), _auction([4], [3]), _auction([4], [5]), _auction([6], [5])]
+    llm = _split_llama(4)
+    the_plan = plan.make_plan(_request(*auctions), llm, GenerateOptions.create(max_new_tokens=2), 10**9, devices=2)
+    (layout,) = the_plan.layouts
+    assert [d.tolist() for d in layout.device_sequences(2)] == [[0, 1], [1, 2, 3]]
+    assert the_plan.prefill_rows == 3 and the_plan.num_rows == plan.device_rows(4)
+    from jaxauction.engine import chunk
+
+    prefilled, gather, slot_rows = chunk.device_rows_of(layout, the_plan)
+    assert prefilled.tolist() == [0, 1, 0, 1, 2, 3]  # each device's distinct sequences, padded by repeating
+    assert gather.reshape(2, -1)[:, :3].tolist() == [[0, 1, 0], [0, 1, 2]]
+    np.testing.assert_array_equal(slot_rows, [[0, 1], [1, 0], [0, 1], [2, 1]])
+    for d in range(2):  # every slot's row holds its own sequence
+        for a in range(2 * d, 2 * d + 2):
+            for slot in range(2):
+                row = slot_rows[a, slot]
+                local = gather.reshape(2, -1)[d, row]
+                assert prefilled.reshape(2, -1)[d, local] == layout.source[a, slot]

@@ -76,6 +76,39 @@ SCRIPT = textwrap.dedent(r"""
         out[f"bytes{kv_heads}_{a}x{t}"] = shard_bytes(model, mesh)
         out[f"ops{kv_heads}_{a}x{t}"] = collectives(mesh)
 
+    # The prefill per device: spy on the engine's compiled programs (runtime.compiled, public).
+    seen = []
+    compiled = runtime.compiled
+    def summary(args, cache):
+      ids = args[2]  # (weights, prefix, input_ids, attention_mask, rows, cache)
+      return {
+          "ids_spec": str(getattr(ids.sharding, "spec", None)),
+          "ids_rows": sorted({s.data.shape[0] for s in ids.addressable_shards}),
+          "devices": len(ids.sharding.device_set),
+          "cache_spec": str(getattr(cache.k.sharding, "spec", None)),
+          "cache_rows": sorted({s.data.shape[1] for s in cache.k.addressable_shards}),
+          "prefix": None if args[1] is None else list(args[1].shape),
+      }
+    def spy(function, static, args, **options):
+      program = compiled(function, static, args, **options)
+      if function.__name__ == "_prefill_program":
+        def call(*call_args):
+          result = program(*call_args)
+          seen.append(summary(call_args, result[1]))  # before the decode loop donates the cache
+          return result
+        return call
+      return program
+    runtime.compiled = spy
+    shared = [[2] * 16 + [3, 4, 5], [2] * 16 + [6, 7]]  # a 16-token shared prefix, prefilled once
+    for name, mesh in (("none", None), ("4x2", sharding.make_mesh(auctions=4, model=2))):
+      seen.clear()
+      r = generate([[3, 4, 5], [6, 7]], bids, key=jax.random.key(1), max_new_tokens=8, model=tiny(4), mesh=mesh,
+                   decoding="greedy")
+      out[f"prefill_{name}"] = dict(seen[0], tokens=r.tokens.tolist())
+      p = generate(shared, bids, key=jax.random.key(1), max_new_tokens=8, model=tiny(4), mesh=mesh, decoding="greedy")
+      out[f"prefix_{name}"] = [p.tokens.tolist(), p.token_payments.tolist(), seen[-1]["prefix"]]
+    runtime.compiled = compiled
+
     half = tiny(4, jnp.bfloat16)
     out["half_none"] = run(half, None)
     out["half_4x2"] = run(half, jax.make_mesh((4, 2), ("auctions", "model")))  # Explicit axes
@@ -146,6 +179,23 @@ def test_the_model_program_gathers_no_weight(eight_devices, shape):
 def test_bytes_and_mesh_sizes_of_the_2_kv_head_model(eight_devices):
     local, total = eight_devices["bytes2_2x4"]
     assert local < total / 2  # the MLP, o_proj and the vocabulary still split; q|k|v replicated
+
+
+def test_each_device_prefills_its_own_rows(eight_devices):
+    """On (4, 2) the compiled prefill takes the prompts split over "auctions" (each device its two
+    distinct prompts, not all of the chunk's) and gives each device its own cache rows; the tokens
+    equal mesh=None's, with and without a shared prefix (prefilled once per device)."""
+    one, split = eight_devices["prefill_none"], eight_devices["prefill_4x2"]
+    assert split["tokens"] == one["tokens"]
+    assert split["ids_spec"] == "P('auctions', None)" and split["devices"] == 8
+    assert split["ids_rows"] == [2]  # 2 distinct prompts per device (8 auctions of the same 2 prompts)
+    assert split["cache_spec"].startswith("P(None, 'auctions'")
+    assert split["cache_rows"] == [4]  # the device's rows: 2 auctions x 2 slots (the same 2 prompts)
+    tokens, payments, prefix_shape = eight_devices["prefix_none"]
+    got_tokens, got_payments, got_prefix_shape = eight_devices["prefix_4x2"]
+    assert got_tokens == tokens and prefix_shape == got_prefix_shape == [1, 16]
+    largest = np.abs(np.asarray(payments)).max()
+    np.testing.assert_allclose(got_payments, payments, rtol=0, atol=1e-5 * largest)
 
 
 def test_bfloat16_model_split_over_the_model_axis(eight_devices):

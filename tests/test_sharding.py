@@ -16,8 +16,8 @@ import pytest
 
 from jaxauction import sharding, simulation
 
-SCRIPT = textwrap.dedent("""
-    import json, sys
+SCRIPT = textwrap.dedent(r"""
+    import json, re, sys
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from jaxauction import sharding, simulation
@@ -37,12 +37,16 @@ SCRIPT = textwrap.dedent("""
     for name, m in (("one", None), ("four", mesh)):
       r = simulation.simulate(logits, bids, index=index, chunk_size=4, mesh=m, progress=False)
       out[f"sim_{name}"] = [r.payments.tolist(), r.values.tolist(), r.favoured.tolist()]
-    sharded = simulation._simulate_chunk(
-        sharding.replicate(jnp.asarray(logits, jnp.float32), mesh),
-        sharding.shard_batch(jnp.asarray(index[:8]), mesh),
-        sharding.shard_batch(jnp.asarray(bids[:8], jnp.float32), mesh),
-        rule="linear", payment="second_price")
-    out["sim_devices"] = len(sharded[0].sharding.device_set)
+    program = simulation.chunk_program(logits, bids, index=index, chunk_size=8, mesh=mesh)
+    out["sim_devices"] = len(program.output_shardings[0].device_set)
+    out["sim_specs"] = [str(s.spec) for s in program.input_shardings[0]]
+    # Auctions large enough that the payments walk them in a lax.map: still no collective.
+    for name, m in (("4", mesh), ("2x2", sharding.make_mesh(auctions=2, model=2))):
+      text = simulation.chunk_program(rng.normal(size=(3, 2, 5000)), rng.exponential(size=(64, 2)),
+                                      index=rng.integers(0, 3, size=64), chunk_size=64, mesh=m,
+                                      rule="log_linear", payment="kl").as_text()
+      out[f"sim_collectives_{name}"] = re.findall(
+          r"= (\S+) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)[\.\d]*\(", text)
 
     # Generation on a tiny random Llama: 6 auctions (padded to 8) over 4 devices.
     config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -91,6 +95,15 @@ def test_sharded_simulation_equals_one_device(four_devices):
     np.testing.assert_allclose(four[1], one[1], rtol=1e-6, atol=1e-9)
     assert four[2] == one[2]
     assert four_devices["sim_devices"] == 4
+
+
+def test_each_device_simulates_its_own_auctions(four_devices):
+    """The compiled chunk program (``simulation.chunk_program``, what ``simulate`` runs) takes the bids
+    and index split over "auctions" and the logits sets replicated, and holds no collective: no
+    device gathers the batch, on a 1-D mesh or with a (replicated) "model" axis. The lax.map of the
+    batch outside a shard_map all-gathered the [64, 2, 5000] logits here."""
+    assert four_devices["sim_specs"] == ["P()", "P('auctions',)", "P('auctions', None)"]
+    assert four_devices["sim_collectives_4"] == [] and four_devices["sim_collectives_2x2"] == []
 
 
 def test_sharded_generation_equals_one_device(four_devices):

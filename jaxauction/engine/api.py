@@ -132,9 +132,10 @@ def generate(prompts, bids=None, *, options=None, key=None, model=None, mesh=Non
     Keywords: the fields of :class:`GenerateOptions` (``rule``, ``payment``, ``decoding``,
     ``temperature``, ``max_new_tokens``); ``base_prompt`` and ``base_bid`` (prompt-list form: a
     platform prompt that takes part with the fixed bid ``base_bid >= 0`` and is never charged);
-    ``memory_budget``: bytes (or a string like ``"4GB"``) of working memory per chunk, model weights
-    excluded (default :func:`jaxauction.engine.plan.default_memory_budget`); a larger batch runs in
-    equal chunks with the same results and the same compiled programs.
+    ``memory_budget``: bytes (or a string like ``"4GB"``) of working memory per device and chunk, model
+    weights excluded (default :func:`jaxauction.engine.plan.default_memory_budget`: a share of each
+    accelerator's free memory, or of host RAM on CPU); a larger batch runs in equal chunks with the
+    same results and the same compiled programs.
 
     Returns:
       A :class:`GenerationResult`. An auction whose ``q`` or payment becomes non-finite stops at that
@@ -147,17 +148,18 @@ def generate(prompts, bids=None, *, options=None, key=None, model=None, mesh=Non
     budget = keywords.pop("memory_budget", None)
     options, form = _split_options(options, keywords)
     mesh = request.validate_mesh(mesh, llm)
-    budget = plan.default_memory_budget() if budget is None else plan.parse_memory_budget(budget)
+    budget = None if budget is None else plan.parse_memory_budget(budget)
     if not isinstance(progress, (bool, np.bool_)):
         raise ValueError(f"progress: expected True or False; got {describe(progress)}.")
     req = request.encode_request(
         prompts, bids, **form, key=key, tokenizer=tokenizer, options=options, vocab=llm.config.vocab_size
     )
-    the_plan = plan.make_plan(req, llm, options, budget, sharding.auction_devices(mesh))
+    model_parts = loop.shard_weights(nnx.split(llm), mesh)  # before the budget: the weights are in use
+    if budget is None:
+        budget = plan.default_memory_budget(None if mesh is None else mesh.devices.flat)
+    the_plan = plan.make_plan(req, llm, options, budget, sharding.auction_devices(mesh), sharding.model_devices(mesh))
     spec = _decode_spec(options, req.n_max, the_plan.token_slots, llm, tokenizer)
     runtime.enable_compilation_cache()
-    graphdef, weights = nnx.split(llm)
-    model_parts = loop.shard_weights((graphdef, weights), mesh)
     keys = sharding.pad_batch(req.keys, the_plan.chunk_size * the_plan.num_chunks)
     outputs = []
     with runtime.TokenProgress(options.max_new_tokens, the_plan.num_chunks, bool(progress)) as bar:

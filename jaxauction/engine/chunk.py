@@ -18,35 +18,45 @@ ChunkOutput = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 """``(tokens [C, T], token_payments [C, T, n], lengths [C], valid [C])`` of a chunk's auctions."""
 
 
-def device_rows_of(layout: ChunkLayout, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-    """``(gather [D * P], slot_rows [C, m])``: every device's ``P`` cache rows as indices into the
-    unique sequences (first the distinct sequences of its auctions' real slots, then free rows for the
-    forks of later steps) and each slot's row on its device."""
+def device_rows_of(layout: ChunkLayout, plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(prefilled [D * U], gather [D * P], slot_rows [C, m])``: the ``U`` sequences every device
+    prefills (indices into the unique sequences: the distinct sequences of its auctions' real slots,
+    padded by repeating them), its ``P`` cache rows as indices into its own ``U`` prefilled rows (first
+    its distinct sequences, then free rows for the forks of later steps) and each slot's row on its
+    device."""
     devices, num_rows = plan.devices, plan.num_rows
-    device_source = layout.source.reshape(devices, -1)
-    device_real = layout.real.reshape(devices, -1)
+    prefilled = np.zeros((devices, plan.prefill_rows), np.int32)
     gather = np.zeros((devices, num_rows), np.int32)
-    slot_rows = np.zeros(device_source.shape, np.int32)
-    for d in range(devices):
-        distinct, local = np.unique(device_source[d][device_real[d]], return_inverse=True)
-        gather[d] = np.resize(distinct, num_rows)  # rows after the distinct ones are free (any content)
-        slot_rows[d][device_real[d]] = local
-    return gather.reshape(-1), slot_rows.reshape(layout.real.shape)
+    slot_rows = np.zeros(layout.source.shape, np.int32).reshape(devices, -1)
+    device_source, device_real = layout.source.reshape(devices, -1), layout.real.reshape(devices, -1)
+    for d, distinct in enumerate(layout.device_sequences(devices)):
+        prefilled[d] = np.resize(distinct, plan.prefill_rows)
+        gather[d] = np.resize(np.arange(len(distinct)), num_rows)  # rows after the distinct ones are free
+        slot_rows[d][device_real[d]] = np.searchsorted(distinct, device_source[d][device_real[d]])
+    return prefilled.reshape(-1), gather.reshape(-1), slot_rows.reshape(layout.real.shape)
 
 
-def _prefilled(model, layout: ChunkLayout, plan: Plan, gather: np.ndarray, pad_id: int):
-    """``(logits [D * P, V], cache)`` after the prompts of the chunk's rows."""
+def _prefilled(model, layout: ChunkLayout, plan: Plan, rows: tuple[np.ndarray, np.ndarray], context):
+    """``(logits [D * P, V], cache)`` after the prompts of the chunk's rows, each device prefilling
+    its own distinct prompts (``rows = (prefilled, gather)`` of :func:`device_rows_of`);
+    ``context = (pad_id, mesh)``."""
     graphdef, weights = model
-    unique = layout.unique + [layout.unique[-1]] * (plan.prefill_rows - len(layout.unique))
+    (prefilled, gather), (pad_id, mesh) = rows, context
+    sequences = [layout.unique[i] for i in prefilled]
     # The prompt tokens end at slot ``width``: [invalid | shared prefix | left-padded remainders].
     input_ids, attention_mask = prompts_lib.left_pad(
-        [seq[plan.prefix_length :] for seq in unique], pad_id, width=plan.suffix_width
+        [seq[plan.prefix_length :] for seq in sequences], pad_id, width=plan.suffix_width
     )
-    cache = nnx.merge(graphdef, weights).init_cache(1 if plan.prefix_length else len(unique), plan.max_length)
+    cache_rows = plan.devices if plan.prefix_length else len(sequences)  # the prefix: one row per device
+    cache = nnx.merge(graphdef, weights).init_cache(cache_rows, plan.max_length)
     cache = cache.replace(index=jnp.int32(plan.width - plan.suffix_width - plan.prefix_length))
-    prefix = jnp.asarray([unique[0][: plan.prefix_length]], jnp.int32) if plan.prefix_length else None
-    arrays = (prefix, jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.asarray(gather))
-    return loop.prefill(graphdef, weights, cache, arrays)
+    prefix = jnp.asarray([sequences[0][: plan.prefix_length]], jnp.int32) if plan.prefix_length else None
+    arrays = (jnp.asarray(input_ids), jnp.asarray(attention_mask), jnp.asarray(gather))
+    if mesh is not None:
+        cache = loop.shard_cache(model, cache, mesh)
+        arrays = tuple(sharding.shard_batch(x, mesh) for x in arrays)
+        prefix = sharding.replicate(prefix, mesh)
+    return loop.prefill(graphdef, weights, cache, (prefix, *arrays), mesh)
 
 
 def run_chunk(model, layout: ChunkLayout, keys, plan: Plan, spec: loop.DecodeSpec, *, mesh, temperature, progress):
@@ -57,8 +67,8 @@ def run_chunk(model, layout: ChunkLayout, keys, plan: Plan, spec: loop.DecodeSpe
     which no step can exceed. Both counts are the batch's, so every chunk runs the same programs.
     """
     dtype = _validation.default_float_dtype()
-    gather, slot_rows = device_rows_of(layout, plan)
-    logits, cache = _prefilled(model, layout, plan, gather, spec.pad_id)
+    prefilled, gather, slot_rows = device_rows_of(layout, plan)
+    logits, cache = _prefilled(model, layout, plan, (prefilled, gather), (spec.pad_id, mesh))
     state = loop.DecodeState.start(slot_rows, spec, dtype)
     inputs = loop.ChunkInputs(
         bids=jnp.asarray(layout.bids, dtype),
@@ -68,8 +78,6 @@ def run_chunk(model, layout: ChunkLayout, keys, plan: Plan, spec: loop.DecodeSpe
     )
     state = jax.tree.map(jnp.asarray, state)
     if mesh is not None:
-        cache = loop.shard_cache(model, cache, mesh)
-        logits = sharding.shard_batch(logits, mesh)
         inputs = inputs.replace(
             bids=sharding.shard_batch(inputs.bids, mesh),
             real=sharding.shard_batch(inputs.real, mesh),

@@ -5,8 +5,10 @@ Each token runs the *auction program* (the rule, the payments and the draw for e
 the *model program* (row copies, the model on the first live rows, the new keys and values appended).
 The rows and model programs depend on the shapes (and the model and row capacity) only, so every
 rule, payment and decoding shares them; the auction program holds no model and compiles in about a
-second. The host reads the live-row count of every step to pick the capacity (compiling a capacity
-the first time a step needs it) and stops when no auction is running.
+second. The host reads the live-row count to pick the model's row capacity (compiling a capacity the
+first time a step needs it) and stops when no auction is running: once the rows can no longer outgrow
+the capacity (the live slots, which never increase, fit it), at most once every :data:`READ_EVERY`
+tokens, dispatching the programs in between without waiting for them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from jaxauction.engine.step import auction_step
 from jaxauction.mechanism import MechanismSpec
 from jaxauction.models.base import LanguageModel, RowCache
 
-__all__ = ["ChunkInputs", "DecodeSpec", "DecodeState", "decode", "prefill"]
+__all__ = ["READ_EVERY", "ChunkInputs", "DecodeSpec", "DecodeState", "decode", "prefill", "row_counts"]
+
+READ_EVERY = 8
+"""Tokens :func:`decode` runs per blocking host read once the row capacity is settled."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,12 +131,15 @@ def auction_update(spec: DecodeSpec, state: DecodeState, logits, inputs: ChunkIn
     return state, token, inputs.real & ~done[:, None]
 
 
-def rows_update(num_rows: int, slot_rows, token, live) -> RowUpdate:
+def rows_update(num_rows: int, slot_rows, token, live) -> tuple[RowUpdate, jax.Array]:
     """:func:`jaxauction.engine.rows.next_rows` with ``count`` and ``copies`` of shape [1] (one per
-    device under ``shard_map``). Its own program: it depends on the shapes only, so every mechanism
-    shares it (about 0.4 s of compilation that a new rule or payment does not repeat)."""
+    device under ``shard_map``), and ``sizes: [1, 2]`` int32: the live rows and the live slots (a
+    bound on the rows of every later step: slots only stop). Its own program: it depends on the
+    shapes only, so every mechanism shares it (about 0.4 s of compilation that a new rule or payment
+    does not repeat)."""
     update = next_rows(slot_rows, token, live, num_rows)
-    return update._replace(count=update.count[None], copies=update.copies[None])
+    sizes = jnp.stack([update.count, jnp.sum(live, dtype=jnp.int32)])[None]
+    return update._replace(count=update.count[None], copies=update.copies[None]), sizes
 
 
 def model_step(graphdef, capacity: int, weights, cache: RowCache, rows: RowUpdate):
@@ -221,10 +229,31 @@ def _auction_only(specs):
     return jax.tree.map(keep, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def prefill(graphdef, weights, cache: RowCache, prompt_arrays: tuple):
-    """:func:`prefill_body` compiled (once per shape); ``prompt_arrays`` are its four array arguments."""
+def _prefill_program(graphdef, mesh, weights, prefix_ids, input_ids, attention_mask, rows, cache):
+    if mesh is None:
+        return prefill_body(graphdef, weights, prefix_ids, input_ids, attention_mask, rows, cache)
+    # Each device prefills its own sequences into its own rows (manual over "auctions"; a "model"
+    # axis stays automatic as in the model program); the shared prefix is replicated.
+    split = PartitionSpec(sharding.AXIS)
+    cache_specs = model_specs((graphdef, weights), mesh)[1]
+    body = jax.shard_map(
+        lambda w, p, i, m, r, c: prefill_body(graphdef, w, p, i, m, r, c),
+        mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec(), split, split, split, _auction_only(cache_specs)),
+        out_specs=(split, _auction_only(cache_specs)),
+        axis_names={sharding.AXIS},
+        check_vma=False,
+    )
+    logits, cache = body(weights, prefix_ids, input_ids, attention_mask, rows, cache)
+    return jax.lax.with_sharding_constraint((logits, cache), _shardings((split, cache_specs), mesh))
+
+
+def prefill(graphdef, weights, cache: RowCache, prompt_arrays: tuple, mesh=None):
+    """:func:`prefill_body` compiled (once per shape); ``prompt_arrays`` are its four array arguments.
+    With a ``mesh`` every argument but the weights and the prefix is split over its ``"auctions"``
+    axis and each device prefills its own rows (the cache as :func:`shard_cache` places it)."""
     args = (weights, *prompt_arrays, cache)
-    return runtime.compiled(prefill_body, (graphdef,), args)(*args)
+    return runtime.compiled(_prefill_program, (graphdef, mesh), args)(*args)
 
 
 def model_specs(model: tuple, mesh) -> tuple:
@@ -262,6 +291,13 @@ def shard_cache(model: tuple, cache: RowCache, mesh) -> RowCache:
     return _place(cache, model_specs(model, mesh)[1], mesh)
 
 
+def row_counts(sizes) -> tuple[int, int]:
+    """``(rows, live slots)``, the largest over the devices, from the rows program's ``sizes [D, 2]``:
+    the decode loop's one blocking read from the devices (all processes' devices on several hosts)."""
+    largest = np.asarray(sharding.host_value(sizes)).reshape(-1, 2).max(axis=0)
+    return int(largest[0]), int(largest[1])
+
+
 def decode(
     model: tuple,
     cache: RowCache,
@@ -278,6 +314,12 @@ def decode(
     ``model`` is ``(graphdef, weights)``, ``cache`` holds the chunk's ``P`` rows after the prompts
     (live rows first) and ``logits: [P, V]`` their next-token logits. ``context`` is ``(mesh,
     progress)`` with ``progress`` a :class:`jaxauction.engine.runtime.TokenProgress`.
+
+    The host reads the row counts (:func:`row_counts`) after a step to pick the model's capacity, the
+    smallest of :func:`~jaxauction.engine.rows.row_capacities` holding the live rows. When that
+    capacity also holds the live slots (no later step can need more) the next
+    :data:`READ_EVERY` - 1 steps run on it unread; an auction that ends meanwhile gives the pad
+    token and no payment, so the results equal reading every step.
     """
     if not 1 <= max_new_tokens <= spec.token_slots:
         raise ValueError(f"max_new_tokens: expected 1 to spec.token_slots = {spec.token_slots}; got {max_new_tokens}.")
@@ -288,17 +330,23 @@ def decode(
     auction = runtime.compiled(_auction_program, (spec, mesh), (state, logits, inputs), donate=(0,))
     rows_program = None
     models: dict[int, object] = {}
+    capacity, next_read = 0, 0
     for step in range(max_new_tokens):
         state, token, live = auction(state, logits, inputs)
         if rows_program is None:
             rows_program = runtime.compiled(_rows_program, (num_rows, mesh), (state.slot_rows, token, live))
-        rows = rows_program(state.slot_rows, token, live)
+        rows, sizes = rows_program(state.slot_rows, token, live)
         state = state.replace(slot_rows=rows.slot_rows)
         progress.advance()
-        count = int(np.max(sharding.host_value(rows.count)))
-        if count == 0 or step + 1 == max_new_tokens:
+        if step + 1 == max_new_tokens:
             break
-        capacity = capacities[int(np.searchsorted(capacities, count))]
+        if step == next_read:
+            count, bound = row_counts(sizes)
+            if count == 0:
+                break
+            capacity = capacities[int(np.searchsorted(capacities, count))]
+            settled = bound <= capacity
+            next_read = step + (READ_EVERY if settled else 1)
         rows = rows._replace(slot_rows=None, count=None)  # the model program reads the rows' tokens and copies
         if capacity not in models:
             models[capacity] = runtime.compiled(

@@ -13,6 +13,7 @@ import os
 import re
 import resource
 
+import jax
 import numpy as np
 
 from jaxauction import prompts as prompts_lib
@@ -21,10 +22,13 @@ from jaxauction.models.base import LanguageModel
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
+    "DEVICE_MEMORY_FRACTION",
     "ChunkLayout",
+    "DeviceMemory",
     "Plan",
     "bucket",
     "default_memory_budget",
+    "device_memory",
     "make_plan",
     "memory_terms",
     "parse_memory_budget",
@@ -33,8 +37,8 @@ __all__ = [
 ]
 
 DEFAULT_MEMORY_BUDGET = 4 * 1024**3
-"""Largest default working-memory budget of one generation chunk in bytes (4 GiB, model weights
-excluded); see :func:`default_memory_budget`."""
+"""Largest default working-memory budget of one generation chunk on a host's CPU devices in bytes
+(4 GiB, model weights excluded); see :func:`default_memory_budget`."""
 
 
 def bucket(size: int) -> int:
@@ -96,21 +100,95 @@ def _address_space_left() -> float:
     return max(limit - used, 0)
 
 
-def default_memory_budget() -> int:
-    """``JAXAUCTION_MEMORY_BUDGET`` if set, else 4 GiB, lowered to a quarter of the address space a
-    ``ulimit -v``/``prlimit --as`` leaves this process (XLA's temporary buffers and compilations need
-    the rest), at least 64 MiB."""
+DEVICE_MEMORY_FRACTION = 0.5
+"""The share of an accelerator's free memory (``bytes_limit - bytes_in_use`` of its
+``memory_stats()``) the default budget takes: the plan counts the live arrays, XLA's temporary
+buffers and compiled programs need the rest."""
+
+
+def _free_device_bytes(device) -> int | None:
+    """``bytes_limit - bytes_in_use`` of ``device.memory_stats()``, or None when it reports none (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # a backend without memory statistics
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return max(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), 0)
+
+
+def default_memory_budget(devices=None) -> int:
+    """The working-memory budget of one device's part of a chunk, in bytes.
+
+    ``JAXAUCTION_MEMORY_BUDGET`` if set. Else, when every device of ``devices`` (default: JAX's first
+    device) this process holds reports its memory (GPU, TPU: ``memory_stats()["bytes_limit"]``),
+    :data:`DEVICE_MEMORY_FRACTION` of the least free memory among them (what the weights already
+    placed there leave), at least 64 MiB. Else (CPU) from host RAM: 4 GiB, lowered to a quarter of the
+    address space a ``ulimit -v``/``prlimit --as`` leaves this process (XLA's temporary buffers and
+    compilations need the rest), at least 64 MiB, shared by this process's devices among ``devices``.
+    """
     env = os.environ.get("JAXAUCTION_MEMORY_BUDGET")
     if env:
         return parse_memory_budget(env, argument="JAXAUCTION_MEMORY_BUDGET")
-    return int(max(64 * 1024**2, min(DEFAULT_MEMORY_BUDGET, _address_space_left() / 4)))
+    devices = jax.devices()[:1] if devices is None else list(devices)
+    local = [device for device in devices if getattr(device, "process_index", 0) == jax.process_index()]
+    free = [_free_device_bytes(device) for device in local]  # another host's devices report to it
+    if local and all(f is not None for f in free):
+        return int(max(64 * 1024**2, DEVICE_MEMORY_FRACTION * min(free)))
+    host = int(max(64 * 1024**2, min(DEFAULT_MEMORY_BUDGET, _address_space_left() / 4)))
+    return host // max(len(local), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceMemory:
+    """Estimated peak bytes on one device while a chunk runs (:func:`device_memory`).
+
+    Attributes:
+      weights: the model's weights on the device (``weight_bytes(model_size=t)``: ``1 / t`` of the
+        split ones).
+      cache: the ``P`` decode cache rows with their one-token activations (``1 / t`` of the
+        key/value heads when they split over the ``"model"`` axis).
+      prefill: the device's ``U`` distinct prompts: their cache rows and ``W``-token activations.
+      logits: the float32 logits of the decode rows and of the prefilled rows, ``4 V`` each.
+      auctions: the device's ``C / a`` auctions' rule and payment intermediates and outputs.
+    """
+
+    weights: int
+    cache: int
+    prefill: int
+    logits: int
+    auctions: int
+
+    @property
+    def working(self) -> int:
+        """Every term but the weights: what the memory budget bounds."""
+        return self.cache + self.prefill + self.logits + self.auctions
+
+
+def device_memory(llm: LanguageModel, geometry: tuple[int, int, int], counts: tuple[int, int, int], shape):
+    """The :class:`DeviceMemory` of one device's part of a chunk.
+
+    ``geometry = (cache_length S, prompt width W, model_size t)``; ``counts = (cache rows P, prefilled
+    rows U, auctions C / a)`` on the device; ``shape = (slots m, num_charged n, token_slots T)``.
+    """
+    cache_length, width, model_size = geometry
+    rows, prefill_rows, auctions = counts
+    slots, num_charged, token_slots = shape
+    _, auction_bytes = memory_terms(llm, slots, cache_length, num_charged, token_slots)
+    return DeviceMemory(
+        weights=llm.weight_bytes(model_size=model_size),
+        cache=rows * llm.decode_row_bytes(cache_length, model_size=model_size),
+        prefill=prefill_rows * llm.decode_row_bytes(cache_length, model_size=model_size, tokens=width),
+        logits=4 * llm.config.vocab_size * (rows + prefill_rows),
+        auctions=auctions * auction_bytes,
+    )
 
 
 def memory_terms(
-    llm: LanguageModel, slots: int, cache_length: int, num_charged: int, token_slots: int
+    llm: LanguageModel, slots: int, cache_length: int, num_charged: int, token_slots: int, model_size: int = 1
 ) -> tuple[int, int]:
     """``(row_bytes, auction_bytes)``: estimated peak working memory of the decode loop per cache row and
-    per auction beyond its rows.
+    per auction beyond its rows, on one device of a ``"model"`` axis of ``model_size`` devices.
 
     Per cache row: what the model says one row of ``S = cache_length`` slots needs while decoding
     (:meth:`~jaxauction.models.base.LanguageModel.decode_row_bytes`: for a Llama its keys and values
@@ -120,22 +198,23 @@ def memory_terms(
     """
     vocab_size = llm.config.vocab_size
     vocab = vocab_size * 4 * (8 + 2 * num_charged)
-    return llm.decode_row_bytes(cache_length) + 4 * vocab_size, slots * vocab + 4 * token_slots * (num_charged + 2)
+    row = llm.decode_row_bytes(cache_length, model_size=model_size) + 4 * vocab_size
+    return row, slots * vocab + 4 * token_slots * (num_charged + 2)
 
 
 def plan_chunks(
     num_auctions: int, auction_bytes: int, budget: int, devices: int = 1, chunk_bytes=None
 ) -> tuple[int, int]:
-    """``(chunk_size, num_chunks)``: equal chunks of at most ``budget // auction_bytes`` auctions.
+    """``(chunk_size, num_chunks)``: equal chunks of at most ``budget // auction_bytes`` auctions on
+    each of ``devices`` devices (``budget`` is one device's).
 
     The chunk size is bucketed (:func:`bucket`) and a multiple of ``devices``; the last chunk is
     padded with copies of the last auction (sliced off), so every chunk runs the same program.
-    ``chunk_bytes``, if given, maps a chunk size to the chunk's actual bytes (which may exceed
-    ``size * auction_bytes``, e.g. when its row count is bucketed too): the plan then shrinks the
-    chunks until ``chunk_bytes(size) <= budget``, down to ``devices`` auctions.
+    ``chunk_bytes``, if given, maps a chunk size to one device's actual bytes of such a chunk (which
+    may exceed ``size / devices * auction_bytes``, e.g. when its row count is bucketed too): the plan
+    then shrinks the chunks until ``chunk_bytes(size) <= budget``, down to ``devices`` auctions.
     """
-    fit = max(1, budget // max(auction_bytes, 1))
-    fit = max(devices, fit // devices * devices)
+    fit = devices * max(1, budget // max(auction_bytes, 1))
     while True:
         num_chunks = -(-num_auctions // fit)
         size = bucket(-(-num_auctions // num_chunks))
@@ -181,6 +260,12 @@ class ChunkLayout:
                 bids[a, n_max] = auction.base_bid
         return cls(list(index), source, real, bids)
 
+    def device_sequences(self, devices: int) -> list[np.ndarray]:
+        """The distinct sequences (indices into :attr:`unique`, ascending) of each device's real
+        slots when the chunk's auctions are split over ``devices`` devices in order."""
+        source, real = self.source.reshape(devices, -1), self.real.reshape(devices, -1)
+        return [np.unique(source[d][real[d]]) for d in range(devices)]
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -188,8 +273,9 @@ class Plan:
 
     Attributes:
       chunk_size, num_chunks: equal chunks (the last padded with copies of the last auction).
-      devices: the devices each chunk is split over.
-      prefill_rows: the unique sequences prefilled per chunk (padded, bucketed).
+      devices: the devices each chunk is split over (the mesh's ``"auctions"`` axis, ``a``).
+      model_devices: the devices each model is split over (the mesh's ``"model"`` axis, ``t``).
+      prefill_rows: ``U``, the distinct sequences each device prefills per chunk (padded, bucketed).
       num_rows: ``P``, the cache rows of one device (bucketed, at least its real slots).
       width: the prompt slots of the cache (the longest prompt, bucketed); the tokens end there.
       prefix_length: the token prefix shared by every prompt of the batch (prefilled once), or 0.
@@ -197,12 +283,14 @@ class Plan:
       max_new_tokens: the tokens each auction may generate.
       token_slots: the compiled token columns (:func:`token_slots`).
       layouts: one :class:`ChunkLayout` per chunk.
+      memory: the estimated peak bytes of one device (:class:`DeviceMemory`).
       max_length: (derived) the cache's slots, ``width + token_slots``.
     """
 
     chunk_size: int
     num_chunks: int
     devices: int
+    model_devices: int
     prefill_rows: int
     num_rows: int
     width: int
@@ -211,6 +299,7 @@ class Plan:
     max_new_tokens: int
     token_slots: int
     layouts: tuple[ChunkLayout, ...]
+    memory: DeviceMemory
 
     @property
     def max_length(self) -> int:
@@ -235,39 +324,54 @@ def _prompt_geometry(sequences, max_new_tokens: int, context: int) -> tuple[int,
     return width, prefix_length, suffix_width, slots
 
 
-def make_plan(request: Request, llm: LanguageModel, options: GenerateOptions, budget: int, devices: int = 1) -> Plan:
-    """The :class:`Plan` of ``request`` on ``devices`` devices within ``budget`` bytes per chunk."""
+def make_plan(
+    request: Request,
+    llm: LanguageModel,
+    options: GenerateOptions,
+    budget: int,
+    devices: int = 1,
+    model_devices: int = 1,
+) -> Plan:
+    """The :class:`Plan` of ``request`` on a mesh of ``devices`` x ``model_devices`` devices (its
+    ``"auctions"`` and ``"model"`` axes) within ``budget`` bytes of working memory per device."""
     auctions, n_max, max_new_tokens = request.auctions, request.n_max, options.max_new_tokens
     sequences = [seq for a in auctions for seq in a.sequences]
     width, prefix_length, suffix_width, slots = _prompt_geometry(
         sequences, max_new_tokens, llm.config.max_position_embeddings
     )
-    max_length = width + slots
+    geometry = (width + slots, suffix_width, model_devices)
+    shape = (request.slots, n_max, slots)
     # Every chunk is laid out with the batch's largest row count, bucketed: plan with the largest
-    # auction's rows and the bucketed row count.
-    cache_rows = max(len(a.sequences) for a in auctions)
-    row_bytes, other_bytes = memory_terms(llm, request.slots, max_length, n_max, slots)
+    # auction's rows and the bucketed row count; a device prefills at most its rows and at most the
+    # batch's distinct sequences.
+    cache_rows, distinct = max(len(a.sequences) for a in auctions), len(set(sequences))
+
+    def memory(size: int) -> DeviceMemory:
+        rows = size // devices * cache_rows
+        return device_memory(llm, geometry, (device_rows(rows), bucket(min(rows, distinct)), size // devices), shape)
+
+    row_bytes, other_bytes = memory_terms(llm, request.slots, width + slots, n_max, slots, model_devices)
     chunk, num_chunks = plan_chunks(
-        len(auctions),
-        cache_rows * row_bytes + other_bytes,
-        budget,
-        devices,
-        chunk_bytes=lambda size: devices * device_rows(size // devices * cache_rows) * row_bytes + size * other_bytes,
+        len(auctions), cache_rows * row_bytes + other_bytes, budget, devices, chunk_bytes=lambda s: memory(s).working
     )
     padded = auctions + [auctions[-1]] * (chunk * num_chunks - len(auctions))
     layouts = tuple(
         ChunkLayout.of(padded[c * chunk : (c + 1) * chunk], n_max, request.has_base) for c in range(num_chunks)
     )
+    prefill_rows = bucket(max(len(d) for layout in layouts for d in layout.device_sequences(devices)))
+    num_rows = device_rows(max(int(layout.real.reshape(devices, -1).sum(axis=1).max()) for layout in layouts))
     return Plan(
         chunk_size=chunk,
         num_chunks=num_chunks,
         devices=devices,
-        prefill_rows=max(bucket(len(layout.unique)) for layout in layouts),
-        num_rows=device_rows(max(int(layout.real.reshape(devices, -1).sum(axis=1).max()) for layout in layouts)),
+        model_devices=model_devices,
+        prefill_rows=prefill_rows,
+        num_rows=num_rows,
         width=width,
         prefix_length=prefix_length,
         suffix_width=suffix_width,
         max_new_tokens=max_new_tokens,
         token_slots=slots,
         layouts=layouts,
+        memory=device_memory(llm, geometry, (num_rows, prefill_rows, chunk // devices), shape),
     )

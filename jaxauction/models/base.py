@@ -69,12 +69,15 @@ class LanguageModel(Protocol):
 
     config: ModelConfig
 
-    def decode_row_bytes(self, cache_length: int) -> int:
-        """Bytes one cache row of ``cache_length`` slots needs while decoding: its cache entries and
-        its activations in one step (its logits excluded; the engine counts ``4 V`` for those)."""
+    def decode_row_bytes(self, cache_length: int, model_size: int = 1, tokens: int = 1) -> int:
+        """Bytes one cache row of ``cache_length`` slots needs on one device of a ``"model"`` axis of
+        ``model_size`` devices while ``tokens`` new tokens run on it (1 when decoding, the prompt width
+        when prefilling): its cache entries and activations (its logits excluded; the engine counts
+        ``4 V`` for those)."""
 
-    def weight_bytes(self) -> int:
-        """Bytes the model's arrays hold (weights and anything derived from them)."""
+    def weight_bytes(self, model_size: int = 1) -> int:
+        """Bytes the model's arrays hold (weights and anything derived from them) on one device of a
+        ``"model"`` axis of ``model_size`` devices, split as :meth:`partition_specs` declares."""
 
     def init_cache(self, batch_size: int, max_length: int) -> RowCache:
         """An empty cache of ``B = batch_size`` rows and ``S = max_length`` slots (index 0)."""

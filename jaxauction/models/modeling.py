@@ -606,17 +606,28 @@ class Llama(nnx.Module):
 
     # -------------------------------------------------------------- what the engine asks (LanguageModel)
 
-    def decode_row_bytes(self, cache_length: int) -> int:
-        """Bytes of one cache row of ``cache_length = S`` slots while decoding: its keys and values
-        ``2 L S K hd`` (model dtype) and one row's float32 activations ``8 D + 3 F + H S`` (logits excluded)."""
+    def decode_row_bytes(self, cache_length: int, model_size: int = 1, tokens: int = 1) -> int:
+        """Bytes of one cache row of ``cache_length = S`` slots on one of ``t = model_size`` devices
+        while ``tokens = T`` new tokens run on it (1 when decoding; a prompt's width when prefilling):
+        its keys and values ``2 L S K hd`` (model dtype; ``/ t`` when the ``K`` heads split over ``t``)
+        and its float32 activations ``T (8 D + (3 F + H S) / t)`` (logits excluded)."""
         config = self.config
         itemsize = np.dtype(self.dtype).itemsize
         kv = 2 * config.num_layers * cache_length * config.num_kv_heads * config.head_dim * itemsize
-        return kv + 4 * (8 * config.hidden_size + 3 * config.intermediate_size + config.num_heads * cache_length)
+        kv //= model_size if config.num_kv_heads % model_size == 0 else 1
+        split = (3 * config.intermediate_size + config.num_heads * cache_length) // model_size
+        return kv + 4 * tokens * (8 * config.hidden_size + split)
 
-    def weight_bytes(self) -> int:
-        """Bytes of the model's arrays: parameters, quantized blocks and the derived ``[D, V]`` head copy."""
-        return sum(int(leaf.nbytes) for leaf in jax.tree.leaves(nnx.state(self)))
+    def weight_bytes(self, model_size: int = 1) -> int:
+        """Bytes of the model's arrays (parameters, quantized blocks and the derived ``[D, V]`` head
+        copy) on one device of a ``"model"`` axis of ``model_size`` devices (:meth:`partition_specs`)."""
+        leaves = jax.tree.leaves(nnx.state(self))
+        if model_size == 1:
+            return sum(int(leaf.nbytes) for leaf in leaves)
+        specs = jax.tree.leaves(
+            self.partition_specs("rows", "model", model_size)[0], is_leaf=lambda x: isinstance(x, PartitionSpec)
+        )
+        return sum(int(leaf.nbytes) // (model_size if "model" in spec else 1) for leaf, spec in zip(leaves, specs))
 
     def partition_specs(
         self, axis: str, model_axis: str | None = None, model_size: int = 1
