@@ -140,7 +140,7 @@ def test_a_user_rule_with_a_valuation_runs_and_one_without_is_refused():
         return ja.linear(logits, bids)
 
     with pytest.raises(ValueError, match="rule: simulate .* needs the rule's valuation; rule 'plain' has none"):
-        run(rule=plain)
+        run(rule=plain, payment=None)
 
 
 @pytest.mark.parametrize("setting", [dict(payment="first_price"), dict(payment="none"), dict(rule="quadratic")])
