@@ -97,46 +97,47 @@ def _bytes(config: jm.LlamaConfig, dtype, model_devices: int = 1) -> tuple[int, 
     return max(sizes.values()), layer * np.dtype(dtype).itemsize // 4 // model_devices, sum(sizes.values())
 
 
-def _largest_stacked(config: jm.LlamaConfig, dtype) -> int:
-    """Bytes of the largest group of stacked ``[L, ...]`` layer weights (a kernel and its bias) in ``dtype``."""
+def _largest_stacked(config: jm.LlamaConfig, dtype) -> tuple[int, int]:
+    """Bytes of the two largest groups of stacked ``[L, ...]`` layer weights (a kernel and its bias) in ``dtype``."""
     abstract = nnx.eval_shape(lambda: jm.Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract))["layers"])
     groups: dict[tuple, int] = {}
     for path, leaf in flat.items():
         groups[path[:-1]] = groups.get(path[:-1], 0) + leaf.size * leaf.dtype.itemsize
-    return max(groups.values())
+    first, second = sorted(groups.values())[-2:][::-1]
+    return first, second
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_peak_host_memory_is_one_stacked_weight_and_one_layer(checkpoint, dtype):
     """``tracemalloc`` (which sees numpy's buffers and every Python allocation, not XLA's device
-    buffers) during a load onto one device: the peak stays under the largest stacked weight in
-    ``dtype`` plus one layer's weights (25% slack), below the model's size (reading whole tensors as
-    float32 and stacking the layers, the loader before the shard reads, peaked above it at 31.3 MB).
+    buffers) during a load onto one device: the peak, less what the loaded model still holds of it,
+    stays under the two largest stacked weights in ``dtype`` (one may be the one put before) and one layer's
+    weights (10% slack), below the model's size (reading whole tensors as float32 and stacking the
+    layers, the loader before the shard reads, peaked above it at 31.3 MB).
 
     The bound was the largest tensor plus one layer while one device was filled like a mesh, layer by
     layer through compiled in-place updates (about 30 compilations, each weight twice on the device);
     without a mesh each weight is now stacked on the host in ``dtype`` and put once (no compiled
-    program), so the host holds one stacked weight. On CPU the device arrays may keep those host
-    buffers as their own (no second copy), so the bound is on the peak less what the loaded model
-    still holds (``held``: 19.5 of the 29.4 MB here, none on an accelerator): the host never held more
-    than the model plus one stacked weight and one layer (a loader that stacked the float32 model
-    before casting or putting it would hold the model twice). Measured: peak 27.5 MB, held 19.5 MB
-    in float32; 16.0 / 14.8 MB in bfloat16. The mesh bound (test_peak_host_memory_on_a_mesh) is
-    unchanged."""
+    program), so the host holds a stacked weight. XLA:CPU may keep a put's host buffer as the device
+    array's own (``held`` at the end: 6-20 of the 29.4 MB here, none expected on an accelerator; subtracted),
+    and may let go of one a moment after the put returns (so the previous group may still be there:
+    measured 8.0 and 20.6 MB against 12.6 + 6.3 + 2.4 MB). The mesh bound
+    (test_peak_host_memory_on_a_mesh) is unchanged."""
     folder, model = checkpoint
     weights = params.SafetensorsFolder(folder)
     params.build_model(model.config, weights, dtype=dtype)  # a warm-up load (imports, caches)
     _, layer, total = _bytes(model.config, dtype)
-    stacked = _largest_stacked(model.config, dtype)
+    first, second = _largest_stacked(model.config, dtype)
+    bound = 1.1 * (first + second + layer)
     tracemalloc.start()
     try:
         loaded = params.build_model(model.config, weights, dtype=dtype)
         held, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert total > 1.25 * (stacked + layer)
-    assert peak - held < 1.25 * (stacked + layer), (peak, held, stacked, layer, total)
+    assert total > bound
+    assert peak - held < bound, (peak, held, first, second, layer, total)
     assert jax.tree.leaves(nnx.state(loaded))[0].dtype == dtype
 
 
