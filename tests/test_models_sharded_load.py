@@ -1,7 +1,8 @@
 """Loading straight into shards (issue 38 item 3): a multi-file safetensors checkpoint (written here,
 with its index json) loads shard by shard in the requested dtype, giving the weights and logits of
-the model it was written from; on a mesh every device gets its 1/t of the split weights; the host
-never holds more than the largest tensor plus one layer's shard.
+the model it was written from; on a mesh every device gets its 1/t of the split weights and the host
+never holds more than the largest tensor plus one layer's shard; on one device each weight is stacked
+on the host and put once (nothing compiled).
 
 The mesh checks run 8 forced host devices in one subprocess (``--xla_force_host_platform_device_count``
 must be set before JAX starts), as tests/test_mesh.py does.
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 from models_conftest import FIXTURES
 
 import jaxauction.models as jm
@@ -96,25 +97,60 @@ def _bytes(config: jm.LlamaConfig, dtype, model_devices: int = 1) -> tuple[int, 
     return max(sizes.values()), layer * np.dtype(dtype).itemsize // 4 // model_devices, sum(sizes.values())
 
 
+def _largest_stacked(config: jm.LlamaConfig, dtype) -> tuple[int, int]:
+    """Bytes of the two largest groups of stacked ``[L, ...]`` layer weights (a kernel and its bias) in ``dtype``."""
+    abstract = nnx.eval_shape(lambda: jm.Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract))["layers"])
+    groups: dict[tuple, int] = {}
+    for path, leaf in flat.items():
+        groups[path[:-1]] = groups.get(path[:-1], 0) + leaf.size * leaf.dtype.itemsize
+    first, second = sorted(groups.values())[-2:][::-1]
+    return first, second
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_peak_host_memory_is_one_tensor_and_one_layer(checkpoint, dtype):
+def test_peak_host_memory_is_one_stacked_weight_and_one_layer(checkpoint, dtype):
     """``tracemalloc`` (which sees numpy's buffers and every Python allocation, not XLA's device
-    buffers) during a load: the peak stays under the largest tensor plus one layer's weights (25%
-    slack), a tenth of the model (reading whole tensors as float32 and stacking the layers, the loader
-    before, peaked above the model's size)."""
+    buffers) during a load onto one device: the peak, less what the loaded model still holds of it,
+    stays under the two largest stacked weights in ``dtype`` (one may be the one put before) and one layer's
+    weights (10% slack), below the model's size (reading whole tensors as float32 and stacking the
+    layers, the loader before the shard reads, peaked above it at 31.3 MB).
+
+    The bound was the largest tensor plus one layer while one device was filled like a mesh, layer by
+    layer through compiled in-place updates (about 30 compilations, each weight twice on the device);
+    without a mesh each weight is now stacked on the host in ``dtype`` and put once (no compiled
+    program), so the host holds a stacked weight. XLA:CPU may keep a put's host buffer as the device
+    array's own (``held`` at the end: 6-20 of the 29.4 MB here, none expected on an accelerator; subtracted),
+    and may let go of one a moment after the put returns (so the previous group may still be there:
+    measured 8.0 and 20.6 MB against 12.6 + 6.3 + 2.4 MB; the least of three loads is checked). The mesh bound
+    (test_peak_host_memory_on_a_mesh) is unchanged."""
     folder, model = checkpoint
     weights = params.SafetensorsFolder(folder)
-    params.build_model(model.config, weights, dtype=dtype)  # compile the placement programs first
-    largest, layer, total = _bytes(model.config, dtype)
-    tracemalloc.start()
-    try:
-        loaded = params.build_model(model.config, weights, dtype=dtype)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert total > 8 * (largest + layer)
-    assert peak < 1.25 * (largest + layer), (peak, largest, layer, total)
-    assert jax.tree.leaves(nnx.state(loaded))[0].dtype == dtype
+    params.build_model(model.config, weights, dtype=dtype)  # a warm-up load (imports, caches)
+    _, layer, total = _bytes(model.config, dtype)
+    first, second = _largest_stacked(model.config, dtype)
+    bound = 1.1 * (first + second + layer)
+    excess = []
+    for _ in range(3):  # the least of three loads: when XLA frees a put's host buffer varies from run to run
+        tracemalloc.start()
+        try:
+            loaded = params.build_model(model.config, weights, dtype=dtype)
+            held, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        excess.append(peak - held)
+        assert jax.tree.leaves(nnx.state(loaded))[0].dtype == dtype
+        del loaded
+    assert total > bound
+    assert min(excess) < bound, (excess, first, second, layer, total)
+
+
+def test_one_device_load_compiles_nothing(checkpoint, caplog):
+    """Without a mesh a fresh ``build_model`` runs no compiled program (``jax.log_compiles`` logs none)."""
+    folder, model = checkpoint
+    with caplog.at_level("WARNING"), jax.log_compiles(True):
+        params.build_model(model.config, params.SafetensorsFolder(folder), dtype=jnp.float16)
+    assert not [r for r in caplog.records if "ompil" in r.getMessage()], [r.getMessage() for r in caplog.records]
 
 
 SCRIPT = textwrap.dedent(r"""

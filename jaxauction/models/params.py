@@ -514,7 +514,10 @@ def build_model(
     cast to ``dtype`` and copied to its device: the host never holds the model, only one tensor's
     part at a time. With ``mesh`` (axes ``"auctions"`` and optionally ``"model"``) every weight is
     placed as :meth:`Llama.partition_specs` says (split over ``"model"``, replicated over
-    ``"auctions"``), as the engine would place it; without, on the default device.
+    ``"auctions"``), as the engine would place it; without, on the default device. Unsplit (no mesh,
+    or a ``"model"`` axis of 1) each weight is stacked whole on the host in ``dtype`` and put once
+    (:func:`~jaxauction.models.placement.place_whole`: nothing compiled; the host holds the largest
+    stacked weight, not the model).
 
     With ``read_q4_1`` (``hf_name -> Q4_1Blocks``, see :func:`gguf_q4_1_reader`) the layers' projection
     kernels are read from it and held quantized (``Llama(..., quantization="q4_1")``): each layer's
@@ -526,14 +529,41 @@ def build_model(
     graphdef, abstract_state = nnx.split(abstract)
     shapes = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_state))
     shardings = _weight_shardings(abstract, mesh)
+    split = mesh is not None and sharding.model_devices(mesh) > 1
+    if not split:  # the head is read whole twice (it and its [D, V] copy): read and dequantized once
+        weights = _SharedRead(weights, "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
     quantized = None if read_q4_1 is None else _q4_1_layer_kernels(config, read_q4_1)
     leaves = {
         path: (leaf, shardings.get(path), _leaf_reader(config, weights, path, leaf.dtype, quantized))
         for path, leaf in shapes.items()
     }
-    arrays = placement.place(leaves, stacked=lambda path: path[0] == "layers")
+    if split:
+        arrays = placement.place(leaves, stacked=lambda path: path[0] == "layers")
+    else:  # one device or replicas: each weight stacked on the host and put once, nothing compiled
+        arrays = placement.place_whole(leaves, group=lambda path: path[:-1] if path[0] == "layers" else None)
     nnx.replace_by_pure_dict(abstract_state, traverse_util.unflatten_dict(arrays))
     return nnx.merge(graphdef, abstract_state)
+
+
+class _SharedRead:
+    """``weights`` whose tensor ``name`` is read once for two reads of the same part: the first read's
+    values are kept until the second takes them (the tied embedding and the ``[D, V]`` head both read
+    the whole embedding; a GGUF file dequantizes it once)."""
+
+    def __init__(self, weights: TensorSource, name: str):
+        self.weights, self.name, self.kept = weights, name, {}
+
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        return self.weights.shape(hf_name)
+
+    def read(self, hf_name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        if hf_name != self.name:
+            return self.weights.read(hf_name, index)
+        key = None if index is None else tuple((part.start, part.stop) for part in index)
+        if key in self.kept:
+            return self.kept.pop(key)
+        self.kept[key] = values = self.weights.read(hf_name, index)
+        return values
 
 
 def _weight_shardings(abstract: Llama, mesh: Mesh | None) -> dict[tuple[str, ...], NamedSharding]:
