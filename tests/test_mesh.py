@@ -15,7 +15,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 from tiny_llm import TinyTokenizer, tiny_llama
 
 from jaxauction import sharding, simulation
@@ -113,10 +113,7 @@ SCRIPT = textwrap.dedent(r"""
     out["half_none"] = run(half, None)
     out["half_4x2"] = run(half, jax.make_mesh((4, 2), ("auctions", "model")))  # Explicit axes
 
-    try:
-      run(tiny(4), sharding.make_mesh(auctions=2, model=3))
-    except ValueError as error:
-      out["refused"] = str(error)
+    out["gen4_2x3"] = run(tiny(4), sharding.make_mesh(auctions=2, model=3))  # 3 does not divide 8 heads
 
     logits = rng.normal(size=(3, 2, 50)) * 2
     sim_bids = rng.exponential(size=(10, 2))
@@ -246,13 +243,21 @@ def test_meshes_with_other_axes_are_refused():
         sharding.check_mesh("auctions")
 
 
-def test_a_model_axis_the_heads_do_not_divide_is_refused(eight_devices):
-    assert eight_devices["refused"].startswith(
-        "mesh: the model's 8 query heads do not split over a 'model' axis of 3 devices"
-    )
-    assert "one of [1, 2, 4, 8]" in eight_devices["refused"]
-    with pytest.raises(ValueError, match="query heads do not split"):
-        tiny_llama(16).partition_specs("auctions", "model", 3)
+def test_a_model_axis_the_heads_do_not_divide_replicates_attention(eight_devices):
+    """t = 3 does not divide the 8 query heads (the bundled model's 9 do not divide by 2 or 8): q|k|v and
+    the cache are replicated over "model", the MLP and the vocabulary still split; one device's
+    greedy tokens, payments within 1e-5 of the largest. A model axis larger than the heads is refused."""
+    tokens, payments = eight_devices["gen4_none"]
+    got_tokens, got_payments = eight_devices["gen4_2x3"]
+    assert got_tokens == tokens
+    np.testing.assert_allclose(got_payments, payments, rtol=0, atol=1e-5 * np.max(np.abs(payments)))
+    specs, _ = tiny_llama(16).partition_specs("auctions", "model", 3)
+    paths = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+    qkv = [spec for path, spec in paths if "qkv_proj" in jax.tree_util.keystr(path)]
+    assert qkv and all(spec == PartitionSpec() for spec in qkv)
+    heads = tiny_llama(16).config.num_heads
+    with pytest.raises(ValueError, match=f"larger than the model's {heads} query heads"):
+        tiny_llama(16).partition_specs("auctions", "model", heads + 1)
 
 
 def _config(kv_heads=4):
@@ -340,3 +345,41 @@ def test_explicit_meshes_are_used_with_auto_axes():
     assert np.array_equal(mesh.devices, explicit.devices)
     auto = sharding.make_mesh(auctions=1)
     assert sharding.check_mesh(auto) is auto
+
+
+BUNDLED_SCRIPT = textwrap.dedent(r"""
+    import json
+    import jax
+    import jaxauction as ja
+    import jaxauction.models as jm
+    from jaxauction import sharding
+
+    model = jm.load()  # the bundled SmolLM2-135M-Instruct: 9 query heads, 3 key/value heads
+    prompts = ["Write a one-line ad for Alpha Airlines.", "Write a one-line ad for Beta Resort."]
+    out = {}
+    for name, mesh in (("none", None), ("4x2", sharding.make_mesh(auctions=4, model=2)),
+                       ("1x8", sharding.make_mesh(auctions=1, model=8))):
+      r = ja.generate(prompts, [[1.0, 2.0], [3.0, 1.0]], key=jax.random.key(0), max_new_tokens=6, model=model,
+                      mesh=mesh, decoding="greedy", progress=False)
+      out[name] = [r.tokens.tolist(), r.payments.tolist(), r.text]
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_the_bundled_model_on_model_axes_gives_one_device_ads():
+    """The bundled model (9 query heads: attention replicated over t = 2 or 8, the MLP and vocabulary
+    split) on (4, 2) and (1, 8): one device's greedy ads, payments within 1e-5 of the largest."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    completed = subprocess.run(
+        [sys.executable, "-c", BUNDLED_SCRIPT], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = json.loads(completed.stdout.strip().splitlines()[-1])
+    tokens, payments, text = out["none"]
+    largest = np.abs(np.asarray(payments)).max()
+    assert largest > 0 and all(text)
+    for name in ("4x2", "1x8"):
+        got_tokens, got_payments, got_text = out[name]
+        assert got_tokens == tokens and got_text == text, name
+        np.testing.assert_allclose(got_payments, payments, rtol=0, atol=1e-5 * largest, err_msg=name)

@@ -637,22 +637,21 @@ class Llama(nnx.Module):
         and the cache's key/value heads split over it as :data:`TENSOR_PARALLEL` says, else the
         weights replicated (``PartitionSpec()``).
 
-        When ``K`` key/value heads do not divide by ``model_size`` the q|k|v projection and the
-        cache are replicated over ``model_axis`` (every device computes every head; ``o_proj``, the
-        MLP and the vocabulary stay split); a weight axis that does not divide is replicated.
-        Raises ``ValueError`` with the reason when the ``H`` query heads do not divide.
+        When the ``H`` query heads or the ``K`` key/value heads do not divide by ``model_size``, the
+        q|k|v projection and the cache are replicated over ``model_axis`` (every device computes every
+        head; ``o_proj``, the MLP and the vocabulary stay split); a weight axis that does not divide is
+        replicated. Raises ``ValueError`` when ``model_size`` exceeds ``H`` (a device would hold no head).
         """
         config = self.config
         if model_axis is None or model_size == 1:
             return PartitionSpec(), KVCache.partition_specs(axis)
-        if config.num_heads % model_size:
-            sizes = [t for t in range(1, config.num_heads + 1) if config.num_heads % t == 0]
+        if model_size > config.num_heads:
             raise ValueError(
-                f"mesh: the model's {config.num_heads} query heads do not split over a {model_axis!r} axis of "
-                f"{model_size} devices (tensor parallelism gives each device whole heads); use a {model_axis!r} "
-                f"axis size that divides {config.num_heads}: one of {sizes}."
+                f"mesh: a {model_axis!r} axis of {model_size} devices is larger than the model's {config.num_heads} "
+                f"query heads (tensor parallelism splits by head); use a {model_axis!r} axis of at most "
+                f"{config.num_heads} devices, ideally one that divides {config.num_heads}."
             )
-        split_heads = config.num_kv_heads % model_size == 0
+        split_heads = config.num_heads % model_size == 0 and config.num_kv_heads % model_size == 0
 
         def spec(path, leaf) -> PartitionSpec:
             names = [key.key for key in path if hasattr(key, "key")]
