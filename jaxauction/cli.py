@@ -40,7 +40,9 @@ def check_environment() -> None:
 
     from jaxauction.engine import plan
 
-    plan.default_memory_budget()
+    budget = os.environ.get("JAXAUCTION_MEMORY_BUDGET")
+    if budget:  # parsed here; the devices are asked below, once JAX's platform is known to start
+        plan.parse_memory_budget(budget, argument="JAXAUCTION_MEMORY_BUDGET")
     import jax
 
     try:
