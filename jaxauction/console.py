@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-__all__ = ["EXIT_INTERRUPTED", "interrupted", "main"]
+__all__ = ["EXIT_INTERRUPTED", "guard", "interrupted", "main"]
 
 EXIT_INTERRUPTED = 130
 """The exit status after Ctrl-C (128 + SIGINT, what shells report for a process ended by it)."""
@@ -112,7 +112,7 @@ def _inside_import(frame) -> bool:
 
 
 @contextlib.contextmanager
-def _guard(after=None) -> Iterator[_Guard | None]:
+def guard(after=None) -> Iterator[_Guard | None]:
     """Installs the SIGINT handler and the unraisable hook for the block, then restores them (SIGINT gets
     ``after`` if given). Yields None, changing nothing, where Python's own SIGINT handling is not in place:
     SIGINT ignored or handled by the parent's choice, or not the main thread."""
@@ -121,15 +121,15 @@ def _guard(after=None) -> Iterator[_Guard | None]:
     ):
         yield None
         return
-    guard = _Guard()
-    previous = signal.signal(signal.SIGINT, guard.on_sigint)
-    sys.unraisablehook = guard.unraisable
-    threading.Thread(target=guard.redeliver, name="jaxauction-sigint", daemon=True).start()
+    state = _Guard()
+    previous = signal.signal(signal.SIGINT, state.on_sigint)
+    sys.unraisablehook = state.unraisable
+    threading.Thread(target=state.redeliver, name="jaxauction-sigint", daemon=True).start()
     try:
-        yield guard
+        yield state
     finally:
-        guard.close()
-        sys.unraisablehook = guard._previous_hook
+        state.close()
+        sys.unraisablehook = state._previous_hook
         signal.signal(signal.SIGINT, previous if after is None else after)
 
 
@@ -140,19 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     SIGINT is ignored while the process exits. JAX's teardown takes most of a second, and a Ctrl-C there
     would otherwise print a traceback from an exit handler or kill the process without a word.
     """
-    guard = None
+    active = None
     try:
-        with _guard(after=signal.SIG_IGN) as guard:
+        with guard(after=signal.SIG_IGN) as active:
             from jaxauction import cli
 
-            if guard is not None:
-                guard.running = True
+            if active is not None:
+                active.running = True
             status = cli.main(argv)
     except BaseException as error:
         # C code can turn a KeyboardInterrupt into another error (a failed extension import while JAX starts)
-        if isinstance(error, KeyboardInterrupt) or (guard is not None and guard.received):
+        if isinstance(error, KeyboardInterrupt) or (active is not None and active.received):
             return interrupted()
         raise
-    if guard is not None and guard.received and status != EXIT_INTERRUPTED:
+    if active is not None and active.received and status != EXIT_INTERRUPTED:
         return interrupted()  # an interrupt that never surfaced (or surfaced as an error line): it decides
     return status

@@ -118,7 +118,7 @@ def test_an_interrupt_dropped_in_a_gc_callback_is_delivered_again():
             signal.raise_signal(signal.SIGINT)
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in a fresh process
-    with console._guard() as guard:
+    with console.guard() as guard:
         assert guard is not None
         guard.running = True
         gc.callbacks.append(drop)
@@ -138,7 +138,7 @@ def test_an_interrupt_dropped_in_a_gc_callback_is_delivered_again():
 def test_other_unraisable_exceptions_still_reach_the_previous_hook(monkeypatch):
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
-    with console._guard() as guard:
+    with console.guard() as guard:
         unraisable = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("x"))
         sys.unraisablehook(unraisable)
         assert guard is not None
@@ -147,5 +147,5 @@ def test_other_unraisable_exceptions_still_reach_the_previous_hook(monkeypatch):
 
 def test_an_ignored_sigint_stays_ignored(monkeypatch):
     monkeypatch.setattr(signal, "getsignal", lambda signum: signal.SIG_IGN)
-    with console._guard() as guard:
+    with console.guard() as guard:
         assert guard is None

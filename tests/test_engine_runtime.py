@@ -54,6 +54,9 @@ def test_compiled_reuses_a_program_per_function_settings_and_shapes(empty_progra
         (scaled, (2.0,)),
         (shifted, (2.0,)),
     ]
+    texts = runtime.program_texts("scaled")
+    assert len(texts) == 4 and all("HloModule" in text for text in texts)
+    assert len(runtime.program_texts("shifted")) == 1 and runtime.program_texts("absent") == []
 
 
 def test_compiled_donates_the_given_arguments(empty_program_table):

@@ -62,7 +62,7 @@ SCRIPT = textwrap.dedent(r"""
 
     def collectives(mesh):
       # The collectives of the compiled model program of the last generation (one layer's scan body).
-      texts = [p.as_text() for key, p in runtime._PROGRAMS.items() if key[0].__name__ == "_model_program"]
+      texts = runtime.program_texts("_model_program")
       ops = re.findall(r"= (\S+) (all-gather|all-reduce|all-to-all|reduce-scatter)[\.\d]*\(", texts[-1])
       return [[op, shape] for shape, op in ops]
 
@@ -71,10 +71,10 @@ SCRIPT = textwrap.dedent(r"""
       out[f"gen{kv_heads}_none"] = run(model, None)
       for a, t in meshes:
         mesh = sharding.make_mesh(auctions=a, model=t)
-        runtime._PROGRAMS.clear()
-        out[f"gen{kv_heads}_{a}x{t}"] = run(model, mesh)
+        with runtime.empty_program_table():  # the model program of this mesh only
+          out[f"gen{kv_heads}_{a}x{t}"] = run(model, mesh)
+          out[f"ops{kv_heads}_{a}x{t}"] = collectives(mesh)
         out[f"bytes{kv_heads}_{a}x{t}"] = shard_bytes(model, mesh)
-        out[f"ops{kv_heads}_{a}x{t}"] = collectives(mesh)
 
     # The prefill per device: spy on the engine's compiled programs (runtime.compiled, public).
     seen = []

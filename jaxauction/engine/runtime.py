@@ -25,6 +25,7 @@ __all__ = [
     "empty_program_table",
     "enable_compilation_cache",
     "held_programs",
+    "program_texts",
     "program_count",
 ]
 
@@ -90,6 +91,12 @@ def held_programs() -> list[tuple[Callable, tuple]]:
     """``(function, static)`` of every compiled program held now, least recently used first; one entry
     per program, so a function and settings compiled for two argument shapes appear twice."""
     return [(key[0], key[1]) for key in _PROGRAMS]
+
+
+def program_texts(name: str) -> list[str]:
+    """The compiled HLO text of every held program whose function is named ``name`` (e.g.
+    ``"_model_program"``), least recently used first: to inspect what XLA made of it (its collectives)."""
+    return [program.as_text() for key, program in _PROGRAMS.items() if key[0].__name__ == name]
 
 
 @contextlib.contextmanager
