@@ -50,6 +50,13 @@ def _exit_at_once() -> None:
     """Says the line and ends the process now with :data:`EXIT_INTERRUPTED` (before the command runs, when
     there is nothing to clean up and unwinding a native extension's import is not safe)."""
     interrupted()
+    _end_process()
+
+
+def _end_process() -> None:
+    """Flushes the streams and ends the process with :data:`EXIT_INTERRUPTED` without the interpreter's
+    teardown: after an interrupted computation JAX's teardown can crash (seen once: a segmentation fault
+    after the line), and the command's own clean-up has run by then."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -151,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as error:
         # C code can turn a KeyboardInterrupt into another error (a failed extension import while JAX starts)
         if isinstance(error, KeyboardInterrupt) or (active is not None and active.received):
-            return interrupted()
+            _exit_at_once()
         raise
-    if active is not None and active.received and status != EXIT_INTERRUPTED:
-        return interrupted()  # an interrupt that never surfaced (or surfaced as an error line): it decides
+    if active is not None and active.received:
+        if status != EXIT_INTERRUPTED:
+            interrupted()  # an interrupt that never surfaced (or surfaced as an error line): it decides
+        _end_process()
     return status
