@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from tiny_llm import PROMPTS, TinyTokenizer, tiny_llama
+from tiny_llm import PROMPTS, TinyTokenizer, gqa_config, tiny_llama
 
 from jaxauction import prompts as prompts_lib
 from jaxauction.engine import generate, parse_memory_budget, plan, plan_chunks
@@ -226,21 +226,9 @@ def test_default_budget_from_device_memory_or_host_ram(monkeypatch):
 def _split_llama(kv_heads: int):
     from flax import nnx
 
-    from jaxauction.models import Llama, LlamaConfig
+    from jaxauction.models import Llama
 
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=64,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=8,
-        num_kv_heads=kv_heads,
-        head_dim=8,
-        max_position_embeddings=64,
-        eos_token_ids=(1,),
-        pad_token_id=0,
-    )
-    return Llama(config, rngs=nnx.Rngs(0))
+    return Llama(gqa_config(kv_heads), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
-from tiny_llm import TinyTokenizer, tiny_llama
+from tiny_llm import TinyTokenizer, gqa_config, tiny_llama
 
 from jaxauction import sharding, simulation
 
@@ -261,22 +261,7 @@ def test_a_model_axis_the_heads_do_not_divide_replicates_attention(eight_devices
 
 
 def _config(kv_heads=4):
-    from jaxauction.models import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=32,
-        hidden_size=64,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=8,
-        num_kv_heads=kv_heads,
-        head_dim=8,
-        max_position_embeddings=64,
-        eos_token_ids=(1,),
-        pad_token_id=0,
-        qkv_bias=True,
-        out_bias=True,
-    )
+    return gqa_config(kv_heads, qkv_bias=True, out_bias=True)
 
 
 def test_the_tensor_parallel_specs_of_each_weight():

@@ -61,3 +61,21 @@ def tiny_llama(vocab: int, *, seed: int = 0, sharpness: float = 1.0) -> Llama:
         model.lm_head[...] = model.lm_head[...] * sharpness
         model.refresh_derived_weights()
     return model
+
+
+def gqa_config(kv_heads: int = 4, **changes) -> LlamaConfig:
+    """A 2-layer Llama with 8 query heads and ``kv_heads`` key/value heads (hd = 8, V = 32): the shape the
+    tensor-parallel tests split over a "model" axis."""
+    fields = dict(
+        vocab_size=32,
+        hidden_size=64,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=kv_heads,
+        head_dim=8,
+        max_position_embeddings=64,
+        eos_token_ids=(1,),
+        pad_token_id=0,
+    )
+    return LlamaConfig(**{**fields, **changes})
