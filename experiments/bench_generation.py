@@ -258,6 +258,51 @@ class TorchWorker:
         self.process.wait(timeout=60)
 
 
+# ---------------------------------------------------------------------------------------- workloads
+
+
+def sweep_workload(config_path, points: int):
+    """The Hawaii sweep of ``config_path``: ``(config, prompts, base_prompt, shares [P], bids [P, n])``
+    (:func:`jaxauction.sweep.sweep_bids`). Also used by ``bench_payments.py``."""
+    from jaxauction.config import load_config
+    from jaxauction.sweep import sweep_bids
+
+    config = load_config(config_path)
+    shares, bids = sweep_bids(config, points)
+    return config, config.prompts(), config.base_messages(), shares, bids
+
+
+def sweep_options(config, max_new_tokens: int, model, rule="linear", payment="second_price") -> dict:
+    """The keywords of ``generate(prompts, bids, **options)`` for the sweep: greedy decoding, the
+    configuration's seed, base prompt, base bid and temperature."""
+    import jax
+
+    return dict(
+        rule=rule,
+        payment=payment,
+        decoding="greedy",
+        key=jax.random.key(config.seed),
+        max_new_tokens=max_new_tokens,
+        model=model,
+        base_prompt=config.base_messages(),
+        base_bid=config.base_bid,
+        temperature=config.temperature,
+    )
+
+
+def mixed_workload(path, limit: int = 0):
+    r"""The mixed batch: ``(lines, auctions)``, the first ``limit`` (0: all) entries of the JSONL file
+    ``path`` (:func:`jaxauction.batch.read_auctions`) and their :class:`jaxauction.Auction`\ s, for one
+    ``generate(auctions, **options)`` call (``options`` without ``base_prompt``/``base_bid``)."""
+    from jaxauction import Auction
+    from jaxauction.batch import read_auctions
+
+    lines = read_auctions(path)
+    if limit > 0:
+        lines = lines[:limit]
+    return lines, [Auction(e.prompts, e.bids, base_prompt=e.base_prompt, base_bid=e.base_bid) for e in lines]
+
+
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -350,19 +395,13 @@ def main(argv=None) -> int:
 
     import jax
 
-    from jaxauction import Auction, generate
-    from jaxauction.batch import read_auctions
-    from jaxauction.config import load_config
+    from jaxauction import generate
     from jaxauction.outputs import write_json
     from jaxauction.prompts import encode_prompt, eos_ids
-    from jaxauction.sweep import sweep_bids
 
-    config = load_config(args.config)
+    config, prompts, base_prompt, shares, bids = sweep_workload(args.config, args.points)
     model = models.load()
     llm, tokenizer = model
-    prompts = config.prompts()
-    base_prompt = config.base_messages()
-    shares, bids = sweep_bids(config, args.points)
     num_agents = len(prompts)
     sequences = [encode_prompt(tokenizer, p) for p in prompts]
     torch_bids = bids
@@ -370,17 +409,7 @@ def main(argv=None) -> int:
         sequences.append(encode_prompt(tokenizer, base_prompt))
         torch_bids = np.concatenate([bids, np.full((len(bids), 1), config.base_bid)], axis=1)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    options = dict(
-        rule="linear",
-        payment="second_price",
-        decoding="greedy",
-        key=jax.random.key(config.seed),
-        max_new_tokens=args.max_new_tokens,
-        model=model,
-        base_prompt=base_prompt,
-        base_bid=config.base_bid,
-        temperature=config.temperature,
-    )
+    options = sweep_options(config, args.max_new_tokens, model)
     request = {
         "sequences": sequences,
         "bids": torch_bids.tolist(),
@@ -393,10 +422,7 @@ def main(argv=None) -> int:
     }
     torch_warmup_tokens = min(4, args.max_new_tokens)
 
-    mixed_lines = read_auctions(args.mixed_config)
-    if args.mixed_limit > 0:
-        mixed_lines = mixed_lines[: args.mixed_limit]
-    auctions = [Auction(e.prompts, e.bids, base_prompt=e.base_prompt, base_bid=e.base_bid) for e in mixed_lines]
+    mixed_lines, auctions = mixed_workload(args.mixed_config, args.mixed_limit)
     mixed_n_max = max(len(e.prompts) for e in mixed_lines)
     mixed_requests = []
     for e in mixed_lines:
