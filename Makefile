@@ -52,6 +52,7 @@ bench: $(BENCH_STAMP)
 	$(BENCH_PY) experiments/bench_mechanism.py --json outputs/bench_mechanism.json
 	$(BENCH_PY) experiments/bench_model.py --json outputs/bench_model.json
 	$(BENCH_PY) experiments/bench_generation.py --json outputs/bench_generation.json
+	$(BENCH_PY) experiments/bench_payments.py --json outputs/bench_payments.json
 	$(BENCH_PY) experiments/bench_scaling.py --quick --json outputs/bench_scaling.json
 	$(BENCH_PY) experiments/bench_layers.py --json outputs/bench_layers.json
 	$(BENCH_PY) experiments/bench_attention.py --json outputs/bench_attention.json

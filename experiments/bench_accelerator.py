@@ -40,11 +40,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 os.environ.setdefault("JAXAUCTION_CACHE_DIR", "off")  # compile times are measured, not loaded from disk
 
+import hostinfo  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -245,7 +245,7 @@ def run(args) -> dict:
         "device_count": jax.device_count(),
         "jax": jax.__version__,
         "jaxauction": ja.__version__,
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
+        "host": {**hostinfo.describe(), "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()},
         "capacities": list(profile["capacities"]),
         "skipped": [],
     }
@@ -312,7 +312,8 @@ def report(out: dict) -> str:
         f"floor {sim['floor_auctions_per_s']:.0f}/s: {sim['share_of_floor']:.1%} of it"
     )
     lines.append(
-        f"load average at start {out['host']['load_average_at_start']}, end {out['host']['load_average_at_end']}"
+        f"host: {hostinfo.cpu_text()}; load average at start {out['host']['load_average_at_start']}, "
+        f"end {out['host']['load_average_at_end']}"
     )
     if out["skipped"]:
         lines.append(f"skipped: {out['skipped']}")

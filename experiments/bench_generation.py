@@ -62,6 +62,7 @@ import sys
 import time
 from pathlib import Path
 
+import hostinfo
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -384,7 +385,7 @@ def main(argv=None) -> int:
     if args.points < 2 or args.max_new_tokens < 1 or args.repeats < 1 or min(args.torch_threads) < 0:
         parser.error("--points must be >= 2, --max-new-tokens and --repeats >= 1, --torch-threads >= 0")
 
-    load_at_start = os.getloadavg()
+    load_at_start = hostinfo.load_average()
     if args.xla_single_thread:  # before JAX starts its backend
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -490,10 +491,12 @@ def main(argv=None) -> int:
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform} (XLA_FLAGS "
         f"{os.environ.get('XLA_FLAGS', '')!r}); torch {info['torch']} (default "
-        f"{info['default_threads']} threads), torch prefill: {args.torch_prefill}; {os.cpu_count()} CPUs; "
-        f"load average {', '.join(f'{x:.2f}' for x in load_at_start)}",
+        f"{info['default_threads']} threads), torch prefill: {args.torch_prefill}",
         flush=True,
     )
+    # The ratio to PyTorch depends on the CPU (issue 37: 1.41x / 2.27x on a 2-core Intel Xeon, 1.71-2.19x /
+    # 4.46-5.02x on a 2-core AMD EPYC, where PyTorch's GEMMs are slower): read it with the vendor.
+    print(f"host: {hostinfo.line(load_at_start)}; CPU vendor {hostinfo.cpu()['vendor']}", flush=True)
 
     main_name = "jaxauction batched"
     cases = {main_name: (run_batched, f"generate(prompts, bids [{len(bids)}, {num_agents}])")}
@@ -539,7 +542,7 @@ def main(argv=None) -> int:
             print(f"run {repeat + 1}/{args.repeats} {name}: {times[name][-1]:.3f} s", flush=True)
     if worker is not None:
         worker.close()
-    load_at_end = os.getloadavg()
+    load_at_end = hostinfo.load_average()
 
     results = []
     for name, (_, description) in cases.items():
@@ -613,10 +616,7 @@ def main(argv=None) -> int:
             + f"; max |payment diff| {check['max_abs_payment_diff']:.2e} (relative "
             f"{check['max_rel_payment_diff']:.2e}), per token {check['max_abs_token_payment_diff']:.2e}"
         )
-    print(
-        f"load average at start {', '.join(f'{x:.2f}' for x in load_at_start)}; at end "
-        f"{', '.join(f'{x:.2f}' for x in load_at_end)} ({os.cpu_count()} CPUs)"
-    )
+    print(f"host: {hostinfo.line(load_at_start, load_at_end)}; CPU vendor {hostinfo.cpu()['vendor']}")
 
     if args.json:
         texts = [
@@ -664,6 +664,7 @@ def main(argv=None) -> int:
                     "torch_default_threads": info["default_threads"],
                     "torch_prefill": args.torch_prefill,
                 },
+                "host": hostinfo.describe(load_at_start, load_at_end),
                 "shares": shares,
                 "bids": bids,
                 "texts": texts,

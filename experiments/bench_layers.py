@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import hostinfo
 from ab import alternate_medians, write_json
 
 
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
             f"{r['max_abs_logit_difference']:.1e} (load {r['load_before']:.2f} -> {r['load_after']:.2f})",
             flush=True,
         )
+    print(f"host: {hostinfo.cpu_text()}")
     write_json(args.json, results)
     return 0
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
+import hostinfo
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,7 +164,7 @@ def main(argv=None):
     quadrature = payments.Quadrature()
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform}, numpy {np.__version__}, "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; float32; "
+        f"{hostinfo.cpu_text()}; float32; "
         f"V={args.vocab}, JAX batch {args.batch}, NumPy timed on {args.numpy_auctions} auctions; "
         f"{quadrature.size} quadrature nodes per agent"
     )
@@ -220,13 +220,14 @@ def main(argv=None):
         quadrature_nodes=quadrature.size,
         cpus=os.cpu_count(),
         load_average_at_end=os.getloadavg(),
+        host=hostinfo.describe(load_end=hostinfo.load_average()),
         jax=jax.__version__,
         numpy=np.__version__,
     )
     print(
         f"ratio vs NumPy, smallest over cases: {result['ratio_vs_numpy']:.1f}x (plain), "
         f"{result['ratio_vs_numpy_hoisted']:.1f}x (hoisted); "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        f"host: {hostinfo.line(load_end=hostinfo.load_average())}"
     )
     if args.json:
         with open(args.json, "w") as f:

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 
+import hostinfo
 import numpy as np
 
 
@@ -310,6 +311,7 @@ def main() -> None:
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "load_average_at_end": os.getloadavg(),
+            "host": hostinfo.describe(load_end=hostinfo.load_average()),
             "jax": jax.__version__,
             "torch": worker.info["torch"],
             "torch_threads": worker.info["threads"],
@@ -326,7 +328,7 @@ def main() -> None:
         "matmul_gflops": flops_roof / 1e9,
         "results": results,
     }
-    print(f"load average at the end: {os.getloadavg()}")
+    print(f"host: {hostinfo.line(load_end=hostinfo.load_average())}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as handle:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import hostinfo
 from ab import alternate_medians, write_json
 
 
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
             f"(load {row['load_before']:.2f} -> {row['load_after']:.2f})",
             flush=True,
         )
+    print(f"host: {hostinfo.cpu_text()}")
     write_json(args.json, result)
     return 0
 

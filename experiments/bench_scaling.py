@@ -20,6 +20,7 @@ import argparse
 import sys
 import time
 
+import hostinfo
 import numpy as np
 
 
@@ -126,7 +127,9 @@ def main(argv=None) -> int:
     else:
         agents, batches, vocabs = [2, 4, 8, 16], [1, 4, 16, 64, 256, 1024], [1024, 4096, 16384, 49152]
         gen_auctions, gen_agents, gen_tokens = [1, 4, 16, 64], [2, 4, 8, 16], 16
+    print(f"host: {hostinfo.line(hostinfo.load_average())}")
     report = {
+        "host": hostinfo.describe(hostinfo.load_average()),
         "floors": floors,
         "mechanism": {"agents": [], "batch": [], "vocab": []},
         "generation": {"auctions": [], "agents": []},
@@ -185,6 +188,8 @@ def main(argv=None) -> int:
             print(f"  agents={n:>3} A=1: {case['ms_per_token_step']:8.1f} ms per token step")
             report["generation"]["agents"].append(case)
 
+    report["host"]["load_average_end"] = list(hostinfo.load_average())
+    print(f"host: {hostinfo.line(report['host']['load_average_start'], report['host']['load_average_end'])}")
     write_json(args.json, report)
     plot(report, args.plot)
     print(f"wrote {args.json} and {args.plot}")

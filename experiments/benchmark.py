@@ -47,6 +47,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import hostinfo
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -408,8 +409,7 @@ def main(argv=None) -> dict:
         f"{len(queries)} queries x {args.profiles} profiles x {len(args.mechanisms)} mechanisms, "
         f"max_new_tokens={args.max_new_tokens}, M={args.candidates}, decoding={args.decoding}: {elapsed:.1f} s "
         "(generation: " + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()) + "); "
-        f"load average {load_before[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end (1 min), "
-        f"{len(os.sched_getaffinity(0))} core(s)"
+        f"host: {hostinfo.line(load_before, hostinfo.load_average())}"
     )
     result = dict(
         settings=dict(
@@ -417,6 +417,7 @@ def main(argv=None) -> dict:
             candidates=args.candidates, tau=args.tau, seed=args.seed, model=args.model or "bundled SmolLM2-135M",
             decoding=args.decoding, certified_rule=certified_params, time_s=elapsed, generation_s=seconds,
             loadavg_start=load_before, loadavg_end=os.getloadavg(), cores=len(os.sched_getaffinity(0)),
+            host=hostinfo.describe(load_before, hostinfo.load_average()),
         ),
         summary=summaries,
         ads=ads_by_mechanism,

@@ -20,6 +20,7 @@ import json
 import os
 import time
 
+import hostinfo
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,6 +78,7 @@ def main(argv=None) -> dict:
         "loadavg_after": load_after,
         "cpu_affinity": sorted(os.sched_getaffinity(0)),
         "backend": jax.default_backend(),
+        "host": hostinfo.describe(load_before, load_after),
     }
     if args.generic:
         result["ratio_generic_to_linear"] = medians["certified_generic"] / medians["linear"]
@@ -84,7 +86,7 @@ def main(argv=None) -> dict:
     print(f"payments per decode step, {shape}, float32, {len(result['cpu_affinity'])} core(s):")
     for name, value in medians.items():
         print(f"  {name:<18} {1e3 * value:9.3f} ms  ({value / medians['linear']:.2f}x linear)")
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
+    print(f"host: {hostinfo.line(load_before, load_after)}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)

@@ -78,7 +78,8 @@ def load_average() -> tuple[float, float, float]:
 
 def describe(load_start=None, load_end=None) -> dict:
     """The host as JSON: :func:`cpu` fields prefixed ``cpu_``, cores, machine, platform and the load
-    averages given (``load_start``/``load_end``: :func:`load_average` tuples, or None)."""
+    averages given (``load_start``/``load_end``: :func:`load_average` tuples; left out when None)."""
+    loads = {"load_average_start": load_start, "load_average_end": load_end}
     return {
         **{f"cpu_{key}": value for key, value in cpu().items()},
         "cores": cores(),
@@ -86,8 +87,7 @@ def describe(load_start=None, load_end=None) -> dict:
         "machine": platform.machine(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "load_average_start": None if load_start is None else list(load_start),
-        "load_average_end": None if load_end is None else list(load_end),
+        **{key: list(value) for key, value in loads.items() if value is not None},
     }
 
 
