@@ -57,6 +57,7 @@ def test_quick_run_writes_every_pair_floor_and_profile(tiny_folder, tmp_path):
         rows = charged if case["workload"] == "sweep" else charged + 2  # the mixed queries have a base prompt
         assert a["exps_per_step"] == nodes * vocab * charged and b["exps_per_step"] == vocab * rows
         assert a["s_per_run"] == pytest.approx(a["exps_per_run"] * saved["exp_rate"]["jax_ns"] * 1e-9)
+        assert a["s_per_run_every_auction_every_step"] == pytest.approx(a["ms_per_step"] * case["steps"] * 1e-3)
         assert case["overhead_vs_floor_a"] == pytest.approx(case["overhead_seconds"] / a["s_per_run"])
         assert 1 <= case["steps"] <= 2
     assert saved["exp_rate"]["jax_ns"] > 0 and saved["exp_rate"]["numpy_ns"] > 0
