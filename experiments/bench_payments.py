@@ -22,8 +22,9 @@ computes ``--floor-elements`` exponentials on the fly (``exp(a_k * x_t)`` over a
 of that size) and sums them, ns per element (NumPy's ``exp`` over a float32 array in place for
 reference). The work the payments must do, in exponentials:
 
-* (a) today's method: ``K = payments.Quadrature().size`` nodes x ``V`` tokens x charged agents, per
-  auction and step (a jvp at each node evaluates the rule over the vocabulary);
+* (a) today's method: ``K = payments.Quadrature().size`` nodes (80 on 2026-12-07; the installed
+  default's) x ``V`` tokens x charged agents, per auction and step (a jvp at each node evaluates the rule
+  over the vocabulary);
 * (b) the least any exact method must touch: one pass over every agent's vocabulary, ``m x V`` per
   auction and step (``m`` rows, base row included).
 
@@ -63,6 +64,7 @@ import hostinfo
 import numpy as np
 from ab import alternate_medians
 
+TODAYS_NODES = 80  # payments.Quadrature().size on 2026-12-07: floor (a)'s nodes where the installed code has no size
 RULES = ("linear", "log_linear")
 PAYMENTS = (None, "second_price", "kl")
 ALLOCATIONS = {"second_price": "robust", "kl": "kl"}
@@ -96,6 +98,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------- floor
+
+
+def default_nodes() -> int:
+    """Nodes of the installed default quadrature (``payments.Quadrature().size``), else :data:`TODAYS_NODES`."""
+    from jaxauction import payments
+
+    try:
+        return int(payments.Quadrature().size)
+    except (AttributeError, TypeError, ValueError):
+        return TODAYS_NODES
 
 
 def exp_rates(elements: int, vocab: int, repeats: int) -> dict:
@@ -347,14 +359,17 @@ def profile_programs(rule_name: str, logits, bids, n: int) -> dict:
             run = jax.jit(functools.partial(auction_step, mechanism=spec, num_charged=n))
             programs[f"auction program, payment {payment}"] = (run, (logits, bids, key))
     accepts = inspect.signature(payments.charged_payments).parameters
-    default_nodes = payments.Quadrature().size
+    nodes = default_nodes()
     chunk_default = getattr(payments, "DEFAULT_CHUNK_ELEMENTS", None)
     for payment, allocation in ALLOCATIONS.items():
         variants = {f"payments alone ({payment})": {}}
         if "quadrature" in accepts:
             for order in (4, 2):
-                quadrature = payments.Quadrature(order=order)
-                variants[f"  {payment}, {quadrature.size} nodes"] = {"quadrature": quadrature}
+                try:  # today's Quadrature: 10 panels of `order` nodes; later code may differ
+                    quadrature = payments.Quadrature(order=order)
+                    variants[f"  {payment}, {quadrature.size} nodes"] = {"quadrature": quadrature}
+                except (AttributeError, TypeError, ValueError):
+                    pass
         if "chunk_elements" in accepts and chunk_default:
             for shift in (-2, 2, 5):
                 size = int(chunk_default * 2.0**shift)
@@ -362,10 +377,10 @@ def profile_programs(rule_name: str, logits, bids, n: int) -> dict:
         for name, extra in variants.items():
             f = functools.partial(payments.charged_payments, rule, num_charged=n, allocation=allocation, **extra)
             programs[name] = (jax.jit(f), (logits, bids))
-    if rule.valuation is not None:
+    if rule.valuation is not None and hasattr(payments.Quadrature, "nodes"):
         integrand = integrand_programs(rule, rule.valuation, logits, bids, n, chunk_default or 1 << 19)
-        programs[f"  kl integrand forward, {default_nodes} nodes (no jvp)"] = integrand["forward"]
-        programs[f"  kl integrand jvp, {default_nodes} nodes"] = integrand["jvp"]
+        programs[f"  kl integrand forward, {nodes} nodes (no jvp)"] = integrand["forward"]
+        programs[f"  kl integrand jvp, {nodes} nodes"] = integrand["jvp"]
         programs["_one_node"] = integrand
     return programs
 
@@ -373,8 +388,6 @@ def profile_programs(rule_name: str, logits, bids, n: int) -> dict:
 def run_profile(rule_name: str, logits, bids, n: int, repeats: int, ns: float) -> dict:
     """Times the pieces of one decode step alternately (``ab.alternate_medians``) and prints the table."""
     import jax
-
-    from jaxauction import payments
 
     programs = profile_programs(rule_name, logits, bids, n)
     integrand = programs.pop("_one_node", None)
@@ -387,8 +400,7 @@ def run_profile(rule_name: str, logits, bids, n: int, repeats: int, ns: float) -
             one, two = (per_token_cost(*integrand[f"{label}_{kind}"], vocab * n) for label in ("one_node", "two_nodes"))
             if one and two:  # per node and token: two nodes minus one node, over n agents x V tokens
                 costs[kind] = {key: two[key] - one[key] for key in one}
-    nodes = payments.Quadrature().size
-    floor_ms = nodes * vocab * n * logits.shape[0] * ns * 1e-6
+    floor_ms = default_nodes() * vocab * n * logits.shape[0] * ns * 1e-6
     reference = {p: f"payments alone ({p})" for p in ALLOCATIONS}
     rows = []
     for name in programs:
@@ -450,7 +462,7 @@ def main(argv=None) -> int:
     load_at_start = hostinfo.load_average()
     import jax
 
-    from jaxauction import generate, models, payments
+    from jaxauction import generate, models
     from jaxauction.outputs import write_json
     from jaxauction.prompts import encode_prompt
 
@@ -467,7 +479,7 @@ def main(argv=None) -> int:
             "charged": charged,
             "rows": [c + (e.base_prompt is not None) for c, e in zip(charged, lines)],
         }
-    nodes = payments.Quadrature().size
+    nodes = default_nodes()
     print(
         f"jax {jax.__version__} on {jax.default_backend()}; sweep {len(bids)} auctions x {len(prompts)} agents, mixed "
         f"{len(auctions)} auctions; <= {args.max_new_tokens} tokens, greedy, float32; V = {vocab}; quadrature {nodes} nodes"
