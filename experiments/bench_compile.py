@@ -37,6 +37,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import hostinfo
+
 REPO = Path(__file__).resolve().parents[1]
 
 SWEEP = textwrap.dedent("""
@@ -236,7 +238,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cases = {"sweep": sweep_case, "mixed": mixed_case, "demo": demo_case, "mappings": mappings_case}
     cases["limited"] = limited_case
-    results: dict = {}
+    results: dict = {"host": hostinfo.describe(hostinfo.load_average())}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases:
             results[name] = cases[name](tmp, args)
@@ -247,6 +249,8 @@ def main(argv=None) -> int:
                 [sys.executable, str(REPO / "experiments" / script), "--json", str(out)], cwd=REPO, check=True
             )
             results[script] = json.loads(out.read_text())
+    results["host"]["load_average_end"] = list(hostinfo.load_average())
+    print(f"host: {hostinfo.line(results['host']['load_average_start'], results['host']['load_average_end'])}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
