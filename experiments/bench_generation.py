@@ -34,7 +34,10 @@ prompt): ``jaxauction mixed`` runs all of them as one heterogeneous ``generate(a
 
 ``--no-torch`` runs only the jaxauction cases (no PyTorch needed; ratios are then null), e.g. the quick
 check ``python experiments/bench_generation.py --no-torch --points 3 --max-new-tokens 4 --mixed-limit 4``.
-Peak memory (``ru_maxrss``) of the JAX process and of the PyTorch worker is reported.
+Peak memory (``ru_maxrss``) of the JAX process and of the PyTorch worker is reported, and the host
+(``experiments/hostinfo.py``: CPU model and vendor, cores, load average at the start and the end) beside
+the ratios: the ratio to PyTorch depends on the CPU (issue 37: 1.41x / 2.27x on a 2-core Intel Xeon, where
+PyTorch's GEMMs run 1.5-2.5x faster than on the AMD EPYC of the README's figures).
 
 Each timed run goes from the prompts (token ids for torch) to tokens and payments on the host, prompt
 prefill included. Every case is warmed up once first (JAX: the full configuration, so compilation is
