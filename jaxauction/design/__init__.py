@@ -1,5 +1,7 @@
 """Gradient-based design of token-auction aggregation rules.
 
+* :mod:`~jaxauction.design.base`: the family protocol (:class:`Family`: parameters, domain, ``params ->
+  Rule``; :func:`register_family`), which every objective, the certificate and the search use.
 * :mod:`~jaxauction.design.families`: the power-mean family (``rho``, bid transform ``gamma``, base
   bid, temperature) as a pytree of parameters; :func:`bind` gives a rule ``rule(logits, bids)``.
 * :mod:`~jaxauction.design.objectives`: welfare, revenue, monotonicity violation and distance to a
@@ -13,6 +15,7 @@
 
 from jaxauction.aggregation import log_bid_weights  # the family's bid transform; its home is the core
 from jaxauction.design import checkpoint, objectives  # noqa: F401 (submodules)
+from jaxauction.design.base import Bounds, Family, describe, family_of, register_family, registered_families
 from jaxauction.design.checkpoint import SearchState
 from jaxauction.design.data import (
     AuctionBatch,
@@ -23,7 +26,7 @@ from jaxauction.design.data import (
     save_batch,
 )
 from jaxauction.design.families import (
-    Bounds,
+    POWER_MEAN,
     PowerMeanParams,
     bind,
     fixed_rule,
@@ -37,6 +40,7 @@ from jaxauction.design.objectives import (
     evaluate,
     kl_divergence,
     revenue,
+    rule_of,
     violation,
     welfare,
 )
@@ -47,6 +51,8 @@ __all__ = [
     "Bounds",
     "CertificateWarning",
     "Constraint",
+    "Family",
+    "POWER_MEAN",
     "PowerMeanParams",
     "SearchResult",
     "SearchState",
@@ -54,9 +60,12 @@ __all__ = [
     "augmented_lagrangian",
     "bind",
     "certify_rule",
+    "describe",
     "dirichlet_auctions",
     "distance",
     "evaluate",
+    "registered_families",
+    "family_of",
     "fixed_rule",
     "kl_divergence",
     "llm_auctions",
@@ -64,7 +73,9 @@ __all__ = [
     "log_bid_weights",
     "make_batch",
     "power_mean",
+    "register_family",
     "revenue",
+    "rule_of",
     "save_batch",
     "search",
     "trainable_mask",
