@@ -4,6 +4,8 @@
   Rule``; :func:`register_family`), which every objective, the certificate and the search use.
 * :mod:`~jaxauction.design.families`: the power-mean family (``rho``, bid transform ``gamma``, base
   bid, temperature) as a pytree of parameters; :func:`bind` gives a rule ``rule(logits, bids)``.
+* :mod:`~jaxauction.design.learned`: the learned monotone family, weights ``∝ g_theta(b / u)`` with ``g``
+  increasing for every ``theta`` (monotone by construction; closed-form payment).
 * :mod:`~jaxauction.design.objectives`: welfare, revenue, monotonicity violation and distance to a
   reference rule over a batch of auctions, jit-compiled and differentiable; :func:`certify_rule`, the
   strict monotonicity certificate (docs/maths.md §4) a design claim must carry on held-out auctions.
@@ -33,6 +35,7 @@ from jaxauction.design.families import (
     power_mean,
     trainable_mask,
 )
+from jaxauction.design.learned import MONOTONE_WEIGHTS, MonotoneWeightParams, learned_rule
 from jaxauction.design.objectives import (
     aggregate,
     certify_rule,
@@ -52,6 +55,8 @@ __all__ = [
     "CertificateWarning",
     "Constraint",
     "Family",
+    "MONOTONE_WEIGHTS",
+    "MonotoneWeightParams",
     "POWER_MEAN",
     "PowerMeanParams",
     "SearchResult",
@@ -68,6 +73,7 @@ __all__ = [
     "family_of",
     "fixed_rule",
     "kl_divergence",
+    "learned_rule",
     "llm_auctions",
     "load_batch",
     "log_bid_weights",

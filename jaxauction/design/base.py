@@ -78,8 +78,8 @@ class Family:
       params_type: the class of the family's parameter objects (one family per class).
       rule: ``params -> jaxauction.base.Rule``; must be traceable (inside a search step ``params`` holds
         tracers). For concrete parameters it may return a rule hashable by value (compiles once per member).
-      domain: optional ``dtype -> Bounds``: the box the parameters must stay in (the search's default
-        ``bounds``); None: unconstrained.
+      domain: optional ``params -> Bounds``: the box the parameters must stay in (the search's default
+        ``bounds``, built for the structure and dtype of ``params``); None: unconstrained.
       base_bid: ``params -> scalar``: the bid of the batch's base distribution (appended as the last agent);
         default 0 (a family without a base bid).
       monotone_part: optional ``(params, trainable, bounds) -> (params, trainable)``: the starting point and
@@ -90,7 +90,7 @@ class Family:
     name: str
     params_type: type
     rule: Callable[[Any], base.Rule]
-    domain: Callable[[Any], Bounds] | None = None
+    domain: Callable[[Any], Bounds] | None = None  # params -> Bounds
     base_bid: Callable[[Any], Any] = _no_base_bid
     monotone_part: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None
     needs_base: bool = False

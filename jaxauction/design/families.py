@@ -317,7 +317,7 @@ POWER_MEAN = register_family(
         name="power mean",
         params_type=PowerMeanParams,
         rule=power_mean_rule,
-        domain=power_mean_domain,
+        domain=lambda params: power_mean_domain(jnp.result_type(*jax.tree.leaves(params))),
         base_bid=lambda params: params.base_bid,
         monotone_part=power_mean_monotone_part,
     )

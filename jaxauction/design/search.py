@@ -244,8 +244,7 @@ def search(
       trainable: a pytree of bools like ``params``; ``False`` leaves stay fixed. ``None``: all train.
       bounds: ``(lower, upper)`` pytrees like ``params``, or a :class:`~jaxauction.design.Bounds`: the
         parameters are projected into the box (:meth:`Bounds.project`) after every update. ``None``: the
-        family's domain (``Family.domain``, e.g. :meth:`~jaxauction.design.Bounds.domain` for the power mean),
-        else no box. Its ``lower``/``upper`` must have the structure of ``params`` (checked).
+        family's domain (``Family.domain``), else no box. Checked to have the structure of ``params``.
       batch_size: minibatch drawn without replacement each step; ``None`` uses all of ``data``.
       seed: seeds the minibatches.
       checkpoint: ``.npz`` path; an existing one is resumed (its settings must match). Rewritten every
@@ -254,9 +253,8 @@ def search(
       tag: a JSON-able label stored in the checkpoint and compared on resume (e.g. a data fingerprint).
       callback: ``callback(step, record)`` after every step (``record``: that step's history entry); an
         exception it raises interrupts the search (after the checkpoint is written).
-      monotone: search the family's monotone part (``Family.monotone_part``; for the power mean
-        :data:`MONOTONE_TRAINABLE`, or the subset ``trainable`` names, with rho = temperature = 1); the
-        returned rule is still certified.
+      monotone: search the family's monotone part (``Family.monotone_part``; power mean: rho = temperature
+        = 1, :data:`MONOTONE_TRAINABLE` or the subset ``trainable`` names); the result is still certified.
       holdout: an :class:`~jaxauction.design.AuctionBatch` not fitted, on which the rule is certified.
 
     Returns: a :class:`SearchResult`, with the certificate of its parameters for a registered family.
@@ -272,9 +270,7 @@ def search(
     """
     _check_settings(steps, checkpoint_every, batch_size, optimizer, learning_rate, params, data)
     checkpoint_lib.check_path(checkpoint)  # before any step
-    bounds = _as_bounds(bounds)
-    if bounds is not None:
-        check_bounds(bounds, params)
+    bounds = _as_bounds(bounds, params)
     if monotone:
         params, trainable = _monotone_part(params, trainable, bounds)
     certify_on, certified_on = _certification_data(params, data, holdout)
@@ -322,12 +318,16 @@ def _check_settings(steps, checkpoint_every, batch_size, optimizer, learning_rat
             raise ValueError(f"batch_size must be in [1, {count}] (the leading size of data), got {batch_size}.")
 
 
-def _as_bounds(bounds) -> Bounds | None:
-    """``bounds`` as a :class:`Bounds` (from ``(lower, upper)`` or anything with ``.lower``/``.upper``)."""
-    if bounds is None or isinstance(bounds, Bounds):
-        return bounds
-    lower, upper = bounds if isinstance(bounds, tuple) else (bounds.lower, bounds.upper)
-    return Bounds(lower=lower, upper=upper)
+def _as_bounds(bounds, params) -> Bounds | None:
+    """``bounds`` as a :class:`Bounds` (from ``(lower, upper)`` or anything with ``.lower``/``.upper``), checked
+    to have the structure of ``params``."""
+    if bounds is None:
+        return None
+    if not isinstance(bounds, Bounds):
+        lower, upper = bounds if isinstance(bounds, tuple) else (bounds.lower, bounds.upper)
+        bounds = Bounds(lower=lower, upper=upper)
+    check_bounds(bounds, params)
+    return bounds
 
 
 def _registered(params) -> bool:
@@ -339,7 +339,7 @@ def _default_bounds(bounds: Bounds | None, params) -> Bounds | None:
     if bounds is None and _registered(params):
         domain = family_of(params, "search").domain
         if domain is not None:
-            return domain(jnp.result_type(*jax.tree.leaves(params)))
+            return domain(params)
     return bounds
 
 
