@@ -724,12 +724,12 @@ def monotone_weight_inverse(t: jax.Array, gamma, steps, knots, width) -> jax.Arr
     t = jnp.asarray(t)
     steps = jnp.asarray(steps, t.dtype)
     total = jnp.sum(steps)
-    start = jax.lax.stop_gradient((jnp.minimum(t, t - total) / gamma, t / gamma, t, gamma, steps))
+    start = jax.lax.stop_gradient((jnp.minimum(t, t - total) / gamma, t / gamma, t, gamma, steps, jnp.asarray(knots)))
 
     def halve(_, bracket):
         low, high = bracket
         middle = (low + high) / 2.0
-        below = monotone_weight_log(middle, start[3], start[4], knots, width) < start[2]
+        below = monotone_weight_log(middle, start[3], start[4], start[5], width) < start[2]
         return jnp.where(below, middle, low), jnp.where(below, high, middle)
 
     low, high = jax.lax.fori_loop(0, _INVERSE_ITERATIONS, halve, start[:2])
@@ -784,7 +784,7 @@ class MonotoneWeightClosedForm:
 
     gamma: Any
     steps: Any
-    knots: tuple[float, ...]
+    knots: Any  # a tuple of floats (hashable) or an array (traced: the family's knots + its learned shift)
     width: float
 
     def log_weights(self, bids: jax.Array) -> jax.Array:

@@ -3,9 +3,10 @@
 For agents' distributions ``p_i`` and bids ``b_i`` (docs/maths.md §3)::
 
     q        = sum_i lambda_i p_i,        lambda_i = g(b_i / u) / sum_j g(b_j / u)
-    g(s)     = s ** gamma * exp(H(log s)),   H(x) = sum_k a_k sigmoid((x - c_k) / w)
+    g(s)     = s ** gamma * exp(H(log s)),   H(x) = sum_k a_k sigmoid((x - shift - c_k) / w)
 
-with ``gamma > 0``, step heights ``a_k >= 0`` at fixed knots ``c_k`` (width ``w``). ``g`` is strictly
+with ``gamma > 0``, step heights ``a_k >= 0`` at fixed knots ``c_k`` (width ``w``) moved by a learned
+``shift`` (so the steps can follow the bids when the base bid, the unit, moves). ``g`` is strictly
 increasing for every ``theta = (gamma, a)`` in the domain, so every member is monotone by construction
 (the proof of docs/maths.md §3 needs only ``g >= 0`` non-decreasing); ``a = 0`` is ``b ** gamma``
 exactly, so the family contains the power mean's monotone part.
@@ -53,20 +54,25 @@ class MonotoneWeightParams:
       gamma: ``> 0``, the power ``g(s) = s**gamma exp(H(log s))`` falls back to outside the knots.
       steps: ``[K] >= 0``, the heights ``a_k`` of ``H``'s steps at ``knots``.
       base_bid: ``> 0``, the base distribution's bid, the unit ``u`` of ``g``'s argument.
+      shift: where the knots sit: ``H`` steps at ``log(b / u) = shift + c_k`` (any real).
       knots, width: the steps' centres ``c_k`` (in ``log(b / u)``) and width ``w`` (not trained).
     """
 
     gamma: jax.Array
     steps: jax.Array
     base_bid: jax.Array
+    shift: jax.Array
     knots: tuple[float, ...] = struct.field(pytree_node=False, default=DEFAULT_KNOTS)
     width: float = struct.field(pytree_node=False, default=DEFAULT_WIDTH)
 
     @classmethod
     def create(
-        cls, gamma=1.0, steps=None, base_bid=1.0, knots=DEFAULT_KNOTS, width=DEFAULT_WIDTH, dtype=None
+        cls, gamma=1.0, steps=None, base_bid=1.0, shift=0.0, knots=DEFAULT_KNOTS, width=DEFAULT_WIDTH, dtype=None
     ) -> MonotoneWeightParams:
         """Checked parameters; ``steps=None`` is zeros (the power ``b**gamma``)."""
+        shift = _validation.check_real_number(shift, "shift")
+        if not (np.ndim(shift) == 0 and np.isfinite(shift)):
+            raise ValueError(f"shift must be a finite scalar, got {shift!r}.")
         knots = tuple(float(_validation.check_real_number(c, "knots")) for c in knots)
         if not knots or not np.all(np.isfinite(knots)) or np.any(np.diff(knots) <= 0):
             raise ValueError(f"knots must be finite and increasing (at least one), got {knots!r:.80}.")
@@ -87,6 +93,7 @@ class MonotoneWeightParams:
             gamma=jnp.asarray(gamma, dtype),
             steps=jnp.asarray(steps, dtype),
             base_bid=jnp.asarray(base_bid, dtype),
+            shift=jnp.asarray(shift, dtype),
             knots=knots,
             width=width,
         )
@@ -98,7 +105,8 @@ class MonotoneWeightParams:
 
     def log_g(self, x: jax.Array) -> jax.Array:
         """``log g(e^x)`` for ``x = log(b / u)``: ``[...]`` (:func:`jaxauction.payments.monotone_weight_log`)."""
-        return payments.monotone_weight_log(jnp.asarray(x), self.gamma, self.steps, self.knots, self.width)
+        knots = jnp.asarray(self.knots, jnp.result_type(self.gamma)) + self.shift
+        return payments.monotone_weight_log(jnp.asarray(x), self.gamma, self.steps, knots, self.width)
 
     def to_dict(self) -> dict:
         """The parameters as plain floats (steps as a list) for JSON and tables."""
@@ -106,6 +114,7 @@ class MonotoneWeightParams:
             "gamma": float(self.gamma),
             "steps": [float(a) for a in np.asarray(self.steps)],
             "base_bid": float(self.base_bid),
+            "shift": float(self.shift),
             "knots": list(self.knots),
             "width": self.width,
         }
@@ -131,26 +140,30 @@ def learned_rule(params: MonotoneWeightParams) -> base.Rule:
     """The family's ``params -> Rule``: the linear rule with weights ``∝ g(b / u)`` (the last row's bid ``u``),
     ``monotone=True``, carrying :class:`jaxauction.payments.MonotoneWeightClosedForm`. Concrete parameters
     give a rule hashable by value (compiles once per member); traced ones (a search step) a rule over them."""
-    leaves = (params.gamma, params.steps)
+    leaves = (params.gamma, params.steps, params.shift)
     if _validation.is_concrete(*leaves):
         gamma, steps = float(params.gamma), tuple(float(a) for a in np.asarray(params.steps))
-        name = f"monotone_weights(gamma={gamma:.4g}, steps={len(steps)}, unit=last row)"
+        knots = tuple(float(c) + float(params.shift) for c in params.knots)
+        name = (
+            f"monotone_weights(gamma={gamma:.4g}, steps={len(steps)}, shift={float(params.shift):.3g}, unit=last row)"
+        )
     else:
         gamma, steps, name = params.gamma, params.steps, "monotone_weights"
-    payment = payments.MonotoneWeightClosedForm(gamma, steps, params.knots, params.width)
+        knots = jnp.asarray(params.knots, jnp.result_type(params.gamma)) + params.shift
+    payment = payments.MonotoneWeightClosedForm(gamma, steps, knots, params.width)
     return base.Rule(name=name, log_aggregate=_MonotoneWeights(payment), closed_form_payment=payment, monotone=True)
 
 
 def learned_domain(dtype=None, knots=DEFAULT_KNOTS, width=DEFAULT_WIDTH) -> Bounds:
-    """The family's domain (the search's default box): ``gamma >= MIN_GAMMA``, steps >= 0, base_bid >= MIN_BASE_BID."""
+    """The family's domain (the search's default box): ``gamma >= MIN_GAMMA``, steps >= 0, base_bid >= MIN_BASE_BID,
+    shift free."""
     dtype = dtype or jnp.result_type(float)
     k, inf = len(knots), jnp.inf
+    free = jnp.asarray(inf, dtype)
     lower = MonotoneWeightParams(
-        jnp.asarray(MIN_GAMMA, dtype), jnp.zeros(k, dtype), jnp.asarray(MIN_BASE_BID, dtype), knots, width
+        jnp.asarray(MIN_GAMMA, dtype), jnp.zeros(k, dtype), jnp.asarray(MIN_BASE_BID, dtype), -free, knots, width
     )
-    upper = MonotoneWeightParams(
-        jnp.asarray(inf, dtype), jnp.full(k, inf, dtype), jnp.asarray(inf, dtype), knots, width
-    )
+    upper = MonotoneWeightParams(free, jnp.full(k, inf, dtype), free, free, knots, width)
     return Bounds(lower=lower, upper=upper)
 
 
