@@ -11,6 +11,11 @@ mechanism writes one ad:
   (``jaxauction.design.fixed_rule``: rho = 1, temperature = 1, gamma = 2.78, the design search's best rule
   with a held-out strict certificate of 1.000), second-price payments in closed form (docs/maths.md §5:
   ``z_i = b_i TV(p_i, q_-i) Psi(Y_i, gamma)``, about the cost of linear's; no quadrature over the vocabulary);
+- ``token_learned``: the learned monotone rule of ``experiments/configs/benchmark_learned_rule.toml``
+  (``jaxauction.design.MonotoneWeightParams``: weights ``∝ g(b / u)`` with ``g`` increasing, docs/maths.md §3.1;
+  the design search's best held-out revenue rule of that family, certificate 1.000), second-price payments in
+  closed form (``payments.MonotoneWeightClosedForm``, docs/maths.md §5). Its unit ``u`` is the base bid, so it
+  runs WITH the base prompt at the rule's ``base_bid`` (the other token auctions run without a base);
 - ``reply``: the reply-level auction (docs/maths.md §8), ``M`` candidates from the base prompt's LLM, Clarke
   payments; the profiles of a query share one candidate set;
 - ``single_winner``: the highest bidder's prompt writes the ad alone, charged the second bid per token.
@@ -51,7 +56,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
-MECHANISMS = ("token_linear", "token_log_linear", "token_certified", "reply", "single_winner")
+MECHANISMS = ("token_linear", "token_log_linear", "token_certified", "reply", "single_winner", "token_learned")
 METRICS = ("revenue", "welfare", "mean_value", "mention_rate", "user_log_prob", "length")
 ANSWER = "Answer in one or two short sentences."
 
@@ -90,6 +95,18 @@ def load_certified_rule(path: Path):
     return rule, params
 
 
+def load_learned_rule(path: Path):
+    """``(rule, parameters)``: the learned monotone rule of the TOML parameters (:func:`jaxauction.design.fixed_rule`
+    of :class:`jaxauction.design.MonotoneWeightParams`: monotone by construction, closed-form payment)."""
+    from jaxauction import design
+
+    params = tomllib.loads(Path(path).read_text())
+    keys = ("gamma", "steps", "base_bid", "shift", "knots", "width")
+    rule = design.fixed_rule(design.MonotoneWeightParams.create(**{k: params[k] for k in keys if k in params}))
+    assert rule.monotone and rule.closed_form_payment is not None
+    return rule, params
+
+
 def agent_prompt(query: str, advertiser: dict) -> list[dict]:
     name, description = advertiser["name"], advertiser["description"]
     system = f"You are the copywriter of {name}, {description}. {ANSWER} Recommend {name} by name."
@@ -110,6 +127,7 @@ TOKEN_RULES = {
     "token_linear": ("linear", "second_price"),
     "token_log_linear": ("log_linear", "kl"),
     "token_certified": ("certified", "second_price"),  # the rule of --rule-file
+    "token_learned": ("learned", "second_price"),  # the rule of --learned-rule-file, with the base prompt
 }
 
 
@@ -144,20 +162,28 @@ def split_by_query(out, counts: list[int], num_profiles: list[int]):
     return ads
 
 
-def run_token_auctions(prompt_sets, profiles, *, rule, payment, keys, max_new_tokens, model, decoding="sample"):
+def run_token_auctions(
+    prompt_sets, profiles, *, rule, payment, keys, max_new_tokens, model, decoding="sample", bases=None, base_bid=0.0
+):
     """Every (query, profile) token auction of the run in ONE heterogeneous ``generate`` call.
 
     Args:
       prompt_sets: ``Q`` lists of the ``n_q`` advertisers' prompts.
       profiles: ``Q`` bid arrays ``[P_q, n_q]``.
       keys: ``[sum_q P_q]`` keys (:func:`auction_keys`).
+      bases, base_bid: optional ``Q`` base prompts taking part with ``base_bid`` (never charged).
 
     Returns:
       Per query ``(ad token lists, payments [P_q, n_q], valid [P_q])``.
     """
     from jaxauction import Auction, generate
 
-    auctions = [Auction(prompts, bids) for prompts, rows in zip(prompt_sets, profiles) for bids in rows]
+    bases = [None] * len(prompt_sets) if bases is None else bases
+    auctions = [
+        Auction(prompts, bids, base_prompt=base, base_bid=base_bid if base is not None else 0.0)
+        for prompts, rows, base in zip(prompt_sets, profiles, bases)
+        for bids in rows
+    ]
     out = generate(
         auctions, rule=rule, payment=payment, decoding=decoding, key=keys, max_new_tokens=max_new_tokens, model=model
     )
@@ -317,6 +343,7 @@ def parse_args(argv):
     parser.add_argument("--model", default=None, help="model path or hub id (default: bundled SmolLM2-135M)")
     parser.add_argument("--query-file", default=str(CONFIGS / "benchmark_queries.toml"))
     parser.add_argument("--rule-file", default=str(CONFIGS / "benchmark_certified_rule.toml"))
+    parser.add_argument("--learned-rule-file", default=str(CONFIGS / "benchmark_learned_rule.toml"))
     parser.add_argument("--json", default=None, help="write every ad of every mechanism here")
     parser.add_argument("--plot", default=None, help="save the plot here (PNG)")
     args = parser.parse_args(argv)
@@ -338,6 +365,7 @@ def main(argv=None) -> dict:
     start, load_before = time.perf_counter(), os.getloadavg()
     queries = load_queries(Path(args.query_file))[: args.queries]
     certified_rule, certified_params = load_certified_rule(Path(args.rule_file))
+    learned_rule, learned_params = load_learned_rule(Path(args.learned_rule_file))
     model = models.load(args.model)
     rng = np.random.default_rng(args.seed)
     profiles = [bid_profiles(len(q["advertisers"]), args.profiles, rng) for q in queries]
@@ -375,8 +403,11 @@ def main(argv=None) -> dict:
                 outputs[mechanism] = run_single_winner(prompt_sets, profiles, **common)
             else:
                 rule, payment = TOKEN_RULES[mechanism]
-                rule = certified_rule if rule == "certified" else rule
-                outputs[mechanism] = run_token_auctions(prompt_sets, profiles, rule=rule, payment=payment, **common)
+                if rule == "learned":  # its unit is the base bid: it runs with the base prompt
+                    common.update(rule=learned_rule, bases=bases, base_bid=learned_params["base_bid"])
+                else:
+                    common.update(rule=certified_rule if rule == "certified" else rule)
+                outputs[mechanism] = run_token_auctions(prompt_sets, profiles, payment=payment, **common)
             bar.update()
         seconds[mechanism] = time.perf_counter() - tick  # generation only (compilation included)
     # Scoring: per query, the ads of every mechanism in one teacher-forced batch (one prompt set).
@@ -415,7 +446,8 @@ def main(argv=None) -> dict:
         settings=dict(
             queries=len(queries), profiles=args.profiles, max_new_tokens=args.max_new_tokens,
             candidates=args.candidates, tau=args.tau, seed=args.seed, model=args.model or "bundled SmolLM2-135M",
-            decoding=args.decoding, certified_rule=certified_params, time_s=elapsed, generation_s=seconds,
+            decoding=args.decoding, certified_rule=certified_params, learned_rule=learned_params, time_s=elapsed,
+            generation_s=seconds,
             loadavg_start=load_before, loadavg_end=os.getloadavg(), cores=len(os.sched_getaffinity(0)),
         ),
         summary=summaries,
