@@ -169,3 +169,36 @@ def test_bad_input_names_the_argument_and_the_fix():
     no_base = design.dirichlet_auctions(0, 4, 2, 5)
     with pytest.raises(ValueError, match="needs a base distribution.*with_base=True"):
         design.evaluate(design.MonotoneWeightParams.power(), no_base)
+
+
+def test_the_shift_moves_the_knots(dtype):
+    """``shift`` is the knots' offset: the rule with shift s is the rule whose knots are c_k + s."""
+    logits, bids = random_auction(np.random.default_rng(6), 3, 6)
+    profile = jnp.asarray(np.append(bids, 0.3), dtype)
+    all_logits = jnp.asarray(np.concatenate([logits, np.random.default_rng(7).normal(size=(1, 6))]), dtype)
+    shifted = design.fixed_rule(design.MonotoneWeightParams.create(steps=STEPS["bumps"], shift=1.5, dtype=dtype))
+    moved = design.fixed_rule(
+        design.MonotoneWeightParams.create(steps=STEPS["bumps"], knots=np.asarray(KNOTS) + 1.5, dtype=dtype)
+    )
+    np.testing.assert_allclose(shifted(all_logits, profile), moved(all_logits, profile), atol=1e-6)
+    z = [payments.charged_payments(rule, all_logits, profile, num_charged=3) for rule in (shifted, moved)]
+    np.testing.assert_allclose(z[0], z[1], rtol=1e-5)
+
+
+def test_generate_with_a_learned_rule_charges_its_closed_form_per_token():
+    """generate with the learned rule and the base prompt at its base bid: every step's payments are the rule's
+    closed form (the same numbers as the generic autodiff path on the same aggregate)."""
+    from tiny_llm import PROMPTS, TinyTokenizer, tiny_llama
+
+    from jaxauction.engine import generate
+
+    tiny = tiny_llama(16, seed=3, sharpness=4.0), TinyTokenizer(16)
+    params = design.MonotoneWeightParams.create(gamma=1.5, steps=STEPS["bumps"], base_bid=0.3, dtype=jnp.float32)
+    rule = design.fixed_rule(params)
+    common = dict(payment="second_price", decoding="greedy", max_new_tokens=3, model=tiny, base_prompt=[2, 3])
+    fast = generate(PROMPTS[:2], [[1.0, 2.0]], rule=rule, base_bid=0.3, **common)
+    generic = ja.Rule("generic", rule.log_aggregate, monotone=True)  # the same aggregate, no closed form
+    slow = generate(PROMPTS[:2], [[1.0, 2.0]], rule=generic, base_bid=0.3, **common)
+    assert fast.valid.all() and np.all(np.asarray(fast.token_payments) >= 0)
+    np.testing.assert_array_equal(fast.tokens, slow.tokens)
+    np.testing.assert_allclose(fast.token_payments, slow.token_payments, rtol=2e-3, atol=1e-7)
