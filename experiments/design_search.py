@@ -179,8 +179,9 @@ def run_search(args, name, kind, budget, start, batch, heldout, common, scale) -
         else:  # the monotone part (power mean: rho = 1, temperature = 1 frozen) or the learned family
             extra = dict(monotone=True)
             stem, description = f"{name}_{kind}", f"{name} {kind}"
-        if kind == "learned":
-            extra.update(steps=args.learned_steps)
+        if kind == "learned":  # the base bid (the unit) stays at the start's: the shift moves the knots instead
+            trainable = jax.tree.map(lambda _: True, start).replace(base_bid=False)
+            extra.update(steps=args.learned_steps, trainable=trainable)
             common = {**common, "bounds": None}  # the family's domain
         result = design.search(
             objective=OBJECTIVES[name], params=start, data=batch, description=description,
@@ -206,7 +207,8 @@ def run_search(args, name, kind, budget, start, batch, heldout, common, scale) -
 def learned_start(power: design.PowerMeanParams) -> design.MonotoneWeightParams:
     """The learned family at the power mean's monotone optimum: ``g = b^gamma`` (steps 0), the base bid kept
     (at least 1e-3: the unit must be positive; at 1e-3 the base weighs ``1e-3^gamma`` of a unit bid) and the
-    knots moved to ``log b = -4..4`` (shift = -log u)."""
+    knots moved to ``log b = -4..4`` (shift = -log u). The search keeps this base bid (Adam's steps of about the
+    learning rate would move a bid of 1e-3 by orders of magnitude) and trains gamma, the steps and the shift."""
     base_bid = max(float(power.base_bid), 1e-3)
     return design.MonotoneWeightParams.create(gamma=float(power.gamma), base_bid=base_bid, shift=-np.log(base_bid))
 
@@ -352,9 +354,7 @@ def summarise(references: dict, searches: list[dict]) -> dict:
     base = references["linear"]["heldout"]
     learned = {
         s["objective"]: {
-            "fit_gain_over_power": s["revenue" if s["objective"] == "revenue" else "welfare_reverse"]
-            / s["start"]["revenue" if s["objective"] == "revenue" else "welfare_reverse"]
-            - 1.0,
+            "fit_gain_over_power": gain(s[metric_of(s)], s["start"][metric_of(s)]),
             "heldout_power": s["start"]["heldout"],
             "heldout_learned": s["heldout"],
         }
@@ -370,6 +370,15 @@ def summarise(references: dict, searches: list[dict]) -> dict:
         "monotone_rules": [name for name, _ in monotone],
         "learned_vs_power": learned,
     }
+
+
+def metric_of(search: dict) -> str:
+    return "revenue" if search["objective"] == "revenue" else "welfare_reverse"
+
+
+def gain(value: float, reference: float) -> float:
+    """``(value - reference) / |reference|``: positive when ``value`` is better (welfare is negative)."""
+    return (value - reference) / abs(reference)
 
 
 def short_params(params: dict) -> str:
@@ -412,7 +421,7 @@ def print_table(kind, references, searches, scale, summary) -> None:
         power, learned = row["heldout_power"][metric], row["heldout_learned"][metric]
         print(
             f"learned g vs b^gamma (max {objective}): fit {100 * row['fit_gain_over_power']:+.2f}%, held-out "
-            f"{metric} {learned:.4f} vs {power:.4f}"
+            f"{metric} {learned:.4f} vs {power:.4f} ({100 * gain(learned, power):+.2f}%)"
         )
 
 
