@@ -15,7 +15,10 @@ mechanism writes one ad:
   (``jaxauction.design.MonotoneWeightParams``: weights ``∝ g(b / u)`` with ``g`` increasing, docs/maths.md §3.1;
   the design search's best held-out revenue rule of that family, certificate 1.000), second-price payments in
   closed form (``payments.MonotoneWeightClosedForm``, docs/maths.md §5). Its unit ``u`` is the base bid, so it
-  runs WITH the base prompt at the rule's ``base_bid`` (the other token auctions run without a base);
+  runs WITH the base prompt (the other token auctions run without a base), and since ``g`` is not a power it
+  must see bids on the scale it was fitted to (log-normal bids of mean ``e^0.5`` per agent): the base bid of
+  an ``n``-agent auction is the rule's ``base_bid / (e^0.5 n)`` (the profiles' bids sum to 1, mean ``1/n``),
+  which is the fitted rule on the bids scaled by ``e^0.5 n``, its payments scaled back (:func:`learned_base_bid`);
 - ``reply``: the reply-level auction (docs/maths.md §8), ``M`` candidates from the base prompt's LLM, Clarke
   payments; the profiles of a query share one candidate set;
 - ``single_winner``: the highest bidder's prompt writes the ad alone, charged the second bid per token.
@@ -107,6 +110,15 @@ def load_learned_rule(path: Path):
     return rule, params
 
 
+FITTED_MEAN_BID = float(np.exp(0.5))  # design.llm_auctions' log-normal bids (sigma 1): the learned rule's fit scale
+
+
+def learned_base_bid(base_bid: float, num_agents: int) -> float:
+    """The base bid that puts profiles summing to 1 (mean bid ``1/n``) on the learned rule's fitted bid scale
+    (mean ``e^0.5``): all rows scaled together leave the rule unchanged and scale its payments (docs/maths.md §3.1)."""
+    return base_bid / (FITTED_MEAN_BID * num_agents)
+
+
 def agent_prompt(query: str, advertiser: dict) -> list[dict]:
     name, description = advertiser["name"], advertiser["description"]
     system = f"You are the copywriter of {name}, {description}. {ANSWER} Recommend {name} by name."
@@ -163,7 +175,7 @@ def split_by_query(out, counts: list[int], num_profiles: list[int]):
 
 
 def run_token_auctions(
-    prompt_sets, profiles, *, rule, payment, keys, max_new_tokens, model, decoding="sample", bases=None, base_bid=0.0
+    prompt_sets, profiles, *, rule, payment, keys, max_new_tokens, model, decoding="sample", bases=None, base_bids=None
 ):
     """Every (query, profile) token auction of the run in ONE heterogeneous ``generate`` call.
 
@@ -171,7 +183,7 @@ def run_token_auctions(
       prompt_sets: ``Q`` lists of the ``n_q`` advertisers' prompts.
       profiles: ``Q`` bid arrays ``[P_q, n_q]``.
       keys: ``[sum_q P_q]`` keys (:func:`auction_keys`).
-      bases, base_bid: optional ``Q`` base prompts taking part with ``base_bid`` (never charged).
+      bases, base_bids: optional ``Q`` base prompts taking part with the ``Q`` bids ``base_bids`` (never charged).
 
     Returns:
       Per query ``(ad token lists, payments [P_q, n_q], valid [P_q])``.
@@ -179,9 +191,10 @@ def run_token_auctions(
     from jaxauction import Auction, generate
 
     bases = [None] * len(prompt_sets) if bases is None else bases
+    base_bids = [0.0] * len(prompt_sets) if base_bids is None else base_bids
     auctions = [
-        Auction(prompts, bids, base_prompt=base, base_bid=base_bid if base is not None else 0.0)
-        for prompts, rows, base in zip(prompt_sets, profiles, bases)
+        Auction(prompts, bids, base_prompt=base, base_bid=base_bid)
+        for prompts, rows, base, base_bid in zip(prompt_sets, profiles, bases, base_bids)
         for bids in rows
     ]
     out = generate(
@@ -403,8 +416,9 @@ def main(argv=None) -> dict:
                 outputs[mechanism] = run_single_winner(prompt_sets, profiles, **common)
             else:
                 rule, payment = TOKEN_RULES[mechanism]
-                if rule == "learned":  # its unit is the base bid: it runs with the base prompt
-                    common.update(rule=learned_rule, bases=bases, base_bid=learned_params["base_bid"])
+                if rule == "learned":  # its unit is the base bid: it runs with the base prompt, on its fitted scale
+                    base_bids = [learned_base_bid(learned_params["base_bid"], len(p)) for p in prompt_sets]
+                    common.update(rule=learned_rule, bases=bases, base_bids=base_bids)
                 else:
                     common.update(rule=certified_rule if rule == "certified" else rule)
                 outputs[mechanism] = run_token_auctions(prompt_sets, profiles, payment=payment, **common)
