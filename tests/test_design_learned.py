@@ -134,10 +134,12 @@ def test_monotone_by_construction_on_held_out_auctions(shape, dtype):
     assert abs(design.evaluate(params, heldout)["violation"]) < 1e-6
 
 
-def test_search_finds_a_certified_rule_that_matches_or_beats_its_power_start():
-    fit = design.dirichlet_auctions(0, 24, 3, 12, with_base=True)
-    heldout = design.dirichlet_auctions(1000, 24, 3, 12, with_base=True)
-    start = design.MonotoneWeightParams.power(gamma=2.0, base_bid=0.05)
+def test_search_finds_a_certified_rule_that_matches_or_beats_its_power_start(dtype):
+    """The README's claim in small: a learned search from b^gamma fits better and is certified held out
+    (float32 and float64)."""
+    fit = design.dirichlet_auctions(0, 24, 3, 12, with_base=True, dtype=dtype)
+    heldout = design.dirichlet_auctions(1000, 24, 3, 12, with_base=True, dtype=dtype)
+    start = design.MonotoneWeightParams.power(gamma=2.0, base_bid=0.05, dtype=dtype)
     result = design.search(
         design.revenue, start, fit, steps=30, learning_rate=0.05, monotone=True, holdout=heldout, progress=False
     )
@@ -152,7 +154,7 @@ def test_search_finds_a_certified_rule_that_matches_or_beats_its_power_start():
     expected = payments.second_price(
         rule, heldout.logits[0], heldout.bids[0], base_logits=heldout.base_logits[0], base_bid=result.params.base_bid
     )
-    np.testing.assert_allclose(outcome.payments, expected, rtol=1e-6)
+    np.testing.assert_allclose(outcome.payments, expected, rtol=1e-5)
 
 
 def test_bad_input_names_the_argument_and_the_fix():

@@ -106,3 +106,19 @@ def test_bounds_of_the_wrong_structure_are_refused_with_the_fix():
         design.search(design.revenue, params, batch, steps=1, bounds=short, progress=False)
     with pytest.raises(TypeError, match="batch must be a jaxauction.design.AuctionBatch"):
         design.evaluate(params, {"logits": 1})
+
+
+def test_bind_appends_the_base_for_any_family():
+    """bind(params, base_logits) is the family's rule with the base as the last agent at the family's base bid."""
+    batch = design.dirichlet_auctions(0, 4, 3, 6, with_base=True)
+    for params in (design.PowerMeanParams.create(gamma=2.0, base_bid=0.3), design.MonotoneWeightParams.power(2.0, 0.3)):
+        bound = design.bind(params, batch.base_logits)
+        assert isinstance(bound, ja.Rule)
+        np.testing.assert_allclose(bound(batch.logits, batch.bids), design.aggregate(params, batch), atol=1e-6)
+    np.testing.assert_allclose(  # the two families agree on their common member b^gamma (with a base)
+        design.bind(design.MonotoneWeightParams.power(2.0, 0.3), batch.base_logits)(batch.logits, batch.bids),
+        design.bind(design.PowerMeanParams.create(gamma=2.0, base_bid=0.3), batch.base_logits)(
+            batch.logits, batch.bids
+        ),
+        atol=1e-6,
+    )
