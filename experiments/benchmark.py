@@ -11,6 +11,14 @@ mechanism writes one ad:
   (``jaxauction.design.fixed_rule``: rho = 1, temperature = 1, gamma = 2.78, the design search's best rule
   with a held-out strict certificate of 1.000), second-price payments in closed form (docs/maths.md §5:
   ``z_i = b_i TV(p_i, q_-i) Psi(Y_i, gamma)``, about the cost of linear's; no quadrature over the vocabulary);
+- ``token_learned``: the learned monotone rule of ``experiments/configs/benchmark_learned_rule.toml``
+  (``jaxauction.design.MonotoneWeightParams``: weights ``∝ g(b / u)`` with ``g`` increasing, docs/maths.md §3.1;
+  the design search's best held-out revenue rule of that family, certificate 1.000), second-price payments in
+  closed form (``payments.MonotoneWeightClosedForm``, docs/maths.md §5). Its unit ``u`` is the base bid, so it
+  runs WITH the base prompt (the other token auctions run without a base), and since ``g`` is not a power it
+  must see bids on the scale it was fitted to (log-normal bids of mean ``e^0.5`` per agent): the base bid of
+  an ``n``-agent auction is the rule's ``base_bid / (e^0.5 n)`` (the profiles' bids sum to 1, mean ``1/n``),
+  which is the fitted rule on the bids scaled by ``e^0.5 n``, its payments scaled back (:func:`learned_base_bid`);
 - ``reply``: the reply-level auction (docs/maths.md §8), ``M`` candidates from the base prompt's LLM, Clarke
   payments; the profiles of a query share one candidate set;
 - ``single_winner``: the highest bidder's prompt writes the ad alone, charged the second bid per token.
@@ -52,7 +60,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
-MECHANISMS = ("token_linear", "token_log_linear", "token_certified", "reply", "single_winner")
+MECHANISMS = ("token_linear", "token_log_linear", "token_certified", "reply", "single_winner", "token_learned")
 METRICS = ("revenue", "welfare", "mean_value", "mention_rate", "user_log_prob", "length")
 ANSWER = "Answer in one or two short sentences."
 
@@ -91,6 +99,27 @@ def load_certified_rule(path: Path):
     return rule, params
 
 
+def load_learned_rule(path: Path):
+    """``(rule, parameters)``: the learned monotone rule of the TOML parameters (:func:`jaxauction.design.fixed_rule`
+    of :class:`jaxauction.design.MonotoneWeightParams`: monotone by construction, closed-form payment)."""
+    from jaxauction import design
+
+    params = tomllib.loads(Path(path).read_text())
+    keys = ("gamma", "steps", "base_bid", "shift", "knots", "width")
+    rule = design.fixed_rule(design.MonotoneWeightParams.create(**{k: params[k] for k in keys if k in params}))
+    assert rule.monotone and rule.closed_form_payment is not None
+    return rule, params
+
+
+FITTED_MEAN_BID = float(np.exp(0.5))  # design.llm_auctions' log-normal bids (sigma 1): the learned rule's fit scale
+
+
+def learned_base_bid(base_bid: float, num_agents: int) -> float:
+    """The base bid that puts profiles summing to 1 (mean bid ``1/n``) on the learned rule's fitted bid scale
+    (mean ``e^0.5``): all rows scaled together leave the rule unchanged and scale its payments (docs/maths.md §3.1)."""
+    return base_bid / (FITTED_MEAN_BID * num_agents)
+
+
 def agent_prompt(query: str, advertiser: dict) -> list[dict]:
     name, description = advertiser["name"], advertiser["description"]
     system = f"You are the copywriter of {name}, {description}. {ANSWER} Recommend {name} by name."
@@ -111,6 +140,7 @@ TOKEN_RULES = {
     "token_linear": ("linear", "second_price"),
     "token_log_linear": ("log_linear", "kl"),
     "token_certified": ("certified", "second_price"),  # the rule of --rule-file
+    "token_learned": ("learned", "second_price"),  # the rule of --learned-rule-file, with the base prompt
 }
 
 
@@ -145,20 +175,29 @@ def split_by_query(out, counts: list[int], num_profiles: list[int]):
     return ads
 
 
-def run_token_auctions(prompt_sets, profiles, *, rule, payment, keys, max_new_tokens, model, decoding="sample"):
+def run_token_auctions(
+    prompt_sets, profiles, *, rule, payment, keys, max_new_tokens, model, decoding="sample", bases=None, base_bids=None
+):
     """Every (query, profile) token auction of the run in ONE heterogeneous ``generate`` call.
 
     Args:
       prompt_sets: ``Q`` lists of the ``n_q`` advertisers' prompts.
       profiles: ``Q`` bid arrays ``[P_q, n_q]``.
       keys: ``[sum_q P_q]`` keys (:func:`auction_keys`).
+      bases, base_bids: optional ``Q`` base prompts taking part with the ``Q`` bids ``base_bids`` (never charged).
 
     Returns:
       Per query ``(ad token lists, payments [P_q, n_q], valid [P_q])``.
     """
     from jaxauction import Auction, generate
 
-    auctions = [Auction(prompts, bids) for prompts, rows in zip(prompt_sets, profiles) for bids in rows]
+    bases = [None] * len(prompt_sets) if bases is None else bases
+    base_bids = [0.0] * len(prompt_sets) if base_bids is None else base_bids
+    auctions = [
+        Auction(prompts, bids, base_prompt=base, base_bid=base_bid)
+        for prompts, rows, base, base_bid in zip(prompt_sets, profiles, bases, base_bids)
+        for bids in rows
+    ]
     out = generate(
         auctions, rule=rule, payment=payment, decoding=decoding, key=keys, max_new_tokens=max_new_tokens, model=model
     )
@@ -318,6 +357,7 @@ def parse_args(argv):
     parser.add_argument("--model", default=None, help="model path or hub id (default: bundled SmolLM2-135M)")
     parser.add_argument("--query-file", default=str(CONFIGS / "benchmark_queries.toml"))
     parser.add_argument("--rule-file", default=str(CONFIGS / "benchmark_certified_rule.toml"))
+    parser.add_argument("--learned-rule-file", default=str(CONFIGS / "benchmark_learned_rule.toml"))
     parser.add_argument("--json", default=None, help="write every ad of every mechanism here")
     parser.add_argument("--plot", default=None, help="save the plot here (PNG)")
     args = parser.parse_args(argv)
@@ -339,6 +379,7 @@ def main(argv=None) -> dict:
     start, load_before = time.perf_counter(), os.getloadavg()
     queries = load_queries(Path(args.query_file))[: args.queries]
     certified_rule, certified_params = load_certified_rule(Path(args.rule_file))
+    learned_rule, learned_params = load_learned_rule(Path(args.learned_rule_file))
     model = models.load(args.model)
     rng = np.random.default_rng(args.seed)
     profiles = [bid_profiles(len(q["advertisers"]), args.profiles, rng) for q in queries]
@@ -376,8 +417,12 @@ def main(argv=None) -> dict:
                 outputs[mechanism] = run_single_winner(prompt_sets, profiles, **common)
             else:
                 rule, payment = TOKEN_RULES[mechanism]
-                rule = certified_rule if rule == "certified" else rule
-                outputs[mechanism] = run_token_auctions(prompt_sets, profiles, rule=rule, payment=payment, **common)
+                if rule == "learned":  # its unit is the base bid: it runs with the base prompt, on its fitted scale
+                    base_bids = [learned_base_bid(learned_params["base_bid"], len(p)) for p in prompt_sets]
+                    common.update(rule=learned_rule, bases=bases, base_bids=base_bids)
+                else:
+                    common.update(rule=certified_rule if rule == "certified" else rule)
+                outputs[mechanism] = run_token_auctions(prompt_sets, profiles, payment=payment, **common)
             bar.update()
         seconds[mechanism] = time.perf_counter() - tick  # generation only (compilation included)
     # Scoring: per query, the ads of every mechanism in one teacher-forced batch (one prompt set).
@@ -415,7 +460,8 @@ def main(argv=None) -> dict:
         settings=dict(
             queries=len(queries), profiles=args.profiles, max_new_tokens=args.max_new_tokens,
             candidates=args.candidates, tau=args.tau, seed=args.seed, model=args.model or "bundled SmolLM2-135M",
-            decoding=args.decoding, certified_rule=certified_params, time_s=elapsed, generation_s=seconds,
+            decoding=args.decoding, certified_rule=certified_params, learned_rule=learned_params, time_s=elapsed,
+            generation_s=seconds,
             loadavg_start=load_before, loadavg_end=os.getloadavg(), cores=len(os.sched_getaffinity(0)),
             host=hostinfo.describe(load_before, hostinfo.load_average()),
         ),

@@ -44,6 +44,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,10 @@ __all__ = [
     "linear_closed_form",
     "PowerWeightClosedForm",
     "power_weight_integral",
+    "MonotoneWeightClosedForm",
+    "monotone_weight_integral",
+    "monotone_weight_inverse",
+    "monotone_weight_log",
     "forward_kl_value",
     "reverse_kl_value",
     "KL_VALUATIONS",
@@ -593,6 +598,30 @@ _POWER_TAIL = (
 )
 
 
+def _graded_logit_nodes(top: jax.Array, first: jax.Array, tail: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Nodes and weights ``[..., 200]`` of the closed forms' fixed rule in ``tau = Y - y >= 0`` (docs/maths.md §5).
+
+    ``[0, top]`` (``top = max(Y, 0)``) in :data:`_POWER_PANELS` panels graded geometrically (ratio 2) from
+    each end, the first ``first`` long (shorter when ``top`` is small), and ``[top, top + tail]`` graded from
+    its start; :data:`_POWER_ORDER` Gauss-Legendre nodes per panel. ``top, first, tail: [...]``.
+    """
+    dtype = top.dtype
+    x, w = (jnp.asarray(a, dtype) for a in np.polynomial.legendre.leggauss(_POWER_ORDER))
+    grading = jnp.asarray(2.0 ** np.arange(_POWER_PANELS + 1) - 1.0, dtype)  # 0, 1, 3, ..., 2^K - 1
+    first = jnp.minimum(first, top / (2.0 * grading[-1]))[..., None]
+    edges = jnp.concatenate(
+        [
+            first * grading,  # from tau = 0 (y = Y) down
+            top[..., None] - first * grading[::-1],  # up to tau = max(Y, 0) (y = 0); the gap between: one panel
+            top[..., None] + tail[..., None] * grading[1:] / grading[-1],  # y < min(Y, 0)
+        ],
+        axis=-1,
+    )
+    left, right = edges[..., :-1, None], edges[..., 1:, None]
+    tau = (left + (x + 1.0) / 2.0 * (right - left)).reshape(edges.shape[:-1] + (-1,))
+    return tau, ((right - left) / 2.0 * w).reshape(tau.shape)
+
+
 def power_weight_integral(logit: jax.Array, gamma: jax.Array | float) -> jax.Array:
     """``Psi(Y, g) = int_{-inf}^{Y} e^{(y - Y)/g} sigma'(y) dy`` in ``[0, 1]`` (docs/maths.md §5): ``[...]``.
 
@@ -624,23 +653,9 @@ def power_weight_integral(logit: jax.Array, gamma: jax.Array | float) -> jax.Arr
     gamma = jnp.asarray(gamma, dtype)
     positive = gamma > 0
     g = jnp.where(positive, gamma, 1.0)
-    x, w = (jnp.asarray(a, dtype) for a in np.polynomial.legendre.leggauss(_POWER_ORDER))
-    grading = jnp.asarray(2.0 ** np.arange(_POWER_PANELS + 1) - 1.0, dtype)  # 0, 1, 3, ..., 2^K - 1
     top = jnp.maximum(logit, 0.0)
     g, top = jnp.broadcast_arrays(g, top)
-    first = jnp.minimum(jnp.minimum(g, 1.0) / 4.0, top / (2.0 * grading[-1]))[..., None]
-    tail = (_POWER_TAIL * g / (1.0 + g))[..., None]
-    edges = jnp.concatenate(
-        [
-            first * grading,  # from tau = 0 (y = Y) down
-            top[..., None] - first * grading[::-1],  # up to tau = max(Y, 0) (y = 0); the gap between: one panel
-            top[..., None] + tail * grading[1:] / grading[-1],  # y < min(Y, 0)
-        ],
-        axis=-1,
-    )
-    left, right = edges[..., :-1, None], edges[..., 1:, None]
-    tau = (left + (x + 1.0) / 2.0 * (right - left)).reshape(edges.shape[:-1] + (-1,))
-    weights = ((right - left) / 2.0 * w).reshape(tau.shape)
+    tau, weights = _graded_logit_nodes(top, jnp.minimum(g, 1.0) / 4.0, _POWER_TAIL * g / (1.0 + g))
     y = jnp.abs(jnp.broadcast_to(logit, top.shape)[..., None] - tau)
     log_integrand = -tau / g[..., None] - y - 2.0 * jnp.log1p(jnp.exp(-y))  # e^{-tau/g} sigma'(Y - tau)
     return jnp.where(positive, jnp.sum(weights * jnp.exp(log_integrand), axis=-1), 0.0)
@@ -673,3 +688,125 @@ class PowerWeightClosedForm:
         log_total = jax.nn.logsumexp(jnp.where(positive, self.gamma * log_others, -jnp.inf), axis=-1)
         logit = self.gamma * jnp.log(jnp.where(pays, own, 1.0)) - jnp.where(pays, log_total, 0.0)
         return jnp.where(pays, own * tv * power_weight_integral(logit, self.gamma), 0.0)
+
+
+# The learned monotone weights g(s) = s^gamma exp(H(log s)) (docs/maths.md §3, §5; jaxauction.design.learned).
+_INVERSE_ITERATIONS = 64  # bisection steps of monotone_weight_inverse: the bracket shrinks by 2^-64
+
+
+def monotone_weight_log(x: jax.Array, gamma, steps, knots, width) -> jax.Array:
+    """``G(x) = log g(e^x) = gamma x + H(x)``, ``H(x) = sum_k a_k sigmoid((x - c_k) / w)``: ``[...]``.
+
+    ``x: [...]`` the log bid in the family's unit; ``gamma > 0``; ``steps: [K]`` the heights ``a_k >= 0``
+    of the steps at ``knots: [K]`` (``c_k``) of width ``width`` (``w > 0``). ``G`` is strictly increasing
+    (``G' >= gamma``), ``gamma x <= G(x) <= gamma x + sum_k a_k``; ``steps = 0`` is the power ``s^gamma``.
+    """
+    x = jnp.asarray(x)
+    knots = jnp.asarray(knots, x.dtype)
+    steps = jnp.asarray(steps, x.dtype)
+    return gamma * x + jnp.sum(steps * jax.nn.sigmoid((x[..., None] - knots) / width), axis=-1)
+
+
+def _monotone_weight_slope(x: jax.Array, gamma, steps, knots, width) -> jax.Array:
+    """``G'(x) = gamma + sum_k a_k sigmoid'((x - c_k) / w) / w >= gamma``: ``[...]``."""
+    z = (x[..., None] - jnp.asarray(knots, x.dtype)) / width
+    steps = jnp.asarray(steps, x.dtype)
+    return gamma + jnp.sum(steps * jax.nn.sigmoid(z) * jax.nn.sigmoid(-z), axis=-1) / width
+
+
+def monotone_weight_inverse(t: jax.Array, gamma, steps, knots, width) -> jax.Array:
+    """``x = G^{-1}(t)`` (:func:`monotone_weight_log`): ``[...]``, differentiable in every argument.
+
+    Bisection on the bracket ``[(t - sum_k a_k) / gamma, t / gamma]`` (``G`` is increasing with
+    ``gamma x <= G(x) <= gamma x + sum_k a_k``), then one Newton step from the (stop-gradient) bisection
+    result, which carries the implicit derivative ``dx = (dt - dG) / G'``.
+    """
+    t = jnp.asarray(t)
+    steps = jnp.asarray(steps, t.dtype)
+    total = jnp.sum(steps)
+    start = jax.lax.stop_gradient((jnp.minimum(t, t - total) / gamma, t / gamma, t, gamma, steps, jnp.asarray(knots)))
+
+    def halve(_, bracket):
+        low, high = bracket
+        middle = (low + high) / 2.0
+        below = monotone_weight_log(middle, start[3], start[4], start[5], width) < start[2]
+        return jnp.where(below, middle, low), jnp.where(below, high, middle)
+
+    low, high = jax.lax.fori_loop(0, _INVERSE_ITERATIONS, halve, start[:2])
+    x0 = jax.lax.stop_gradient((low + high) / 2.0)
+    residual = monotone_weight_log(x0, gamma, steps, knots, width) - t
+    return x0 - residual / _monotone_weight_slope(x0, gamma, steps, knots, width)
+
+
+def monotone_weight_integral(own_log: jax.Array, others_log: jax.Array, gamma, steps, knots, width) -> jax.Array:
+    """``Phi = int_{-inf}^{Y} e^{x(y) - X} sigma'(y) dy`` in ``[0, sigma(Y)]`` (docs/maths.md §5): ``[...]``.
+
+    The robust second-price payment of ``q = sum_j lambda_j p_j``, ``lambda_j ∝ g(b_j / u)``
+    (:func:`monotone_weight_log`, unit ``u``) is ``z_i = b_i TV(p_i, q_-i) Phi_i`` with ``X = log(b_i / u)``
+    (``own_log``), ``log W = log sum_{j != i} g(b_j / u)`` (``others_log``), ``Y = G(X) - log W`` and
+    ``x(y) = G^{-1}(y + log W)`` the log own bid at which the own weight's logit is ``y``. Every term is
+    positive. The fixed rule of :func:`power_weight_integral` in ``tau = Y - y``, its first panel
+    ``min(G'(X), 1) / 4`` long and its tail ``44 G'_max / (1 + G'_max)`` (``G'_max = gamma + sum_k a_k / (4 w)``:
+    below ``min(Y, 0)`` the integrand falls at least like ``e^{(1 + 1/G'_max)(y - min(Y, 0))}``); ``steps = 0``
+    gives the same nodes as ``Psi(Y, gamma)``. Measured accuracy: docs/maths.md §5.
+
+    Args: ``own_log, others_log: [...]`` finite; ``gamma > 0``; ``steps: [K] >= 0``; ``knots``: K floats;
+      ``width > 0`` (unchecked: call it through :class:`MonotoneWeightClosedForm`).
+    """
+    own_log, others_log = jnp.broadcast_arrays(jnp.asarray(own_log), jnp.asarray(others_log))
+    logit = monotone_weight_log(own_log, gamma, steps, knots, width) - others_log
+    slope = _monotone_weight_slope(own_log, gamma, steps, knots, width)
+    steepest = gamma + jnp.sum(jnp.asarray(steps, own_log.dtype)) / (4.0 * width)  # max G' (sigmoid' <= 1/4)
+    top = jnp.maximum(logit, 0.0)
+    tail = jnp.full_like(top, _POWER_TAIL) * steepest / (1.0 + steepest)
+    tau, weights = _graded_logit_nodes(top, jnp.minimum(slope, 1.0) / 4.0, tail)
+    y = logit[..., None] - tau
+    x = monotone_weight_inverse(y + others_log[..., None], gamma, steps, knots, width)
+    log_sigma_prime = -jnp.abs(y) - 2.0 * jnp.log1p(jnp.exp(-jnp.abs(y)))
+    exponent = jnp.minimum(x - own_log[..., None], 0.0) + log_sigma_prime  # x(y) <= X for y <= Y
+    return jnp.sum(weights * jnp.exp(exponent), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MonotoneWeightClosedForm:
+    """The robust second-price payment of ``q = sum_j lambda_j p_j``, ``lambda_j ∝ g(b_j / u)`` (docs/maths.md §5).
+
+    ``g(s) = s^gamma exp(H(log s))`` (:func:`monotone_weight_log`), the unit ``u`` the bid of the last row
+    (the base distribution: :class:`jaxauction.design.MonotoneWeightParams`). A
+    :data:`~jaxauction.base.ClosedFormPayment` ``(logits [..., m, V], bids [..., m], n) -> [..., n]``:
+    ``z_i = b_i TV(p_i, q_-i) Phi_i`` (:func:`monotone_weight_integral`), ``q_-i`` the others' mixture
+    (base included); 0 for a zero bid or no other positive weight. Hashable by value when its fields are
+    Python floats and tuples (:func:`jaxauction.design.fixed_rule`); arrays (traced parameters in a search
+    step) work too. The rule depends on the bid ratios only (the unit is a row), so the payments are
+    computed on normalised bids like every closed form. Costs the linear closed form's TV plus, per agent,
+    200 nodes of a 64-step bisection over ``K`` knots (scalar work).
+    """
+
+    gamma: Any
+    steps: Any
+    knots: Any  # a tuple of floats (hashable) or an array (traced: the family's knots + its learned shift)
+    width: float
+
+    def log_weights(self, bids: jax.Array) -> jax.Array:
+        """``G(log(b_j / u))``: ``[..., m]`` (``-inf`` for a zero bid), ``u = bids[..., -1]``."""
+        positive = bids > 0
+        unit = bids[..., -1:]
+        x = jnp.log(jnp.where(positive, bids, 1.0)) - jnp.log(jnp.where(unit > 0, unit, jnp.nan))
+        return jnp.where(positive, monotone_weight_log(x, self.gamma, self.steps, self.knots, self.width), -jnp.inf)
+
+    def __call__(self, all_logits: jax.Array, all_bids: jax.Array, n: int) -> jax.Array:
+        all_bids, others_bids, not_self = _others(all_logits, all_bids, n)
+        eligible = not_self & aggregation._has_mass(all_logits)[..., None, :]
+        scores = self.log_weights(all_bids)  # [..., m]
+        others_scores = jnp.where(eligible & (others_bids > 0), scores[..., None, :], -jnp.inf)  # [..., n, m]
+        log_total = jax.nn.logsumexp(others_scores, axis=-1)  # [..., n]
+        own = all_bids[..., :n]
+        pays = jnp.isfinite(log_total) & (own > 0)
+        safe_total = jnp.where(pays, log_total, 0.0)
+        weights = jnp.where(pays[..., None], jnp.exp(others_scores - safe_total[..., None]), 0.0)
+        tv = _tv_to_others(all_logits, weights, n)
+        unit = all_bids[..., -1:]
+        own_log = jnp.log(jnp.where(pays, own, 1.0)) - jnp.log(jnp.where(unit > 0, unit, jnp.nan))
+        own_log = jnp.where(pays, own_log, 0.0)
+        phi = monotone_weight_integral(own_log, safe_total, self.gamma, self.steps, self.knots, self.width)
+        return jnp.where(pays, own * tv * phi, 0.0)

@@ -8,7 +8,7 @@ import decimal
 import warnings
 
 import numpy as np
-from scipy import integrate, special
+from scipy import integrate, optimize, special
 
 
 def ref_probs(logits):
@@ -211,6 +211,61 @@ def ref_power_weight_payment(logits, bids, gamma, n=None):
         points = {0.0, -60.0, -30.0, -10.0, -3.0, -1.0}
         points |= {min(centre + d / gamma, 0.0) for d in (-60, -40, -10, -3, -1, 0, 1, 3, 10)}
         points = sorted(points)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", integrate.IntegrationWarning)
+            total = sum(
+                integrate.quad(integrand, lo, hi, epsabs=0.0, epsrel=1e-13, limit=400)[0]
+                for lo, hi in zip(points[:-1], points[1:])
+                if hi > lo
+            )
+        out[i] = bids[i] * tv * total
+    return out
+
+
+def ref_monotone_weight_log(x, gamma, steps, knots, width):
+    """``G(x) = gamma x + sum_k a_k expit((x - c_k) / w)`` and ``G'(x)`` in float64 (the learned family's log g)."""
+    x = np.asarray(x, np.float64)[..., None]
+    z = (x - np.asarray(knots, np.float64)) / width
+    s = special.expit(z)
+    steps = np.asarray(steps, np.float64)
+    return gamma * x[..., 0] + (steps * s).sum(-1), gamma + (steps * s * (1 - s)).sum(-1) / width
+
+
+def ref_monotone_weight_payment(logits, bids, gamma, steps, knots, width, n=None):
+    """Robust second-price payments ``[n]`` of ``q = sum_j lambda_j p_j``, ``lambda_j ∝ g(b_j / u)`` (one auction).
+
+    The unit ``u`` is the last row's bid. docs/maths.md §5 literally: ``x_i(s) = x_i(0) + TV(p_i, q_-i) h(s)`` with
+    ``h(s) = g(s/u) / (g(s/u) + W)``, ``W = sum_{j != i} g(b_j/u)``, ``z_i = TV int_0^{b_i} s h'(s) ds``, by adaptive
+    quadrature (scipy.integrate.quad) in ``x = log(s/u)``: ``s h'(s) ds = u e^x sigma'(G(x) - log W) G'(x) dx``,
+    on panels cut at the knots, at ``X = log(b_i/u)`` and around ``x*`` where ``G(x*) = log W``.
+    """
+    p = ref_probs(logits)
+    bids = np.asarray(bids, np.float64)
+    n = len(bids) if n is None else n
+    unit = bids[-1]
+    out = np.zeros(n)
+    with np.errstate(divide="ignore"):
+        scores = np.where(
+            bids > 0, ref_monotone_weight_log(np.log(bids / unit), gamma, steps, knots, width)[0], -np.inf
+        )
+    for i in range(n):
+        others = np.delete(np.arange(len(bids)), i)
+        if bids[i] == 0 or bids[others].sum() == 0:
+            continue
+        log_w = special.logsumexp(scores[others])
+        weights = np.exp(scores[others] - log_w)
+        tv = np.maximum(p[i] - weights @ p[others], 0).sum()
+        own = np.log(bids[i] / unit)
+
+        def integrand(x):
+            value, slope = ref_monotone_weight_log(x, gamma, steps, knots, width)
+            y = abs(value - log_w)
+            return np.exp(x - own - y - 2 * np.log1p(np.exp(-y))) * slope
+
+        centre = optimize.brentq(lambda x: ref_monotone_weight_log(x, gamma, steps, knots, width)[0] - log_w, -1e4, 1e4)
+        points = {own, own - 80.0, *(c for c in knots)}
+        points |= {centre + d for d in (-60, -30, -10, -3, -1, -0.3, 0, 0.3, 1, 3, 10)}
+        points = sorted(min(max(p_, own - 80.0), own) for p_ in points)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", integrate.IntegrationWarning)
             total = sum(

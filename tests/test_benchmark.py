@@ -51,7 +51,7 @@ advertisers = [{ name = "Stridewell", description = "a shoe maker" }, { name = "
 
 
 # The mechanisms the script runs by default (its --mechanisms choices).
-MECHANISMS = ("token_linear", "token_log_linear", "token_certified", "reply", "single_winner")
+MECHANISMS = ("token_linear", "token_log_linear", "token_certified", "reply", "single_winner", "token_learned")
 
 
 def test_quick_run_writes_every_ad_of_every_mechanism(tiny_folder, tmp_path):

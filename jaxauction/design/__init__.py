@@ -1,7 +1,11 @@
 """Gradient-based design of token-auction aggregation rules.
 
+* :mod:`~jaxauction.design.base`: the family protocol (:class:`Family`: parameters, domain, ``params ->
+  Rule``; :func:`register_family`), which every objective, the certificate and the search use.
 * :mod:`~jaxauction.design.families`: the power-mean family (``rho``, bid transform ``gamma``, base
   bid, temperature) as a pytree of parameters; :func:`bind` gives a rule ``rule(logits, bids)``.
+* :mod:`~jaxauction.design.learned`: the learned monotone family, weights ``∝ g_theta(b / u)`` with ``g``
+  increasing for every ``theta`` (monotone by construction; closed-form payment).
 * :mod:`~jaxauction.design.objectives`: welfare, revenue, monotonicity violation and distance to a
   reference rule over a batch of auctions, jit-compiled and differentiable; :func:`certify_rule`, the
   strict monotonicity certificate (docs/maths.md §4) a design claim must carry on held-out auctions.
@@ -13,6 +17,7 @@
 
 from jaxauction.aggregation import log_bid_weights  # the family's bid transform; its home is the core
 from jaxauction.design import checkpoint, objectives  # noqa: F401 (submodules)
+from jaxauction.design.base import Bounds, Family, describe, family_of, register_family, registered_families
 from jaxauction.design.checkpoint import SearchState
 from jaxauction.design.data import (
     AuctionBatch,
@@ -23,13 +28,14 @@ from jaxauction.design.data import (
     save_batch,
 )
 from jaxauction.design.families import (
-    Bounds,
+    POWER_MEAN,
     PowerMeanParams,
     bind,
     fixed_rule,
     power_mean,
     trainable_mask,
 )
+from jaxauction.design.learned import MONOTONE_WEIGHTS, MonotoneWeightParams, learned_rule
 from jaxauction.design.objectives import (
     aggregate,
     certify_rule,
@@ -37,6 +43,7 @@ from jaxauction.design.objectives import (
     evaluate,
     kl_divergence,
     revenue,
+    rule_of,
     violation,
     welfare,
 )
@@ -47,6 +54,10 @@ __all__ = [
     "Bounds",
     "CertificateWarning",
     "Constraint",
+    "Family",
+    "MONOTONE_WEIGHTS",
+    "MonotoneWeightParams",
+    "POWER_MEAN",
     "PowerMeanParams",
     "SearchResult",
     "SearchState",
@@ -54,17 +65,23 @@ __all__ = [
     "augmented_lagrangian",
     "bind",
     "certify_rule",
+    "describe",
     "dirichlet_auctions",
     "distance",
     "evaluate",
+    "registered_families",
+    "family_of",
     "fixed_rule",
     "kl_divergence",
+    "learned_rule",
     "llm_auctions",
     "load_batch",
     "log_bid_weights",
     "make_batch",
     "power_mean",
+    "register_family",
     "revenue",
+    "rule_of",
     "save_batch",
     "search",
     "trainable_mask",

@@ -39,6 +39,7 @@ import numpy as np
 from flax import struct
 
 from jaxauction import _validation, aggregation, base, payments
+from jaxauction.design.base import Bounds, Family, family_of, register_family
 
 Rule = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -95,49 +96,29 @@ class PowerMeanParams:
         return {name: float(getattr(self, name)) for name in FIELDS}
 
 
-@struct.dataclass
-class Bounds:
-    """A box for :class:`PowerMeanParams` (or, built directly, for any pytree of the search's parameters).
+def power_mean_bounds(
+    rho=(-1.0, 3.0), gamma=(0.0, 4.0), base_bid=(0.0, 1e6), temperature=(0.2, 5.0), dtype=None
+) -> Bounds:
+    """A box for :class:`PowerMeanParams` from ``(low, high)`` pairs (:meth:`Bounds.create`)."""
+    pairs = dict(rho=rho, gamma=gamma, base_bid=base_bid, temperature=temperature)
+    for name, (low, high) in pairs.items():
+        if not low <= high:
+            raise ValueError(f"bounds for {name} must satisfy low <= high, got ({low}, {high}).")
+    if pairs["gamma"][0] < 0 or pairs["base_bid"][0] < 0 or pairs["temperature"][0] <= 0:
+        raise ValueError("bounds must keep gamma >= 0, base_bid >= 0 and temperature > 0.")
+    dtype = dtype or jnp.result_type(float)
+    lower = PowerMeanParams(**{k: jnp.asarray(v[0], dtype) for k, v in pairs.items()})
+    upper = PowerMeanParams(**{k: jnp.asarray(v[1], dtype) for k, v in pairs.items()})
+    return Bounds(lower=lower, upper=upper)
 
-    :meth:`project` is the one clipping of :func:`~jaxauction.design.search` (after every update).
-    """
 
-    lower: PowerMeanParams
-    upper: PowerMeanParams
-
-    @classmethod
-    def create(
-        cls,
-        rho=(-1.0, 3.0),
-        gamma=(0.0, 4.0),
-        base_bid=(0.0, 1e6),
-        temperature=(0.2, 5.0),
-        dtype=None,
-    ) -> Bounds:
-        """A box from ``(low, high)`` pairs; the defaults keep gamma >= 0, base_bid >= 0, temperature > 0."""
-        pairs = dict(rho=rho, gamma=gamma, base_bid=base_bid, temperature=temperature)
-        for name, (low, high) in pairs.items():
-            if not low <= high:
-                raise ValueError(f"bounds for {name} must satisfy low <= high, got ({low}, {high}).")
-        if pairs["gamma"][0] < 0 or pairs["base_bid"][0] < 0 or pairs["temperature"][0] <= 0:
-            raise ValueError("bounds must keep gamma >= 0, base_bid >= 0 and temperature > 0.")
-        dtype = dtype or jnp.result_type(float)
-        lower = PowerMeanParams(**{k: jnp.asarray(v[0], dtype) for k, v in pairs.items()})
-        upper = PowerMeanParams(**{k: jnp.asarray(v[1], dtype) for k, v in pairs.items()})
-        return cls(lower=lower, upper=upper)
-
-    @classmethod
-    def domain(cls, dtype=None) -> Bounds:
-        """The family's own domain, the search's default box: ``gamma >= 0``, ``base_bid >= 0``,
-        ``temperature >= MIN_TEMPERATURE`` (> 0), ``rho`` free."""
-        inf = float("inf")
-        return cls.create(
-            rho=(-inf, inf), gamma=(0.0, inf), base_bid=(0.0, inf), temperature=(MIN_TEMPERATURE, inf), dtype=dtype
-        )
-
-    def project(self, params: PowerMeanParams) -> PowerMeanParams:
-        """Clips every parameter into the box."""
-        return jax.tree.map(jnp.clip, params, self.lower, self.upper)
+def power_mean_domain(dtype=None) -> Bounds:
+    """The power mean's own domain, the search's default box (:meth:`Bounds.domain`): ``gamma >= 0``,
+    ``base_bid >= 0``, ``temperature >= MIN_TEMPERATURE`` (> 0), ``rho`` free."""
+    inf = float("inf")
+    return power_mean_bounds(
+        rho=(-inf, inf), gamma=(0.0, inf), base_bid=(0.0, inf), temperature=(MIN_TEMPERATURE, inf), dtype=dtype
+    )
 
 
 def trainable_mask(trainable: Sequence[str] = FIELDS) -> PowerMeanParams:
@@ -285,7 +266,66 @@ class _FixedPowerMean:
         return power_mean(logits, bids, self.rho, self.gamma, self.temperature)
 
 
-def fixed_rule(params: PowerMeanParams) -> base.Rule:
+def _fixed_power_rule(params: PowerMeanParams) -> base.Rule:
+    """The power-mean member at concrete ``params``: hashable by value (see :func:`fixed_rule`)."""
+    values = params.to_dict()
+    _check_parameters("fixed_rule", jnp.result_type(float), **{k: values[k] for k in ("rho", "gamma", "temperature")})
+    aggregate = _FixedPowerMean(values["rho"], values["gamma"], values["temperature"])
+    name = f"power_mean(rho={aggregate.rho:g}, gamma={aggregate.gamma:g}, temperature={aggregate.temperature:g})"
+    linear_in_p = aggregate.rho == 1.0 and aggregate.temperature == 1.0
+    payment = payments.PowerWeightClosedForm(aggregate.gamma) if linear_in_p else None
+    return base.Rule(name=name, log_aggregate=aggregate, closed_form_payment=payment, monotone=linear_in_p)
+
+
+def power_mean_rule(params: PowerMeanParams) -> base.Rule:
+    """The power mean's ``params -> Rule`` map: :func:`fixed_rule`'s member for concrete scalar parameters,
+    else (traced, inside a search step) a rule closing over them (generic payments, not ``monotone``)."""
+    leaves = jax.tree.leaves(params)
+    if _validation.is_concrete(*leaves) and all(np.ndim(x) == 0 for x in leaves):
+        return _fixed_power_rule(params)
+
+    def power_mean_member(logits: jax.Array, bids: jax.Array) -> jax.Array:
+        return power_mean(logits, bids, params.rho, params.gamma, params.temperature)
+
+    return base.Rule(name="power_mean", log_aggregate=power_mean_member)
+
+
+MONOTONE_TRAINABLE = ("gamma", "base_bid")
+"""What ``search(monotone=True)`` trains of the power mean: rho = 1 and temperature = 1 stay frozen (docs/maths.md §3)."""
+
+
+def power_mean_monotone_part(params: PowerMeanParams, trainable, bounds):
+    """``params`` with rho = temperature = 1 and the mask that trains only gamma and the base bid (checked)."""
+    if trainable is None:
+        trainable = trainable_mask(MONOTONE_TRAINABLE)
+    frozen = [name for name in ("rho", "temperature") if bool(getattr(trainable, name))]
+    if frozen:
+        raise ValueError(
+            f"search: monotone=True keeps rho = 1 and temperature = 1 fixed, but trainable trains {frozen}. "
+            f"Fix: leave trainable=None (trains {MONOTONE_TRAINABLE}) or train only a subset of them."
+        )
+    if bounds is not None:
+        lower, upper = bounds.lower, bounds.upper
+        outside = [name for name in ("rho", "temperature") if not getattr(lower, name) <= 1 <= getattr(upper, name)]
+        if outside:
+            raise ValueError(f"search: monotone=True needs bounds that contain 1 for {outside}; widen them.")
+    return params.replace(rho=jnp.ones_like(params.rho), temperature=jnp.ones_like(params.temperature)), trainable
+
+
+POWER_MEAN = register_family(
+    Family(
+        name="power mean",
+        params_type=PowerMeanParams,
+        rule=power_mean_rule,
+        domain=lambda params: power_mean_domain(jnp.result_type(*jax.tree.leaves(params))),
+        base_bid=lambda params: params.base_bid,
+        monotone_part=power_mean_monotone_part,
+    )
+)
+"""The power-mean family (:class:`PowerMeanParams`), registered with the design package."""
+
+
+def fixed_rule(params) -> base.Rule:
     """The family member at concrete ``params`` as a hashable :class:`jaxauction.base.Rule` (no base row).
 
     Two calls with equal parameters give equal rules, so functions that take the rule as a static
@@ -297,30 +337,35 @@ def fixed_rule(params: PowerMeanParams) -> base.Rule:
     vocabulary (``method="quadrature"`` still forces the generic path). The base distribution, if any,
     is not part of the rule: append it as the last agent (:func:`jaxauction.aggregation.append_base` with
     bid ``params.base_bid``, or ``second_price(..., base_logits=..., base_bid=params.base_bid)``).
+
+    Raises:
+      ValueError: ``params`` of no registered family, traced ``params``, or a rule map that returns no Rule.
     """
-    values = params.to_dict()
-    _check_parameters("fixed_rule", jnp.result_type(float), **{k: values[k] for k in ("rho", "gamma", "temperature")})
-    aggregate = _FixedPowerMean(values["rho"], values["gamma"], values["temperature"])
-    name = f"power_mean(rho={aggregate.rho:g}, gamma={aggregate.gamma:g}, temperature={aggregate.temperature:g})"
-    linear_in_p = aggregate.rho == 1.0 and aggregate.temperature == 1.0
-    payment = payments.PowerWeightClosedForm(aggregate.gamma) if linear_in_p else None
-    return base.Rule(name=name, log_aggregate=aggregate, closed_form_payment=payment, monotone=linear_in_p)
+    family = family_of(params, "fixed_rule")
+    if not _validation.is_concrete(*jax.tree.leaves(params)):
+        raise ValueError(
+            "fixed_rule: params must be concrete (not traced); inside a search step use bind(params) or the "
+            "family's rule map."
+        )
+    return family.rule_of(params, "fixed_rule")
 
 
-def bind(params: PowerMeanParams, base_logits: jax.Array | None = None) -> Rule:
-    """Binds parameters into a rule with the core signature ``rule(logits, bids) -> log q``.
+def bind(params, base_logits: jax.Array | None = None) -> base.Rule:
+    """Binds the parameters of any registered family into a rule ``rule(logits, bids) -> log q``.
 
-    With ``base_logits: [..., V]`` the base distribution takes part with bid ``params.base_bid``
-    (its batch axes must broadcast against those of the calls). With concrete ``params`` and no base
-    this is :func:`fixed_rule` (hashable by value; at ``rho = 1, temperature = 1`` it carries the
-    closed-form payment); traced ``params`` (inside a search step) give a plain closure.
+    With ``base_logits: [..., V]`` the base distribution takes part as the last agent with the family's
+    base bid (``params.base_bid``; its batch axes must broadcast against those of the calls). Without a
+    base this is the family's rule (for concrete power-mean parameters :func:`fixed_rule`: hashable by
+    value, with the closed-form payment at ``rho = 1, temperature = 1``); traced ``params`` (inside a
+    search step) give a rule closing over them.
     """
-    leaves = jax.tree.leaves(params)
-    if base_logits is None and _validation.is_concrete(*leaves) and all(np.ndim(x) == 0 for x in leaves):
-        return fixed_rule(params)
+    family = family_of(params, "bind")
+    member = family.rule_of(params, "bind")
+    if base_logits is None:
+        return member
 
-    def rule(logits: jax.Array, bids: jax.Array) -> jax.Array:
-        logits, bids = aggregation.append_base(logits, bids, base_logits, params.base_bid)
-        return power_mean(logits, bids, params.rho, params.gamma, params.temperature)
+    def with_base(logits: jax.Array, bids: jax.Array) -> jax.Array:
+        logits, bids = aggregation.append_base(logits, bids, base_logits, family.base_bid(params))
+        return member(logits, bids)
 
-    return rule
+    return base.Rule(name=f"{member.name} with base", log_aggregate=with_base)

@@ -1,9 +1,12 @@
 """Design objectives over a batch of auctions, jit-compiled and differentiable in the family parameters.
 
-Each objective takes ``(params: PowerMeanParams, batch: AuctionBatch)`` and returns a scalar: a mean
-over the ``A`` auctions of a sum over the ``n`` agents. When the batch has a base distribution it
-takes part in the rule as one more agent with bid ``params.base_bid`` (docs/maths.md §1); it is never charged
-and has no value, so it is left out of the sums.
+Each objective takes ``(params, batch: AuctionBatch)`` for the parameters of any registered family
+(:mod:`jaxauction.design.base`: the power mean, the learned monotone family, a user's) and returns a
+scalar: a mean over the ``A`` auctions of a sum over the ``n`` agents. The rule is the family's
+``params -> Rule`` map (its closed-form payment, if any, is what :func:`revenue` charges). When the
+batch has a base distribution it takes part in the rule as one more (last) agent with the family's base
+bid (``params.base_bid``, docs/maths.md §1); it is never charged and has no value, so it is left out of
+the sums.
 
 * :func:`welfare`: bid-weighted welfare ``sum_i b_i v_i(q)`` under KL valuations (docs/maths.md §7):
   ``v_i = -KL(p_i || q)`` ("forward", the linear rule's) or ``-KL(q || p_i)`` ("reverse", the
@@ -33,9 +36,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxauction import aggregation, mechanism, payments, preferences
+from jaxauction import aggregation, base, mechanism, payments, preferences
+from jaxauction.design.base import Family, family_of
 from jaxauction.design.data import AuctionBatch
-from jaxauction.design.families import PowerMeanParams, bind, fixed_rule
+from jaxauction.design.families import fixed_rule
 
 Rule = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -53,19 +57,41 @@ def kl_divergence(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     return -payments.forward_kl_value(log_p, log_q)
 
 
-def augmented(params: PowerMeanParams, batch: AuctionBatch) -> tuple[jax.Array, jax.Array]:
+def _family(params, batch, fn: str) -> Family:
+    """The family of ``params`` (checked) and, for one that needs it, the batch's base distribution."""
+    family = family_of(params, fn)
+    if not isinstance(batch, AuctionBatch):  # a TypeError: search() explains data=None
+        raise TypeError(
+            f"{fn}: batch must be a jaxauction.design.AuctionBatch (design.make_batch, design.dirichlet_auctions), "
+            f"got {type(batch).__name__}."
+        )
+    if family.needs_base and batch.base_logits is None:
+        raise ValueError(
+            f"{fn}: family {family.name!r} needs a base distribution (its bid is the unit of the bids); the batch "
+            "has none. Fix: draw it with with_base=True or give make_batch base_logits."
+        )
+    return family
+
+
+def augmented(params, batch: AuctionBatch) -> tuple[jax.Array, jax.Array]:
     """The batch with its base distribution as the last agent: ``[A, m, V]`` and ``[A, m]``."""
-    return aggregation.append_base(batch.logits, batch.bids, batch.base_logits, params.base_bid)
+    family = _family(params, batch, "augmented")
+    return aggregation.append_base(batch.logits, batch.bids, batch.base_logits, family.base_bid(params))
 
 
-def aggregate(params: PowerMeanParams, batch: AuctionBatch) -> jax.Array:
-    """``log q: [A, V]`` of the bound family rule, base included."""
+def rule_of(params, fn: str = "design") -> base.Rule:
+    """The family's rule at ``params`` (concrete or traced; checked to be a :class:`jaxauction.base.Rule`)."""
+    return family_of(params, fn).rule_of(params, fn)
+
+
+def aggregate(params, batch: AuctionBatch) -> jax.Array:
+    """``log q: [A, V]`` of the family's rule at ``params``, base included."""
     logits, bids = augmented(params, batch)
-    return bind(params)(logits, bids)
+    return rule_of(params, "aggregate")(logits, bids)
 
 
 @functools.partial(jax.jit, static_argnames="valuation")
-def welfare(params: PowerMeanParams, batch: AuctionBatch, valuation: str = "forward") -> jax.Array:
+def welfare(params, batch: AuctionBatch, valuation: str = "forward") -> jax.Array:
     """Mean over auctions of ``sum_i b_i v_i(q)`` with ``v_i = -KL(p_i || q)`` or ``-KL(q || p_i)``."""
     value = payments.kl_valuation(valuation)
     log_q = aggregate(params, batch)[..., None, :]
@@ -75,9 +101,7 @@ def welfare(params: PowerMeanParams, batch: AuctionBatch, valuation: str = "forw
 
 
 @functools.partial(jax.jit, static_argnames=("payment", "valuation"))
-def revenue(
-    params: PowerMeanParams, batch: AuctionBatch, payment: str = "second_price", valuation: str = "forward"
-) -> jax.Array:
+def revenue(params, batch: AuctionBatch, payment: str = "second_price", valuation: str = "forward") -> jax.Array:
     """Mean over auctions of the agents' total expected payment (the base pays nothing).
 
     ``payment``: a payment kind that charges (:data:`jaxauction.mechanism.PAYMENTS`): ``"second_price"``
@@ -88,28 +112,29 @@ def revenue(
     kind = mechanism.allocation(payment)
     if kind is None:
         raise ValueError("payment: revenue needs a payment kind that charges, 'second_price' or 'kl'; got None.")
+    family = _family(params, batch, "revenue")
     charged = payments.second_price(
-        bind(params),
+        family.rule_of(params, "revenue"),
         batch.logits,
         batch.bids,
         kind if kind != "kl" else payments.kl_valuation(valuation),
         base_logits=batch.base_logits,
-        base_bid=params.base_bid,
+        base_bid=family.base_bid(params),
     )
     return jnp.mean(jnp.sum(charged, axis=-1))
 
 
 @jax.jit
-def violation(params: PowerMeanParams, batch: AuctionBatch) -> jax.Array:
+def violation(params, batch: AuctionBatch) -> jax.Array:
     """Mean over auctions of ``sum_i`` monotonicity violation (docs/maths.md §4) of the agents (not the base)."""
     logits, bids = augmented(params, batch)
-    per_agent = preferences.monotonicity_violation(bind(params), logits, bids)
+    per_agent = preferences.monotonicity_violation(rule_of(params, "violation"), logits, bids)
     return jnp.mean(jnp.sum(per_agent[..., : batch.num_agents], axis=-1))
 
 
 @functools.partial(jax.jit, static_argnames=("reference", "direction"))
 def distance(
-    params: PowerMeanParams,
+    params,
     batch: AuctionBatch,
     reference: Rule = aggregation.linear,
     direction: str = "forward",
@@ -125,7 +150,7 @@ def distance(
 
 
 @jax.jit
-def _all_objectives(params: PowerMeanParams, batch: AuctionBatch) -> dict[str, jax.Array]:
+def _all_objectives(params, batch: AuctionBatch) -> dict[str, jax.Array]:
     return {
         "revenue": revenue(params, batch),
         "welfare_forward": welfare(params, batch),
@@ -134,19 +159,19 @@ def _all_objectives(params: PowerMeanParams, batch: AuctionBatch) -> dict[str, j
     }
 
 
-def evaluate(params: PowerMeanParams, batch: AuctionBatch) -> dict[str, float]:
+def evaluate(params, batch: AuctionBatch) -> dict[str, float]:
     """Revenue (robust), both welfares and the violation at ``params`` as plain floats (one program)."""
     return {name: float(value) for name, value in _all_objectives(params, batch).items()}
 
 
 def certify_rule(
-    params: PowerMeanParams,
+    params,
     batch: AuctionBatch,
     *,
     factors: tuple[float, ...] = preferences.DEFAULT_FACTORS,
     atol: float | None = None,
 ) -> preferences.Certificate:
-    """The strict monotonicity certificate (docs/maths.md §4) of the family member ``params`` on ``batch``.
+    """The strict monotonicity certificate (docs/maths.md §4) of the member ``params`` (any family) on ``batch``.
 
     :func:`jaxauction.preferences.certify` on the batch's agents (the base distribution, if any,
     takes part with bid ``params.base_bid`` but is not checked). Pass held-out auctions (drawn with

@@ -10,12 +10,14 @@ After each optimiser step the parameters may be projected into a box (:meth:`~ja
 The compiled step is cached per (objective, constraint function, optimizer) object: budgets, penalties,
 seeds and data of the same shapes do not recompile.
 
-A search over :class:`~jaxauction.design.PowerMeanParams` ends with the strict monotonicity certificate
-(docs/maths.md §4) of the rule it returns, on the held-out auctions when given (``holdout=``), else on the
-fitted ones (``SearchResult.certified_on`` says which). ``monotone=True`` searches the family's monotone
-part (rho = 1 and temperature = 1 frozen, gamma >= 0 and the base bid free: monotone by construction,
-docs/maths.md §3); a search asked for a monotone rule (``monotone=True``, or a constraint with budget 0)
-whose rule fails the certificate warns with :class:`CertificateWarning`, never claims it silently.
+A search over the parameters of a registered family (:mod:`jaxauction.design.base`: the power mean, the
+learned monotone family, a user's) ends with the strict monotonicity certificate (docs/maths.md §4) of the
+rule it returns, on the held-out auctions when given (``holdout=``), else on the fitted ones
+(``SearchResult.certified_on`` says which). ``monotone=True`` searches the family's monotone part
+(``Family.monotone_part``; for the power mean rho = 1 and temperature = 1 frozen, gamma >= 0 and the base
+bid free: monotone by construction, docs/maths.md §3; the learned monotone family is monotone everywhere);
+a search asked for a monotone rule (``monotone=True``, or a constraint with budget 0) whose rule fails the
+certificate warns with :class:`CertificateWarning`, never claims it silently.
 
 Same inputs, same result: the optional minibatch of step ``k`` is drawn with
 ``fold_in(key(seed), k)``, so a search resumed from a checkpoint retraces the uninterrupted one.
@@ -38,12 +40,10 @@ from tqdm.auto import tqdm
 
 from jaxauction import _validation, preferences
 from jaxauction.design import checkpoint as checkpoint_lib
+from jaxauction.design.base import Bounds, check_bounds, describe, family_of, registered_families
 from jaxauction.design.data import AuctionBatch
-from jaxauction.design.families import Bounds, PowerMeanParams, trainable_mask
+from jaxauction.design.families import MONOTONE_TRAINABLE  # noqa: F401 (the power mean's monotone part, public here)
 from jaxauction.design.objectives import certify_rule
-
-MONOTONE_TRAINABLE = ("gamma", "base_bid")
-"""What ``monotone=True`` trains: rho = 1 and temperature = 1 stay frozen (docs/maths.md §3)."""
 
 
 class CertificateWarning(UserWarning):
@@ -86,7 +86,7 @@ class SearchResult:
     that step's update: ``step``, ``loss``, ``objective``, ``constraint`` (NaN without one),
     ``multiplier``, and ``param<path>`` for every scalar parameter (e.g. ``param.rho``).
 
-    ``certificate``: for :class:`~jaxauction.design.PowerMeanParams`, the strict certificate
+    ``certificate``: for the parameters of a registered family, the strict certificate
     (:func:`~jaxauction.design.certify_rule`) of ``params`` on ``certified_on``'s auctions: ``"held-out"``
     (the search's ``holdout``) or ``"fitted"`` (its ``data``, when no holdout was given: not a claim about
     other auctions); None for other parameters. ``monotone`` is True only if that certificate's share is 1.0.
@@ -244,7 +244,7 @@ def search(
       trainable: a pytree of bools like ``params``; ``False`` leaves stay fixed. ``None``: all train.
       bounds: ``(lower, upper)`` pytrees like ``params``, or a :class:`~jaxauction.design.Bounds`: the
         parameters are projected into the box (:meth:`Bounds.project`) after every update. ``None``: the
-        family's domain (:meth:`~jaxauction.design.Bounds.domain`) for PowerMeanParams, else no box.
+        family's domain (``Family.domain``), else no box. Checked to have the structure of ``params``.
       batch_size: minibatch drawn without replacement each step; ``None`` uses all of ``data``.
       seed: seeds the minibatches.
       checkpoint: ``.npz`` path; an existing one is resumed (its settings must match). Rewritten every
@@ -253,15 +253,15 @@ def search(
       tag: a JSON-able label stored in the checkpoint and compared on resume (e.g. a data fingerprint).
       callback: ``callback(step, record)`` after every step (``record``: that step's history entry); an
         exception it raises interrupts the search (after the checkpoint is written).
-      monotone: search the power-mean family's monotone part (:data:`MONOTONE_TRAINABLE`, or the subset
-        ``trainable`` names; rho = temperature = 1); the returned rule is still certified.
+      monotone: search the family's monotone part (``Family.monotone_part``; power mean: rho = temperature
+        = 1, :data:`MONOTONE_TRAINABLE` or the subset ``trainable`` names); the result is still certified.
       holdout: an :class:`~jaxauction.design.AuctionBatch` not fitted, on which the rule is certified.
 
-    Returns: a :class:`SearchResult`, with the certificate of its parameters for a power-mean search.
+    Returns: a :class:`SearchResult`, with the certificate of its parameters for a registered family.
 
     Warns:
-      CertificateWarning: a search asked for a monotone rule (``monotone=True``, or a budget of 0 on
-        PowerMeanParams) whose result fails the strict certificate (the message gives share, excess, fix).
+      CertificateWarning: a search asked for a monotone rule (``monotone=True``, or a budget of 0 on a
+        registered family's parameters) whose result fails the strict certificate (the message gives share, excess, fix).
 
     Raises:
       ValueError: invalid settings, parameters, monotone requests (or nothing to certify them on), data
@@ -270,7 +270,7 @@ def search(
     """
     _check_settings(steps, checkpoint_every, batch_size, optimizer, learning_rate, params, data)
     checkpoint_lib.check_path(checkpoint)  # before any step
-    bounds = _as_bounds(bounds)
+    bounds = _as_bounds(bounds, params)
     if monotone:
         params, trainable = _monotone_part(params, trainable, bounds)
     certify_on, certified_on = _certification_data(params, data, holdout)
@@ -318,29 +318,40 @@ def _check_settings(steps, checkpoint_every, batch_size, optimizer, learning_rat
             raise ValueError(f"batch_size must be in [1, {count}] (the leading size of data), got {batch_size}.")
 
 
-def _as_bounds(bounds) -> Bounds | None:
-    """``bounds`` as a :class:`Bounds` (from ``(lower, upper)`` or anything with ``.lower``/``.upper``)."""
-    if bounds is None or isinstance(bounds, Bounds):
-        return bounds
-    lower, upper = bounds if isinstance(bounds, tuple) else (bounds.lower, bounds.upper)
-    return Bounds(lower=lower, upper=upper)
+def _as_bounds(bounds, params) -> Bounds | None:
+    """``bounds`` as a :class:`Bounds` (from ``(lower, upper)`` or anything with ``.lower``/``.upper``), checked
+    to have the structure of ``params``."""
+    if bounds is None:
+        return None
+    if not isinstance(bounds, Bounds):
+        lower, upper = bounds if isinstance(bounds, tuple) else (bounds.lower, bounds.upper)
+        bounds = Bounds(lower=lower, upper=upper)
+    check_bounds(bounds, params)
+    return bounds
+
+
+def _registered(params) -> bool:
+    return any(type(params) is family.params_type for family in registered_families())
 
 
 def _default_bounds(bounds: Bounds | None, params) -> Bounds | None:
-    """``bounds``, else the family's domain for PowerMeanParams (the search never leaves it), else None."""
-    if bounds is None and isinstance(params, PowerMeanParams):
-        return Bounds.domain(jnp.result_type(*jax.tree.leaves(params)))
+    """``bounds``, else the family's domain (the search never leaves it), else None."""
+    if bounds is None and _registered(params):
+        domain = family_of(params, "search").domain
+        if domain is not None:
+            return domain(params)
     return bounds
 
 
 def _wants_monotone(params, constraint: Constraint | None, monotone: bool, certify_on) -> bool:
     """Whether the search was asked for a monotone rule; a ValueError if there is nothing to certify it on."""
-    # a budget of 0 on a power-mean search is read as a request for a monotone rule (issue 26)
-    wants = monotone or (isinstance(params, PowerMeanParams) and constraint is not None and constraint.budget == 0)
+    # a budget of 0 on a family's search is read as a request for a monotone rule (issue 26)
+    wants = monotone or (_registered(params) and constraint is not None and constraint.budget == 0)
     if wants and certify_on is None:
         raise ValueError(
             "search: asked for a monotone rule (monotone=True or a constraint budget of 0) but there is nothing to "
-            "certify it on: pass holdout=AuctionBatch (auctions drawn with another seed) and PowerMeanParams."
+            "certify it on: pass holdout=AuctionBatch (auctions drawn with another seed) and the parameters of a "
+            "registered family (e.g. design.PowerMeanParams)."
         )
     return wants
 
@@ -468,10 +479,11 @@ def _certify(params, certify_on, certified_on, wants_monotone: bool, monotone: b
         fix = (
             "The monotone part is monotone by construction (docs/maths.md §3): report this with the parameters."
             if monotone
-            else "Fix: search the family's monotone part with monotone=True (rho = 1, temperature = 1 frozen)."
+            else "Fix: search the family's monotone part with monotone=True (e.g. the power mean's rho = 1, "
+            "temperature = 1), or the learned monotone family (design.MonotoneWeightParams)."
         )
         warnings.warn(
-            f"search: asked for a monotone rule ({reason}) but the result {params.to_dict()} fails the strict "
+            f"search: asked for a monotone rule ({reason}) but the result {describe(params)} fails the strict "
             f"certificate on the {certified_on} auctions: share {certificate.share:.3f} of (auction, agent) pairs "
             f"pass, worst excess {certificate.worst:.2e} (tolerance {certificate.atol:.1e}). It is not monotone. {fix}",
             CertificateWarning,
@@ -481,26 +493,15 @@ def _certify(params, certify_on, certified_on, wants_monotone: bool, monotone: b
 
 
 def _monotone_part(params, trainable, bounds):
-    """``params`` with rho = temperature = 1 and the mask that trains only gamma and the base bid (checked)."""
-    if not isinstance(params, PowerMeanParams):
+    """The family's monotone part: its starting point and trainable mask (checked)."""
+    family = family_of(params, "search")
+    if family.monotone_part is None:
         raise ValueError(
-            f"search: monotone=True searches the power-mean family's monotone part; params must be "
-            f"jaxauction.design.PowerMeanParams, got {type(params).__name__}."
+            f"search: monotone=True searches a family's monotone part, but family {family.name!r} declares none "
+            "(Family.monotone_part). Fix: drop monotone=True (and constrain the violation), or give the family a "
+            "monotone_part."
         )
-    if trainable is None:
-        trainable = trainable_mask(MONOTONE_TRAINABLE)
-    frozen = [name for name in ("rho", "temperature") if bool(getattr(trainable, name))]
-    if frozen:
-        raise ValueError(
-            f"search: monotone=True keeps rho = 1 and temperature = 1 fixed, but trainable trains {frozen}. "
-            f"Fix: leave trainable=None (trains {MONOTONE_TRAINABLE}) or train only a subset of them."
-        )
-    if bounds is not None:
-        lower, upper = bounds.lower, bounds.upper
-        outside = [name for name in ("rho", "temperature") if not getattr(lower, name) <= 1 <= getattr(upper, name)]
-        if outside:
-            raise ValueError(f"search: monotone=True needs bounds that contain 1 for {outside}; widen them.")
-    return params.replace(rho=jnp.ones_like(params.rho), temperature=jnp.ones_like(params.temperature)), trainable
+    return family.monotone_part(params, trainable, bounds)
 
 
 def _certification_data(params, data, holdout) -> tuple[AuctionBatch | None, str | None]:
@@ -511,9 +512,8 @@ def _certification_data(params, data, holdout) -> tuple[AuctionBatch | None, str
                 f"search: holdout must be a jaxauction.design.AuctionBatch (held-out auctions), got "
                 f"{type(holdout).__name__}."
             )
-        if not isinstance(params, PowerMeanParams):
-            raise ValueError("search: holdout certifies a power-mean rule; params must be PowerMeanParams.")
+        family_of(params, "search")  # holdout certifies a family's member: a ValueError naming the fix otherwise
         return holdout, "held-out"
-    if isinstance(params, PowerMeanParams) and isinstance(data, AuctionBatch):
+    if _registered(params) and isinstance(data, AuctionBatch):
         return data, "fitted"
     return None, None
