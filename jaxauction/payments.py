@@ -795,6 +795,12 @@ class MonotoneWeightClosedForm:
         return jnp.where(positive, monotone_weight_log(x, self.gamma, self.steps, self.knots, self.width), -jnp.inf)
 
     def __call__(self, all_logits: jax.Array, all_bids: jax.Array, n: int) -> jax.Array:
+        if n >= all_bids.shape[-1]:  # static: refused while tracing, never run
+            raise ValueError(
+                f"learned monotone weights: the payments need the base distribution as the last row (g sees bids in "
+                f"units of the base bid); got {all_bids.shape[-1]} rows, all charged. Fix: pass base_logits= and "
+                f"base_bid= (second_price, TokenAuction) or base_prompt= and base_bid= (generate)."
+            )
         all_bids, others_bids, not_self = _others(all_logits, all_bids, n)
         eligible = not_self & aggregation._has_mass(all_logits)[..., None, :]
         scores = self.log_weights(all_bids)  # [..., m]

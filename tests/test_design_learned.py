@@ -204,3 +204,21 @@ def test_generate_with_a_learned_rule_charges_its_closed_form_per_token():
     assert fast.valid.all() and np.all(np.asarray(fast.token_payments) >= 0)
     np.testing.assert_array_equal(fast.tokens, slow.tokens)
     np.testing.assert_allclose(fast.token_payments, slow.token_payments, rtol=2e-3, atol=1e-7)
+
+
+def test_payments_without_a_base_row_are_refused_with_the_fix():
+    """Without the base row the last agent would be the unit, its weight path not the one the closed form
+    integrates: second_price and generate refuse it before running, naming the fix."""
+    from tiny_llm import PROMPTS, TinyTokenizer, tiny_llama
+
+    from jaxauction.engine import generate
+
+    rule = design.fixed_rule(design.MonotoneWeightParams.create(gamma=1.5, steps=STEPS["bumps"], base_bid=0.3))
+    logits, bids = random_auction(np.random.default_rng(6), 3, 7)
+    with pytest.raises(ValueError, match="base distribution as the last row.*base_logits= and base_bid="):
+        payments.second_price(rule, jnp.asarray(logits), jnp.asarray(bids))
+    tiny = tiny_llama(16, seed=3, sharpness=4.0), TinyTokenizer(16)
+    with pytest.raises(ValueError, match="base_prompt= and base_bid="):
+        generate(PROMPTS[:2], [[1.0, 2.0]], rule=rule, payment="second_price", max_new_tokens=2, model=tiny)
+    z = payments.second_price(rule, jnp.asarray(logits), jnp.asarray(bids), base_logits=jnp.zeros(7), base_bid=0.3)
+    assert np.all(np.isfinite(np.asarray(z))) and np.all(np.asarray(z) >= 0)

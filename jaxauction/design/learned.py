@@ -19,7 +19,7 @@ with ``base_bid`` in ``second_price``/``TokenAuction``/``generate``). The base i
 ``rule(logits, c * bids) == rule(logits, bids)`` when the base bid is scaled with the agents' (not when it
 stays fixed), and the payments' normalisation by the largest bid is exact. **A call without a base row
 takes the last agent's bid as the unit**, and that agent is then not treated monotonically: always pass
-the base. A zero last bid gives NaN (no unit).
+the base (the closed-form payment refuses a call without one with a ``ValueError``). A zero last bid gives NaN (no unit).
 
 Its robust second-price payment is the one-dimensional integral of docs/maths.md §5
 (:class:`jaxauction.payments.MonotoneWeightClosedForm`), which every member carries.
