@@ -34,7 +34,14 @@ formed without cancellation at any ratio; ``g(u) = e^u dx_i/du`` is one ``jax.jv
 direction ``e_i - w``, and ``z_i = B int_0^{log1p(b_i/B)} (1 - e^{-u}) g(u) du`` is a fixed-size
 composite Gauss-Legendre rule (:class:`Quadrature`). For the linear rule ``g = TV(p_i, q_-i)`` is
 constant, so the quadrature is exact to rounding for any bid ratio. A lone bidder (``B = 0``) and a
-zero bid pay 0. Measured accuracy (against the closed form, bid ratios 1e-12..1e12): see
+zero bid pay 0.
+
+Structured payments (docs/maths.md §5, issue 37). A rule that declares its family (``Rule.path``: the
+linear and log-linear rules) skips autodiff under ``method="auto"``: linear KL payments have a closed
+form (one log per token), and log-linear robust and KL slopes come from the exponential family
+``q_a ∝ exp(L_w + a d)`` (``Cov_q(1_T, d)``, ``(1 - a) Var_q(d)``: one exp per node and token, the same
+nodes as the generic path). Auctions outside that method (agents sharing no token, a clamped
+``log p_i``) are recomputed by the generic path; ``method="quadrature"`` always takes it. Measured accuracy (against the closed form, bid ratios 1e-12..1e12): see
 ``tests/test_payments.py``.
 """
 
@@ -711,7 +718,9 @@ def second_price(
 
     Cost: ``n * quadrature.size`` forward-mode evaluations of the rule per auction (plus ``n`` for
     the robust reference outcomes ``q(0, b_-i)``), in steps of about ``chunk_elements`` node x token
-    elements; the closed form costs about one evaluation. Eager calls run one compiled function per
+    elements; the closed forms (linear robust and KL) cost about one evaluation; the log-linear rule's
+    structured path one exponential per node, token and agent (steps sized for the backend unless
+    ``chunk_elements`` is given). Eager calls run one compiled function per
     shapes and static arguments (a second call with the same shapes does not recompile).
 
     Under ``jit`` nothing is validated: negative bids count as 0, and an auction with a NaN or
