@@ -16,9 +16,19 @@ JAX runs the whole batch under one jit on CPU, on the generic path (``method="qu
 library's default for the linear rule is its closed form, about one rule evaluation per auction). NumPy is timed on fewer auctions
 (--numpy-auctions); all rates are per auction.
 
+The ``--payments`` case (issue 37) times the payments program alone, as the decode loop runs it
+(``payments.charged_payments`` under ``jit``, float32, warm, best of ``--repeats``): for each (rule,
+payment), the structured path (``method="auto"``), the generic autodiff path it replaces
+(``method="quadrature"``) and the rule alone (``payment=None``), in one run, on the Hawaii sweep's bids
+(``--auctions`` auctions x 2 agents, own share 1..0) over the bundled model's real next-token logits
+(cached in ``outputs/payment_logits.npy``; built with one teacher-forced pass when absent) and over
+synthetic peaked logits. The floor is the node x token exponentials the structured path needs,
+timed as one fused exp-and-sum of that many elements.
+
 Usage:
   python experiments/bench_mechanism.py --json bench_mechanism.json          # the real configuration
   python experiments/bench_mechanism.py --quick                              # a small smoke run
+  python experiments/bench_mechanism.py --payments                           # issue 37: payments alone
 """
 
 from __future__ import annotations
@@ -35,6 +45,9 @@ import numpy as np
 from scipy import special
 
 from jaxauction import aggregation, payments
+from jaxauction import rules as rules_lib
+
+PAYMENT_LOGITS = "outputs/payment_logits.npy"
 
 
 def numpy_log_probs(logits: np.ndarray) -> np.ndarray:
@@ -149,6 +162,109 @@ def time_numpy(implementation, logits: np.ndarray, bids: np.ndarray, quadrature:
     return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs]), elapsed
 
 
+def real_logits(path: str = PAYMENT_LOGITS, steps: int = 12) -> np.ndarray:
+    """``[A, 3, V]`` float32 log-probabilities (2 advertisers and the bare query) of the bundled model along
+    greedy continuations of the Hawaii advertisers (design.data's prompts), cached in ``path``."""
+    if os.path.exists(path):
+        return np.load(path)
+    from jaxauction.design import data
+    from jaxauction.engine import scoring
+    from jaxauction.engine.request import validate_model
+
+    model = validate_model(None)
+    advertisers = data.DEFAULT_ADVERTISERS
+    groups = [[k, (k + 1) % len(advertisers)] for k in range(len(advertisers))]
+    system = f"You are a copywriter. {data.DEFAULT_QUERY}"
+    prompts = [data._chat_ids(model[1], system, text) for text in advertisers]
+    base = data._chat_ids(model[1], None, data.DEFAULT_QUERY)
+    continuations = data._shared_continuations(model, [[prompts[a] for a in g] for g in groups], steps - 1)
+    rows = [r + c for g, c in zip(groups, continuations) for r in [*(prompts[a] for a in g), base]]
+    log_p = scoring.next_token_log_probs(model, rows, steps).reshape(len(groups), 3, steps, -1)
+    log_p = log_p.transpose(2, 0, 1, 3).reshape(steps * len(groups), 3, -1).astype(np.float32)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.save(path, log_p)
+    return log_p
+
+
+def peaked_logits(auctions: int, vocab: int, seed: int = 0) -> np.ndarray:
+    """Synthetic ``[A, 2, V]`` logits: a shared heavy-tailed profile plus per-agent preferences."""
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal(vocab) * 4.0
+    return (shared + rng.standard_normal((auctions, 2, vocab)) * 2.0).astype(np.float32)
+
+
+def best_of(f, args, repeats: int) -> float:
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def exp_floor(elements: int, repeats: int) -> float:
+    """Seconds for ``elements`` exponentials summed in one fused pass (nodes minor, as the structured path)."""
+    nodes = 48
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((elements // nodes // 512, 512, 1)), jnp.float32)
+    a = jnp.linspace(0.01, 0.99, nodes, dtype=jnp.float32)
+    return best_of(jax.jit(lambda x: jnp.sum(jnp.exp(x * a), axis=1)), (x,), repeats)
+
+
+def payments_case(args) -> dict:
+    """Issue 37: the payments program alone, structured vs generic vs the rule alone, in one run."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    share = np.linspace(1.0, 0.0, args.auctions)
+    bids = jnp.asarray(np.stack([share, 1.0 - share], 1), jnp.float32)
+    inputs = {"real": real_logits()[: args.auctions, :2], "peaked": peaked_logits(args.auctions, args.vocab)}
+    print(
+        f"payments alone: {args.auctions} auctions x 2 agents, jit, warm, best of {args.repeats}; {cpu}, "
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+    )
+    results = []
+    for name, logits in inputs.items():
+        logits = jnp.asarray(logits)
+        for rule, allocation in (("linear", "kl"), ("log_linear", "robust"), ("log_linear", "kl")):
+            resolved = rules_lib.linear if rule == "linear" else rules_lib.log_linear
+            program = lambda method: jax.jit(
+                lambda l, b: payments.charged_payments(
+                    resolved, l, b, num_charged=2, allocation=allocation, method=method
+                )
+            )
+            rule_s = best_of(jax.jit(resolved), (logits, bids), args.repeats)
+            fast_s = best_of(program("auto"), (logits, bids), args.repeats)
+            generic_s = best_of(program("quadrature"), (logits, bids), max(1, args.repeats // 2))
+            fast, generic = program("auto")(logits, bids), program("quadrature")(logits, bids)
+            diff = float(jnp.max(jnp.abs(fast - generic) / jnp.maximum(jnp.abs(generic), 1e-30)))
+            row = dict(
+                logits=name,
+                rule=rule,
+                payment=allocation,
+                rule_ms=rule_s * 1e3,
+                structured_ms=fast_s * 1e3,
+                generic_ms=generic_s * 1e3,
+                speedup=generic_s / fast_s,
+                max_rel_diff=diff,
+            )
+            if rule == "log_linear":  # 48 nodes (the tail panels have zero weight at these ratios)
+                row["floor_ms"] = exp_floor(2 * args.auctions * 48 * logits.shape[-1], args.repeats) * 1e3
+            results.append(row)
+            floor = (
+                f", floor {row['floor_ms']:.1f} ms ({fast_s * 1e3 / row['floor_ms']:.1f}x)" if "floor_ms" in row else ""
+            )
+            print(
+                f"  {name:6} {rule:10} {allocation:6}: rule alone {rule_s * 1e3:6.1f} ms, structured "
+                f"{fast_s * 1e3:6.1f} ms, generic {generic_s * 1e3:7.1f} ms ({generic_s / fast_s:4.1f}x faster)"
+                f"{floor}; max rel diff {diff:.1e}"
+            )
+    print(f"load average at the end {os.getloadavg()}")
+    return dict(cases=results, cpu=cpu, load_average_at_end=os.getloadavg(), jax=jax.__version__)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
@@ -158,7 +274,15 @@ def main(argv=None):
     parser.add_argument("--numpy-auctions", type=int, default=8, help="auctions timed for NumPy")
     parser.add_argument("--repeats", type=int, default=3, help="JAX timed runs (best is reported)")
     parser.add_argument("--quick", action="store_true", help="small sizes: vocab 4096, batch 32, 4 NumPy auctions")
+    parser.add_argument("--payments", action="store_true", help="issue 37: the payments program alone")
+    parser.add_argument("--auctions", type=int, default=11, help="--payments: auctions (the Hawaii sweep's 11)")
     args = parser.parse_args(argv)
+    if args.payments:
+        result = payments_case(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return result
     if args.quick:
         args.vocab, args.batch, args.numpy_auctions = 4096, 32, 4
     quadrature = payments.Quadrature()

@@ -51,6 +51,11 @@ class Rule:
       valuation: the valuation whose bid-weighted welfare the rule maximises (docs/maths.md §7); the KL
         (Myerson) payments need it.
       monotone: True only if the rule is monotone by construction (docs/maths.md §4).
+      path: the family an agent's own bid moves ``q`` along, when the rule is one of the built-in
+        aggregates of the agents' distributions with weights ``lambda = b / sum b``: ``"linear"`` (``q``
+        on the segment ``a p_i + (1 - a) r``) or ``"log_linear"`` (``q ∝ p_i^a r^(1 - a)``), ``a`` the
+        own weight (docs/maths.md §5, "Structured payments"). The payments then skip autodiff
+        (:func:`jaxauction.payments.second_price`); None (any other rule): the generic path.
     """
 
     name: str
@@ -59,6 +64,7 @@ class Rule:
     closed_form_payment: ClosedFormPayment | None = None
     valuation: Valuation | None = None
     monotone: bool = False
+    path: str | None = None
 
     def __call__(self, logits: jax.Array, bids: jax.Array) -> jax.Array:
         return self.log_aggregate(logits, bids)

@@ -34,7 +34,14 @@ formed without cancellation at any ratio; ``g(u) = e^u dx_i/du`` is one ``jax.jv
 direction ``e_i - w``, and ``z_i = B int_0^{log1p(b_i/B)} (1 - e^{-u}) g(u) du`` is a fixed-size
 composite Gauss-Legendre rule (:class:`Quadrature`). For the linear rule ``g = TV(p_i, q_-i)`` is
 constant, so the quadrature is exact to rounding for any bid ratio. A lone bidder (``B = 0``) and a
-zero bid pay 0. Measured accuracy (against the closed form, bid ratios 1e-12..1e12): see
+zero bid pay 0.
+
+Structured payments (docs/maths.md §5, issue 37). A rule that declares its family (``Rule.path``: the
+linear and log-linear rules) skips autodiff under ``method="auto"``: linear KL payments have a closed
+form (one log per token), and log-linear robust and KL slopes come from the exponential family
+``q_a ∝ exp(L_w + a d)`` (``Cov_q(1_T, d)``, ``(1 - a) Var_q(d)``: one exp per node and token, the same
+nodes as the generic path). Auctions outside that method (agents sharing no token, a clamped
+``log p_i``) are recomputed by the generic path; ``method="quadrature"`` always takes it. Measured accuracy (against the closed form, bid ratios 1e-12..1e12): see
 ``tests/test_payments.py``.
 """
 
@@ -353,6 +360,240 @@ def _quadrature_payments(
     return out.reshape(lead + (n_charged,))
 
 
+# ---- Structured payments (docs/maths.md §5, "Structured payments"): the built-in rules' one-parameter paths ----
+
+PATH_KINDS = ("linear", "log_linear")
+"""The values of :attr:`jaxauction.base.Rule.path` that :func:`second_price` knows."""
+
+# Elements (auction rows x tokens x nodes) of one vectorised step of the structured path, by backend: on
+# CPU about 2^20 measured fastest (the node-by-token block stays in the caches); an accelerator takes
+# the whole vocabulary in one step.
+_PATH_CHUNK_ELEMENTS = {"cpu": 1 << 20}
+_PATH_CHUNK_ELEMENTS_ACCELERATOR = 1 << 26
+_OFF_SUPPORT = 1e4  # exponents of tokens off the path's support, below the largest one
+
+
+def _path_kind(rule: base.Rule, valuation: Valuation | None) -> str | None:
+    """``"log_linear_robust"``, ``"log_linear_kl"``, ``"linear_kl"`` or None (the generic path)."""
+    if rule.path == "log_linear" and valuation is None:
+        return "log_linear_robust"
+    if rule.path == "log_linear" and valuation is reverse_kl_value:
+        return "log_linear_kl"
+    if rule.path == "linear" and valuation is forward_kl_value:
+        return "linear_kl"
+    return None
+
+
+def _path_chunk_elements(chunk_elements: int) -> int:
+    """The structured path's step size: the backend's (``jax.default_backend()``) unless the caller chose one."""
+    if chunk_elements != DEFAULT_CHUNK_ELEMENTS:
+        return chunk_elements
+    return _PATH_CHUNK_ELEMENTS.get(jax.default_backend(), _PATH_CHUNK_ELEMENTS_ACCELERATOR)
+
+
+def _competition(bids: jax.Array, n: int):
+    """For bids ``[..., m]`` (effective): the others' total ``B [..., n]``, their shares ``w [..., n, m]`` (0 at
+    ``j = i``), whether agent ``i`` pays (``b_i > 0``, ``B > 0``) and its ratio ``b_i / B`` (0 if not)."""
+    not_self = ~jnp.eye(bids.shape[-1], dtype=bool)[:n]
+    others_bids = jnp.where(not_self, bids[..., None, :], 0.0)
+    others = jnp.sum(others_bids, axis=-1)
+    own = bids[..., :n]
+    pays = (others > 0) & (own > 0)
+    safe_others = jnp.where(pays, others, 1.0)
+    ratio = jnp.where(pays, own, 0.0) / safe_others
+    return others, others_bids / safe_others[..., None], pays, ratio
+
+
+def _x_minus_log1p(x: jax.Array) -> jax.Array:
+    """``phi(x) = x - log(1 + x) >= 0`` for ``x > -1``: the series ``sum_{k >= 2} (-x)^k / k`` (Horner, 30
+    terms) for ``|x| < 1/2``, where the difference cancels; the difference itself beyond (``phi >= 0.19 |x|``)."""
+    small = jnp.abs(x) < 0.5
+    xs = jnp.where(small, x, 0.0)
+    series = jnp.full_like(xs, 1.0 / 31.0)
+    for k in range(30, 1, -1):
+        series = series * -xs + 1.0 / k
+    return jnp.where(small, xs * xs * series, x - jnp.log1p(jnp.where(small, 0.0, x)))
+
+
+def _linear_kl_payments(logits: jax.Array, bids: jax.Array, n: int) -> jax.Array:
+    """KL (Myerson) payments of the linear rule in closed form (docs/maths.md §7): ``[..., m, V] -> [..., n]``.
+
+    With ``r = sum_{j != i} w_j p_j``, ``A = b_i / (b_i + B)`` and ``rho = r({t : p_i(t) = 0})``,
+    ``z_i = B [sum_{t: p_i > 0} r_t phi(A (p_i - r)_t / r_t) + rho (log(1 + b_i/B) - b_i/(b_i + B))]``,
+    ``phi(x) = x - log(1 + x)`` (a token with ``r_t = 0`` gives ``A p_i(t)``). Every term is ``>= 0``.
+    ``bids``: effective and normalised (largest 1). One log per token and agent; no quadrature.
+    """
+    others, shares, pays, ratio = _competition(bids, n)
+    p = jnp.exp(aggregation.agent_log_probs(logits))
+    r = aggregation.weighted_sum(shares, p[..., None, :, :])  # [..., n, V]
+    p_i = p[..., :n, :]
+    own_weight = (ratio / (1.0 + ratio))[..., None]
+    others_weight = (1.0 / (1.0 + ratio))[..., None]  # 1 - A, not rounded away at large ratios
+    mixed = r > 0
+    safe_r = jnp.where(mixed, r, 1.0)
+    x = own_weight * (p_i - r) / safe_r
+    small = jnp.abs(x) < 0.5
+    # r phi(x), without forming r x where x is large: (p_i - r) A - r log(q_A / r), q_A = (1 - A) r + A p_i
+    q_bid = others_weight * r + own_weight * p_i
+    log_ratio = jnp.log(jnp.where(small, 1.0, q_bid)) - jnp.log(safe_r)
+    large = (p_i - r) * own_weight - r * jnp.where(small, 0.0, log_ratio)
+    term = jnp.where(mixed, jnp.where(small, r * _x_minus_log1p(jnp.where(small, x, 0.0)), large), p_i * own_weight)
+    tokens = jnp.sum(jnp.where(p_i > 0, term, 0.0), axis=-1)
+    rho = jnp.sum(jnp.where(p_i > 0, 0.0, r), axis=-1)
+    return jnp.where(pays, others * (tokens + rho * _log1p_minus_ratio(ratio)), 0.0)
+
+
+def _log_linear_tokens(log_p: jax.Array, bids: jax.Array, n: int, kl: bool):
+    """One auction's per-agent data for the log-linear path (docs/maths.md §5, "Structured payments").
+
+    ``log_p: [m, V]``, effective normalised ``bids: [m]``. Along agent ``i``'s path ``q_a ∝ exp(L_w + a d)``
+    on the tokens no positively weighted agent masks (the support), ``L_w = sum_j w_j log p_j``,
+    ``d = log p_i - L_w``. Returns ``(tokens, statistics, nodes_data, scalars)``: ``lw, lpi, support [n, V]``;
+    the per-token statistics ``[n, V, J]`` whose node sums the slope needs (shifted by ``c = -log Z_0``,
+    so that ``T_i+ = {d > c}``: robust ``1_T, 1_N, 1_T (d - c), 1_N (c - d)``, KL ``1, d - c``); the
+    stabiliser's maxima ``[n]`` x2; ``others, pays, ratio [n]``; ``shifted d - c [n, V]``; ``bad [n]``: the
+    agent pays but the path is outside this method (no common token; KL: a clamped ``log p_i``).
+    """
+    others, shares, pays, ratio = _competition(bids, n)
+    masked = log_p == -jnp.inf
+    lw_all = aggregation.weighted_sum(shares, jnp.where(masked, 0.0, log_p))  # [n, V]
+    masked_w = aggregation.weighted_sum(shares, masked.astype(log_p.dtype)) > 0  # masked by a weighted other
+    support = ~masked_w & ~masked[:n]
+    top_w = jnp.max(jnp.where(support, lw_all, -jnp.inf), axis=-1, keepdims=True)
+    top_i = jnp.max(jnp.where(support, log_p[:n], -jnp.inf), axis=-1, keepdims=True)
+    bad = ~jnp.any(support, axis=-1)
+    top_w, top_i = (jax.lax.stop_gradient(jnp.where(bad[:, None], 0.0, t)) for t in (top_w, top_i))
+    # off the support both exponents sit _OFF_SUPPORT below their maxima: exp(-1e4) = 0, no mask per node
+    lw = jnp.where(support, lw_all, top_w - _OFF_SUPPORT)
+    lpi = jnp.where(support, log_p[:n], top_i - _OFF_SUPPORT)
+    log_z0 = jax.nn.logsumexp(jnp.where(masked_w, -jnp.inf, lw_all), axis=-1)  # q(0) = exp(L_w - log Z_0)
+    shift = jnp.where(jnp.isfinite(log_z0), -log_z0, 0.0)[:, None]
+    delta = jnp.where(support, lpi - lw - shift, 0.0)  # d - c
+    above = support & (delta > 0)  # T_i+ = {p_i > q(0)} on the support
+    below = support & ~above
+    zero = jnp.zeros_like(delta)
+    if kl:
+        stats = [support.astype(delta.dtype), delta]
+    else:
+        stats = [above.astype(delta.dtype), below.astype(delta.dtype), jnp.where(above, delta, zero)]
+        stats.append(jnp.where(below, -delta, zero))
+    if kl:  # reverse_kl_value clamps log p_i at log(tiny): those tokens take the generic path
+        floor = math.log(float(jnp.finfo(log_p.dtype).tiny))
+        bad |= jnp.any(support & (log_p[:n] < floor), axis=-1)
+    return (lw, lpi), jnp.stack(stats, axis=-1), (top_w[:, 0], top_i[:, 0]), (others, pays, ratio), delta, pays & bad
+
+
+def _exp_block(lw, lpi, a, e, top):
+    """``exp(e L_w + a log p_i - top)``: ``[n, c]`` x2, ``[n, K]`` x3 -> ``[n, c, K]`` (0 off the support)."""
+    return jnp.exp(e[:, None, :] * lw[..., None] + a[:, None, :] * lpi[..., None] - top[:, None, :])
+
+
+def _in_chunks(arrays, pad_values, chunk: int):
+    """``[n, V, ...]`` arrays -> ``[ceil(V / chunk), n, chunk, ...]``, padded with ``pad_values`` (each ``[n]``)."""
+    vocab = arrays[0].shape[1]
+    pad = -vocab % chunk
+    out = []
+    for x, value in zip(arrays, pad_values):
+        if pad:
+            filler = jnp.broadcast_to(value.reshape((-1,) + (1,) * (x.ndim - 1)), x.shape[:1] + (pad,) + x.shape[2:])
+            x = jnp.concatenate([x, filler.astype(x.dtype)], axis=1)
+        out.append(jnp.moveaxis(x.reshape((x.shape[0], -1, chunk) + x.shape[2:]), 1, 0))
+    return out
+
+
+def _variance_merge(total, block, delta):
+    """Adds one chunk to the running ``(Z, mean, M2)`` of ``d - c`` under ``q`` per node (Chan et al.'s update:
+    every term ``>= 0``, no ``E[d^2] - E[d]^2`` cancellation). ``block: [n, c, K]``, ``delta: [n, c]``."""
+    z_sum, mean, m2 = total
+    z_chunk = jnp.sum(block, axis=1)
+    safe = lambda x: jnp.where(x > 0, x, 1.0)
+    mean_chunk = jnp.einsum("nvk,nv->nk", block, delta) / safe(z_chunk)
+    m2_chunk = jnp.sum(block * (delta[..., None] - mean_chunk[:, None, :]) ** 2, axis=1)
+    merged = z_sum + z_chunk
+    gap = mean_chunk - mean
+    mean = mean + gap * z_chunk / safe(merged)
+    return merged, mean, m2 + m2_chunk + gap**2 * z_sum * z_chunk / safe(merged)
+
+
+def _log_linear_auction(kl, quadrature, chunk, nodes, log_p, bids, n):
+    """Payments ``[n]`` and the fallback flags ``[n]`` of one auction (``log_p: [m, V]``, normalised ``bids: [m]``).
+
+    The slope at node ``a`` (own weight ``a = 1 - e^{-u}``): robust ``Cov_q(1_T, d) = (S_N A + S_T B_N) / Z^2``
+    (every term ``>= 0``); KL ``(1 - a) Var_q(d)``, merged over the vocabulary's chunks. Only the first
+    ``nodes`` quadrature nodes are evaluated (the rest have zero weight when no ratio reaches the tail).
+    """
+    tokens, stats, (top_w, top_i), (others, pays, ratio), delta, bad = _log_linear_tokens(log_p, bids, n, kl)
+    u, w = (x[:, :nodes] for x in quadrature.nodes(jnp.log1p(ratio)))  # [n, K]
+    a, e = -jnp.expm1(-u), jnp.exp(-u)
+    top = jax.lax.stop_gradient(e * top_w[:, None] + a * top_i[:, None])  # >= every exponent: no overflow
+    zeros = jnp.zeros_like(top_w)
+    pads = (top_w - _OFF_SUPPORT, top_i - _OFF_SUPPORT, zeros, zeros)
+    chunked = _in_chunks([*tokens, stats, delta], pads, chunk)
+    if kl:
+
+        def step(total, xs):
+            lw, lpi, _, dc = xs
+            return _variance_merge(total, _exp_block(lw, lpi, a, e, top), dc), None
+
+        z_sum, _, m2 = jax.lax.scan(step, (jnp.zeros_like(a),) * 3, chunked)[0]
+        slope = e * m2 / jnp.where(z_sum > 0, z_sum, 1.0)
+    else:
+
+        def step(total, xs):
+            lw, lpi, s, _ = xs
+            return total + jnp.einsum("nvk,nvj->njk", _exp_block(lw, lpi, a, e, top), s), None
+
+        sums = jax.lax.scan(step, jnp.zeros((n, stats.shape[-1]) + a.shape[1:], a.dtype), chunked)[0]
+        s_t, s_n, up, down = (sums[:, j] for j in range(4))
+        z_sum = s_t + s_n
+        slope = (s_n * up + s_t * down) / jnp.where(z_sum > 0, z_sum, 1.0) ** 2
+    vocab = log_p.shape[-1]
+    underflow = jnp.any((w > 0) & (z_sum < vocab * 1e8 * float(jnp.finfo(log_p.dtype).tiny)), axis=-1)
+    z = jnp.where(pays, others * jnp.sum(w * a * jnp.where(pays[:, None], slope, 0.0), axis=-1), 0.0)
+    return z, bad | (pays & underflow)
+
+
+def _structured_payments(kind, rule, logits, bids, n, quadrature, chunk_elements):
+    """Payments ``[..., n]`` on a rule's one-parameter path; auctions the path cannot certify take the generic one.
+
+    ``logits: [..., m, V]``, effective normalised ``bids: [..., m]``. Returns ``(z, fallback [...])``:
+    ``fallback`` marks the auctions recomputed by :func:`_quadrature_payments` (``lax.cond`` on whether any
+    auction needs it; under an outer ``vmap`` both branches run).
+    """
+    if kind == "linear_kl":
+        z = _linear_kl_payments(logits, bids, n)
+        return z, jnp.zeros(z.shape[:-1], bool)
+    m, vocab = logits.shape[-2:]
+    lead = jnp.broadcast_shapes(logits.shape[:-2], bids.shape[:-1])
+    flat_logits = jnp.broadcast_to(logits, lead + (m, vocab)).reshape(-1, m, vocab)
+    flat_bids = jnp.broadcast_to(bids, lead + (m,)).reshape(-1, m)
+    elements = _path_chunk_elements(chunk_elements)
+    per_auction = n * quadrature.size
+    auctions = max(1, min(flat_bids.shape[0], elements // (per_auction * 256)))
+    chunk = max(128, min(vocab, elements // (auctions * per_auction)))
+    kl = kind == "log_linear_kl"
+
+    def run(nodes):
+        one = lambda lb: _log_linear_auction(kl, quadrature, chunk, nodes, aggregation.agent_log_probs(lb[0]), lb[1], n)
+        return _chunked_map(one, (flat_logits, flat_bids), auctions)
+
+    # The tail panels have zero weight unless an own bid exceeds body_ratio times the others' total: skip them.
+    body = quadrature.order * (quadrature.zero_panels + quadrature.body_panels)
+    tail = jnp.any(
+        flat_bids[:, :n] > quadrature.body_ratio * (jnp.sum(flat_bids, -1, keepdims=True) - flat_bids[:, :n])
+    )
+    z, bad = jax.lax.cond(tail, lambda: run(quadrature.size), lambda: run(body))
+    fallback = jnp.any(bad, axis=-1)
+    valuation = None if kind == "log_linear_robust" else reverse_kl_value
+
+    def generic():
+        exact = _quadrature_payments(rule, valuation, flat_logits, flat_bids, n, quadrature, chunk_elements)
+        return jnp.where(fallback[:, None], exact, z)
+
+    z = jax.lax.cond(jnp.any(fallback), generic, lambda: z)
+    return z.reshape(lead + (n,)), fallback.reshape(lead)
+
+
 def _core(
     rule: base.Rule,
     logits: jax.Array,
@@ -372,8 +613,11 @@ def _core(
     scale = jax.lax.stop_gradient(jnp.max(bids, axis=-1, keepdims=True))
     scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
     normalised = bids / scale
+    kind = _path_kind(rule, valuation) if method == "auto" else None
     if valuation is None and method == "auto" and rule.closed_form_payment is not None:
         z = rule.closed_form_payment(logits, normalised, num_charged)
+    elif kind is not None:
+        z = _structured_payments(kind, rule, logits, normalised, num_charged, quadrature, chunk_elements)[0]
     else:
         z = _quadrature_payments(rule, valuation, logits, normalised, num_charged, quadrature, chunk_elements)
     z = z * scale
@@ -479,7 +723,9 @@ def second_price(
 
     Cost: ``n * quadrature.size`` forward-mode evaluations of the rule per auction (plus ``n`` for
     the robust reference outcomes ``q(0, b_-i)``), in steps of about ``chunk_elements`` node x token
-    elements; the closed form costs about one evaluation. Eager calls run one compiled function per
+    elements; the closed forms (linear robust and KL) cost about one evaluation; the log-linear rule's
+    structured path one exponential per node, token and agent (steps sized for the backend unless
+    ``chunk_elements`` is given). Eager calls run one compiled function per
     shapes and static arguments (a second call with the same shapes does not recompile).
 
     Under ``jit`` nothing is validated: negative bids count as 0, and an auction with a NaN or

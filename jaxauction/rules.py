@@ -19,6 +19,7 @@ linear = register(
         closed_form_payment=payments._linear_closed_form,
         valuation=payments.forward_kl_value,
         monotone=True,
+        path="linear",
     )
 )
 """Linear aggregation ``q = sum_i lambda_i p_i`` (:func:`jaxauction.aggregation.linear`); monotone."""
@@ -29,6 +30,7 @@ log_linear = register(
         log_aggregate=aggregation.log_linear,
         valuation=payments.reverse_kl_value,
         monotone=False,
+        path="log_linear",
     )
 )
 """Log-linear aggregation ``q ∝ exp(sum_i lambda_i log p_i)`` (:func:`jaxauction.aggregation.log_linear`)."""
