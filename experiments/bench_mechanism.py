@@ -213,17 +213,13 @@ def exp_floor(elements: int, repeats: int) -> float:
 
 def payments_case(args) -> dict:
     """Issue 37: the payments program alone, structured vs generic vs the rule alone, in one run."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = hostinfo.cpu_text()
     share = np.linspace(1.0, 0.0, args.auctions)
     bids = jnp.asarray(np.stack([share, 1.0 - share], 1), jnp.float32)
     inputs = {"real": real_logits()[: args.auctions, :2], "peaked": peaked_logits(args.auctions, args.vocab)}
     print(
         f"payments alone: {args.auctions} auctions x 2 agents, jit, warm, best of {args.repeats}; {cpu}, "
-        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+        f"load {os.getloadavg()[0]:.1f}"
     )
     results = []
     for name, logits in inputs.items():
