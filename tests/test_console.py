@@ -30,7 +30,7 @@ READY = "import sys; import jaxauction.console as c; print('ready', flush=True);
 
 def long_batch(tmp_path: Path) -> list[str]:
     source = tmp_path / "auctions.jsonl"
-    lines = [{"prompts": [f"Tell me about place {i}.", "Where?"], "bids": [1.0, 2.0]} for i in range(400)]
+    lines = [{"prompts": [f"Tell me about place {i}.", "Where?"], "bids": [1.0, 2.0]} for i in range(2000)]
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "out.jsonl"
     out.write_text("earlier results\n")
