@@ -459,24 +459,19 @@ def plot(references, curve, searches, scale, path: Path) -> None:
                 xytext=(4, -10),
                 textcoords="offset points",
             )
-        monotone = [s for s in searches if s["objective"] == objective and s["kind"] == "monotone"]
-        learned = [s for s in searches if s["objective"] == objective and s["kind"] == "learned"]
-        axis.plot(
-            [s["relative_violation"] for s in learned],
-            [s[metric] for s in learned],
-            "*",
-            color="C5",
-            markersize=11,
-            label=f"max {objective}, learned g",
-        )
-        axis.plot(
-            [s["relative_violation"] for s in monotone],
-            [s[metric] for s in monotone],
-            "D",
-            color="C4",
-            markersize=8,
-            label=f"max {objective}, monotone=True",
-        )
+        for kind, marker, color, size, label in (
+            ("learned", "*", "C5", 11, "learned g"),
+            ("monotone", "D", "C4", 8, "monotone=True"),
+        ):
+            chosen = [s for s in searches if s["objective"] == objective and s["kind"] == kind]
+            axis.plot(
+                [s["relative_violation"] for s in chosen],
+                [s[metric] for s in chosen],
+                marker,
+                color=color,
+                markersize=size,
+                label=f"max {objective}, {label}",
+            )
         others = [s for s in searches if s["objective"] != objective]
         axis.plot(
             [s["relative_violation"] for s in others],

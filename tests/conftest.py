@@ -1,6 +1,8 @@
 """Shared test fixtures."""
 
+import dataclasses
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -65,3 +67,14 @@ def pytest_configure(config):
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) >= workers:
         os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """The tiny Llama fixture exported as a Hugging Face folder with a context long enough for the
+    benchmarks' chat prompts (the experiments/ scripts' smoke tests run on it)."""
+    import jaxauction.models as jm
+
+    model, tokenizer = jm.load(Path(__file__).parent / "fixtures" / "tiny_llama3")
+    model.config = dataclasses.replace(model.config, max_position_embeddings=1024)
+    return jm.export_hf(model, tokenizer, tmp_path_factory.mktemp("tiny") / "model")

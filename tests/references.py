@@ -183,6 +183,17 @@ def ref_power_weights(bids, gamma):
     return np.exp(scores - special.logsumexp(scores))
 
 
+def _quad_between(integrand, points) -> float:
+    """SciPy's adaptive quadrature of ``integrand`` over consecutive sorted ``points`` (float64, rtol 1e-13)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", integrate.IntegrationWarning)
+        return sum(
+            integrate.quad(integrand, lo, hi, epsabs=0.0, epsrel=1e-13, limit=400)[0]
+            for lo, hi in zip(points[:-1], points[1:])
+            if hi > lo
+        )
+
+
 def ref_power_weight_payment(logits, bids, gamma, n=None):
     """Robust second-price payments ``[n]`` of ``q = sum_j lambda_j p_j``, ``lambda_j ∝ b_j**gamma`` (one auction).
 
@@ -211,13 +222,7 @@ def ref_power_weight_payment(logits, bids, gamma, n=None):
         points = {0.0, -60.0, -30.0, -10.0, -3.0, -1.0}
         points |= {min(centre + d / gamma, 0.0) for d in (-60, -40, -10, -3, -1, 0, 1, 3, 10)}
         points = sorted(points)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", integrate.IntegrationWarning)
-            total = sum(
-                integrate.quad(integrand, lo, hi, epsabs=0.0, epsrel=1e-13, limit=400)[0]
-                for lo, hi in zip(points[:-1], points[1:])
-                if hi > lo
-            )
+        total = _quad_between(integrand, points)
         out[i] = bids[i] * tv * total
     return out
 
@@ -266,12 +271,6 @@ def ref_monotone_weight_payment(logits, bids, gamma, steps, knots, width, n=None
         points = {own, own - 80.0, *(c for c in knots)}
         points |= {centre + d for d in (-60, -30, -10, -3, -1, -0.3, 0, 0.3, 1, 3, 10)}
         points = sorted(min(max(p_, own - 80.0), own) for p_ in points)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", integrate.IntegrationWarning)
-            total = sum(
-                integrate.quad(integrand, lo, hi, epsabs=0.0, epsrel=1e-13, limit=400)[0]
-                for lo, hi in zip(points[:-1], points[1:])
-                if hi > lo
-            )
+        total = _quad_between(integrand, points)
         out[i] = bids[i] * tv * total
     return out

@@ -3,7 +3,6 @@ the chat prompts), 2 sweep points, 2 mixed queries, 2 tokens, run as a script (a
 not an API): every (rule, payment) pair of both workloads gets its seconds, its ratio to ``payment=None`` and
 to the floors, the floors follow from the counts of the workload, and the profile and the host are there."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -12,17 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import jaxauction.models as jm
-
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO / "tests" / "fixtures" / "tiny_llama3"
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    model, tokenizer = jm.load(FIXTURE)
-    model.config = dataclasses.replace(model.config, max_position_embeddings=1024)
-    return jm.export_hf(model, tokenizer, tmp_path_factory.mktemp("tiny") / "model")
 
 
 def test_quick_run_writes_every_pair_floor_and_profile(tiny_folder, tmp_path):

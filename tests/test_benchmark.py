@@ -6,7 +6,6 @@ prompt-form call's auctions (test_engine_request.py), a heterogeneous batch unde
 per-query calls (test_generation.py), the single winner's ads as one-agent auctions (test_compare.py).
 """
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -17,18 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import jaxauction.models as jm
-
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO / "tests" / "fixtures" / "tiny_llama3"
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """The tiny fixture model with a context long enough for the benchmark's chat prompts."""
-    model, tokenizer = jm.load(FIXTURE)
-    model.config = dataclasses.replace(model.config, max_position_embeddings=1024)
-    return jm.export_hf(model, tokenizer, tmp_path_factory.mktemp("tiny") / "model")
 
 
 def test_query_file_has_enough_queries_and_advertisers():
