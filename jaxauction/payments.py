@@ -280,6 +280,19 @@ class _Chunks:
         return cls(auctions, agents, nodes)
 
 
+def _competition(bids: jax.Array, n: int):
+    """For bids ``[..., m]`` (effective): the others' total ``B [..., n]``, their shares ``w [..., n, m]`` (0 at
+    ``j = i``), whether agent ``i`` pays (``b_i > 0``, ``B > 0``) and its ratio ``b_i / B`` (0 if not)."""
+    not_self = ~jnp.eye(bids.shape[-1], dtype=bool)[:n]
+    others_bids = jnp.where(not_self, bids[..., None, :], 0.0)
+    others = jnp.sum(others_bids, axis=-1)
+    own = bids[..., :n]
+    pays = (others > 0) & (own > 0)
+    safe_others = jnp.where(pays, others, 1.0)
+    ratio = jnp.where(pays, own, 0.0) / safe_others
+    return others, others_bids / safe_others[..., None], pays, ratio
+
+
 def _auction_payments(
     rule: base.Rule,
     valuation: Valuation | None,
@@ -297,18 +310,9 @@ def _auction_payments(
     ``e_i - w`` gives ``g(u) = e^u dx_i/du`` without cancellation at any ratio, and
     ``z_i = B int_0^U (1 - e^{-u}) g(u) du`` with ``U = log(1 + b_i/B)``.
     """
-    m = bids.shape[-1]
-    agents = jnp.arange(m)
-    charged = agents[:n_charged]
     log_p = aggregation.agent_log_probs(logits)
-    is_self = agents[None, :] == charged[:, None]  # [n, m]
-    others_bids = jnp.where(is_self, 0.0, bids[None, :])
-    others = jnp.sum(others_bids, axis=-1)
-    own = bids[:n_charged]
-    pays = (others > 0) & (own > 0)
-    safe_others = jnp.where(pays, others, 1.0)
-    ratio = jnp.where(pays, own, 0.0) / safe_others
-    shares = others_bids / safe_others[:, None]  # w: [n, m], 0 at i
+    is_self = jnp.eye(bids.shape[-1], dtype=bool)[:n_charged]  # [n, m]
+    others, shares, pays, ratio = _competition(bids, n_charged)  # shares w: [n, m], 0 at i
     directions = jnp.where(is_self, 1.0, -shares)  # e_i - w
     u, w = quadrature.nodes(jnp.log1p(ratio))  # [n, K]
 
@@ -389,19 +393,6 @@ def _path_chunk_elements(chunk_elements: int) -> int:
     if chunk_elements != DEFAULT_CHUNK_ELEMENTS:
         return chunk_elements
     return _PATH_CHUNK_ELEMENTS.get(jax.default_backend(), _PATH_CHUNK_ELEMENTS_ACCELERATOR)
-
-
-def _competition(bids: jax.Array, n: int):
-    """For bids ``[..., m]`` (effective): the others' total ``B [..., n]``, their shares ``w [..., n, m]`` (0 at
-    ``j = i``), whether agent ``i`` pays (``b_i > 0``, ``B > 0``) and its ratio ``b_i / B`` (0 if not)."""
-    not_self = ~jnp.eye(bids.shape[-1], dtype=bool)[:n]
-    others_bids = jnp.where(not_self, bids[..., None, :], 0.0)
-    others = jnp.sum(others_bids, axis=-1)
-    own = bids[..., :n]
-    pays = (others > 0) & (own > 0)
-    safe_others = jnp.where(pays, others, 1.0)
-    ratio = jnp.where(pays, own, 0.0) / safe_others
-    return others, others_bids / safe_others[..., None], pays, ratio
 
 
 def _x_minus_log1p(x: jax.Array) -> jax.Array:
@@ -826,12 +817,9 @@ def _others(all_logits: jax.Array, all_bids: jax.Array, n: int) -> tuple[jax.Arr
 def _linear_closed_form(all_logits: jax.Array, all_bids: jax.Array, n: int) -> jax.Array:
     """The linear rule's :data:`~jaxauction.base.ClosedFormPayment` (unvalidated, traceable)."""
     all_bids, others_bids, not_self = _others(all_logits, all_bids, n)
-    others = jnp.sum(others_bids, axis=-1)
+    others, _, pays, ratio = _competition(all_bids, n)
     weights = jnp.where(not_self, aggregation.bid_weights(all_logits[..., None, :, :], others_bids), 0.0)
     tv = _tv_to_others(all_logits, weights, n)
-    own = all_bids[..., :n]
-    pays = (others > 0) & (own > 0)
-    ratio = jnp.where(pays, own, 0.0) / jnp.where(pays, others, 1.0)
     return jnp.where(pays, others * tv * _log1p_minus_ratio(ratio), 0.0)
 
 
