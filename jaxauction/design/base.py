@@ -145,6 +145,11 @@ def family_of(params, fn: str = "design", argument: str = "params") -> Family:
     return family
 
 
+def is_registered(params) -> bool:
+    """Whether ``params`` are the parameters of a registered family (the lookup :func:`family_of` makes)."""
+    return type(params) in _FAMILIES
+
+
 def registered_families() -> tuple[Family, ...]:
     """The registered families."""
     return tuple(_FAMILIES.values())

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from jaxauction import _validation, preferences
 from jaxauction.design import checkpoint as checkpoint_lib
-from jaxauction.design.base import Bounds, check_bounds, describe, family_of, registered_families
+from jaxauction.design.base import Bounds, check_bounds, describe, family_of, is_registered
 from jaxauction.design.data import AuctionBatch
 from jaxauction.design.families import MONOTONE_TRAINABLE  # noqa: F401 (the power mean's monotone part, public here)
 from jaxauction.design.objectives import certify_rule
@@ -330,13 +330,9 @@ def _as_bounds(bounds, params) -> Bounds | None:
     return bounds
 
 
-def _registered(params) -> bool:
-    return any(type(params) is family.params_type for family in registered_families())
-
-
 def _default_bounds(bounds: Bounds | None, params) -> Bounds | None:
     """``bounds``, else the family's domain (the search never leaves it), else None."""
-    if bounds is None and _registered(params):
+    if bounds is None and is_registered(params):
         domain = family_of(params, "search").domain
         if domain is not None:
             return domain(params)
@@ -346,7 +342,7 @@ def _default_bounds(bounds: Bounds | None, params) -> Bounds | None:
 def _wants_monotone(params, constraint: Constraint | None, monotone: bool, certify_on) -> bool:
     """Whether the search was asked for a monotone rule; a ValueError if there is nothing to certify it on."""
     # a budget of 0 on a family's search is read as a request for a monotone rule (issue 26)
-    wants = monotone or (_registered(params) and constraint is not None and constraint.budget == 0)
+    wants = monotone or (is_registered(params) and constraint is not None and constraint.budget == 0)
     if wants and certify_on is None:
         raise ValueError(
             "search: asked for a monotone rule (monotone=True or a constraint budget of 0) but there is nothing to "
@@ -514,6 +510,6 @@ def _certification_data(params, data, holdout) -> tuple[AuctionBatch | None, str
             )
         family_of(params, "search")  # holdout certifies a family's member: a ValueError naming the fix otherwise
         return holdout, "held-out"
-    if _registered(params) and isinstance(data, AuctionBatch):
+    if is_registered(params) and isinstance(data, AuctionBatch):
         return data, "fitted"
     return None, None
