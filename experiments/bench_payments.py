@@ -22,9 +22,11 @@ computes ``--floor-elements`` exponentials on the fly (``exp(a_k * x_t)`` over a
 of that size) and sums them, ns per element (NumPy's ``exp`` over a float32 array in place for
 reference). The work the payments must do, in exponentials:
 
-* (a) today's method: ``K = payments.Quadrature().size`` nodes (80 on 2026-12-07; the installed
-  default's) x ``V`` tokens x charged agents, per auction and step (a jvp at each node evaluates the rule
-  over the vocabulary);
+* (a) the installed method's: ``K`` exponentials per token and charged agent (:func:`method_nodes`: the
+  log-linear robust path's Gauss-Kronrod nodes, 21 a row and 42 more for up to one row in 8: 26.25; 1 for
+  a closed form: linear, log-linear KL;
+  on code before those, the generic path's ``payments.Quadrature().size``, 80) x ``V`` tokens x charged
+  agents, per auction and step;
 * (b) the least any exact method must touch: one pass over every agent's vocabulary, ``m x V`` per
   auction and step (``m`` rows, base row included).
 
@@ -54,6 +56,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import math
 import statistics
 import sys
 import time
@@ -108,6 +111,19 @@ def default_nodes() -> int:
         return int(payments.Quadrature().size)
     except (AttributeError, TypeError, ValueError):
         return TODAYS_NODES
+
+
+def method_nodes(rule: str, payment) -> int:
+    """Floor (a)'s exponentials per token and charged agent for ``(rule, payment)`` on the installed code."""
+    from jaxauction import payments
+
+    structured = hasattr(payments, "ROBUST_PANELS")  # issue 37's Gauss-Kronrod robust path and KL closed form
+    if rule == "linear" or (structured and payment == "kl"):
+        return 1
+    if not structured:
+        return default_nodes()
+    # 21 Gauss-Kronrod nodes a row, and up to one row in _REFINED_SHARE again with ROBUST_PANELS x 21
+    return 21 * (1 + payments.ROBUST_PANELS / getattr(payments, "_REFINED_SHARE", math.inf))
 
 
 def exp_rates(elements: int, vocab: int, repeats: int) -> dict:
@@ -188,7 +204,10 @@ def table_rows(times: dict, outputs: dict, workloads: dict, nodes: int, vocab: i
     for (workload, rule, payment), seconds in times.items():
         result = outputs[(workload, rule, payment)]
         charged, row_counts = workloads[workload]["charged"], workloads[workload]["rows"]
-        floor = floors(nodes, vocab, charged, row_counts, result.lengths, ns)
+        floor = floors(
+            method_nodes(rule, payment) if payment else nodes, vocab, charged, row_counts, result.lengths, ns
+        )
+        floor["a"]["nodes"] = method_nodes(rule, payment) if payment else nodes
         none = statistics.median(times[(workload, rule, None)])
         median = statistics.median(seconds)
         overhead = median - none
@@ -234,17 +253,15 @@ def print_floors(rates: dict, rows: list[dict], nodes: int, vocab: int) -> None:
         f"\nexp rate: fused jax pass {rates['jax_ns']:.2f} ns/element ({rates['elements'] / 1e6:.1f} M exps, best "
         f"{1e3 * min(rates['jax_seconds']):.1f} ms); numpy exp {rates['numpy_ns']:.2f} ns/element"
     )
-    print(f"floors at the fused rate: (a) today's method K={nodes} nodes x V={vocab} x charged agents per auction;")
+    print(f"floors at the fused rate: (a) the method's K exponentials x V={vocab} x charged agents per auction;")
     print("(b) one pass over every row's vocabulary, m x V per auction (per step: every auction live)")
-    seen = set()
     for r in rows:
-        key = (r["workload"], r["rule"])
-        if key in seen:
+        if r["payment"] is None:
             continue
-        seen.add(key)
         a, b = r["floors"]["a"], r["floors"]["b"]
         print(
-            f"  {r['workload']:<7}{r['rule']:<11} (a) {a['exps_per_step'] / 1e6:8.1f} M exps/step = {a['ms_per_step']:7.1f} "
+            f"  {r['workload']:<7}{r['rule']:<11}{r['payment']:<13} (a) K={a['nodes']:<6.2f}"
+            f"{a['exps_per_step'] / 1e6:7.1f} M exps/step = {a['ms_per_step']:7.1f} "
             f"ms/step, {a['s_per_run']:6.2f} s/run ({a['s_per_run_every_auction_every_step']:.2f} s with every "
             f"auction every step);  (b) {b['exps_per_step'] / 1e6:5.2f} M = {b['ms_per_step']:5.2f} "
             f"ms/step, {b['s_per_run']:6.3f} s/run"
@@ -400,7 +417,8 @@ def run_profile(rule_name: str, logits, bids, n: int, repeats: int, ns: float) -
             one, two = (per_token_cost(*integrand[f"{label}_{kind}"], vocab * n) for label in ("one_node", "two_nodes"))
             if one and two:  # per node and token: two nodes minus one node, over n agents x V tokens
                 costs[kind] = {key: two[key] - one[key] for key in one}
-    floor_ms = default_nodes() * vocab * n * logits.shape[0] * ns * 1e-6
+    floor_nodes = method_nodes(rule_name, "second_price")
+    floor_ms = floor_nodes * vocab * n * logits.shape[0] * ns * 1e-6
     reference = {p: f"payments alone ({p})" for p in ALLOCATIONS}
     rows = []
     for name in programs:
@@ -421,7 +439,7 @@ def run_profile(rule_name: str, logits, bids, n: int, repeats: int, ns: float) -
         share = f"{r['share_of_program']:>11.0%}" if program_ms else f"{'':>11}"
         diff = "" if r["max_rel_diff_vs_default"] is None else f"{r['max_rel_diff_vs_default']:>10.1e}"
         print(f"{r['piece']:<46}{r['ms_median']:>12.1f} {share}{diff}")
-    print(f"{'  floor (a) at the fused exp rate':<46}{floor_ms:>12.1f}")
+    print(f"{f'  floor (a), second_price, K={floor_nodes:.2f}, fused exp':<46}{floor_ms:>12.1f}")
     for kind, cost in costs.items():
         if cost:
             print(

@@ -37,11 +37,14 @@ constant, so the quadrature is exact to rounding for any bid ratio. A lone bidde
 zero bid pay 0.
 
 Structured payments (docs/maths.md §5, issue 37). A rule that declares its family (``Rule.path``: the
-linear and log-linear rules) skips autodiff under ``method="auto"``: linear KL payments have a closed
-form (one log per token), and log-linear robust and KL slopes come from the exponential family
-``q_a ∝ exp(L_w + a d)`` (``Cov_q(1_T, d)``, ``(1 - a) Var_q(d)``: one exp per node and token, the same
-nodes as the generic path). Auctions outside that method (agents sharing no token, a clamped
-``log p_i``) are recomputed by the generic path; ``method="quadrature"`` always takes it. Measured accuracy (against the closed form, bid ratios 1e-12..1e12): see
+linear and log-linear rules) skips autodiff under ``method="auto"``. KL payments have closed forms: linear
+one log per token, log-linear ``z_i = B KL(q(b_i) || q(0))`` over the agent's support (a few exps per token).
+Log-linear robust payments integrate ``Cov_q(1_T, d)`` along the exponential family ``q_a ∝ exp(L_w + a d)``
+with 21 Gauss-Kronrod nodes (one exp per node and token) and an error estimate per payment (the Gauss rule
+on the same nodes, :data:`ROBUST_TOLERANCE`; 42 nodes where it is exceeded); ``quadrature`` then only places the tail
+(``body_ratio``). Auctions outside those methods (agents sharing no token, a clamped ``log p_i``, an
+estimate over the tolerance) are recomputed by the generic path; ``method="quadrature"`` always takes it.
+Measured accuracy (against the closed form, bid ratios 1e-12..1e12): see
 ``tests/test_payments.py``.
 """
 
@@ -63,7 +66,10 @@ from jaxauction.mechanism import ALLOCATIONS
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "METHODS",
+    "ROBUST_PANELS",
+    "ROBUST_TOLERANCE",
     "Quadrature",
+    "gauss_kronrod_21",
     "charged_payments",
     "max_bid",
     "second_price",
@@ -369,10 +375,8 @@ def _quadrature_payments(
 PATH_KINDS = ("linear", "log_linear")
 """The values of :attr:`jaxauction.base.Rule.path` that :func:`second_price` knows."""
 
-# Elements (auction rows x tokens x nodes) of one vectorised step of the structured path, by backend: on
-# CPU about 2^20 measured fastest (the node-by-token block stays in the caches); an accelerator takes
-# the whole vocabulary in one step.
-_PATH_CHUNK_ELEMENTS = {"cpu": 1 << 20}
+# Elements (rows x nodes x tokens) of one vectorised step of the robust node sums on an accelerator (every
+# row's whole vocabulary at once up to this bound); on CPU the steps are one row's chunk of _CPU_TOKEN_CHUNK.
 _PATH_CHUNK_ELEMENTS_ACCELERATOR = 1 << 26
 _OFF_SUPPORT = 1e4  # exponents of tokens off the path's support, below the largest one
 
@@ -389,10 +393,9 @@ def _path_kind(rule: base.Rule, valuation: Valuation | None) -> str | None:
 
 
 def _path_chunk_elements(chunk_elements: int) -> int:
-    """The structured path's step size: the backend's (``jax.default_backend()``) unless the caller chose one."""
-    if chunk_elements != DEFAULT_CHUNK_ELEMENTS:
-        return chunk_elements
-    return _PATH_CHUNK_ELEMENTS.get(jax.default_backend(), _PATH_CHUNK_ELEMENTS_ACCELERATOR)
+    """The structured path's bound on an accelerator's step: :data:`_PATH_CHUNK_ELEMENTS_ACCELERATOR` unless the
+    caller chose one (the generic path's default is sized for a CPU cache)."""
+    return chunk_elements if chunk_elements != DEFAULT_CHUNK_ELEMENTS else _PATH_CHUNK_ELEMENTS_ACCELERATOR
 
 
 def _x_minus_log1p(x: jax.Array) -> jax.Array:
@@ -435,113 +438,210 @@ def _linear_kl_payments(logits: jax.Array, bids: jax.Array, n: int) -> jax.Array
 
 
 def _log_linear_tokens(log_p: jax.Array, bids: jax.Array, n: int, kl: bool):
-    """One auction's per-agent data for the log-linear path (docs/maths.md §5, "Structured payments").
+    """Per-agent data of the log-linear path (docs/maths.md §5, "Structured payments"), for every auction at once.
 
-    ``log_p: [m, V]``, effective normalised ``bids: [m]``. Along agent ``i``'s path ``q_a ∝ exp(L_w + a d)``
-    on the tokens no positively weighted agent masks (the support), ``L_w = sum_j w_j log p_j``,
-    ``d = log p_i - L_w``. Returns ``(tokens, statistics, nodes_data, scalars)``: ``lw, lpi, support [n, V]``;
-    the per-token statistics ``[n, V, J]`` whose node sums the slope needs (shifted by ``c = -log Z_0``,
-    so that ``T_i+ = {d > c}``: robust ``1_T, 1_N, 1_T (d - c), 1_N (c - d)``, KL ``1, d - c``); the
-    stabiliser's maxima ``[n]`` x2; ``others, pays, ratio [n]``; ``shifted d - c [n, V]``; ``bad [n]``: the
-    agent pays but the path is outside this method (no common token; KL: a clamped ``log p_i``).
+    ``log_p: [A, m, V]``, effective normalised ``bids: [A, m]``. Along agent ``i``'s path ``q_a ∝ exp(L_w + a d)``
+    on the tokens no positively weighted agent masks (the support ``S``), ``L_w = sum_j w_j log p_j``,
+    ``d = log p_i - L_w``. Returns ``(tokens, (others, pays, ratio) [A, n], bad [A, n])``, ``bad``: the agent pays
+    but the path is outside this method (no common token; KL: a clamped ``log p_i`` on ``S``). ``tokens``, each
+    ``[A, n, V]``: KL ``(L_w, log p_i, S)``; robust ``(lw, lpi, shifted)``, ``L_w`` and ``log p_i`` less their
+    maxima over ``S`` (``_OFF_SUPPORT`` below 0 off it) and ``d - c`` on ``S`` (``c = -log Z_0``: ``T_i+ = {d > c}``).
     """
     others, shares, pays, ratio = _competition(bids, n)
     masked = log_p == -jnp.inf
-    lw_all = aggregation.weighted_sum(shares, jnp.where(masked, 0.0, log_p))  # [n, V]
-    masked_w = aggregation.weighted_sum(shares, masked.astype(log_p.dtype)) > 0  # masked by a weighted other
-    support = ~masked_w & ~masked[:n]
-    top_w = jnp.max(jnp.where(support, lw_all, -jnp.inf), axis=-1, keepdims=True)
-    top_i = jnp.max(jnp.where(support, log_p[:n], -jnp.inf), axis=-1, keepdims=True)
+    lw_all = aggregation.weighted_sum(shares, jnp.where(masked, 0.0, log_p)[..., None, :, :])  # [A, n, V]
+    masked_w = aggregation.weighted_sum(shares, masked.astype(log_p.dtype)[..., None, :, :]) > 0
+    own = log_p[..., :n, :]
+    support = ~masked_w & ~masked[..., :n, :]
     bad = ~jnp.any(support, axis=-1)
-    top_w, top_i = (jax.lax.stop_gradient(jnp.where(bad[:, None], 0.0, t)) for t in (top_w, top_i))
-    # off the support both exponents sit _OFF_SUPPORT below their maxima: exp(-1e4) = 0, no mask per node
-    lw = jnp.where(support, lw_all, top_w - _OFF_SUPPORT)
-    lpi = jnp.where(support, log_p[:n], top_i - _OFF_SUPPORT)
-    log_z0 = jax.nn.logsumexp(jnp.where(masked_w, -jnp.inf, lw_all), axis=-1)  # q(0) = exp(L_w - log Z_0)
-    shift = jnp.where(jnp.isfinite(log_z0), -log_z0, 0.0)[:, None]
-    delta = jnp.where(support, lpi - lw - shift, 0.0)  # d - c
-    above = support & (delta > 0)  # T_i+ = {p_i > q(0)} on the support
-    below = support & ~above
-    zero = jnp.zeros_like(delta)
-    if kl:
-        stats = [support.astype(delta.dtype), delta]
-    else:
-        stats = [above.astype(delta.dtype), below.astype(delta.dtype), jnp.where(above, delta, zero)]
-        stats.append(jnp.where(below, -delta, zero))
     if kl:  # reverse_kl_value clamps log p_i at log(tiny): those tokens take the generic path
         floor = math.log(float(jnp.finfo(log_p.dtype).tiny))
-        bad |= jnp.any(support & (log_p[:n] < floor), axis=-1)
-    return (lw, lpi), jnp.stack(stats, axis=-1), (top_w[:, 0], top_i[:, 0]), (others, pays, ratio), delta, pays & bad
+        bad |= jnp.any(support & (own < floor), axis=-1)
+        return (lw_all, own, support), (others, pays, ratio), pays & bad
+    top_w = jnp.max(jnp.where(support, lw_all, -jnp.inf), axis=-1, keepdims=True)
+    top_i = jnp.max(jnp.where(support, own, -jnp.inf), axis=-1, keepdims=True)
+    top_w, top_i = (jax.lax.stop_gradient(jnp.where(bad[..., None], 0.0, t)) for t in (top_w, top_i))
+    # off the support both exponents sit _OFF_SUPPORT below their maxima: exp(-1e4) = 0, no mask per node
+    lw = jnp.where(support, lw_all - top_w, -_OFF_SUPPORT)
+    lpi = jnp.where(support, own - top_i, -_OFF_SUPPORT)
+    log_z0 = jax.nn.logsumexp(jnp.where(masked_w, -jnp.inf, lw_all), axis=-1, keepdims=True)  # q(0) = e^(L_w) / Z_0
+    shift = jnp.where(jnp.isfinite(log_z0), -log_z0, 0.0)
+    shifted = jnp.where(support, own - lw_all - shift, 0.0)
+    return (lw, lpi, shifted), (others, pays, ratio), pays & bad
 
 
-def _exp_block(lw, lpi, a, e, top):
-    """``exp(e L_w + a log p_i - top)``: ``[n, c]`` x2, ``[n, K]`` x3 -> ``[n, c, K]`` (0 off the support)."""
-    return jnp.exp(e[:, None, :] * lw[..., None] + a[:, None, :] * lpi[..., None] - top[:, None, :])
+def _series(x: jax.Array, coefficients) -> jax.Array:
+    """``x^2 sum_k c_k x^k`` (Horner) for ``|x| < 1/2``, 0 elsewhere (the callers take another formula there)."""
+    small = jnp.where(jnp.abs(x) < 0.5, x, 0.0)
+    total = jnp.full_like(small, coefficients[-1])
+    for c in coefficients[-2::-1]:
+        total = total * small + c
+    return small * small * total
 
 
-def _in_chunks(arrays, pad_values, chunk: int):
-    """``[n, V, ...]`` arrays -> ``[ceil(V / chunk), n, chunk, ...]``, padded with ``pad_values`` (each ``[n]``)."""
-    vocab = arrays[0].shape[1]
-    pad = -vocab % chunk
-    out = []
-    for x, value in zip(arrays, pad_values):
-        if pad:
-            filler = jnp.broadcast_to(value.reshape((-1,) + (1,) * (x.ndim - 1)), x.shape[:1] + (pad,) + x.shape[2:])
-            x = jnp.concatenate([x, filler.astype(x.dtype)], axis=1)
-        out.append(jnp.moveaxis(x.reshape((x.shape[0], -1, chunk) + x.shape[2:]), 1, 0))
-    return out
+# x^2 sum_k x^k / (k + 2)! = e^x - 1 - x and x^2 sum_k (k + 1) x^k / (k + 2)! = 1 + e^x (x - 1), |x| < 1/2: the
+# first omitted terms are below 5e-17 of the sums
+_EXPM1_MINUS_X = tuple(1.0 / math.factorial(k + 2) for k in range(15))
+_KL_GENERATOR = tuple((k + 1) / math.factorial(k + 2) for k in range(15))
+_KL_EXPONENT_CAP = 60.0  # A d' above this: kappa from exp(A d' - shift) (float32 overflows at 88)
 
 
-def _variance_merge(total, block, delta):
-    """Adds one chunk to the running ``(Z, mean, M2)`` of ``d - c`` under ``q`` per node (Chan et al.'s update:
-    every term ``>= 0``, no ``E[d^2] - E[d]^2`` cancellation). ``block: [n, c, K]``, ``delta: [n, c]``."""
-    z_sum, mean, m2 = total
-    z_chunk = jnp.sum(block, axis=1)
-    safe = lambda x: jnp.where(x > 0, x, 1.0)
-    mean_chunk = jnp.einsum("nvk,nv->nk", block, delta) / safe(z_chunk)
-    m2_chunk = jnp.sum(block * (delta[..., None] - mean_chunk[:, None, :]) ** 2, axis=1)
-    merged = z_sum + z_chunk
-    gap = mean_chunk - mean
-    mean = mean + gap * z_chunk / safe(merged)
-    return merged, mean, m2 + m2_chunk + gap**2 * z_sum * z_chunk / safe(merged)
+def _log_linear_kl_payments(lw, lpi, support, ratio):
+    """Reverse-KL payments of the log-linear rule in closed form (docs/maths.md §5): ``[..., V] -> [...]`` per agent.
 
-
-def _log_linear_auction(kl, quadrature, chunk, nodes, log_p, bids, n):
-    """Payments ``[n]`` and the fallback flags ``[n]`` of one auction (``log_p: [m, V]``, normalised ``bids: [m]``).
-
-    The slope at node ``a`` (own weight ``a = 1 - e^{-u}``): robust ``Cov_q(1_T, d) = (S_N A + S_T B_N) / Z^2``
-    (every term ``>= 0``); KL ``(1 - a) Var_q(d)``, merged over the vocabulary's chunks. Only the first
-    ``nodes`` quadrature nodes are evaluated (the rest have zero weight when no ratio reaches the tail).
+    ``z_i / B = int_0^A a Var_{q_a}(d) da = KL(q_A || q_0)`` (``A = b_i / (b_i + B)``), summed as
+    ``sum_S q_0 f(y)``, ``y = log(q_A / q_0) = A d' - kappa``, ``f(y) = 1 + e^y (y - 1) >= 0``: every term is
+    non-negative. ``d' = d - E_0[d]`` and the cumulant ``kappa = log E_0[e^{A d'}] = log1p(sum_S q_0 (e^{A d'} - 1 -
+    A d') + A sum_S q_0 d')`` keep ``y`` accurate at small ``A`` (the payment is second order in ``kappa``'s
+    error); where some ``A d'`` exceeds :data:`_KL_EXPONENT_CAP`, ``kappa = s + log E_0[e^{A d' - s}]``.
+    ``lw, lpi, support [..., V]``: ``L_w``, ``log p_i`` and ``S`` (:func:`_log_linear_tokens`); ``ratio [...]``.
+    Two exponentials per token (``q_0``, ``e^{A d' - s}``) besides the normaliser's.
     """
-    tokens, stats, (top_w, top_i), (others, pays, ratio), delta, bad = _log_linear_tokens(log_p, bids, n, kl)
-    u, w = (x[:, :nodes] for x in quadrature.nodes(jnp.log1p(ratio)))  # [n, K]
+    log_z = jax.nn.logsumexp(jnp.where(support, lw, -jnp.inf), axis=-1, keepdims=True)
+    log_q0 = jnp.where(support, lw - jnp.where(jnp.isfinite(log_z), log_z, 0.0), -jnp.inf)
+    q0 = jnp.exp(log_q0)
+    d = jnp.where(support, lpi - lw, 0.0)
+    centred = d - jnp.sum(q0 * d, axis=-1, keepdims=True)
+    own_weight = (ratio / (1.0 + ratio))[..., None]
+    x = own_weight * centred
+    top = jnp.max(jnp.where(support, x, -jnp.inf), axis=-1, keepdims=True)
+    shift = jax.lax.stop_gradient(jnp.maximum(jnp.where(jnp.isfinite(top), top, 0.0) - _KL_EXPONENT_CAP, 0.0))
+    scaled = jnp.where(support, jnp.exp(x - shift), 0.0)  # e^x unless shift > 0
+    excess = jnp.where(jnp.abs(x) < 0.5, _series(x, _EXPM1_MINUS_X), scaled - 1.0 - x)
+    moment = jnp.sum(q0 * excess, axis=-1, keepdims=True) + own_weight * jnp.sum(q0 * centred, axis=-1, keepdims=True)
+    large = jnp.log(jnp.sum(q0 * scaled, axis=-1, keepdims=True)) + shift
+    kappa = jnp.where(shift > 0, large, jnp.log1p(moment))
+    y = x - kappa
+    q_bid = q0 * scaled * jnp.exp(shift - kappa)  # q_A = q_0 e^y
+    terms = jnp.where(jnp.abs(y) < 0.5, q0 * _series(y, _KL_GENERATOR), q_bid * (y - 1.0) + q0)
+    return jnp.sum(jnp.where(support, terms, 0.0), axis=-1)
+
+
+# Gauss-Kronrod (G10, K21) on [-1, 1] (QUADPACK's qk21; the Gauss nodes are every other one from the second).
+_GK21_NODES = (
+    0.995657163025808080735527280689003, 0.973906528517171720077964012084452, 0.930157491355708226001207180059508,
+    0.865063366688984510732096688423493, 0.780817726586416897063717578345042, 0.679409568299024406234327365114874,
+    0.562757134668604683339000099272694, 0.433395394129247190799265943165784, 0.294392862701460198131126603103866,
+    0.148874338981631210884826001129720, 0.0,
+)  # fmt: skip
+_GK21_KRONROD = (
+    0.011694638867371874278064396062192, 0.032558162307964727478818972459390, 0.054755896574351996031381300244580,
+    0.075039674810919952767043140916190, 0.093125454583697605535065465083366, 0.109387158802297641899210590325805,
+    0.123491976262065851077958109831074, 0.134709217311473325928054001771707, 0.142775938577060080797094273138717,
+    0.147739104901338491374841515972068, 0.149445554002916905664936468389821,
+)  # fmt: skip
+_GK21_GAUSS = (
+    0.066671344308688137593568809893332, 0.149451349150580593145776339657697, 0.219086362515982043995534934228163,
+    0.269266719309996355091226921569469, 0.295524224714752870173892994651338,
+)  # fmt: skip
+
+
+def gauss_kronrod_21() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nodes ``[21]`` on ``[-1, 1]`` and the Kronrod and Gauss weights ``[21]`` (0 at the Kronrod-only nodes)."""
+    half = np.asarray(_GK21_NODES)
+    nodes = np.concatenate([-half[:-1], half[::-1]])
+    kronrod = np.concatenate([_GK21_KRONROD[:-1], _GK21_KRONROD[::-1]])
+    gauss_half = np.zeros(11)
+    gauss_half[1::2] = _GK21_GAUSS
+    return nodes, kronrod, np.concatenate([gauss_half[:-1], gauss_half[::-1]])
+
+
+ROBUST_TOLERANCE = 1e-5
+"""Relative Gauss-Kronrod difference the log-linear robust path accepts per payment; above it, the generic path."""
+ROBUST_PANELS = 2
+"""Equal panels of Gauss-Kronrod 21 where one is not enough: the refined body rows and the tail ``[u_c, U]``."""
+_REFINED_SHARE = 8  # at most ceil(rows / 4) rows of a call get the refined body rule; the rest, the generic path
+
+_CPU_TOKEN_CHUNK = 1 << 16  # tokens of one (row, chunk) step of the node sums on CPU (one row of V <= 65,536)
+
+
+def _robust_sums(lw, lpi, shifted, a, e, chunk_elements: int):
+    """Node sums of ``q = exp(e_k lw + a_k lpi)`` times ``1_T, 1_N, 1_T (d - c), 1_N (c - d)`` (``T = {d > c}``).
+
+    ``lw, lpi, shifted [R, V]`` (:func:`_log_linear_tokens`; ``q = 0`` off the support), ``a, e [R, K]`` ->
+    ``[R, K, 4]``. One exponential per (row, node, token), laid out ``[nodes, tokens]`` (tokens minor:
+    vectorised for any node count) and contracted with the statistics, formed per chunk, as a matrix product:
+    a chunk of the vocabulary of one row at a time on CPU (``lax.map``), every row at once on an accelerator
+    (``chunk_elements`` bounds the block). Nothing of size ``[R, V, 4]`` is materialised.
+    """
+    rows, vocab = lw.shape
+    nodes = a.shape[-1]
+    cpu = jax.default_backend() == "cpu"
+    chunk = min(vocab, _CPU_TOKEN_CHUNK) if cpu else vocab
+    pieces = -(-vocab // chunk)
+    pad = pieces * chunk - vocab
+    if pad:  # padded tokens are off the support: exp(-1e4) = 0
+        lw, lpi = (jnp.pad(x, ((0, 0), (0, pad)), constant_values=-_OFF_SUPPORT) for x in (lw, lpi))
+        shifted = jnp.pad(shifted, ((0, 0), (0, pad)))
+    steps = rows * pieces
+    lw, lpi, shifted = (x.reshape(steps, chunk) for x in (lw, lpi, shifted))
+    a, e = (jnp.repeat(x, pieces, axis=0) for x in (a, e))
+
+    def one(x):
+        lw_c, lpi_c, shifted_c, a_c, e_c = x
+        block = jnp.exp(e_c[:, None] * lw_c[None, :] + a_c[:, None] * lpi_c[None, :])  # [K, chunk]
+        above = shifted_c > 0
+        zero = jnp.zeros_like(shifted_c)
+        stats = jnp.stack([above, ~above, jnp.where(above, shifted_c, zero), jnp.where(above, zero, -shifted_c)])
+        return jnp.einsum("kc,jc->kj", block, stats.astype(block.dtype), precision=jax.lax.Precision.HIGHEST)
+
+    batch = 2 if cpu else max(1, min(steps, chunk_elements // (nodes * chunk)))
+    sums = _chunked_map(one, (lw, lpi, shifted, a, e), batch)
+    return sums.reshape(rows, pieces, nodes, 4).sum(axis=1)
+
+
+def _robust_panels(lw, lpi, shifted, lower, upper, panels: int, chunk_elements: int):
+    """Kronrod sum and Gauss-Kronrod difference of ``int a Cov_q(1_T, d) du`` over ``[lower, upper]`` (rows ``[R]``).
+
+    ``panels`` equal panels of Gauss-Kronrod 21 (a row with ``upper <= lower`` gets 0). Returns the Kronrod
+    sum, ``sum_panels |K - G|`` (the Gauss-10 rule's error estimate: the Kronrod sum's own error is far
+    smaller) and the smallest node sum ``Z`` (for the underflow check).
+    """
+    x, kronrod, gauss = (jnp.asarray(np.tile(v, panels), lw.dtype) for v in gauss_kronrod_21())
+    panel = jnp.repeat(jnp.arange(panels, dtype=lw.dtype), x.size // panels)
+    half = jnp.maximum(upper - lower, 0.0)[:, None] / (2 * panels)
+    u = lower[:, None] + half * (2 * panel + x + 1.0)  # [R, panels * 21]
     a, e = -jnp.expm1(-u), jnp.exp(-u)
-    top = jax.lax.stop_gradient(e * top_w[:, None] + a * top_i[:, None])  # >= every exponent: no overflow
-    zeros = jnp.zeros_like(top_w)
-    pads = (top_w - _OFF_SUPPORT, top_i - _OFF_SUPPORT, zeros, zeros)
-    chunked = _in_chunks([*tokens, stats, delta], pads, chunk)
-    if kl:
+    sums = _robust_sums(lw, lpi, shifted, a, e, chunk_elements)
+    s_t, s_n, up, down = (sums[..., j] for j in range(4))
+    z = s_t + s_n
+    safe = jnp.where(z > 0, z, 1.0)
+    h = a * (s_n * up + s_t * down) / safe / safe  # a Cov_q(1_T, d) >= 0
+    per_panel = lambda w: jnp.sum((half * w * h).reshape(h.shape[0], panels, -1), axis=-1)
+    k_sum, g_sum = per_panel(kronrod), per_panel(gauss)
+    z_min = jnp.min(jnp.where(half > 0, z, jnp.inf), axis=-1)
+    return jnp.sum(k_sum, axis=-1), jnp.sum(jnp.abs(k_sum - g_sum), axis=-1), z_min
 
-        def step(total, xs):
-            lw, lpi, _, dc = xs
-            return _variance_merge(total, _exp_block(lw, lpi, a, e, top), dc), None
 
-        z_sum, _, m2 = jax.lax.scan(step, (jnp.zeros_like(a),) * 3, chunked)[0]
-        slope = e * m2 / jnp.where(z_sum > 0, z_sum, 1.0)
-    else:
+def _log_linear_robust_payments(lw, lpi, shifted, ratio, body_ratio, chunk_elements):
+    """Robust payments ``z_i / B = int_0^U a Cov_q(1_T, d) du`` (``U = log(1 + b_i/B)``) per agent, rows ``[R]``.
 
-        def step(total, xs):
-            lw, lpi, s, _ = xs
-            return total + jnp.einsum("nvk,nvj->njk", _exp_block(lw, lpi, a, e, top), s), None
+    One panel of Gauss-Kronrod 21 over ``[0, min(U, u_c)]`` (``u_c = log(1 + body_ratio)``) for every row; the
+    rows whose Gauss-Kronrod difference exceeds :data:`ROBUST_TOLERANCE` (at most ``ceil(R /
+    _REFINED_SHARE)`` of them, gathered) again with :data:`ROBUST_PANELS` panels; when some ``U`` exceeds
+    ``u_c``, :data:`ROBUST_PANELS` panels over ``[u_c, U]`` for every row (``lax.cond``). Returns the payments
+    and whether a row's difference still exceeds the tolerance or a node sum underflows (the generic path).
+    """
+    rows = lw.shape[0]
+    upper = jnp.log1p(ratio)
+    cut = jnp.minimum(upper, math.log1p(body_ratio))
+    zero = jnp.zeros_like(cut)
+    k_sum, error, z_min = _robust_panels(lw, lpi, shifted, zero, cut, 1, chunk_elements)
+    (index,) = jnp.nonzero(error > ROBUST_TOLERANCE * k_sum, size=-(-rows // _REFINED_SHARE), fill_value=rows)
+    take = lambda x: jnp.take(x, index, axis=0, mode="clip")  # the fill value takes the last row: dropped below
+    k_fine, error_fine, z_fine = _robust_panels(
+        *map(take, (lw, lpi, shifted, zero, cut)), ROBUST_PANELS, chunk_elements
+    )
+    put = lambda full, part: full.at[index].set(part, mode="drop")
+    k_sum, error, z_min = put(k_sum, k_fine), put(error, error_fine), put(z_min, jnp.minimum(take(z_min), z_fine))
 
-        sums = jax.lax.scan(step, jnp.zeros((n, stats.shape[-1]) + a.shape[1:], a.dtype), chunked)[0]
-        s_t, s_n, up, down = (sums[:, j] for j in range(4))
-        z_sum = s_t + s_n
-        slope = (s_n * up + s_t * down) / jnp.where(z_sum > 0, z_sum, 1.0) ** 2
-    vocab = log_p.shape[-1]
-    underflow = jnp.any((w > 0) & (z_sum < vocab * 1e8 * float(jnp.finfo(log_p.dtype).tiny)), axis=-1)
-    z = jnp.where(pays, others * jnp.sum(w * a * jnp.where(pays[:, None], slope, 0.0), axis=-1), 0.0)
-    return z, bad | (pays & underflow)
+    def tail():
+        k, err, zm = _robust_panels(lw, lpi, shifted, cut, upper, ROBUST_PANELS, chunk_elements)
+        return k_sum + k, error + err, jnp.minimum(z_min, zm)
+
+    k_sum, error, z_min = jax.lax.cond(jnp.any(upper > cut), tail, lambda: (k_sum, error, z_min))
+    underflow = z_min < lw.shape[-1] * 1e8 * float(jnp.finfo(lw.dtype).tiny)
+    return k_sum, (error > ROBUST_TOLERANCE * k_sum) | underflow
 
 
 def _structured_payments(kind, rule, logits, bids, n, quadrature, chunk_elements):
@@ -558,24 +658,20 @@ def _structured_payments(kind, rule, logits, bids, n, quadrature, chunk_elements
     lead = jnp.broadcast_shapes(logits.shape[:-2], bids.shape[:-1])
     flat_logits = jnp.broadcast_to(logits, lead + (m, vocab)).reshape(-1, m, vocab)
     flat_bids = jnp.broadcast_to(bids, lead + (m,)).reshape(-1, m)
-    elements = _path_chunk_elements(chunk_elements)
-    per_auction = n * quadrature.size
-    auctions = max(1, min(flat_bids.shape[0], elements // (per_auction * 256)))
-    chunk = max(128, min(vocab, elements // (auctions * per_auction)))
     kl = kind == "log_linear_kl"
-
-    def run(nodes):
-        one = lambda lb: _log_linear_auction(kl, quadrature, chunk, nodes, aggregation.agent_log_probs(lb[0]), lb[1], n)
-        return _chunked_map(one, (flat_logits, flat_bids), auctions)
-
-    # The tail panels have zero weight unless an own bid exceeds body_ratio times the others' total: skip them.
-    body = quadrature.order * (quadrature.zero_panels + quadrature.body_panels)
-    tail = jnp.any(
-        flat_bids[:, :n] > quadrature.body_ratio * (jnp.sum(flat_bids, -1, keepdims=True) - flat_bids[:, :n])
-    )
-    z, bad = jax.lax.cond(tail, lambda: run(quadrature.size), lambda: run(body))
+    log_p = aggregation.agent_log_probs(flat_logits)
+    tokens, (others, pays, ratio), bad = _log_linear_tokens(log_p, flat_bids, n, kl)
+    if kl:
+        z = _log_linear_kl_payments(*tokens, ratio)
+    else:
+        rows = lambda x: x.reshape((-1,) + x.shape[2:])
+        z, uncertain = _log_linear_robust_payments(
+            *map(rows, (*tokens, ratio)), quadrature.body_ratio, _path_chunk_elements(chunk_elements)
+        )
+        z, bad = z.reshape(ratio.shape), bad | (pays & uncertain.reshape(ratio.shape))
+    z = jnp.where(pays, others * z, 0.0)
     fallback = jnp.any(bad, axis=-1)
-    valuation = None if kind == "log_linear_robust" else reverse_kl_value
+    valuation = reverse_kl_value if kl else None
 
     def generic():
         exact = _quadrature_payments(rule, valuation, flat_logits, flat_bids, n, quadrature, chunk_elements)
@@ -703,7 +799,8 @@ def second_price(
       allocation: ``"robust"``, ``"kl"`` or a valuation ``(log_p, log_q) -> [...]`` (module docs).
       base_logits: optional ``[..., V]`` base distribution that takes part with ``base_bid`` but is
         never charged; ``base_bid`` counts in every agent's ``B``.
-      quadrature: the integration rule (static); chunk_elements: memory bound per vectorised step.
+      quadrature: the generic path's integration rule (static; the structured log-linear robust path
+        takes only its ``body_ratio``); chunk_elements: memory bound per vectorised step.
       method: ``"auto"`` (a rule's closed-form robust payment when it has one: linear, or
         ``design.fixed_rule`` at ``rho = 1, temperature = 1``) or
         ``"quadrature"`` (always the generic autodiff path).
@@ -714,9 +811,9 @@ def second_price(
 
     Cost: ``n * quadrature.size`` forward-mode evaluations of the rule per auction (plus ``n`` for
     the robust reference outcomes ``q(0, b_-i)``), in steps of about ``chunk_elements`` node x token
-    elements; the closed forms (linear robust and KL) cost about one evaluation; the log-linear rule's
-    structured path one exponential per node, token and agent (steps sized for the backend unless
-    ``chunk_elements`` is given). Eager calls run one compiled function per
+    elements; the closed forms (linear robust and KL, log-linear KL) cost about one evaluation; the
+    log-linear rule's robust payments one exponential per node (21; 42 for rows whose error estimate
+    asks for it, 42 more with bid ratios above ``body_ratio``), token and agent (steps sized for the backend). Eager calls run one compiled function per
     shapes and static arguments (a second call with the same shapes does not recompile).
 
     Under ``jit`` nothing is validated: negative bids count as 0, and an auction with a NaN or

@@ -73,11 +73,13 @@ def test_structured_payments_match_scipy_and_the_generic_path_for_ratios_1e_minu
         worst_ref = max(worst_ref, np.max(np.abs(fast - expected)[real] / expected[real]))
         worst_generic = max(worst_generic, np.max(np.abs(fast - generic)[real] / np.abs(generic[real])))
         assert np.all(np.abs(fast[~real]) <= 1e-7 * scale[~real])
+    print(f"{rule} {allocation} {dtype.__name__}: vs SciPy {worst_ref:.1e}, vs the generic path {worst_generic:.1e}")
     # measured: float32 at most 3e-6 against the references (the generic path: 7e-6), float64 3e-8 (linear KL 2e-11)
     assert worst_ref < {jnp.float32: 1e-5, jnp.float64: 1e-7}[dtype]
-    # the log-linear paths use the generic path's nodes: float64 agrees to rounding; linear KL is exact, the
-    # generic path's own quadrature error (up to 7e-6 here) is the difference
-    assert worst_generic < {jnp.float32: 2e-5, jnp.float64: 1e-12 if rule == "log_linear" else 2e-5}[dtype]
+    # the closed forms (KL) are exact and the robust path's 2 x 21 Gauss-Kronrod nodes far more accurate than the
+    # generic path's 80: the difference is the generic path's own quadrature error (log-linear up to 5e-10 in
+    # float64 here, linear KL up to 7e-6)
+    assert worst_generic < {jnp.float32: 2e-5, jnp.float64: 1e-8 if rule == "log_linear" else 2e-5}[dtype]
 
 
 def _peaked_auctions(rng, auctions, agents, vocab, spread=4.0):
@@ -100,8 +102,10 @@ def test_peaked_auctions_with_a_base_row_agree_with_the_generic_path_in_float32(
 
 
 def test_auctions_outside_the_structured_path_fall_back_to_the_generic_one(dtype):
-    """No token the agents share (log-linear) and, in float32, a log-probability below the KL floor: those
-    auctions are flagged and recomputed by the generic path, the others keep the structured result."""
+    """No token the agents share (log-linear) and a log-probability below the KL floor: those auctions are flagged
+    and recomputed by the generic path, the others keep the structured result. The robust path flags the second
+    too: its ``d = log p_0 - L_w`` of about -90 (float32) or -710 (float64) on one token puts a feature at
+    ``a ~ 1/|d|`` that the Gauss-10 rule misses by more than ``ROBUST_TOLERANCE`` (its error estimate)."""
     rng = np.random.default_rng(5)
     logits = np.stack([random_auction(rng, 2, 6)[0] for _ in range(3)])
     logits[1, 0, :3] = -np.inf  # agent 0 allows tokens 3..5 only, agent 1 tokens 0..2 only
@@ -115,7 +119,7 @@ def test_auctions_outside_the_structured_path_fall_back_to_the_generic_one(dtype
         z, fallback = payments._structured_payments(
             kind, jaxauction.log_linear, jl, bids / bids.max(-1, keepdims=True), n, payments.Quadrature(), 1 << 19
         )
-        assert fallback.tolist() == [False, True, kind == "log_linear_kl"]
+        assert fallback.tolist() == [False, True, True]
         fast, generic = _both(jaxauction.log_linear, jl, bids, allocation)
         np.testing.assert_array_equal(fast[fallback], generic[fallback])  # the generic path's own numbers
         np.testing.assert_allclose(
@@ -163,3 +167,50 @@ def test_linear_kl_closed_form_at_extreme_ratios_keeps_the_others_weight(dtype):
     got = payments.second_price("linear", jnp.asarray(logits, dtype), jnp.asarray(profiles, dtype), "kl")
     expected = np.array([[ref_payment_in_u("linear", logits, b, i, "forward_kl") for i in range(2)] for b in profiles])
     np.testing.assert_allclose(got, expected, rtol={jnp.float32: 5e-6, jnp.float64: 1e-10}[dtype])
+
+
+def test_gauss_kronrod_21_nodes_and_weights_have_the_rules_degrees():
+    """The Gauss nodes and weights are numpy's 10-point Gauss-Legendre rule; the Kronrod weights integrate
+    ``x^k`` exactly for ``k <= 31`` (3n + 1) and the Gauss weights for ``k <= 19`` (2n - 1), not beyond."""
+    x, kronrod, gauss = payments.gauss_kronrod_21()
+    assert x.shape == kronrod.shape == gauss.shape == (21,) and np.all(np.diff(x) > 0)
+    nodes, weights = np.polynomial.legendre.leggauss(10)
+    np.testing.assert_allclose(x[1::2], nodes, atol=1e-15)
+    np.testing.assert_allclose(gauss[1::2], weights, atol=1e-15)
+    assert np.all(gauss[::2] == 0)
+    for k in range(0, 36, 2):  # odd powers integrate to 0 on symmetric nodes at any degree
+        assert (abs(kronrod @ x**k - 2.0 / (k + 1)) < 1e-14) == (k <= 31), k
+        assert (abs(gauss @ x**k - 2.0 / (k + 1)) < 1e-14) == (k <= 19), k
+
+
+def test_robust_rows_over_the_tolerance_are_refined_up_to_a_share_then_take_the_generic_path():
+    """Peaked agents at bid ratio 9: the one-panel rule's Gauss-Kronrod difference exceeds the tolerance on some
+    rows. The first ``ceil(R / _REFINED_SHARE)`` of them get the two-panel rule; the others (and refined rows
+    still over it) are flagged, and their auctions get the generic path's payments."""
+    rng = np.random.default_rng(17)
+    logits = jnp.asarray(_peaked_auctions(rng, 8, 2, 2000, spread=8.0))
+    bids = jnp.asarray(np.stack([np.full(8, 9.0), np.ones(8)], 1), jnp.float32)
+    normalised = bids / bids.max(-1, keepdims=True)
+    log_p = jaxauction.aggregation.agent_log_probs(logits)
+    (lw, lpi, shifted), (_, _, ratio), _ = payments._log_linear_tokens(log_p, normalised, 2, False)
+    lw, lpi, shifted, ratio = (x.reshape((16,) + x.shape[2:]) for x in (lw, lpi, shifted, ratio))
+    cut = jnp.minimum(jnp.log1p(ratio), np.log1p(10.0))
+    one, two = (
+        payments._robust_panels(lw, lpi, shifted, 0 * cut, cut, p, 1 << 26) for p in (1, payments.ROBUST_PANELS)
+    )
+    over = lambda k, err: np.asarray(err > payments.ROBUST_TOLERANCE * k)
+    flagged = np.flatnonzero(over(*one[:2]))
+    refined = flagged[: -(-16 // payments._REFINED_SHARE)]
+    assert len(flagged) > len(refined) >= 1  # both branches are exercised
+    expected = np.asarray(one[0]).copy()
+    expected[refined] = np.asarray(two[0])[refined]
+    still = np.isin(np.arange(16), flagged) & ~np.isin(np.arange(16), refined) | np.isin(np.arange(16), refined) & over(
+        *two[:2]
+    )
+    z, uncertain = payments._log_linear_robust_payments(lw, lpi, shifted, ratio, 10.0, 1 << 26)
+    np.testing.assert_array_equal(np.asarray(uncertain), still)
+    np.testing.assert_allclose(np.asarray(z)[~still], expected[~still], rtol=1e-6)
+    fast, generic = _both(jaxauction.log_linear, logits, bids, "robust")
+    fallback = still.reshape(8, 2).any(-1)
+    np.testing.assert_array_equal(fast[fallback], generic[fallback])
+    np.testing.assert_allclose(fast[~fallback], generic[~fallback], rtol=2e-5)
