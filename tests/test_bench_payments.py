@@ -44,7 +44,13 @@ def test_quick_run_writes_every_pair_floor_and_profile(tiny_folder, tmp_path):
         a, b = case["floors"]["a"], case["floors"]["b"]
         charged = 2 * 2 if case["workload"] == "sweep" else sum(mixed_agents)  # 2 auctions of 2 agents
         rows = charged if case["workload"] == "sweep" else charged + 2  # the mixed queries have a base prompt
-        assert a["exps_per_step"] == nodes * vocab * charged and b["exps_per_step"] == vocab * rows
+        # floor (a): the method's exponentials per token and agent (closed forms 1; log-linear robust 21 Gauss-Kronrod
+        # nodes and 42 more for up to one row in 8), the generic path's nodes for the rows without payments
+        method = {"second_price": 21 * (1 + 2 / 8) if case["rule"] == "log_linear" else 1, "kl": 1, None: nodes}
+        assert a["nodes"] == method[case["payment"]] and nodes == 80
+        assert (
+            a["exps_per_step"] == int(method[case["payment"]] * vocab * charged) and b["exps_per_step"] == vocab * rows
+        )
         assert a["s_per_run"] == pytest.approx(a["exps_per_run"] * saved["exp_rate"]["jax_ns"] * 1e-9)
         assert a["s_per_run_every_auction_every_step"] == pytest.approx(a["ms_per_step"] * case["steps"] * 1e-3)
         assert case["overhead_vs_floor_a"] == pytest.approx(case["overhead_seconds"] / a["s_per_run"])

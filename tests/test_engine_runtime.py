@@ -123,8 +123,9 @@ def test_compiled_programs_stay_bounded_over_many_shapes(tiny, empty_program_tab
     assert compiled >= 15, "precondition: the calls compiled many programs"
     # Unbounded, every program kept about 170 mappings (8,557 more after 50 programs). Bounded, the
     # count moves with the sizes of the programs the table happens to hold: within about 130 mappings,
-    # about 220 since the log-linear payments' program holds the structured path and its generic fallback.
-    assert mappings() - settled < 8 * compiled, (settled, mappings(), compiled)
+    # about 220 since the log-linear payments' program holds the structured path and its generic fallback, 300
+    # (36 compilations) since its robust path holds the refinement and the tail too.
+    assert mappings() - settled < 10 * compiled, (settled, mappings(), compiled)
 
 
 def test_default_cache_dir_follows_xdg_cache_home(monkeypatch, tmp_path):
