@@ -613,17 +613,27 @@ def _robust_panels(lw, lpi, shifted, lower, upper, panels: int, chunk_elements: 
     return jnp.sum(k_sum, axis=-1), jnp.sum(jnp.abs(k_sum - g_sum), axis=-1), z_min
 
 
-def _log_linear_robust_payments(lw, lpi, shifted, ratio, body_ratio, chunk_elements):
-    """Robust payments ``z_i / B = int_0^U a Cov_q(1_T, d) du`` (``U = log(1 + b_i/B)``) per agent, rows ``[R]``.
+def _robust_rows(log_p, bids, n):
+    """:func:`_log_linear_tokens` (robust) with the agents of every auction as rows: ``lw, lpi, shifted [R, V]``,
+    ``(others, pays, ratio) [A, n]`` and ``bad [A, n]``."""
+    tokens, competition, bad = _log_linear_tokens(log_p, bids, n, False)
+    return tuple(x.reshape((-1,) + x.shape[2:]) for x in tokens), competition, bad
 
-    One panel of Gauss-Kronrod 21 over ``[0, min(U, u_c)]`` (``u_c = log(1 + body_ratio)``) for every row; the
-    rows whose Gauss-Kronrod difference exceeds :data:`ROBUST_TOLERANCE` (at most ``ceil(R /
-    _REFINED_SHARE)`` of them, gathered) again with :data:`ROBUST_PANELS` panels; when some ``U`` exceeds
-    ``u_c``, :data:`ROBUST_PANELS` panels over ``[u_c, U]`` for every row (``lax.cond``). Returns the payments
-    and whether a row's difference still exceeds the tolerance or a node sum underflows (the generic path).
+
+def _log_linear_robust_payments(logits, bids, n, body_ratio, chunk_elements):
+    """Robust payments ``z_i / B = int_0^U a Cov_q(1_T, d) du`` (``U = log(1 + b_i/B)``): ``[A, m, V] -> [A, n]``.
+
+    One panel of Gauss-Kronrod 21 over ``[0, min(U, u_c)]`` (``u_c = log(1 + body_ratio)``) for every row (agent
+    of an auction); the rows whose Gauss-Kronrod difference exceeds :data:`ROBUST_TOLERANCE` (at most ``ceil(R /
+    _REFINED_SHARE)`` of them, gathered) again with :data:`ROBUST_PANELS` panels; when some ``U`` exceeds ``u_c``,
+    :data:`ROBUST_PANELS` panels over ``[u_c, U]`` for every row, under a ``lax.cond`` whose operands are this
+    call's inputs (the tail recomputes the rows: a cond over the rows themselves costs their materialisation
+    when it is not taken). Returns ``z / B``, ``(others, pays)`` and whether the agent pays but its path is
+    outside the method (no common token, a difference still over the tolerance, an underflowing node sum).
     """
+    (lw, lpi, shifted), (others, pays, ratio), bad = _robust_rows(aggregation.agent_log_probs(logits), bids, n)
     rows = lw.shape[0]
-    upper = jnp.log1p(ratio)
+    upper = jnp.log1p(ratio.reshape(-1))
     cut = jnp.minimum(upper, math.log1p(body_ratio))
     zero = jnp.zeros_like(cut)
     k_sum, error, z_min = _robust_panels(lw, lpi, shifted, zero, cut, 1, chunk_elements)
@@ -635,13 +645,16 @@ def _log_linear_robust_payments(lw, lpi, shifted, ratio, body_ratio, chunk_eleme
     put = lambda full, part: full.at[index].set(part, mode="drop")
     k_sum, error, z_min = put(k_sum, k_fine), put(error, error_fine), put(z_min, jnp.minimum(take(z_min), z_fine))
 
-    def tail():
+    def tail(logits, bids, k_sum, error, z_min):
+        (lw, lpi, shifted), _, _ = _robust_rows(aggregation.agent_log_probs(logits), bids, n)
         k, err, zm = _robust_panels(lw, lpi, shifted, cut, upper, ROBUST_PANELS, chunk_elements)
         return k_sum + k, error + err, jnp.minimum(z_min, zm)
 
-    k_sum, error, z_min = jax.lax.cond(jnp.any(upper > cut), tail, lambda: (k_sum, error, z_min))
+    body = lambda logits, bids, *sums: sums
+    k_sum, error, z_min = jax.lax.cond(jnp.any(upper > cut), tail, body, logits, bids, k_sum, error, z_min)
     underflow = z_min < lw.shape[-1] * 1e8 * float(jnp.finfo(lw.dtype).tiny)
-    return k_sum, (error > ROBUST_TOLERANCE * k_sum) | underflow
+    uncertain = ((error > ROBUST_TOLERANCE * k_sum) | underflow).reshape(ratio.shape)
+    return k_sum.reshape(ratio.shape), (others, pays), bad | (pays & uncertain)
 
 
 def _structured_payments(kind, rule, logits, bids, n, quadrature, chunk_elements):
@@ -659,16 +672,14 @@ def _structured_payments(kind, rule, logits, bids, n, quadrature, chunk_elements
     flat_logits = jnp.broadcast_to(logits, lead + (m, vocab)).reshape(-1, m, vocab)
     flat_bids = jnp.broadcast_to(bids, lead + (m,)).reshape(-1, m)
     kl = kind == "log_linear_kl"
-    log_p = aggregation.agent_log_probs(flat_logits)
-    tokens, (others, pays, ratio), bad = _log_linear_tokens(log_p, flat_bids, n, kl)
     if kl:
+        tokens, (others, pays, ratio), bad = _log_linear_tokens(
+            aggregation.agent_log_probs(flat_logits), flat_bids, n, kl
+        )
         z = _log_linear_kl_payments(*tokens, ratio)
     else:
-        rows = lambda x: x.reshape((-1,) + x.shape[2:])
-        z, uncertain = _log_linear_robust_payments(
-            *map(rows, (*tokens, ratio)), quadrature.body_ratio, _path_chunk_elements(chunk_elements)
-        )
-        z, bad = z.reshape(ratio.shape), bad | (pays & uncertain.reshape(ratio.shape))
+        elements = _path_chunk_elements(chunk_elements)
+        z, (others, pays), bad = _log_linear_robust_payments(flat_logits, flat_bids, n, quadrature.body_ratio, elements)
     z = jnp.where(pays, others * z, 0.0)
     fallback = jnp.any(bad, axis=-1)
     valuation = reverse_kl_value if kl else None

@@ -207,9 +207,9 @@ def test_robust_rows_over_the_tolerance_are_refined_up_to_a_share_then_take_the_
     still = np.isin(np.arange(16), flagged) & ~np.isin(np.arange(16), refined) | np.isin(np.arange(16), refined) & over(
         *two[:2]
     )
-    z, uncertain = payments._log_linear_robust_payments(lw, lpi, shifted, ratio, 10.0, 1 << 26)
-    np.testing.assert_array_equal(np.asarray(uncertain), still)
-    np.testing.assert_allclose(np.asarray(z)[~still], expected[~still], rtol=1e-6)
+    z, _, uncertain = payments._log_linear_robust_payments(logits, normalised, 2, 10.0, 1 << 26)
+    np.testing.assert_array_equal(np.asarray(uncertain).reshape(16), still)
+    np.testing.assert_allclose(np.asarray(z).reshape(16)[~still], expected[~still], rtol=1e-6)
     fast, generic = _both(jaxauction.log_linear, logits, bids, "robust")
     fallback = still.reshape(8, 2).any(-1)
     np.testing.assert_array_equal(fast[fallback], generic[fallback])
