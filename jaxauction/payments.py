@@ -550,7 +550,7 @@ ROBUST_TOLERANCE = 1e-5
 """Relative Gauss-Kronrod difference the log-linear robust path accepts per payment; above it, the generic path."""
 ROBUST_PANELS = 2
 """Equal panels of Gauss-Kronrod 21 where one is not enough: the refined body rows and the tail ``[u_c, U]``."""
-_REFINED_SHARE = 8  # at most ceil(rows / 4) rows of a call get the refined body rule; the rest, the generic path
+_REFINED_SHARE = 8  # at most ceil(rows / 8) rows of a call get the refined body rule; the rest, the generic path
 
 _CPU_TOKEN_CHUNK = 1 << 16  # tokens of one (row, chunk) step of the node sums on CPU (one row of V <= 65,536)
 
