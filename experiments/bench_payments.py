@@ -122,8 +122,9 @@ def method_nodes(rule: str, payment) -> int:
         return 1
     if not structured:
         return default_nodes()
-    # 21 Gauss-Kronrod nodes a row, and up to one row in _REFINED_SHARE again with ROBUST_PANELS x 21
-    return 21 * (1 + payments.ROBUST_PANELS / getattr(payments, "_REFINED_SHARE", math.inf))
+    # one panel of Gauss-Kronrod nodes a row, and up to one row in _REFINED_SHARE again with ROBUST_PANELS panels
+    panel = len(payments.gauss_kronrod_21()[0])
+    return panel * (1 + payments.ROBUST_PANELS / getattr(payments, "_REFINED_SHARE", math.inf))
 
 
 def exp_rates(elements: int, vocab: int, repeats: int) -> dict:

@@ -398,15 +398,29 @@ def _path_chunk_elements(chunk_elements: int) -> int:
     return chunk_elements if chunk_elements != DEFAULT_CHUNK_ELEMENTS else _PATH_CHUNK_ELEMENTS_ACCELERATOR
 
 
+def _series(x: jax.Array, coefficients) -> jax.Array:
+    """``x^2 sum_k c_k x^k`` (Horner): the tails of the series below, for ``|x| < 1/2`` (callers mask ``x``)."""
+    total = jnp.full_like(x, coefficients[-1])
+    for c in coefficients[-2::-1]:
+        total = total * x + c
+    return x * x * total
+
+
+def _small(x: jax.Array) -> jax.Array:
+    """``x`` where ``|x| < 1/2`` (where :func:`_series` is used), else 0."""
+    return jnp.where(jnp.abs(x) < 0.5, x, 0.0)
+
+
+# x^2 sum_k (-x)^k / (k + 2) = x - log(1 + x) (30 terms) and x^2 sum_k x^k / (k + 2) = -log(1 - x) - x (49 terms)
+_X_MINUS_LOG1P = tuple((-1.0) ** k / (k + 2) for k in range(30))
+_MINUS_LOG1M_MINUS_X = tuple(1.0 / (k + 2) for k in range(49))
+
+
 def _x_minus_log1p(x: jax.Array) -> jax.Array:
     """``phi(x) = x - log(1 + x) >= 0`` for ``x > -1``: the series ``sum_{k >= 2} (-x)^k / k`` (Horner, 30
     terms) for ``|x| < 1/2``, where the difference cancels; the difference itself beyond (``phi >= 0.19 |x|``)."""
     small = jnp.abs(x) < 0.5
-    xs = jnp.where(small, x, 0.0)
-    series = jnp.full_like(xs, 1.0 / 31.0)
-    for k in range(30, 1, -1):
-        series = series * -xs + 1.0 / k
-    return jnp.where(small, xs * xs * series, x - jnp.log1p(jnp.where(small, 0.0, x)))
+    return jnp.where(small, _series(_small(x), _X_MINUS_LOG1P), x - jnp.log1p(jnp.where(small, 0.0, x)))
 
 
 def _linear_kl_payments(logits: jax.Array, bids: jax.Array, n: int) -> jax.Array:
@@ -470,15 +484,6 @@ def _log_linear_tokens(log_p: jax.Array, bids: jax.Array, n: int, kl: bool):
     return (lw, lpi, shifted), (others, pays, ratio), pays & bad
 
 
-def _series(x: jax.Array, coefficients) -> jax.Array:
-    """``x^2 sum_k c_k x^k`` (Horner) for ``|x| < 1/2``, 0 elsewhere (the callers take another formula there)."""
-    small = jnp.where(jnp.abs(x) < 0.5, x, 0.0)
-    total = jnp.full_like(small, coefficients[-1])
-    for c in coefficients[-2::-1]:
-        total = total * small + c
-    return small * small * total
-
-
 # x^2 sum_k x^k / (k + 2)! = e^x - 1 - x and x^2 sum_k (k + 1) x^k / (k + 2)! = 1 + e^x (x - 1), |x| < 1/2: the
 # first omitted terms are below 5e-17 of the sums
 _EXPM1_MINUS_X = tuple(1.0 / math.factorial(k + 2) for k in range(15))
@@ -507,13 +512,13 @@ def _log_linear_kl_payments(lw, lpi, support, ratio):
     top = jnp.max(jnp.where(support, x, -jnp.inf), axis=-1, keepdims=True)
     shift = jax.lax.stop_gradient(jnp.maximum(jnp.where(jnp.isfinite(top), top, 0.0) - _KL_EXPONENT_CAP, 0.0))
     scaled = jnp.where(support, jnp.exp(x - shift), 0.0)  # e^x unless shift > 0
-    excess = jnp.where(jnp.abs(x) < 0.5, _series(x, _EXPM1_MINUS_X), scaled - 1.0 - x)
+    excess = jnp.where(jnp.abs(x) < 0.5, _series(_small(x), _EXPM1_MINUS_X), scaled - 1.0 - x)
     moment = jnp.sum(q0 * excess, axis=-1, keepdims=True) + own_weight * jnp.sum(q0 * centred, axis=-1, keepdims=True)
     large = jnp.log(jnp.sum(q0 * scaled, axis=-1, keepdims=True)) + shift
     kappa = jnp.where(shift > 0, large, jnp.log1p(moment))
     y = x - kappa
     q_bid = q0 * scaled * jnp.exp(shift - kappa)  # q_A = q_0 e^y
-    terms = jnp.where(jnp.abs(y) < 0.5, q0 * _series(y, _KL_GENERATOR), q_bid * (y - 1.0) + q0)
+    terms = jnp.where(jnp.abs(y) < 0.5, q0 * _series(_small(y), _KL_GENERATOR), q_bid * (y - 1.0) + q0)
     return jnp.sum(jnp.where(support, terms, 0.0), axis=-1)
 
 
@@ -860,11 +865,7 @@ def _log1p_minus_ratio(r: jax.Array) -> jax.Array:
     """
     t = r / (1.0 + r)
     small = r < 1.0
-    ts = jnp.where(small, t, 0.0)
-    series = jnp.zeros_like(ts)
-    for k in range(50, 1, -1):
-        series = (series + 1.0 / k) * ts
-    series = series * ts
+    series = _series(jnp.where(small, t, 0.0), _MINUS_LOG1M_MINUS_X)
     rl = jnp.where(small, 1.0, r)
     return jnp.where(small, series, jnp.log1p(rl) - jnp.where(small, 0.5, t))
 
